@@ -91,3 +91,32 @@ def build_model(kind: str, out_dir: str | Path, vocab_size: int, seed: int = 0, 
                 p.mul_(3.0)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def random_sae(arch: str, d_in: int, layer: int, d_sae: int = 96, k: int = 8, seed: int = 0,
+               model_name: str | None = None):
+    """A random sae-lens SAE of architecture ``arch`` in {standard, topk, jumprelu} for residual ``layer``."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(seed)
+    meta = SAEMetadata(hook_name=f"model.layers.{layer}", model_name=model_name)
+    if arch == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, metadata=meta))
+    elif arch == "standard":
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+    elif arch == "jumprelu":
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            if name == "threshold":
+                p.fill_(0.5)
+            elif name in ("b_enc",):
+                p.normal_(0, 0.5).sub_(1.0)  # negative bias: sparse codes for standard/jumprelu
+            elif name == "b_dec":
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 1.0 / d_in**0.5)
+    return sae

