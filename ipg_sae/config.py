@@ -85,7 +85,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         group.add_argument(
             f"--{path}",
             dest=f"cfg:{path}",
-            metavar=_type_name(typ).upper().replace(" ", ""),
+            metavar="VALUE",
             default=argparse.SUPPRESS,
             help=f"{_type_name(typ)} (default: {default!r})",
         )

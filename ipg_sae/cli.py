@@ -1,0 +1,85 @@
+"""``ipg-sae``: a thin command line over :mod:`ipg_sae.jobs`.
+
+Each subcommand takes a YAML config (``configs/``); any field can be overridden with a
+dotted flag (``--sampling.temperature 0.5``). User errors print one line and exit 2;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from .config import add_config_flags, load_config, overrides_from_args
+from .errors import IPGError
+
+# Commands: name -> (help, config class loader, runner). Loaders import lazily so that
+# `ipg-sae --help` stays fast.
+Command = tuple[str, Callable[[], type], Callable[[], Callable]]
+
+
+def _sample_cfg():
+    from .jobs import SampleJobConfig
+
+    return SampleJobConfig
+
+
+def _sample_run():
+    from .jobs import run_sample
+
+    def run(cfg):
+        metrics = run_sample(cfg)
+        print(f"accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples "
+              f"(mean reward {metrics['mean_reward']:.3f}, mean length {metrics['mean_length']:.1f} tokens, "
+              f"{metrics['unparseable']} unparseable) -> {cfg.run_dir}/")
+    return run
+
+
+COMMANDS: dict[str, Command] = {
+    "sample": ("sample completions of a task and score them", _sample_cfg, _sample_run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipg-sae", description="Explain and control LLM reasoning through SAE "
+                                     "features with Integrated Policy Gradient.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, cfg_cls, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", nargs="?", help="YAML config file (defaults are used when omitted)")
+        p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
+        p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        add_config_flags(p, cfg_cls())
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _, cfg_cls, runner = COMMANDS[args.command]
+    try:
+        overrides = overrides_from_args(args)
+        if args.no_wandb:
+            overrides["wandb.enabled"] = False
+        cfg = load_config(cfg_cls(), args.config, overrides)
+        runner()(cfg)
+    except IPGError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; finished work is saved and a rerun resumes", file=sys.stderr)
+        return 130
+    return 0
+

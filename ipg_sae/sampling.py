@@ -1,0 +1,139 @@
+"""Sample G completions per prompt, score them, and keep their exact token ids.
+
+Generation is batched (left padding, KV cache) with ``model.generate``. Each batch reseeds
+torch's generator from ``(seed, batch index)``, so a run is reproducible on one machine and
+a batch's samples do not depend on how many batches came before it. Completions are cut
+after their first end-of-sequence token (which is kept: the policy chose it, so it is
+scored like any other token) and padding is dropped.
+
+An optional ``intervention`` (a zero-argument callable returning a context manager, e.g. a
+steering splice) is entered around every ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import IPGError
+from .models import model_fingerprint
+from .rewards import Reward, get_reward
+from .tasks import Problem
+from .trajectories import Trajectory
+
+
+@dataclass
+class SamplingConfig:
+    n_samples: int = 4  # G: completions per prompt
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 16  # sequences per generate call (prompts per call = batch_size // n_samples)
+    seed: int = 0
+    backend: Literal["hf"] = "hf"
+
+    def validate(self) -> None:
+        if self.n_samples < 1:
+            raise IPGError(f"sampling.n_samples is {self.n_samples}; it must be at least 1")
+        if self.temperature < 0:
+            raise IPGError("sampling.temperature must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise IPGError("sampling.top_p must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise IPGError("sampling.max_new_tokens must be at least 1")
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
+def sample(model, tokenizer, problems: list[Problem], prompts: list[str], cfg: SamplingConfig,
+           reward: Reward | str = "correctness", intervention: Callable[[], contextlib.AbstractContextManager] | None = None,
+           progress: bool = True, desc: str = "sampling") -> list[Trajectory]:
+    """Generate ``cfg.n_samples`` completions for each prompt and score them with ``reward``."""
+    cfg.validate()
+    if len(problems) != len(prompts):
+        raise IPGError(f"{len(problems)} problems but {len(prompts)} prompts")
+    if not problems:
+        raise IPGError("no problems to sample: the task produced an empty dataset; check task.n_problems")
+    reward = get_reward(reward)
+    fingerprint = model_fingerprint(model, tokenizer)
+    per_call = max(1, cfg.batch_size // cfg.n_samples)
+    stops = eos_ids(model, tokenizer)
+    out: list[Trajectory] = []
+    bar = tqdm(total=len(problems) * cfg.n_samples, desc=desc, unit="seq", disable=not progress, leave=False)
+    n_generated, t0 = 0, time.perf_counter()
+    for batch_index, start in enumerate(range(0, len(problems), per_call)):
+        batch = list(range(start, min(start + per_call, len(problems))))
+        prompt_ids, completions = _generate(model, tokenizer, [prompts[i] for i in batch], cfg,
+                                            seed=_batch_seed(cfg.seed, batch_index), stops=stops,
+                                            intervention=intervention)
+        for j, i in enumerate(batch):
+            for g in range(cfg.n_samples):
+                ids = completions[j * cfg.n_samples + g]
+                out.append(_trajectory(problems[i], prompts[i], prompt_ids[j], ids, g, tokenizer, reward, fingerprint))
+                n_generated += len(ids)
+        bar.update(len(batch) * cfg.n_samples)
+        bar.set_postfix(tok_s=f"{n_generated / (time.perf_counter() - t0):.1f}")
+    bar.close()
+    return out
+
+
+def _batch_seed(seed: int, batch_index: int) -> int:
+    return (seed * 1_000_003 + batch_index) % (2**63)
+
+
+def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: int, stops: set[int], intervention):
+    """Return each prompt's token ids and each sample's generated ids (cut after EOS)."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        # Chat templates already contain their special tokens: do not add another BOS.
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    torch.manual_seed(seed)
+    sampling = cfg.temperature > 0
+    kwargs = dict(do_sample=sampling, max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n_samples,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stops) or None, use_cache=True)
+    if sampling:
+        kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    ctx = intervention() if intervention is not None else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        generated = model.generate(**enc, **kwargs)
+    width = enc["input_ids"].shape[1]
+    prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    completions = []
+    for row in generated[:, width:].tolist():
+        cut = next((i + 1 for i, tok in enumerate(row) if tok in stops), len(row))
+        completions.append(row[:cut])
+    return prompt_ids, completions
+
+
+def _trajectory(problem: Problem, prompt: str, prompt_ids: list[int], ids: list[int], g: int, tokenizer,
+                reward: Reward, fingerprint: dict) -> Trajectory:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    traj_id = f"{problem.id}/s{g}"
+    try:
+        score = reward.score(prompt, text, problem.answer, len(ids))
+    except IPGError as e:
+        raise IPGError(f"trajectory {traj_id}: {e}") from None
+    return Trajectory(id=traj_id, prompt_id=problem.id, sample_index=g, prompt=prompt, completion=text,
+                      reference=problem.answer, prompt_ids=list(prompt_ids), completion_ids=list(ids),
+                      reward=score.reward, answer=score.answer, correct=score.correct, parsed=score.parsed,
+                      model=fingerprint)
