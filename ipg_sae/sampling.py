@@ -42,6 +42,9 @@ class SamplingConfig:
             raise IPGError(f"sampling.n_samples is {self.n_samples}; it must be at least 1")
         if self.temperature < 0:
             raise IPGError("sampling.temperature must be >= 0 (0 = greedy)")
+        if self.temperature == 0 and self.n_samples > 1:
+            raise IPGError(f"sampling.temperature is 0 (greedy) with n_samples={self.n_samples}: every sample would "
+                           "be identical; set a temperature > 0 or n_samples: 1")
         if not 0 < self.top_p <= 1:
             raise IPGError("sampling.top_p must be in (0, 1]")
         if self.max_new_tokens < 1:

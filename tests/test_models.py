@@ -91,3 +91,14 @@ def test_cuda_requested_without_cuda(tiny_llama_dir):
         pytest.skip("this machine has CUDA")
     with pytest.raises(IPGError, match="no CUDA device"):
         load_model(str(tiny_llama_dir), device="cuda")
+
+
+def test_gemma3_layout(tmp_path, tiny_tokenizer):
+    from tests import tiny
+
+    tiny.build_model("gemma3", tmp_path, vocab_size=len(tiny_tokenizer))
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, tok = load_model(str(tmp_path))
+    ids = torch.randint(5, len(tok), (1, 12))
+    got = capture_residuals(model, ids, None, [1])
+    torch.testing.assert_close(got[1], model(ids, output_hidden_states=True).hidden_states[2])

@@ -80,5 +80,7 @@ def test_user_reward_nan_names_trajectory(setup):
 def test_bad_config_and_empty():
     with pytest.raises(IPGError, match="top_p"):
         SamplingConfig(top_p=0).validate()
+    with pytest.raises(IPGError, match="greedy.*identical"):
+        SamplingConfig(temperature=0, n_samples=2).validate()
     with pytest.raises(IPGError, match="empty dataset"):
         sample(None, None, [], [], SamplingConfig())

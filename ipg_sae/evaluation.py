@@ -1,0 +1,567 @@
+r"""Does steering a selected set move the reward? Accuracy and length under a gamma sweep, with controls.
+
+For a held-out problem set (never the prompts the set was selected on) and each sampling
+seed, we sample completions under these conditions (``../shared/ipg-method.md`` §5):
+
+* ``none``: no steering (the base);
+* the set under test (``target``, IPG's by default) scaled by each ``gamma`` of a sweep,
+  ``x_t' = x_t + (gamma - 1) sum_{i in P} f_{t,i} W_dec[i]`` (:func:`ipg_sae.steering.scale`);
+* the same gammas on ``n_random_sets`` random sets with the target's size and layer
+  composition (drawn among latents active on the data when an ``active`` mask is given);
+* the same gammas on every other named set (the baselines' sets).
+
+Every condition uses the same seeds, so conditions are compared on common random numbers.
+``gamma = 1`` is the clean model exactly, so it reuses the base cell.
+
+Statistics. For a condition, each problem's outcome is its mean over seeds and samples; the
+reported value is the mean over problems. Intervals are percentile bootstrap intervals over
+problems. A difference between two conditions (against ``none``, or target against random)
+is *paired*: each bootstrap replicate resamples problem indices once and uses the same
+resample for both. For the random control the draws are a second source of variation, so its
+replicates also resample draws (two-level bootstrap); with one draw this is the plain
+problem bootstrap. Degenerate outputs (a repeated n-gram loop, an empty completion, or no
+parseable answer) are counted per sample.
+
+Checkpointing. Each ``(set, gamma, seed)`` cell's trajectories are written atomically to
+``<out_dir>/cells/<cell>.jsonl`` (first line: what the cell was computed with) as soon as the
+cell finishes, and a rerun loads finished cells instead of sampling them again, so a killed
+evaluation resumes. A finished cell computed with other settings is an error, not silently
+reused. The raw per-sample table (``samples.csv``) holds everything the summary is computed
+from (:func:`summarize_samples`).
+
+The harness is reward-agnostic: accuracy, generated length and mean reward are reported for
+every reward, so a length-selected set (reasoning strength) is judged on length with its
+accuracy alongside. Nothing ties a set to the task or model it was selected on: transfer is
+this evaluation with another task's problems or another model (checked by
+:func:`ipg_sae.steering.check_selection`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+from collections import Counter
+from io import StringIO
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import IPGError
+from .io import read_json, read_jsonl, write_json, write_jsonl, write_text
+from .models import model_fingerprint
+from .rewards import Reward, get_reward
+from .sampling import SamplingConfig, sample
+from .saes import as_layer_dict
+from .steering import Selection, as_selection, check_selection, scale, steering
+from .tasks import Problem, TaskConfig
+from .trajectories import Trajectory
+
+log = logging.getLogger(__name__)
+
+METRICS: tuple[str, ...] = ("accuracy", "length", "reward")
+BASE = "none"  # the unsteered condition's set name
+_RANDOM_NAME = "random-draw{}"
+_RANDOM_RE = re.compile(r"^random-draw\d+$")
+
+
+@dataclass
+class EvalConfig:
+    gammas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.5, 2.0, 3.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # sampling seeds, shared by all conditions
+    k: int | None = None  # set size: the first k latents of each set (None = each set as given)
+    target: str = "ipg"  # the set under test; random sets copy its size and layers
+    n_random_sets: int = 3  # random draws (0 = no random control)
+    random_seed: int = 0
+    scope: Literal["all", "generated"] = "all"  # steer prompt and generated tokens, or generated only
+    # The held-out problems (the caller loads them): not the attribution's, so a different offset/seed.
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(offset=1000))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_samples=1, temperature=0.7,
+                                                                             max_new_tokens=256))
+    reward: str = "correctness"  # what the set was selected for: decides the primary metric of the verdict
+    n_bootstrap: int = 2000
+    confidence: float = 0.95
+    # Degenerate output: an n-gram (n <= max_ngram) repeated repeat_times times in a row over at least
+    # repeat_min_span tokens (so a single token must repeat repeat_min_span times), or empty, or unparseable.
+    repeat_times: int = 4
+    repeat_min_span: int = 12
+    max_ngram: int = 20
+
+    def validate(self) -> None:
+        if not self.gammas or not all(math.isfinite(g) for g in self.gammas):
+            raise IPGError("eval.gammas must be a non-empty list of finite numbers, e.g. [0, 0.5, 1.5, 2, 3]")
+        if len(set(self.gammas)) != len(self.gammas):
+            raise IPGError(f"eval.gammas {self.gammas} lists a gamma twice; remove the duplicate")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise IPGError(f"eval.seeds {self.seeds} must be a non-empty list of distinct seeds")
+        if self.k is not None and self.k < 1:
+            raise IPGError(f"eval.k is {self.k}; give a set size >= 1 or null for the sets as given")
+        if self.n_random_sets < 0:
+            raise IPGError("eval.n_random_sets must be >= 0")
+        if not 0 < self.confidence < 1:
+            raise IPGError(f"eval.confidence is {self.confidence}; give a level in (0, 1), e.g. 0.95")
+        if self.n_bootstrap < 100:
+            raise IPGError(f"eval.n_bootstrap is {self.n_bootstrap}; use at least 100 (2000 is usual)")
+        if self.repeat_times < 2 or self.repeat_min_span < 2 or self.max_ngram < 1:
+            raise IPGError("eval.repeat_times and eval.repeat_min_span must be >= 2 and eval.max_ngram >= 1")
+        self.sampling.validate()
+        if self.sampling.temperature == 0 and len(self.seeds) > 1:
+            log.warning("eval: greedy decoding (temperature 0) gives the same samples for every seed; one seed is enough")
+
+
+# ---- the result ---------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict]  # one per (set, gamma): values, intervals, deltas against `none`
+    comparisons: list[dict]  # target against the random sets and each baseline, per gamma and metric
+    samples: list[dict]  # the raw per-sample table
+    meta: dict  # what was evaluated: problems, seeds, gammas, sets, sampling, reward, bootstrap
+
+    def save(self, out_dir: str | Path) -> None:
+        out_dir = Path(out_dir)
+        write_json(out_dir / "summary.json", {"meta": self.meta, "rows": self.rows, "comparisons": self.comparisons})
+        _write_csv(out_dir / "rows.csv", self.rows)
+        _write_csv(out_dir / "comparisons.csv", self.comparisons)
+        _write_csv(out_dir / "samples.csv", self.samples)
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "EvalResult":
+        out_dir = Path(out_dir)
+        if not (out_dir / "summary.json").is_file():
+            raise IPGError(f"no evaluation in {out_dir} (summary.json missing); run the evaluation first")
+        data = read_json(out_dir / "summary.json")
+        samples = _read_samples(out_dir / "samples.csv") if (out_dir / "samples.csv").is_file() else []
+        return cls(rows=data["rows"], comparisons=data["comparisons"], samples=samples, meta=data["meta"])
+
+
+_SAMPLE_TYPES = {"gamma": float, "seed": int, "sample_index": int, "correct": int, "reward": float, "length": int,
+                 "parsed": int, "repetition": int, "empty": int, "degenerate": int}
+
+
+def _read_samples(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key, typ in _SAMPLE_TYPES.items():
+            if key in r:
+                r[key] = None if r[key] in ("", "None") else typ(float(r[key]) if typ is int else r[key])
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    lines = [cols] + [["" if r.get(c) is None else r.get(c) for c in cols] for r in rows]
+    buf = StringIO()
+    csv.writer(buf).writerows(lines)
+    write_text(path, buf.getvalue())
+
+
+# ---- statistics ---------------------------------------------------------------------------
+
+
+def bootstrap(x: np.ndarray, y: np.ndarray | None = None, n_boot: int = 2000, confidence: float = 0.95,
+              seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``x`` (minus mean of ``y``) over problems, with a percentile bootstrap interval.
+
+    ``x`` and ``y`` are per-problem outcomes ``[n_problems]``, or ``[n_draws, n_problems]`` when a
+    condition has several random draws (each replicate then also resamples draws). ``y`` is
+    paired with ``x``: both use the same resampled problem indices in every replicate.
+    """
+    x = np.atleast_2d(np.asarray(x, dtype=float))
+    n = x.shape[1]
+    if y is not None:
+        y = np.atleast_2d(np.asarray(y, dtype=float))
+        if y.shape[1] != n:
+            raise ValueError(f"paired bootstrap needs the same problems: {n} vs {y.shape[1]}")
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    # A resample of problem indices is the same as multinomial counts over problems.
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float) / n  # [B, n]
+    stat = _replicates(x, counts, rng)
+    point = float(x.mean())
+    if y is not None:
+        stat = stat - _replicates(y, counts, rng)
+        point -= float(y.mean())
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.quantile(stat, [alpha, 1.0 - alpha])
+    return point, float(lo), float(hi)
+
+
+def _replicates(x: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    draws = x.shape[0]
+    if draws == 1:
+        per_problem = np.broadcast_to(x[0], counts.shape)
+    else:  # resample draws too: weights = multinomial counts over draws
+        weights = rng.multinomial(draws, np.full(draws, 1.0 / draws), size=counts.shape[0]) / draws  # [B, D]
+        per_problem = weights @ x  # [B, n]
+    return (per_problem * counts).sum(axis=1)
+
+
+# ---- degenerate outputs -------------------------------------------------------------------
+
+
+def is_repetitive(ids: Iterable[int], repeat_times: int = 4, min_span: int = 12, max_ngram: int = 20) -> bool:
+    """True when some n-gram (n <= max_ngram) repeats ``repeat_times`` times in a row over >= ``min_span`` tokens."""
+    a = np.asarray(list(ids))
+    for n in range(1, max_ngram + 1):
+        need = max(repeat_times * n, min_span) - n  # matches a[t] == a[t + n] needed in a row
+        if len(a) - n < need:
+            break
+        if _longest_true_run(a[n:] == a[:-n]) >= need:
+            return True
+    return False
+
+
+def _longest_true_run(mask: np.ndarray) -> int:
+    if not mask.any():
+        return 0
+    padded = np.concatenate([[0], mask.astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    return int((edges[1::2] - edges[::2]).max())
+
+
+def degenerate_flags(t: Trajectory, cfg: EvalConfig, stops: set[int] = frozenset()) -> dict:
+    """``repetition``, ``empty`` and ``parsed`` of one completion, and ``degenerate`` = any of them."""
+    ids = [i for i in t.completion_ids if i not in stops]
+    repetition = is_repetitive(ids, cfg.repeat_times, cfg.repeat_min_span, cfg.max_ngram)
+    empty = not ids or not t.completion.strip()
+    return {"parsed": int(t.parsed), "repetition": int(repetition), "empty": int(empty),
+            "degenerate": int(repetition or empty or not t.parsed)}
+
+
+# ---- random control sets --------------------------------------------------------------------
+
+
+def random_sets(template: Selection, saes, n: int, seed: int = 0, active: dict[int, Any] | None = None,
+                exclude_template: bool = True) -> list[Selection]:
+    """``n`` random sets with ``template``'s number of latents at each of its layers.
+
+    Latents are drawn uniformly without replacement among those marked in ``active[layer]``
+    (a boolean mask or per-latent counts/frequencies of length ``d_sae``; > 0 = active), or
+    among all latents of the layer's SAE when ``active`` is None; the template's own latents
+    are left out so the control does not contain the set it controls for.
+    """
+    saes = as_layer_dict(saes)
+    per_layer = Counter(layer for layer, _ in template)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        draw: Selection = []
+        for layer, count in sorted(per_layer.items()):
+            pool = _pool(layer, saes, active, {i for l, i in template if l == layer} if exclude_template else set())
+            if len(pool) < count:
+                raise IPGError(f"layer {layer} has {len(pool)} candidate latents for a random set but the target "
+                               f"set has {count} there; lower k or give a wider `active` mask")
+            draw += [(layer, int(i)) for i in sorted(rng.choice(pool, size=count, replace=False))]
+        out.append(draw)
+    return out
+
+
+def _pool(layer: int, saes: dict, active: dict[int, Any] | None, exclude: set[int]) -> np.ndarray:
+    if layer not in saes:
+        raise IPGError(f"the target set has latents at layer {layer} but no SAE was given for it")
+    d_sae = saes[layer].cfg.d_sae
+    if active is None:
+        mask = np.ones(d_sae, dtype=bool)
+    else:
+        if layer not in active:
+            raise IPGError(f"`active` has no entry for layer {layer}; give a mask for every layer of the target set")
+        mask = np.asarray(_to_numpy(active[layer])).reshape(-1) > 0
+        if mask.shape[0] != d_sae:
+            raise IPGError(f"`active` for layer {layer} has {mask.shape[0]} entries but the SAE has {d_sae} latents")
+    mask[list(exclude)] = False
+    return np.flatnonzero(mask)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+# ---- the evaluation ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    set: str  # BASE for no steering
+    gamma: float | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        if self.set == BASE:
+            return f"{BASE}__s{self.seed}"
+        return f"{_safe(self.set)}__g{self.gamma:g}__s{self.seed}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+def check_held_out(problems: list[Problem], attribution_prompt_ids: Iterable[str] | None) -> None:
+    """Refuse to evaluate on problems the set was selected on."""
+    if attribution_prompt_ids is None:
+        return
+    overlap = sorted({p.id for p in problems} & set(attribution_prompt_ids))
+    if overlap:
+        raise IPGError(f"{len(overlap)} evaluation problems were used for attribution (e.g. {overlap[0]}); evaluate on "
+                       "a held-out split: give the evaluation task another offset or seed")
+
+
+def evaluate(model, tokenizer, saes, problems: list[Problem], prompts: list[str], sets: dict[str, Selection],
+             cfg: EvalConfig, out_dir: str | Path | None = None, active: dict[int, Any] | None = None,
+             attribution_prompt_ids: Iterable[str] | None = None, reward: Reward | str | None = None,
+             progress: bool = True) -> EvalResult:
+    """Sample every (set, gamma, seed) cell, summarize, and save under ``out_dir`` (when given).
+
+    ``sets`` maps a name to a selection (``cfg.target`` is the set under test, the others are
+    baselines); ``active`` restricts random draws to latents active on the data;
+    ``attribution_prompt_ids`` are the prompts the sets were selected on (checked disjoint);
+    ``reward`` overrides ``cfg.reward`` (e.g. a callable).
+    """
+    cfg.validate()
+    check_held_out(problems, attribution_prompt_ids)
+    if len(problems) != len(prompts):
+        raise IPGError(f"{len(problems)} problems but {len(prompts)} prompts")
+    saes = as_layer_dict(saes)
+    reward = get_reward(reward if reward is not None else cfg.reward)
+    all_sets = _prepare_sets(model, saes, sets, cfg, active)
+    cells = plan_cells(all_sets, cfg)
+    runner = _CellRunner(model, tokenizer, saes, problems, prompts, all_sets, cfg, reward, out_dir, progress)
+    # Only the per-sample rows are kept: a long evaluation's token ids would not fit in memory.
+    done: dict[Cell, list[dict]] = {}
+    bar = tqdm(cells, desc="evaluate", unit="cell", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(cell.name)
+        if cell.set != BASE and cell.gamma == 1.0:  # gamma = 1 is the clean model exactly: reuse the base cell
+            base = done[Cell(BASE, None, cell.seed)]
+            done[cell] = [{**r, "cell": cell.name, "set": cell.set, "gamma": 1.0} for r in base]
+        else:
+            done[cell] = cell_rows(cell, runner.run(cell), cfg, runner.stops)
+    bar.close()
+    samples = [r for rows in done.values() for r in rows]
+    meta = _meta(cfg, problems, all_sets, reward, runner.fingerprint)
+    rows, comparisons = summarize_samples(samples, meta)
+    result = EvalResult(rows=rows, comparisons=comparisons, samples=samples, meta=meta)
+    if out_dir is not None:
+        result.save(out_dir)
+    return result
+
+
+def _prepare_sets(model, saes, sets: dict[str, Selection], cfg: EvalConfig, active) -> dict[str, Selection]:
+    out: dict[str, Selection] = {}
+    for name, sel in sets.items():
+        if name == BASE or _RANDOM_RE.match(name) or not _safe(name):
+            raise IPGError(f"set name {name!r} is reserved or empty; rename the set")
+        sel = as_selection(sel, where=f"set {name!r}")
+        if cfg.k is not None:
+            if len(sel) < cfg.k:
+                raise IPGError(f"set {name!r} has {len(sel)} latents but eval.k is {cfg.k}; lower k")
+            sel = sel[:cfg.k]
+        check_selection(model, saes, sel)
+        out[name] = sel
+    if len({_safe(n) for n in out}) != len(out):
+        raise IPGError(f"set names {sorted(out)} collide once made file-safe; rename them")
+    if cfg.n_random_sets:
+        if cfg.target not in out:
+            raise IPGError(f"the target set {cfg.target!r} is not among the sets {sorted(out)}; set eval.target, or "
+                           "eval.n_random_sets: 0 for no random control")
+        for d, draw in enumerate(random_sets(out[cfg.target], saes, cfg.n_random_sets, cfg.random_seed, active)):
+            out[_RANDOM_NAME.format(d)] = draw
+    return out
+
+
+def plan_cells(sets: dict[str, Selection], cfg: EvalConfig) -> list[Cell]:
+    """Base cells first (every other cell is compared with them), then sets by gamma and seed."""
+    cells = [Cell(BASE, None, s) for s in cfg.seeds]
+    for name in sets:
+        cells += [Cell(name, float(g), s) for g in cfg.gammas for s in cfg.seeds]
+    return cells
+
+
+class _CellRunner:
+    """Samples one cell, or loads it when a previous run finished it with the same settings."""
+
+    def __init__(self, model, tokenizer, saes, problems, prompts, sets, cfg, reward, out_dir, progress):
+        from .sampling import eos_ids
+
+        self.model, self.tokenizer, self.saes = model, tokenizer, saes
+        self.problems, self.prompts, self.sets, self.cfg, self.reward = problems, prompts, sets, cfg, reward
+        self.dir = Path(out_dir) / "cells" if out_dir is not None else None
+        self.progress = progress
+        self.fingerprint = model_fingerprint(model, tokenizer)
+        self.stops = eos_ids(model, tokenizer)
+        self.prompts_sha = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+    def spec(self, cell: Cell) -> dict:
+        """Everything a cell's trajectories depend on; a saved cell is reused only if this matches."""
+        return {"set": cell.set, "latents": [list(p) for p in self.sets.get(cell.set, [])], "gamma": cell.gamma,
+                "seed": cell.seed, "problems": [p.id for p in self.problems], "prompts_sha": self.prompts_sha,
+                "sampling": dataclasses.asdict(self._sampling(cell)), "reward": self.reward.name,
+                "scope": self.cfg.scope, "model": self.fingerprint}
+
+    def _sampling(self, cell: Cell) -> SamplingConfig:
+        return dataclasses.replace(self.cfg.sampling, seed=cell.seed)
+
+    def run(self, cell: Cell) -> list[Trajectory]:
+        path = self.dir / f"{cell.name}.jsonl" if self.dir is not None else None
+        spec = json.loads(json.dumps(self.spec(cell)))  # as it reads back from JSON
+        if path is not None and path.is_file():
+            return self._load(path, spec)
+        intervention = None
+        if cell.set != BASE:
+            intervention = steering(self.model, self.saes, scale(self.sets[cell.set], cell.gamma), scope=self.cfg.scope)
+        trajectories = sample(self.model, self.tokenizer, self.problems, self.prompts, self._sampling(cell),
+                              self.reward, intervention=intervention, progress=self.progress, desc=cell.name)
+        if path is not None:
+            write_jsonl(path, [{"cell": spec}] + [dataclasses.asdict(t) for t in trajectories])
+        return trajectories
+
+    def _load(self, path: Path, spec: dict) -> list[Trajectory]:
+        rows = read_jsonl(path)
+        saved = rows[0].get("cell") if rows else None
+        if saved != spec:
+            differ = sorted(k for k in set(spec) | set(saved or {}) if (saved or {}).get(k) != spec.get(k))
+            raise IPGError(f"{path} was computed with other settings ({', '.join(differ)}); use a new run name or "
+                           f"delete {path.parent} to recompute")
+        names = {f.name for f in dataclasses.fields(Trajectory)}
+        return [Trajectory(**{k: v for k, v in r.items() if k in names}) for r in rows[1:]]
+
+
+def cell_rows(cell: Cell, trajectories: list[Trajectory], cfg: EvalConfig, stops: set[int] = frozenset()) -> list[dict]:
+    """A cell's rows of the raw per-sample table: one per (problem, sample)."""
+    return [{"cell": cell.name, "set": cell.set, "gamma": cell.gamma, "seed": cell.seed, "problem_id": t.prompt_id,
+             "sample_index": t.sample_index, "correct": int(t.correct), "reward": float(t.reward),
+             "length": len(t.completion_ids), **degenerate_flags(t, cfg, stops)} for t in trajectories]
+
+
+def _meta(cfg: EvalConfig, problems: list[Problem], sets: dict[str, Selection], reward: Reward,
+          fingerprint: dict) -> dict:
+    metric, direction = primary_metric(reward.name)
+    return {
+        "n_problems": len(problems), "problem_ids": [p.id for p in problems], "seeds": list(cfg.seeds),
+        "gammas": [float(g) for g in cfg.gammas], "n_samples": cfg.sampling.n_samples, "target": cfg.target,
+        "sets": {name: [list(p) for p in sel] for name, sel in sets.items()},
+        "random_sets": [n for n in sets if _RANDOM_RE.match(n)], "reward": reward.name,
+        "primary_metric": metric, "primary_direction": direction, "scope": cfg.scope,
+        "sampling": dataclasses.asdict(cfg.sampling), "task": dataclasses.asdict(cfg.task),
+        "n_bootstrap": cfg.n_bootstrap, "confidence": cfg.confidence, "model": fingerprint,
+        "degenerate_rule": {"repeat_times": cfg.repeat_times, "repeat_min_span": cfg.repeat_min_span,
+                            "max_ngram": cfg.max_ngram},
+    }
+
+
+def primary_metric(reward_name: str) -> tuple[str, int]:
+    """The metric a reward's selected set should move, and the sign it should move it with for gamma > 1."""
+    return {"correctness": ("accuracy", 1), "length": ("length", 1), "neg_length": ("length", -1)}.get(
+        reward_name, ("reward", 1))
+
+
+# ---- summaries -----------------------------------------------------------------------------
+
+
+def summarize_samples(samples: list[dict], meta: dict) -> tuple[list[dict], list[dict]]:
+    """Rows (one per set and gamma, plus the base and the mean of the random draws) and target comparisons."""
+    problem_ids = meta["problem_ids"]
+    boot = dict(n_boot=meta["n_bootstrap"], confidence=meta["confidence"])
+    table = _PerProblem(samples, problem_ids)
+    base = {m: table.matrix(m, [BASE], None) for m in METRICS}
+    rows = [_row(table, "none", BASE, [BASE], None, base, boot, meta)]
+    randoms = meta["random_sets"]
+    for gamma in meta["gammas"]:
+        for name in meta["sets"]:
+            condition = "random" if name in randoms else ("target" if name == meta["target"] else "baseline")
+            rows.append(_row(table, condition, name, [name], gamma, base, boot, meta))
+        if randoms:
+            rows.append(_row(table, "random_mean", f"random (mean of {len(randoms)})", randoms, gamma, base, boot, meta))
+    return rows, _comparisons(table, meta, boot)
+
+
+class _PerProblem:
+    """Per-problem means of each metric for each (set, gamma), over seeds and samples."""
+
+    def __init__(self, samples: list[dict], problem_ids: list[str]):
+        self.index = {pid: i for i, pid in enumerate(problem_ids)}
+        self.groups: dict[tuple, list[dict]] = {}
+        for r in samples:
+            gamma = None if r["set"] == BASE else float(r["gamma"])
+            self.groups.setdefault((r["set"], gamma), []).append(r)
+
+    def matrix(self, metric: str, names: list[str], gamma: float | None) -> np.ndarray:
+        """``[len(names), n_problems]`` per-problem means of ``metric``."""
+        return np.stack([self._vector(metric, self.groups.get((n, gamma), [])) for n in names])
+
+    def _vector(self, metric: str, rows: list[dict]) -> np.ndarray:
+        key = "correct" if metric == "accuracy" else metric
+        total = np.zeros(len(self.index))
+        count = np.zeros(len(self.index))
+        for r in rows:
+            i = self.index[r["problem_id"]]
+            total[i] += float(r[key])
+            count[i] += 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return total / count
+
+    def rows(self, names: list[str], gamma: float | None) -> list[dict]:
+        return [r for n in names for r in self.groups.get((n, gamma), [])]
+
+
+def _row(table: _PerProblem, condition: str, name: str, names: list[str], gamma, base: dict, boot: dict,
+         meta: dict) -> dict:
+    raw = table.rows(names, gamma)
+    row = {"condition": condition, "set": name, "gamma": gamma,
+           "size": len(meta["sets"][names[0]]) if names[0] in meta["sets"] else 0,
+           "n_problems": len(meta["problem_ids"]), "n_seeds": len({r["seed"] for r in raw}),
+           "n_draws": len(names), "n_samples": len(raw)}
+    for m in METRICS:
+        x = table.matrix(m, names, gamma)
+        row[m], row[f"{m}_lo"], row[f"{m}_hi"] = bootstrap(x, **boot)
+        if condition != "none":
+            row[f"{m}_delta"], row[f"{m}_delta_lo"], row[f"{m}_delta_hi"] = bootstrap(x, base[m], **boot)
+    for flag in ("degenerate", "repetition", "empty"):
+        row[flag] = _share(raw, flag)
+    row["unparseable"] = 1.0 - _share(raw, "parsed") if raw else math.nan
+    return row
+
+
+def _share(rows: list[dict], key: str) -> float:
+    return sum(float(r[key]) for r in rows) / len(rows) if rows else math.nan
+
+
+def _comparisons(table: _PerProblem, meta: dict, boot: dict) -> list[dict]:
+    target, randoms = meta["target"], meta["random_sets"]
+    if target not in meta["sets"]:
+        return []
+    against = ([("random", randoms)] if randoms else []) + [
+        (n, [n]) for n in meta["sets"] if n != target and n not in randoms]
+    out = []
+    for gamma in meta["gammas"]:
+        for label, names in against:
+            for m in METRICS:
+                delta, lo, hi = bootstrap(table.matrix(m, [target], gamma), table.matrix(m, names, gamma), **boot)
+                out.append({"set": target, "against": label, "gamma": gamma, "metric": m, "delta": delta, "lo": lo,
+                            "hi": hi, "excludes_zero": bool(lo > 0 or hi < 0),
+                            "verdict": _verdict(m, gamma, lo, hi, meta)})
+    return out
+
+
+def _verdict(metric: str, gamma: float, lo: float, hi: float, meta: dict) -> str:
+    """``stronger``/``weaker`` for the primary metric (moved more/less in the direction the reward predicts),
+    ``higher``/``lower`` for the others, ``no detectable difference`` when the interval contains 0."""
+    if not (lo > 0 or hi < 0):
+        return "no detectable difference"
+    if metric == meta["primary_metric"] and gamma != 1.0:
+        expected = meta["primary_direction"] * (1 if gamma > 1 else -1)
+        return "stronger" if (lo > 0) == (expected > 0) else "weaker"
+    return "higher" if lo > 0 else "lower"
