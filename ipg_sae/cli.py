@@ -38,8 +38,73 @@ def _sample_run():
     return run
 
 
+def _train_cfg():
+    from sae_training.config import TrainSAEConfig
+
+    return TrainSAEConfig
+
+
+def _train_run():
+    from sae_training.__main__ import report
+    from sae_training.trainer import train
+
+    return lambda cfg: print(report(train(cfg)))
+
+
+def _attribute_cfg():
+    from .jobs import AttributeJobConfig
+
+    return AttributeJobConfig
+
+
+def _attribute_run():
+    from .jobs import run_attribute
+
+    def run(cfg):
+        for method, summary in run_attribute(cfg).items():
+            top = ", ".join(f"L{layer}:{latent}" for layer, latent in summary["selection"][:8])
+            delta = summary.get("delta_median")
+            extra = f", median completeness gap {delta:.2e}" if isinstance(delta, float) else ""
+            print(f"{method}: top latents {top}{extra} -> {cfg.run_dir}/")
+    return run
+
+
+def _evaluate_cfg():
+    from .jobs import EvaluateJobConfig
+
+    return EvaluateJobConfig
+
+
+def _evaluate_run():
+    from .jobs import run_evaluate
+
+    def run(cfg):
+        _, report = run_evaluate(cfg)
+        print(f"report: {report}")
+    return run
+
+
+def _pipeline_cfg():
+    from .pipeline import PipelineConfig
+
+    return PipelineConfig
+
+
+def _pipeline_run():
+    from .pipeline import run_pipeline
+
+    def run(cfg):
+        results = run_pipeline(cfg)
+        print(f"report: {results['evaluate']['report']}")
+    return run
+
+
 COMMANDS: dict[str, Command] = {
     "sample": ("sample completions of a task and score them", _sample_cfg, _sample_run),
+    "train-sae": ("train SAEs on a model's residual stream", _train_cfg, _train_run),
+    "attribute": ("attribute rewards to SAE latents with IPG (and baselines)", _attribute_cfg, _attribute_run),
+    "evaluate": ("steer with selected latents and compare against random sets", _evaluate_cfg, _evaluate_run),
+    "pipeline": ("sample -> SAE -> attribute -> select -> evaluate -> report", _pipeline_cfg, _pipeline_run),
 }
 
 

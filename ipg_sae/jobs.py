@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import dump_yaml, to_dict
 from .errors import IPGError
 from .io import write_json, write_text
+from .attribution import AttributionConfig
+from .evaluation import EvalConfig
 from .models import ModelConfig, load_model
-from .rewards import summarize
+from .saes import SAESpec, load_sae
 from .sampling import SamplingConfig, sample
 from .tasks import TaskConfig, build_prompts, load_problems
 from .tracking import Tracker, WandbConfig
-from .trajectories import Trajectory, save_trajectories
+from .trajectories import Trajectory, load_trajectories, save_trajectories
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +84,159 @@ def run_sample(cfg: SampleJobConfig, progress: bool = True) -> dict:
         tracker.summary({f"sample/{k}": v for k, v in metrics.items()})
         tracker.table("sample/completions", *sample_table(trajectories))
     return metrics
+
+
+# ---- attribute ----------------------------------------------------------------------------
+
+
+@dataclass
+class SelectionConfig:
+    k: int = 16  # size of the selected set
+    by: str | None = None  # mean | t | mean_abs | score; None = the method's natural score
+    per_layer: bool = False  # k per layer instead of k overall
+    normalize: str = "none"  # none | length | l1: per-trajectory normalization before aggregating
+    n_bootstrap: int = 100  # prompt resamples for the Jaccard stability of the top-k
+    table_size: int = 50  # rows in features.csv
+
+
+@dataclass
+class AttributeJobConfig:
+    name: str = "attribute"
+    runs_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    saes: list[SAESpec] = field(default_factory=list)
+    trajectories: str | None = None  # default: runs/<name>/trajectories.jsonl
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    baselines: list[str] = field(default_factory=list)  # also run these (act, reason_words, grad_x_act, ...)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def validate(self) -> None:
+        if not self.saes:
+            raise IPGError("no SAE given: add an entry under `saes:` (path: <sae dir>, or release + sae_id)")
+
+
+def load_saes(specs: list[SAESpec], model) -> dict:
+    saes = {}
+    for spec in specs:
+        sae = load_sae(spec, model)
+        if sae.ipg_layer in saes:
+            raise IPGError(f"two SAEs for layer {sae.ipg_layer}; give one SAE per layer")
+        saes[sae.ipg_layer] = sae
+    return saes
+
+
+def method_dir(run_dir: Path, method: str) -> Path:
+    """Where a method's attribution lives: the run dir for IPG, ``baselines/<name>/`` for the others."""
+    return run_dir if method == "ipg" else run_dir / "baselines" / method
+
+
+def run_attribute(cfg: AttributeJobConfig, progress: bool = True, group: str | None = None) -> dict:
+    """Attribute the trajectories (and optional baselines); write results, the feature table and selection."""
+    from . import distributed
+    from .attribution import attribute_from_config
+
+    rank, world = distributed.init_distributed()
+    main = rank == 0
+    model_cfg = cfg.model
+    if world > 1 and model_cfg.device.startswith("cuda"):  # one GPU per rank
+        model_cfg = dataclasses.replace(model_cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        write_text(run_dir / "attribute_config.yaml", dump_yaml(cfg))
+    trajectories = load_trajectories(cfg.trajectories or run_dir / "trajectories.jsonl")
+    model, tokenizer = load_model(model_cfg)
+    saes = load_saes(cfg.saes, model)
+    sources = {layer: dataclasses.asdict(spec) for layer, spec in zip(saes, cfg.saes)}
+    logging_cfg = cfg.wandb if main else dataclasses.replace(cfg.wandb, enabled=False)
+    summaries = {}
+    for method in ["ipg", *cfg.baselines]:
+        out = method_dir(run_dir, method)
+        with Tracker(logging_cfg, run_dir, cfg.name, f"attribute-{method}", to_dict(cfg), group=group) as tracker:
+            acfg = dataclasses.replace(cfg.attribution, baseline=method)
+            result = attribute_from_config(
+                model, saes, trajectories, acfg, tokenizer=tokenizer, out_dir=out, progress=progress and main,
+                checkpoint_path=out / "attribution.ckpt.safetensors", sae_sources=sources,
+                callback=lambda stats: tracker.log({f"attribution/{k}": v for k, v in stats.items()
+                                                     if isinstance(v, (int, float))}))
+            if not main:
+                continue  # rank 0 merged the shards and writes the tables
+            summaries[method] = _write_selection(cfg, method, out, result, tokenizer, trajectories, tracker)
+    return summaries
+
+
+def _write_selection(cfg: AttributeJobConfig, method: str, out: Path, result, tokenizer, trajectories, tracker) -> dict:
+    """The selected set, its bootstrap stability, and the feature table of one method's result."""
+    from .selection import bootstrap_stability, feature_table, log_to_wandb, select, write_feature_table
+
+    sel = cfg.selection
+    chosen = select(result, sel.k, by=sel.by, per_layer=sel.per_layer, normalize=sel.normalize)
+    rows = feature_table(result, tokenizer, trajectories, k=sel.table_size, by=sel.by, per_layer=sel.per_layer,
+                         normalize=sel.normalize)
+    write_feature_table(out / "features.csv", rows)
+    stability = (bootstrap_stability(result, sel.k, n_boot=sel.n_bootstrap, by=sel.by, per_layer=sel.per_layer,
+                                     normalize=sel.normalize, seed=cfg.attribution.seed)
+                 if result.is_gradient_method and sel.n_bootstrap > 0 else None)
+    summary = {"method": method, "selection": chosen, "stability": stability, **result.meta.get("summary", {})}
+    write_json(out / "selection.json", summary)
+    log_to_wandb(tracker, rows, result)
+    tracker.summary({f"attribution/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+    return summary
+
+
+# ---- evaluate -----------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluateJobConfig:
+    name: str = "evaluate"
+    runs_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    saes: list[SAESpec] = field(default_factory=list)
+    # Sets to compare: name -> a source load_selection accepts (result dir, features.csv, "layer:latent" list).
+    sets: dict[str, Any] = field(default_factory=dict)
+    attribution_dir: str | None = None  # its prompt ids are checked for overlap; its active latents seed random sets
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | None = None):
+    """Steer with each set at each gamma on held-out problems; write ``eval/`` and ``report.md``."""
+    from .attribution import AttributionResult
+    from .evaluation import evaluate
+    from .report import write_report
+    from .steering import load_selection
+
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "evaluate_config.yaml", dump_yaml(cfg))
+    if not cfg.sets:
+        raise IPGError("no sets to evaluate: add `sets: {ipg: <attribution run dir or features.csv>}`")
+    model, tokenizer = load_model(cfg.model)
+    saes = load_saes(cfg.saes, model)
+    k = cfg.evaluation.k
+    sets = {name: load_selection(source, k=k) for name, source in cfg.sets.items()}
+    active = prompt_ids = scores = None
+    if cfg.attribution_dir:
+        attribution = AttributionResult.load(cfg.attribution_dir)
+        active = {layer: mask.any(0) for layer, mask in attribution.active.items()}
+        prompt_ids = attribution.prompt_ids
+        scores = {f"L{layer}": s[active[layer]].numpy() for layer, s in attribution.score.items()}
+    problems = load_problems(cfg.evaluation.task)
+    prompts = build_prompts(tokenizer, problems, cfg.evaluation.task)
+    with Tracker(cfg.wandb, run_dir, cfg.name, "evaluate", to_dict(cfg), group=group) as tracker:
+        result = evaluate(model, tokenizer, saes, problems, prompts, sets, cfg.evaluation, out_dir=run_dir / "eval",
+                          active=active, attribution_prompt_ids=prompt_ids, progress=progress)
+        for row in result.rows:
+            tracker.log({f"evaluate/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+        report = write_report(run_dir, result, scores=scores, tracker=tracker)
+    return result, report

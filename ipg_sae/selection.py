@@ -1,0 +1,325 @@
+r"""From per-prompt attributions to a selected set of latents, with its statistics.
+
+For each latent ``i`` of layer ``l``, over the ``N`` prompts' values ``a_n = IPG_i(x_n)``
+(``ipg_sae-method.md`` section 4):
+
+* ``mean = (1/N) sum_n a_n``, ``mean_abs = (1/N) sum_n |a_n|``;
+* ``std`` (sample standard deviation, ``N - 1`` in the denominator; 0 when ``N = 1``),
+  ``se = std / sqrt(N)``, ``t = mean / se`` (0 when ``mean = 0``, +-inf when ``se = 0``);
+* ``sign_consistency``: share of prompts with ``sign(a_n) = sign(mean)``;
+* ``active_frac``: share of prompts on which the latent is active at some in-scope position.
+
+Optionally each trajectory's attribution row is normalised before the per-prompt mean
+(``normalize="length"``: divided by its number of generated tokens; ``"l1"``: divided by the L1
+norm of its attributions over all spliced layers; rows with a zero norm stay zero).
+
+Selection ranks latents in descending order of ``mean`` (default for gradient methods), ``t``,
+``mean_abs`` or the method's natural ``score`` (default for the activation baselines: ``act``'s
+mean activation, ReasonScore, the random draw), either globally or per layer. Ties are
+broken by (layer, latent). Only latents active on at least one prompt are candidates, so
+fewer than ``k`` may come back. Stability: the mean Jaccard index between the top-``k`` of the
+full data and the top-``k`` of ``B`` bootstrap resamples of prompts (seeded).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .attribution import GRADIENT_METHODS, AttributionResult
+from .errors import IPGError
+
+log = logging.getLogger(__name__)
+
+STAT_NAMES = ("mean", "mean_abs", "std", "se", "t", "sign_consistency", "active_frac")
+RANK_BY = ("mean", "t", "mean_abs", "score")
+NORMALIZE = ("none", "length", "l1")
+TABLE_COLUMNS = ("layer", "latent", "rank", *STAT_NAMES, "score", "method", "contexts")
+
+
+# ---- per-prompt values and statistics ---------------------------------------------------
+
+
+def per_prompt(result: AttributionResult, normalize: str = "none") -> dict[int, torch.Tensor] | None:
+    """Per-prompt values ``[N, d_sae]`` (float64) per layer, after per-trajectory normalisation."""
+    if normalize not in NORMALIZE:
+        raise IPGError(f"unknown normalize {normalize!r}; use none, length or l1")
+    values = result.attributions
+    if values is None:
+        return None
+    if normalize == "none" or not result.is_gradient_method:
+        return {layer: v.double() for layer, v in values.items()}
+    t = result.tensors
+    n_traj = len(result.traj_ids)
+    rows = {}  # layer -> (trajectory of each non-zero, latent, value): never a dense [M, d_sae]
+    for layer in result.layers:
+        indptr = t[f"L{layer}.traj.indptr"]
+        owner = torch.repeat_interleave(torch.arange(n_traj), indptr.diff())
+        rows[layer] = (owner, t[f"L{layer}.traj.indices"], t[f"L{layer}.traj.values"].double())
+    if normalize == "length":
+        norm = t["traj.n_generated"].double()
+    else:  # L1 over every spliced layer of the trajectory
+        norm = torch.zeros(n_traj, dtype=torch.float64)
+        for owner, _, values in rows.values():
+            norm.index_add_(0, owner, values.abs())
+    scale = torch.where(norm > 0, 1.0 / norm.clamp(min=1e-300), torch.zeros_like(norm))
+    prompt = t["traj.prompt"]
+    counts = torch.bincount(prompt, minlength=result.n_prompts).double().clamp(min=1)
+    out = {}
+    for layer, (owner, latent, values) in rows.items():
+        d = result.d_sae[layer]
+        flat = torch.zeros(result.n_prompts * d, dtype=torch.float64)
+        flat.index_add_(0, prompt[owner] * d + latent, values * scale[owner])
+        out[layer] = flat.view(result.n_prompts, d) / counts[:, None]
+    return out
+
+
+def _stats(values: torch.Tensor | None, active: torch.Tensor) -> dict[str, torch.Tensor]:
+    n, d = active.shape
+    out = {"active_frac": active.double().mean(0) if n else torch.zeros(d, dtype=torch.float64)}
+    if values is None:
+        for name in STAT_NAMES[:-1]:
+            out[name] = torch.full((d,), math.nan, dtype=torch.float64)
+        return out
+    mean = values.mean(0)
+    std = values.std(0, unbiased=True) if n > 1 else torch.zeros(d, dtype=torch.float64)
+    se = std / math.sqrt(max(n, 1))
+    t = torch.where(mean == 0, torch.zeros_like(mean), mean / se)  # x / 0 gives +-inf
+    sign = torch.sign(mean)
+    out.update(mean=mean, mean_abs=values.abs().mean(0), std=std, se=se, t=t,
+               sign_consistency=(torch.sign(values) == sign[None]).double().mean(0))
+    return out
+
+
+def latent_stats(result: AttributionResult, normalize: str = "none",
+                 prompts: np.ndarray | torch.Tensor | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """Per layer, the statistics of section 4 as ``[d_sae]`` float64 tensors (NaN where undefined).
+
+    ``prompts`` (indices, repeats allowed) restricts or resamples the prompts; ``score`` is
+    included too (the method's natural score, recomputed on the resample where it can be).
+    """
+    values = per_prompt(result, normalize)
+    sel = None if prompts is None else torch.as_tensor(np.asarray(prompts), dtype=torch.long)
+    out = {}
+    for layer in result.layers:
+        v = None if values is None else values[layer]
+        active = result.tensors[f"L{layer}.active"]
+        if sel is not None:
+            v = None if v is None else v[sel]
+            active = active[sel]
+        stats = _stats(v, active)
+        stats["score"] = _natural_score(result, layer, stats, sel)
+        out[layer] = stats
+    return out
+
+
+def _natural_score(result: AttributionResult, layer: int, stats: dict, sel) -> torch.Tensor:
+    if sel is None:
+        return result.tensors[f"L{layer}.score"].double()
+    if result.is_gradient_method:
+        return stats["mean"]
+    if result.method_name == "act":
+        n = result.tensors["prompt.n_scope"].double()[sel]
+        act = result.tensors[f"L{layer}.activation"].double()[sel]
+        return (act * n[:, None]).sum(0) / n.sum().clamp(min=1)
+    raise IPGError(f"the {result.method_name} baseline has only a global score, which cannot be resampled by prompt; "
+                   "bootstrap stability needs ipg, act, grad_x_act or ig_likelihood")
+
+
+def default_rank_by(result: AttributionResult) -> str:
+    return "mean" if result.is_gradient_method else "score"
+
+
+# ---- selection --------------------------------------------------------------------------
+
+
+def _rank(stats: dict[int, dict[str, torch.Tensor]], by: str, k: int, per_layer: bool,
+          active_only: bool) -> list[tuple[int, int]]:
+    if by not in RANK_BY:
+        raise IPGError(f"cannot rank by {by!r}; use one of {', '.join(RANK_BY)}")
+    if k < 1:
+        raise IPGError(f"k is {k}; select at least one latent")
+    cands = []
+    for layer, s in sorted(stats.items()):
+        score = s[by].numpy()
+        if np.isnan(score).all():
+            raise IPGError(f"this result has no per-prompt values to rank by {by!r}; rank by 'score'")
+        keep = ~np.isnan(score)
+        if active_only:
+            keep &= s["active_frac"].numpy() > 0
+        latents = np.nonzero(keep)[0]
+        cands.append((layer, latents, score[latents]))
+    if per_layer:
+        out = []
+        for layer, latents, score in cands:
+            order = np.lexsort((latents, -score))[:k]
+            out.extend((layer, int(latents[i])) for i in order)
+        return out
+    layers = np.concatenate([np.full(len(lat), layer) for layer, lat, _ in cands])
+    latents = np.concatenate([lat for _, lat, _ in cands])
+    score = np.concatenate([sc for _, _, sc in cands])
+    order = np.lexsort((latents, layers, -score))[:k]
+    return [(int(layers[i]), int(latents[i])) for i in order]
+
+
+def select(result: AttributionResult, k: int, by: str | None = None, per_layer: bool = False,
+           normalize: str = "none", active_only: bool = True) -> list[tuple[int, int]]:
+    """The top-``k`` latents as ``(layer, latent)``, best first (``k`` per layer with ``per_layer``).
+
+    ``by``: ``mean`` | ``t`` | ``mean_abs`` | ``score``; default: the method's natural score.
+    """
+    by = by or default_rank_by(result)
+    return _rank(latent_stats(result, normalize), by, k, per_layer, active_only)
+
+
+def bootstrap_stability(result: AttributionResult, k: int, n_boot: int = 100, by: str | None = None,
+                        per_layer: bool = False, normalize: str = "none", seed: int = 0) -> dict:
+    """Mean Jaccard index of the top-``k`` between the full data and ``n_boot`` prompt resamples."""
+    by = by or default_rank_by(result)
+    values = per_prompt(result, normalize)  # computed once; resamples index into it
+    reference = set(_rank(latent_stats(result, normalize), by, k, per_layer, True))
+    rng = np.random.default_rng(seed)
+    n = result.n_prompts
+    scores = []
+    for _ in range(n_boot):
+        sel = torch.as_tensor(rng.integers(0, n, size=n), dtype=torch.long)
+        stats = {}
+        for layer in result.layers:
+            v = None if values is None else values[layer][sel]
+            s = _stats(v, result.tensors[f"L{layer}.active"][sel])
+            s["score"] = _natural_score(result, layer, s, sel)
+            stats[layer] = s
+        top = set(_rank(stats, by, k, per_layer, True))
+        union = reference | top
+        scores.append(len(reference & top) / len(union) if union else 1.0)
+    arr = np.array(scores)
+    return {"jaccard_mean": float(arr.mean()) if n_boot else math.nan,
+            "jaccard_std": float(arr.std()) if n_boot else math.nan,
+            "n_boot": n_boot, "k": k, "by": by, "per_layer": per_layer, "seed": seed, "jaccard": arr.tolist()}
+
+
+# ---- the feature table ------------------------------------------------------------------
+
+
+def feature_table(result: AttributionResult, tokenizer, trajectories, k: int | None = 50, by: str | None = None,
+                  per_layer: bool = False, normalize: str = "none", latents: list[tuple[int, int]] | None = None,
+                  window: tuple[int, int] = (8, 3)) -> list[dict]:
+    """One row per selected latent: statistics, score, and decoded top-activating contexts.
+
+    ``latents`` gives the rows explicitly (in that order); otherwise the top ``k`` by ``by``
+    (all active latents when ``k`` is None). Contexts look like ``"...3 + 5 = [8]. The..."``:
+    ``window[0]`` tokens before the activating token (in brackets) and ``window[1]`` after.
+    """
+    by = by or default_rank_by(result)
+    stats = latent_stats(result, normalize)
+    if latents is None:
+        if k is None:
+            k = sum(int(s["active_frac"].gt(0).sum()) for s in stats.values()) or 1
+        latents = _rank(stats, by, k, per_layer, True)
+    by_id = {t.id: t for t in trajectories}
+    rows, rank_in_layer = [], {}
+    for i, (layer, latent) in enumerate(latents):
+        rank_in_layer[layer] = rank_in_layer.get(layer, 0) + 1
+        s = stats[layer]
+        row = {"layer": layer, "latent": latent, "rank": rank_in_layer[layer] if per_layer else i + 1}
+        for name in STAT_NAMES:
+            row[name] = float(s[name][latent])
+        row["score"] = float(s["score"][latent])
+        row["method"] = result.method_name
+        row["contexts"] = " | ".join(_contexts(result, layer, latent, tokenizer, by_id, window))
+        rows.append(row)
+    return rows
+
+
+def _contexts(result, layer, latent, tokenizer, by_id, window) -> list[str]:
+    value, traj, pos = (x[latent] for x in result.contexts[layer])
+    out = []
+    for v, t, p in zip(value.tolist(), traj.tolist(), pos.tolist()):
+        if v < 0 or t < 0:
+            continue
+        tr = by_id.get(result.traj_ids[t])
+        if tr is None:
+            continue
+        ids = list(tr.prompt_ids) + list(tr.completion_ids)
+        if p >= len(ids):
+            continue
+        left = tokenizer.decode(ids[max(0, p - window[0]):p])
+        mid = tokenizer.decode(ids[p:p + 1])
+        right = tokenizer.decode(ids[p + 1:p + 1 + window[1]])
+        lead = mid[:len(mid) - len(mid.lstrip())]  # "= [8]" rather than "=[ 8]" for byte-level BPE pieces
+        text = f"...{left}{lead}[{mid.lstrip()}]{right}... ({v:.3g})"
+        out.append(text.replace("\r", "\\r").replace("\n", "\\n").replace("|", "¦"))
+    return out
+
+
+def write_feature_table(path: str | Path, rows: list[dict]) -> Path:
+    """Write the table as CSV atomically (``path`` may be a run directory: then ``features.csv``)."""
+    from .io import atomic_path
+
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / "features.csv"
+    columns = list(rows[0]) if rows else list(TABLE_COLUMNS)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+def read_feature_table(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "features.csv"
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- W&B --------------------------------------------------------------------------------
+
+
+def log_to_wandb(run, table_rows: list[dict], result: AttributionResult, prefix: str = "attribution") -> None:
+    """Log the feature table, a histogram of scores per layer and summary numbers to W&B.
+
+    ``run`` is a ``wandb`` run, an :class:`ipg_sae.tracking.Tracker`, or None (nothing happens).
+    W&B failures are logged and never raised.
+    """
+    if run is None:
+        return
+    columns = list(table_rows[0]) if table_rows else list(TABLE_COLUMNS)
+    data = [[row.get(c) for c in columns] for row in table_rows]
+    hists = {}
+    for layer in result.layers:
+        score = result.tensors[f"L{layer}.score"]
+        active = result.tensors[f"L{layer}.active"].any(0)
+        vals = score[active & torch.isfinite(score)].numpy()
+        if vals.size:
+            hists[f"{prefix}/score_hist/L{layer}"] = vals
+    summary = {f"{prefix}/{k}": v for k, v in result.meta.get("summary", {}).items()
+               if isinstance(v, (int, float)) and v is not None}
+    try:
+        if hasattr(run, "table") and hasattr(run, "histogram"):  # ipg_sae.tracking.Tracker
+            run.table(f"{prefix}/features", columns, data)
+            for key, vals in hists.items():
+                run.histogram(key, vals)
+            run.summary(summary)
+            return
+        import wandb
+
+        payload = {f"{prefix}/features": wandb.Table(columns=columns, data=data)}
+        payload.update({key: wandb.Histogram(vals) for key, vals in hists.items()})
+        run.log(payload)
+        run.summary.update(summary)
+    except Exception as e:  # W&B must never take a run down
+        log.warning("W&B logging of the attribution failed (%s: %s); local files are unaffected", type(e).__name__, e)
+
+
+__all__ = ["STAT_NAMES", "TABLE_COLUMNS", "per_prompt", "latent_stats", "select", "bootstrap_stability",
+           "feature_table", "write_feature_table", "read_feature_table", "log_to_wandb", "default_rank_by",
+           "GRADIENT_METHODS"]
