@@ -40,12 +40,36 @@ def from_dict(cls: type[T], data: Any, where: str = "config", prefix: str = "") 
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 raise IPGError(f"{where}: missing required field `{path}`; add it to the config")
             continue
-        kwargs[name] = _coerce(hints[name], data[name], where, path)
+        value = data[name]
+        default = _default_of(field)
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            # A partial section overrides the field's own default, not the section class's defaults
+            # (e.g. evaluation.task keeps its held-out offset when only n_problems is given).
+            value = _merge(dataclasses.asdict(default), value)
+        kwargs[name] = _coerce(hints[name], value, where, path)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
     return obj
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ class Stage:
     name: str
     settings: Callable[[PipelineConfig], object]  # what the stage's outputs depend on
     run: Callable[[PipelineConfig], dict | None]
+    # Partial outputs that a stage would refuse to reuse once its settings changed.
+    stale: Callable[[PipelineConfig], list[Path]] = lambda cfg: []
 
 
 def _sample_job(cfg: PipelineConfig) -> SampleJobConfig:
@@ -129,7 +132,7 @@ STAGES = [
     Stage("sae", lambda c: (c.model, c.sae, _train_job(c) if not c.sae.load else None), _run_train),
     Stage("attribute", lambda c: (c.attribution, c.baselines, c.selection),
           lambda c: run_attribute(_attribute_job(c), group=c.name)),
-    Stage("evaluate", lambda c: (c.evaluation,), _run_evaluate),
+    Stage("evaluate", lambda c: (c.evaluation,), _run_evaluate, stale=lambda c: [c.run_dir / "eval" / "cells"]),
 ]
 
 
@@ -157,6 +160,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             log.info("stage %s: already done with these settings, skipped", stage.name)
             results[stage.name] = done.get("summary")
         else:
+            if done:  # finished before with other settings: its partial outputs are stale
+                for path in stage.stale(cfg):
+                    log.info("stage %s: settings changed, removing %s", stage.name, path)
+                    shutil.rmtree(path, ignore_errors=True)
             log.info("stage %s: running", stage.name)
             t0 = time.perf_counter()
             summary = stage.run(cfg)

@@ -82,3 +82,20 @@ def test_every_shipped_sample_config_loads():
 def test_job_validation_runs(tmp_path):
     with pytest.raises(IPGError, match="sampling.n_samples"):
         load_config(SampleJobConfig, None, {"sampling.n_samples": 0})
+
+
+@dataclass
+class WithSection:
+    inner: Inner = field(default_factory=lambda: Inner(x=5, mode="b"))
+
+
+def test_partial_section_keeps_the_fields_own_defaults(tmp_path):
+    cfg = load_config(WithSection, write(tmp_path, "inner: {x: 7}\n"))
+    assert cfg.inner.x == 7 and cfg.inner.mode == "b"  # mode comes from the field's default, not Inner's
+
+
+def test_pipeline_eval_task_stays_held_out():
+    from ipg_sae.pipeline import PipelineConfig
+
+    cfg = load_config(PipelineConfig, None, {"evaluation.task.n_problems": 3, "sae.load": [{"path": "x"}]})
+    assert cfg.evaluation.task.offset == 1000 and cfg.evaluation.sampling.n_samples == 1

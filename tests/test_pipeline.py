@@ -1,0 +1,75 @@
+"""The pipeline end to end on a tiny model: every stage runs, outputs exist, a rerun skips them all."""
+
+import pytest
+
+from ipg_sae.config import load_config
+from ipg_sae.pipeline import PipelineConfig, run_pipeline
+
+
+def text_length_mod_7(prompt, completion, reference):
+    """A reward that varies between samples of a random model (which never stops early)."""
+    return float(len(completion) % 7)
+
+
+@pytest.fixture
+def pipeline_cfg(tiny_llama_dir, tmp_path, monkeypatch):
+    from tests import tiny
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sae_dir = tmp_path / "sae"
+    tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
+    overrides = {
+        "name": "p", "runs_dir": str(tmp_path / "runs"), "model.name": str(tiny_llama_dir),
+        "task.n_problems": 3, "task.few_shot": 0, "sampling.n_samples": 3, "sampling.max_new_tokens": 6,
+        "reward": "tests.test_pipeline:text_length_mod_7", "sae.load": [{"path": str(sae_dir)}], "attribution.n_steps": 2,
+        "baselines": ["act"], "selection.k": 2, "selection.n_bootstrap": 5, "selection.table_size": 5,
+        "evaluation.gammas": [0.0, 2.0], "evaluation.seeds": [0], "evaluation.n_random_sets": 1,
+        "evaluation.task.n_problems": 2, "evaluation.task.few_shot": 0, "evaluation.sampling.max_new_tokens": 6,
+        "evaluation.n_bootstrap": 200,
+    }
+    return load_config(PipelineConfig, None, overrides)
+
+
+def test_pipeline_runs_and_resumes(pipeline_cfg, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    results = run_pipeline(pipeline_cfg)
+    run_dir = pipeline_cfg.run_dir
+    for path in ["trajectories.jsonl", "attribution.safetensors", "attribution.json", "features.csv",
+                 "selection.json", "baselines/act/selection.json", "eval/summary.json", "report.md"]:
+        assert (run_dir / path).is_file(), path
+    report = (run_dir / "report.md").read_text()
+    assert "ipg" in report and "random" in report
+    assert set(results) == {"sample", "sae", "attribute", "evaluate"}
+    # the W&B runs of the stages share one group
+    from ipg_sae.tracking import read_offline_run
+
+    runs = read_offline_run(run_dir)["runs"]
+    assert len(runs) >= 4
+
+    caplog.clear()
+    run_pipeline(pipeline_cfg)
+    skipped = [r.getMessage() for r in caplog.records if "already done" in r.getMessage()]
+    assert len(skipped) == 4, skipped
+
+
+def test_changed_setting_reruns_only_downstream(pipeline_cfg, caplog):
+    import dataclasses
+    import logging
+
+    run_pipeline(pipeline_cfg)
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    changed = dataclasses.replace(pipeline_cfg, selection=dataclasses.replace(pipeline_cfg.selection, k=1))
+    run_pipeline(changed)
+    msgs = " ".join(r.getMessage() for r in caplog.records)
+    assert "stage sample: already done" in msgs and "stage sae: already done" in msgs
+    assert "stage attribute: running" in msgs and "stage evaluate: running" in msgs
+
+
+def test_pipeline_needs_an_sae(tmp_path):
+    from ipg_sae.errors import IPGError
+
+    with pytest.raises(IPGError, match="pipeline.sae needs"):
+        load_config(PipelineConfig, None, {"runs_dir": str(tmp_path)})
