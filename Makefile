@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/ipg-sae sample configs/demo.yaml
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/ipg-sae pipeline configs/demo.yaml
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra

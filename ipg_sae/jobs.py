@@ -65,11 +65,11 @@ def sample_table(trajectories: list[Trajectory], limit: int = 50) -> tuple[list[
 
 def run_sample(cfg: SampleJobConfig, progress: bool = True) -> dict:
     """Sample and score completions; write ``trajectories.jsonl`` and ``sample_summary.json``."""
+    problems = load_problems(cfg.task)  # bad input fails before anything is written
+    model, tokenizer = load_model(cfg.model)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "sample_config.yaml", dump_yaml(cfg))
-    problems = load_problems(cfg.task)
-    model, tokenizer = load_model(cfg.model)
     prompts = build_prompts(tokenizer, problems, cfg.task)
     t0 = time.perf_counter()
     trajectories = sample(model, tokenizer, problems, prompts, cfg.sampling, cfg.reward, progress=progress)

@@ -54,6 +54,7 @@ class PipelineConfig:
     sae: PipelineSAEConfig = field(default_factory=PipelineSAEConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     baselines: list[str] = field(default_factory=lambda: ["act", "grad_x_act"])
+    evaluate_baselines: list[str] | None = None  # baselines whose sets are also steered (default: all but random)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)  # its task must be held out from `task`
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -65,6 +66,9 @@ class PipelineConfig:
     def validate(self) -> None:
         if not self.sae.load and not self.sae.train_config:
             raise IPGError("pipeline.sae needs `load` (SAE entries) or `train_config` (a train-sae YAML)")
+        unknown = set(self.evaluate_baselines or []) - set(self.baselines)
+        if unknown:
+            raise IPGError(f"evaluate_baselines lists {sorted(unknown)}, which are not in `baselines`; add them there")
 
 
 # ---- stages ---------------------------------------------------------------------------
@@ -107,7 +111,8 @@ def _attribute_job(cfg: PipelineConfig) -> AttributeJobConfig:
 
 def _evaluate_job(cfg: PipelineConfig) -> EvaluateJobConfig:
     sets = {"ipg": str(method_dir(cfg.run_dir, "ipg") / "selection.json")}
-    sets.update({b: str(method_dir(cfg.run_dir, b) / "selection.json") for b in cfg.baselines if b != "random"})
+    steered = cfg.evaluate_baselines if cfg.evaluate_baselines is not None else cfg.baselines
+    sets.update({b: str(method_dir(cfg.run_dir, b) / "selection.json") for b in steered if b != "random"})
     evaluation = dataclasses.replace(cfg.evaluation, k=cfg.evaluation.k or cfg.selection.k, reward=cfg.reward)
     return EvaluateJobConfig(name=cfg.name, runs_dir=cfg.runs_dir, model=cfg.model, saes=_sae_specs(cfg), sets=sets,
                              attribution_dir=str(cfg.run_dir), evaluation=evaluation, wandb=cfg.wandb)
@@ -132,7 +137,7 @@ STAGES = [
     Stage("sae", lambda c: (c.model, c.sae, _train_job(c) if not c.sae.load else None), _run_train),
     Stage("attribute", lambda c: (c.attribution, c.baselines, c.selection),
           lambda c: run_attribute(_attribute_job(c), group=c.name)),
-    Stage("evaluate", lambda c: (c.evaluation,), _run_evaluate, stale=lambda c: [c.run_dir / "eval" / "cells"]),
+    Stage("evaluate", lambda c: (c.evaluation, c.evaluate_baselines), _run_evaluate, stale=lambda c: [c.run_dir / "eval" / "cells"]),
 ]
 
 

@@ -625,7 +625,7 @@ def test_attribute_from_config_and_yaml(models, tmp_path):
     from ipg_sae.config import load_config
 
     model, _ = models("llama")
-    cfg = load_config(AttributionConfig, REPO / "configs" / "attribute_tiny.yaml")
+    cfg = load_config(AttributionConfig, REPO / "configs" / "sections" / "attribution_tiny.yaml")
     assert cfg.n_steps == 4 and cfg.baseline == "ipg"
     trajs = make_trajs()
     a = attribute_from_config(model, topk_saes((1,)), trajs, cfg, progress=False)

@@ -19,8 +19,9 @@ def test_help_lists_commands(capsys):
     (["sample", "--model.name", "/no/such/model.gguf", "--no-wandb"], "GGUF file /no/such/model.gguf not found"),
     (["sample", "--sampling.temperature", "hot"], "field `sampling.temperature` is 'hot'"),
 ])
-def test_errors_are_one_line_exit_2(args, match, capsys):
-    assert main(args) == 2
+def test_errors_are_one_line_exit_2(args, match, capsys, tmp_path):
+    assert main(args + ["--runs_dir", str(tmp_path)]) == 2
+    assert not any(tmp_path.iterdir())  # nothing written for bad input
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert __import__("re").search(match, err), err

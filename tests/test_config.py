@@ -71,12 +71,25 @@ def test_overrides_win_and_are_validated(tmp_path):
         load_config(Outer, p, {"inner.z": 1})
 
 
-def test_every_shipped_sample_config_loads():
+def test_every_shipped_config_loads():
     from pathlib import Path
 
-    for path in Path("configs").glob("demo*.yaml"):
-        cfg = load_config(SampleJobConfig, path)
-        assert cfg.name
+    from ipg_sae.attribution import AttributionConfig
+    from ipg_sae.jobs import AttributeJobConfig, EvaluateJobConfig
+    from ipg_sae.pipeline import PipelineConfig
+    from sae_training.config import TrainSAEConfig
+
+    kinds = {"sample_": SampleJobConfig, "attribute_": AttributeJobConfig, "evaluate_": EvaluateJobConfig,
+             "sae_": TrainSAEConfig, "demo": PipelineConfig, "pipeline_": PipelineConfig}
+    loaded = 0
+    for path in sorted(Path("configs").rglob("*.yaml")):
+        if path.parent.name == "sections":
+            load_config(AttributionConfig, path)
+        else:
+            (cls,) = [c for prefix, c in kinds.items() if path.name.startswith(prefix)]
+            load_config(cls, path)
+        loaded += 1
+    assert loaded >= 6
 
 
 def test_job_validation_runs(tmp_path):

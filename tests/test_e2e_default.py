@@ -11,7 +11,7 @@ def test_default_model_samples_and_scores(tmp_path, monkeypatch):
     from ipg_sae.trajectories import load_trajectories
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    rc = main(["sample", "configs/demo.yaml", "--name", "e2e", "--runs_dir", str(tmp_path),
+    rc = main(["sample", "configs/sample_default.yaml", "--name", "e2e", "--runs_dir", str(tmp_path),
                "--task.n_problems", "4", "--sampling.n_samples", "2", "--sampling.max_new_tokens", "48"])
     assert rc == 0
     trajs = load_trajectories(tmp_path / "e2e" / "trajectories.jsonl")
