@@ -348,29 +348,32 @@ class IPGEngine:
         return out
 
     def _seq_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
-        """Sum of log-probs of the scored target tokens per row, computed in position chunks."""
-        B, T, _ = hidden.shape
+        """Sum of log-probs of the scored target tokens per row.
+
+        Only the scored (generated) positions go through the LM head, in chunks that are
+        recomputed in the backward, so ``[tokens, vocab]`` logits never exist at once.
+        """
+        B = hidden.shape[0]
         vocab = self.head.weight.shape[0]
-        step = max(1, (1 << 25) // max(1, B * vocab))  # ~32M logits per chunk
+        rows, pos = score_mask.nonzero(as_tuple=True)
+        h, tgt = hidden[rows, pos], targets[rows, pos]
+        step = max(1, (1 << 25) // max(1, vocab))  # ~32M logits per chunk
         total = hidden.new_zeros(B, dtype=torch.promote_types(hidden.dtype, torch.float32))
-        for start in range(0, T, step):
+        for start in range(0, rows.numel(), step):
             sl = slice(start, start + step)
-            if not score_mask[:, sl].any():
-                continue
-            args = (hidden[:, sl], targets[:, sl], score_mask[:, sl])
             if torch.is_grad_enabled():
-                total = total + checkpoint(self._chunk_logprobs, *args, use_reentrant=False)
+                lp = checkpoint(self._token_logprobs, h[sl], tgt[sl], use_reentrant=False)
             else:
-                total = total + self._chunk_logprobs(*args)
+                lp = self._token_logprobs(h[sl], tgt[sl])
+            total = total.index_add(0, rows[sl], lp.to(total.dtype))
         return total
 
-    def _chunk_logprobs(self, h, tgt, mask):
+    def _token_logprobs(self, h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         logits = self.head(h)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 log-softmax is too coarse
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, tgt[..., None]).squeeze(-1)
-        return (lp * mask).sum(-1)
+        return torch.log_softmax(logits, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)
 
     @contextlib.contextmanager
     def _upper_only(self, x_min: torch.Tensor) -> Iterator[None]:
