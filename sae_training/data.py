@@ -1,0 +1,226 @@
+"""Token rows to train on: documents from a text dataset, a task, or saved trajectories.
+
+Everything downstream sees one fixed tensor of rows (``TokenRows``): ``tokens [N, T]``,
+``attention [N, T]`` (1 = real token) and ``mask [N, T]`` (positions whose residual the SAE
+trains and is evaluated on). The rows are a pure function of the config and tokenizer,
+so row ``i`` is the same in every run: activation chunks can then be cached by content
+and a resumed run finds its data position from the step count alone.
+
+Documents are tokenized one by one and, with ``pack``, concatenated (each followed by EOS)
+and cut into rows of BOS + ``context_size - 1`` tokens, as sae-lens does; otherwise each
+document is one right-padded row. The first position of every row is masked out: its
+residual norm is ~100x the others (an attention sink), and it would dominate the
+reconstruction loss. Padding is masked out too.
+
+The rows are shuffled once with the run seed (so a file sorted by topic or level does not
+put one topic in the held-out set) and the last ``n_eval_sequences`` are held out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ipg_sae.errors import IPGError
+
+from .config import DataConfig, TrainSAEConfig
+
+log = logging.getLogger(__name__)
+
+_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+@dataclass
+class TokenRows:
+    tokens: torch.Tensor  # [N, T] int64
+    attention: torch.Tensor  # [N, T] int64, 1 = real token
+    mask: torch.Tensor  # [N, T] bool, positions to train / evaluate on
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index) -> "TokenRows":
+        return TokenRows(self.tokens[index], self.attention[index], self.mask[index])
+
+    def n_valid(self) -> int:
+        return int(self.mask.sum())
+
+    def digest(self) -> str:
+        """A content hash: equal digests mean equal rows (the activation cache key)."""
+        h = hashlib.sha256()
+        for t in (self.tokens, self.attention, self.mask):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+def build_rows(cfg: TrainSAEConfig, tokenizer, model_fingerprint: dict | None = None) -> TokenRows:
+    """All rows the config's data gives, in a fixed shuffled order (held-out rows last)."""
+    # Enough positions for the token budget plus the held-out rows; more is not read.
+    per_row = cfg.context_size / (cfg.context_size - 1)  # the first position of each row is not trained on
+    needed = int(cfg.training_tokens * per_row) + (cfg.n_eval_sequences + 1) * cfg.context_size
+    docs = _documents(cfg.data, tokenizer, needed, model_fingerprint)
+    rows = _pack(docs, cfg.context_size, tokenizer) if cfg.data.pack else _pad(docs, cfg.context_size, tokenizer)
+    if len(rows) == 0:
+        raise IPGError(f"the data gives no complete row of context_size {cfg.context_size} tokens; "
+                       "add data or lower context_size")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
+    return rows[order]
+
+
+def split_rows(rows: TokenRows, n_eval: int) -> tuple[TokenRows, TokenRows]:
+    """(training rows, held-out rows): the last ``n_eval`` rows are held out."""
+    if len(rows) <= n_eval:
+        raise IPGError(f"the data gives only {len(rows)} rows of tokens but n_eval_sequences is {n_eval}; "
+                       "add data, lower context_size or lower n_eval_sequences")
+    return rows[: len(rows) - n_eval], rows[len(rows) - n_eval:]
+
+
+# ---- documents --------------------------------------------------------------------------
+
+
+def _documents(data: DataConfig, tokenizer, needed: int, fingerprint: dict | None) -> list[list[int]]:
+    """Token-id lists, one per document, stopping once about ``needed`` tokens are read."""
+    if data.source == "text":
+        stream = _text_documents(data, tokenizer)
+    elif data.source == "task":
+        stream = _task_documents(data, tokenizer)
+    else:
+        stream = _trajectory_documents(data, tokenizer, fingerprint)
+    docs, total = [], 0
+    for doc in stream:
+        if len(doc) < 2:
+            continue  # nothing to predict, nothing but a first token
+        docs.append(doc)
+        total += len(doc)
+        if total >= needed or (data.max_documents and len(docs) >= data.max_documents):
+            break
+    if not docs:
+        raise IPGError(f"data source {data.source!r} gave no documents with at least 2 tokens; check the data settings")
+    log.info("read %d documents, %d tokens", len(docs), total)
+    return docs
+
+
+def _with_eos(ids: list[int], tokenizer) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids if eos is None or (ids and ids[-1] == eos) else [*ids, eos]
+
+
+def _text_documents(data: DataConfig, tokenizer) -> Iterator[list[int]]:
+    rows = _load_text_dataset(data)
+    columns = list(rows.column_names or []) if rows.column_names is not None else None
+    if columns is not None and data.text_field not in columns:
+        raise IPGError(f"{_describe(data)} has no field {data.text_field!r} (its fields are {columns}); "
+                       "set data.text_field to one of them")
+    for row in rows:
+        text = row.get(data.text_field)
+        if text is None:
+            raise IPGError(f"{_describe(data)} has no field {data.text_field!r} (its fields are {sorted(row)}); "
+                           "set data.text_field to one of them")
+        if str(text).strip():
+            # The tokenizer adds BOS where its model expects one (Llama-style); it starts each document.
+            yield _with_eos(tokenizer(str(text)).input_ids, tokenizer)
+
+
+def _describe(data: DataConfig) -> str:
+    return f"data file {data.path}" if data.path else f"dataset {data.dataset!r} split {data.split!r}"
+
+
+def _load_text_dataset(data: DataConfig):
+    import datasets
+
+    if data.path:
+        path = Path(data.path).expanduser()
+        if not path.is_file():
+            raise IPGError(f"data.path {data.path!r} is not a file; give a local .jsonl/.json/.parquet/.csv/.txt file")
+        fmt = _FILE_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise IPGError(f"data.path {data.path!r} has an unsupported extension; use one of {sorted(_FILE_FORMATS)}")
+        if path.stat().st_size == 0:
+            raise IPGError(f"data file {path} is empty; give a file with at least one document")
+        try:
+            return datasets.load_dataset(fmt, data_files=str(path), split="train")
+        except Exception as e:
+            cause = e.__cause__ or e
+            raise IPGError(f"could not read data file {path} as {fmt} ({type(cause).__name__}: "
+                           f"{_first_line(cause)}); fix the file") from None
+    try:
+        # Streaming reads only the documents the token budget needs.
+        return datasets.load_dataset(data.dataset, data.dataset_config, split=data.split, streaming=True)
+    except Exception as e:
+        raise IPGError(f"could not load dataset {data.dataset!r} split {data.split!r} ({type(e).__name__}: "
+                       f"{_first_line(e)}); check the name and your network, or use a local file in data.path") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else "no details"
+
+
+def _task_documents(data: DataConfig, tokenizer) -> Iterator[list[int]]:
+    """Prompt + worked solution for each problem, the text the policy is attributed on."""
+    import dataclasses
+
+    from ipg_sae.tasks import build_prompts, load_problems
+
+    levels = data.task_levels or [data.task.level]
+    per_level = []
+    for level in levels:
+        task = dataclasses.replace(data.task, level=level)
+        problems = load_problems(task)
+        prompts = build_prompts(tokenizer, problems, task)
+        per_level.append([prompt + (p.solution or f"The answer is {p.answer}.") for prompt, p in zip(prompts, problems)])
+    # Interleave the levels so a partial read (token budget reached) still mixes them.
+    for group in zip(*per_level):
+        for text in group:
+            # The chat template already wrote the special tokens; do not add a BOS twice.
+            yield _with_eos(tokenizer(text, add_special_tokens=False).input_ids, tokenizer)
+
+
+def _trajectory_documents(data: DataConfig, tokenizer, fingerprint: dict | None) -> Iterator[list[int]]:
+    from ipg_sae.trajectories import check_same_model, load_trajectories
+
+    trajectories = load_trajectories(data.path)
+    if fingerprint is not None:
+        check_same_model(trajectories, fingerprint)
+    for t in trajectories:
+        yield _with_eos([*t.prompt_ids, *t.completion_ids], tokenizer)
+
+
+# ---- rows -------------------------------------------------------------------------------
+
+
+def _pack(docs: list[list[int]], context: int, tokenizer) -> TokenRows:
+    # Every row starts with BOS (EOS if the tokenizer has none), as sae-lens packs: the model
+    # parks its attention sink on a row's first token, and when that is an arbitrary token
+    # cut from mid-document (a newline, a digit), the sink, with its huge residual norm,
+    # lands on a later position that the mask would not exclude.
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    stream = torch.tensor([tok for doc in docs for tok in doc], dtype=torch.long)
+    body = context - 1 if start is not None else context
+    n = stream.numel() // body
+    tokens = stream[: n * body].view(n, body)
+    if start is not None:
+        tokens = torch.cat([torch.full((n, 1), start, dtype=torch.long), tokens], dim=1)
+    attention = torch.ones_like(tokens)
+    mask = torch.ones(n, context, dtype=torch.bool)
+    mask[:, 0] = False
+    return TokenRows(tokens, attention, mask)
+
+
+def _pad(docs: list[list[int]], context: int, tokenizer) -> TokenRows:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = torch.full((len(docs), context), pad, dtype=torch.long)
+    attention = torch.zeros(len(docs), context, dtype=torch.long)
+    for i, doc in enumerate(docs):
+        doc = doc[:context]
+        tokens[i, : len(doc)] = torch.tensor(doc)
+        attention[i, : len(doc)] = 1
+    mask = attention.bool().clone()
+    mask[:, 0] = False
+    return TokenRows(tokens, attention, mask)

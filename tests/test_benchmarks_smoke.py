@@ -1,0 +1,103 @@
+"""The benchmark scripts (``benchmarks/``) in their ``--smoke`` mode: they run on a tiny model and
+write the results JSON with the keys the README's table and the lead's GPU runs rely on.
+
+These check that the scripts work, not speed (the numbers of a tiny model are meaningless).
+Each script runs in its own process, as ``run_all.py`` runs it; marked slow (about a minute
+in all, mostly interpreter start-up and imports).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+MACHINE = "smoke-test"
+
+pytestmark = pytest.mark.slow
+
+META_KEYS = {"machine", "date", "torch", "device", "dtype", "threads", "shape", "smoke", "nproc", "cpu"}
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-results")
+
+
+def run_script(name: str, results_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(BENCH / name), "--smoke", "--threads", "1", "--machine", MACHINE,
+           "--results-dir", str(results_dir), *extra]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out
+
+
+def section(results_dir: Path, name: str) -> dict:
+    doc = json.loads((results_dir / f"{MACHINE}.json").read_text())
+    assert doc["machine"] == MACHINE
+    assert name in doc, f"no [{name}] section in {sorted(doc)}"
+    sec = doc[name]
+    assert META_KEYS <= set(sec["meta"]), META_KEYS - set(sec["meta"])
+    assert sec["meta"]["smoke"] is True and sec["meta"]["device"] == "cpu" and sec["meta"]["threads"] == 1
+    return sec
+
+
+def test_attribution(results_dir):
+    run_script("bench_attribution.py", results_dir)
+    sec = section(results_dir, "attribution")
+    assert set(sec["times"]) == {"ipg", "attribute_e2e", "floor", "naive"}
+    assert set(sec["ratios"]) == {"ipg/floor", "attribute_e2e/floor", "naive/ipg"}
+    assert all(v > 0 for v in sec["ratios"].values())
+    assert {"clean_s", "logp0_s", "node_passes_s", "other_s", "floor_lower_s"} <= set(sec["ipg_breakdown_s"])
+    # The naive implementation computes the same attributions as the engine.
+    assert sec["naive_vs_ipg_max_rel_diff"] < 1e-3
+    mem = sec["memory"]
+    assert {"no_checkpointing", "checkpointing", "metric", "checkpointing/no_checkpointing"} <= set(mem)
+    assert mem["checkpointing"]["gradient_checkpointing"] is True
+    assert mem["no_checkpointing"][mem["metric"]] > 0
+
+
+def test_training(results_dir):
+    run_script("bench_training.py", results_dir)
+    sec = section(results_dir, "training")
+    assert set(sec["tokens_per_s"]) == {"ours", "sae_lens", "floor"}
+    assert {"ours/sae_lens", "ours/floor", "sae_lens/floor"} <= set(sec["ratios"])
+    assert all(v > 0 for v in sec["tokens_per_s"].values())
+    assert [r["tokens"] for r in sec["runs"]["ours"]] == [r["tokens"] for r in sec["runs"]["sae_lens"]]
+
+
+def test_sampling(results_dir):
+    run_script("bench_sampling.py", results_dir)
+    sec = section(results_dir, "sampling")
+    assert set(sec["tokens_per_s"]) == {"sampler", "sampler_steered", "generate_loop", "generate_batched"}
+    assert {"sampler/generate_loop", "sampler/generate_batched", "steered/plain", "steering_overhead"} <= \
+        set(sec["ratios"])
+    assert all(n > 0 for n in sec["generated_tokens"].values())
+
+
+def test_scaling(results_dir):
+    run_script("bench_scaling.py", results_dir)
+    sec = section(results_dir, "scaling")
+    assert [p["tokens"] for p in sec["length"]] == [32, 64, 128]
+    assert [p["n_steps"] for p in sec["n_steps"]] == [1, 2, 4]
+    assert all({"ipg_s", "floor_s", "ipg/floor"} <= set(p) for p in sec["length"] + sec["n_steps"])
+    assert set(sec["growth_exponent"]) == {"ipg_vs_tokens", "floor_vs_tokens", "ipg_vs_n_steps", "floor_vs_n_steps"}
+    png = results_dir / sec["plot"]
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_all_report(results_dir):
+    """run_all.py prints (and writes) the ratio table of the merged results file."""
+    if not (results_dir / f"{MACHINE}.json").is_file():
+        pytest.skip("needs the results of the tests above")
+    out = run_script("run_all.py", results_dir, "--report-only")
+    table = (results_dir / f"{MACHINE}.md").read_text()
+    for needle in ("IPG attribute_group / floor", "train-sae / sae-lens runner",
+                   "sampler with steering hooks / without", "IPG / floor by tokens"):
+        assert needle in table and needle in out.stdout
+    assert "not run" not in table
