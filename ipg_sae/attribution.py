@@ -350,15 +350,21 @@ class IPGEngine:
     def _seq_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
         """Sum of log-probs of the scored target tokens per row.
 
-        Only the scored (generated) positions go through the LM head, in chunks that are
-        recomputed in the backward, so ``[tokens, vocab]`` logits never exist at once.
+        Only the scored (generated) positions go through the LM head. With gradients on and a
+        frozen head, ``_TargetLogProb`` computes d logp / d h in the same chunked pass that
+        computes logp (one head matmul pair per position, no recompute); otherwise the chunks
+        are checkpointed. Either way ``[tokens, vocab]`` logits never exist at once.
         """
         B = hidden.shape[0]
-        vocab = self.head.weight.shape[0]
         rows, pos = score_mask.nonzero(as_tuple=True)
         h, tgt = hidden[rows, pos], targets[rows, pos]
-        step = max(1, (1 << 25) // max(1, vocab))  # ~32M logits per chunk
         total = hidden.new_zeros(B, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        weight, bias = self.head.weight, getattr(self.head, "bias", None)
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        if torch.is_grad_enabled() and frozen and type(self.head) is nn.Linear:
+            lp = _TargetLogProb.apply(h, tgt, weight, bias, self.softcap)
+            return total.index_add(0, rows, lp.to(total.dtype))
+        step = _head_chunk(weight.shape[0])
         for start in range(0, rows.numel(), step):
             sl = slice(start, start + step)
             if torch.is_grad_enabled():
@@ -471,6 +477,52 @@ class IPGEngine:
             self._replay.update = None
             for h in handles:
                 h.remove()
+
+
+def _head_chunk(vocab: int) -> int:
+    return max(1, (1 << 25) // max(1, vocab))  # ~32M logits per chunk
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """``log softmax(cap * tanh(h W^T / cap) + b)[target]`` per row, with its input gradient
+    computed in the forward.
+
+    d logp / d z = onehot(target) - softmax(z) (times ``1 - tanh^2`` under a softcap), so
+    d logp / d h = (onehot - p) W needs the same logits the forward already built. Saving that
+    ``[positions, d_model]`` gradient instead of recomputing the logits in the backward saves
+    one head matmul per position: the head is the largest matmul of a small model. The
+    head must be frozen (its own gradient is not computed).
+    """
+
+    @staticmethod
+    def forward(ctx, h, tgt, weight, bias, softcap):
+        out_dtype = torch.promote_types(h.dtype, torch.float32)
+        lp = torch.empty(h.shape[0], dtype=out_dtype, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        step = _head_chunk(weight.shape[0])
+        for start in range(0, h.shape[0], step):
+            sl = slice(start, start + step)
+            z = F.linear(h[sl], weight, bias).to(out_dtype)
+            if softcap:
+                t = torch.tanh(z / softcap)
+                z = t * softcap
+            lse = torch.logsumexp(z, dim=-1)
+            t_idx = tgt[sl, None]
+            lp[sl] = z.gather(-1, t_idx).squeeze(-1) - lse
+            if grad_h is None:
+                continue
+            dz = torch.exp(z.sub_(lse[:, None])).neg_()  # -softmax, in place of the logits
+            dz.scatter_add_(-1, t_idx, torch.ones_like(t_idx, dtype=dz.dtype))
+            if softcap:
+                dz.mul_(1 - t * t)
+            grad_h[sl] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return lp
+
+    @staticmethod
+    def backward(ctx, grad_lp):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_lp[:, None].to(grad_h.dtype), None, None, None, None
 
 
 class _FrozenSplice:

@@ -22,19 +22,27 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed(timeout_minutes: float | None = None) -> tuple[int, int]:
-    """Join the process group that ``torchrun`` describes in the environment; return ``(rank, world)``."""
+def init_distributed(timeout_minutes: float | None = None, cuda: bool | None = None) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment; return ``(rank, world)``.
+
+    ``cuda`` picks NCCL (and the device ``cuda:LOCAL_RANK``) or gloo; default: whether CUDA is
+    available. On CPU the processes of one machine split its cores between them.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available():
         return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        # Without this each process would start one thread per core of the shared machine.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     minutes = timeout_minutes if timeout_minutes is not None else float(os.environ.get("IPG_DIST_TIMEOUT_MIN", "360"))
     # Ranks wait for the slowest one at the final barrier: the default 30 min is too short for long runs.
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
     return dist.get_rank(), dist.get_world_size()
 
 

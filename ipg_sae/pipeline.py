@@ -134,7 +134,8 @@ def _run_evaluate(cfg: PipelineConfig) -> dict:
 STAGES = [
     Stage("sample", lambda c: (c.model, c.task, c.sampling, c.reward),
           lambda c: run_sample(_sample_job(c))),
-    Stage("sae", lambda c: (c.model, c.sae, _train_job(c) if not c.sae.load else None), _run_train),
+    Stage("sae", lambda c: (c.model, c.sae, _train_job(c) if not c.sae.load else None), _run_train,
+          stale=lambda c: [] if c.sae.load else [_train_job(c).run_dir / p for p in ("checkpoints", "sae", "sae_eval.json")]),
     Stage("attribute", lambda c: (c.attribution, c.baselines, c.selection),
           lambda c: run_attribute(_attribute_job(c), group=c.name)),
     Stage("evaluate", lambda c: (c.evaluation, c.evaluate_baselines), _run_evaluate, stale=lambda c: [c.run_dir / "eval" / "cells"]),
@@ -168,7 +169,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             if done:  # finished before with other settings: its partial outputs are stale
                 for path in stage.stale(cfg):
                     log.info("stage %s: settings changed, removing %s", stage.name, path)
-                    shutil.rmtree(path, ignore_errors=True)
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
             log.info("stage %s: running", stage.name)
             t0 = time.perf_counter()
             summary = stage.run(cfg)

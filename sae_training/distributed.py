@@ -11,13 +11,14 @@ Process 0 writes files and logs; the others wait at barriers.
 
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ipg_sae.distributed import barrier, destroy, init_distributed
 
 
 @dataclass
@@ -35,8 +36,7 @@ class Dist:
         return self.world_size > 1
 
     def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
+        barrier()
 
     def broadcast_object(self, obj):
         """Process 0's ``obj`` on every process."""
@@ -55,20 +55,9 @@ class Dist:
 
 def setup(model_device: str) -> Dist:
     """Join the process group when launched by torchrun; a single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = model_device.startswith("cuda") or (model_device == "auto" and torch.cuda.is_available())
-    if not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=60))
-    if not cuda:
-        # Processes on one machine share its cores: without this each would start one thread per core.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return Dist(rank=rank, world_size=world, local_rank=local)
+    rank, world = init_distributed(cuda=cuda)
+    return Dist(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def model_device_for(d: Dist, device: str) -> str:
@@ -101,5 +90,5 @@ def wrap_ddp(sae, d: Dist):
 
 
 def shutdown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    if d.enabled:
+        destroy()

@@ -636,3 +636,35 @@ def test_attribute_from_config_and_yaml(models, tmp_path):
         with pytest.raises(IPGError):
             load_config(AttributionConfig, None, {"baseline": "what"})
     assert math.isclose(AttributionConfig().importance_clip, 10.0)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0, 0.5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_target_logprob_matches_autograd(softcap, bias):
+    """The fused head (gradient computed in the forward) equals autograd through log-softmax,
+    with and without a Gemma-style logit softcap, across chunk boundaries."""
+    from ipg_sae import attribution as A
+
+    g = torch.Generator().manual_seed(0)
+    n, d, vocab = 7, 5, 11
+    w = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+    b = torch.randn(vocab, generator=g, dtype=torch.float64) if bias else None
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    tgt = torch.randint(0, vocab, (n,), generator=g)
+    upstream = torch.randn(n, generator=g, dtype=torch.float64)
+
+    z = torch.nn.functional.linear(h, w, b)
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    ref = torch.log_softmax(z, -1).gather(-1, tgt[:, None]).squeeze(-1)
+    (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), h)
+
+    orig = A._head_chunk
+    A._head_chunk = lambda vocab: 3  # several chunks, the last one partial
+    try:
+        lp = A._TargetLogProb.apply(h, tgt, w, b, softcap)
+        (grad,) = torch.autograd.grad((lp * upstream).sum(), h)
+    finally:
+        A._head_chunk = orig
+    torch.testing.assert_close(lp, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)

@@ -73,3 +73,36 @@ def test_pipeline_needs_an_sae(tmp_path):
 
     with pytest.raises(IPGError, match="pipeline.sae needs"):
         load_config(PipelineConfig, None, {"runs_dir": str(tmp_path)})
+
+
+def test_trained_sae_stage_retrains_when_its_settings_change(pipeline_cfg, tmp_path, caplog):
+    """With `sae.train_config` the pipeline trains the SAE; a changed training setting retrains it
+    from scratch (the old checkpoints are stale) instead of refusing to resume them."""
+    import dataclasses
+    import logging
+
+    import yaml
+
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text(yaml.safe_dump({
+        "layers": [2], "k": 4, "expansion_factor": 2, "training_tokens": 64 * 6, "context_size": 16,
+        "batch_size_tokens": 64, "lm_batch_size": 4, "chunk_sequences": 4, "buffer_chunks": 2,
+        "checkpoint_every": 2, "n_eval_sequences": 2, "dead_feature_window": 5,
+        "data": {"source": "task", "task": {"name": "arithmetic", "n_problems": 8, "offset": 500, "few_shot": 0},
+                 "task_levels": [1]}}))
+    sae = dataclasses.replace(pipeline_cfg.sae, load=[], train_config=str(train_yaml))
+    cfg = dataclasses.replace(pipeline_cfg, sae=sae)
+    results = run_pipeline(cfg)
+    assert results["sae"]["steps"] == 6
+    assert (cfg.run_dir / "sae" / "layer_2" / "cfg.json").is_file()
+    assert (cfg.run_dir / "sae_eval.json").is_file()
+
+    caplog.set_level(logging.INFO)
+    changed = dataclasses.replace(cfg, sae=dataclasses.replace(sae, train_overrides={"k": 2}))
+    results = run_pipeline(changed)
+    msgs = " ".join(r.getMessage() for r in caplog.records)
+    assert "stage sample: already done" in msgs and "stage sae: running" in msgs
+    assert results["sae"]["steps"] == 6 and results["sae"].get("resumed_from", 0) == 0
+    import json
+
+    assert json.loads((cfg.run_dir / "sae" / "layer_2" / "cfg.json").read_text())["k"] == 2
