@@ -157,6 +157,8 @@ def _context_text(value: Any, width: int = 60) -> str:
     if isinstance(value, dict):
         value = value.get("text", value.get("context", ""))
     text = re.sub(r"\s+", " ", str(value or "")).strip()
+    # Control characters (byte-level tokens) have no glyph: show their escape instead.
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
     text = text.replace("$", r"\$")  # matplotlib would read $...$ as mathtext
     return (text[:width - 1] + "…") if len(text) > width else text
 

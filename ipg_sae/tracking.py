@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -167,7 +168,27 @@ def _records(path: Path):
         yield record
 
 
-def read_offline_run(run_dir: str | Path) -> dict:
+def _finished_records(path: Path, wait_s: float) -> list:
+    """The file's records, once its ``exit`` record is on disk (or after ``wait_s``).
+
+    W&B's service writes the file in its own process: ``run.finish()`` can return a moment
+    before the last records reach the disk.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            records = list(_records(path))
+        except Exception:  # a record cut off mid-write
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+            continue
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records  # a killed run never writes `exit`: return what is there
+        time.sleep(0.1)
+
+
+def read_offline_run(run_dir: str | Path, wait_s: float = 30.0) -> dict:
     """History rows, summary and config of the offline run(s) under ``run_dir`` (newest last)."""
     import json
 
@@ -177,7 +198,7 @@ def read_offline_run(run_dir: str | Path) -> dict:
     runs = []
     for f in files:
         history, summary, config = [], {}, {}
-        for rec in _records(f):
+        for rec in _finished_records(f, wait_s):
             kind = rec.WhichOneof("record_type")
             if kind == "history":
                 history.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item})

@@ -92,3 +92,9 @@ def test_report_end_to_end_on_tiny_model(tiny_llama_dir, tmp_path):
     keys = {k for row in logged["history"] for k in row}
     for key in ("report/accuracy_vs_gamma", "report/top_latents", "report/attribution_score_values", "eval/rows"):
         assert f"{key}/_type" in keys, key
+
+
+def test_context_labels_escape_control_characters():
+    from ipg_sae.report import _context_text
+
+    assert _context_text("a\x0eb  c $5") == r"a\x0eb c \$5"
