@@ -45,10 +45,9 @@ def _train_cfg():
 
 
 def _train_run():
-    from sae_training.__main__ import report
-    from sae_training.trainer import train
+    from sae_training.__main__ import train_and_report
 
-    return lambda cfg: print(report(train(cfg)))
+    return train_and_report
 
 
 def _attribute_cfg():
@@ -121,23 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 0
+def run_job(args: argparse.Namespace, cfg_cls, job) -> int:
+    """Load ``cfg_cls`` from ``args`` (YAML + flags) and run ``job(cfg)``: the shared body of every
+    command line here and in ``python -m sae_training``. User errors print one line, exit 2."""
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _, cfg_cls, runner = COMMANDS[args.command]
     try:
         overrides = overrides_from_args(args)
         if args.no_wandb:
             overrides["wandb.enabled"] = False
-        cfg = load_config(cfg_cls(), args.config, overrides)
-        runner()(cfg)
+        job(load_config(cfg_cls, args.config, overrides))
     except IPGError as e:
         if args.debug:
             raise
@@ -148,3 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    _, cfg_cls, runner = COMMANDS[args.command]
+    return run_job(args, cfg_cls(), runner())

@@ -7,12 +7,11 @@ print one line and exit 2 (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from ipg_sae.config import add_config_flags, load_config, overrides_from_args
-from ipg_sae.errors import IPGError
+from ipg_sae.cli import run_job
+from ipg_sae.config import add_config_flags
 
 from .config import TrainSAEConfig
 
@@ -43,29 +42,17 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        overrides = overrides_from_args(args)
-        if args.no_wandb:
-            overrides["wandb.enabled"] = False
-        cfg = load_config(TrainSAEConfig, args.config, overrides)
-        from .trainer import train
+def train_and_report(cfg: TrainSAEConfig) -> None:
+    from .trainer import train
 
-        text = report(train(cfg))
-    except IPGError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    text = report(train(cfg))
     if text:
         print(text)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run_job(build_parser().parse_args(argv), TrainSAEConfig, train_and_report)
 
 
 if __name__ == "__main__":

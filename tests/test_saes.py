@@ -90,6 +90,21 @@ class _Capture:
             h.remove()
 
 
+def _block_outputs_around_splice(model, saes, gate_value, layers, ids):
+    """Each block's output as the model computed it (``before``) and after the splice (``after``)."""
+    before = _Capture(model, layers)  # registered before the splice: sees the block's own output
+    try:
+        with splice(model, saes, gates_for(saes, gate_value)):
+            after = _Capture(model, layers)  # registered after: sees the spliced output
+            try:
+                _logits(model, ids)
+            finally:
+                after.remove()
+    finally:
+        before.remove()
+    return before.out, after.out
+
+
 # ---- exactness --------------------------------------------------------------------------
 
 
@@ -113,18 +128,9 @@ def test_gates_change_block_output_by_decoder_rows(model_and_tok, arch, value):
     layers = (0, 2)  # two layers: the second one sees the first one's change in its input
     saes = _saes(model, arch, layers)
     ids = _ids(model)
-    before = _Capture(model, layers)  # registered before the splice: sees the block's own output
-    try:
-        with splice(model, saes, gates_for(saes, value)):
-            after = _Capture(model, layers)  # registered after: sees the spliced output
-            try:
-                _logits(model, ids)
-            finally:
-                after.remove()
-    finally:
-        before.remove()
+    before, after = _block_outputs_around_splice(model, saes, value, layers, ids)
     for layer in layers:
-        sae, x, x_new = saes[layer], before.out[layer], after.out[layer]
+        sae, x, x_new = saes[layer], before[layer], after[layer]
         with torch.no_grad():
             f = sae.encode(x)
         in_scope = torch.ones(x.shape[:2], dtype=torch.bool)
@@ -335,17 +341,8 @@ def test_batchtopk_saved_as_jumprelu_splices_exactly(llama, tmp_path):
     clean = _logits(model, ids)
     with splice(model, saes, gates_for(saes, 1.0)):
         _assert_rel_close(_logits(model, ids), clean)
-    before = _Capture(model, [1])
-    try:
-        with splice(model, saes, gates_for(saes, 0.0)):
-            after = _Capture(model, [1])
-            try:
-                _logits(model, ids)
-            finally:
-                after.remove()
-    finally:
-        before.remove()
-    xb, xa = before.out[1], after.out[1]
+    before, after = _block_outputs_around_splice(model, saes, 0.0, [1], ids)
+    xb, xa = before[1], after[1]
     with torch.no_grad():
         f = sae.encode(xb)
     expected = (-f[:, 1:]) @ sae.W_dec
