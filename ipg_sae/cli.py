@@ -30,12 +30,12 @@ def _sample_cfg():
 def _sample_run():
     from .jobs import run_sample
 
-    def run(cfg):
-        metrics = run_sample(cfg)
-        print(f"accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples "
-              f"(mean reward {metrics['mean_reward']:.3f}, mean length {metrics['mean_length']:.1f} tokens, "
-              f"{metrics['unparseable']} unparseable) -> {cfg.run_dir}/")
-    return run
+    return lambda cfg: print(f"{_sample_line(run_sample(cfg))} -> {cfg.run_dir}/")
+
+
+def _sample_line(metrics: dict) -> str:
+    return (f"accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples (mean reward {metrics['mean_reward']:.3f}, "
+            f"mean length {metrics['mean_length']:.1f} tokens, {metrics['unparseable']} unparseable)")
 
 
 def _train_cfg():
@@ -60,12 +60,19 @@ def _attribute_run():
     from .jobs import run_attribute
 
     def run(cfg):
-        for method, summary in run_attribute(cfg).items():
-            top = ", ".join(f"L{layer}:{latent}" for layer, latent in summary["selection"][:8])
-            delta = summary.get("delta_median")
-            extra = f", median completeness gap {delta:.2e}" if isinstance(delta, float) else ""
-            print(f"{method}: top latents {top}{extra} -> {cfg.run_dir}/")
+        for line in _attribute_lines(run_attribute(cfg)):
+            print(f"{line} -> {cfg.run_dir}/")
     return run
+
+
+def _attribute_lines(summaries: dict) -> list[str]:
+    lines = []
+    for method, summary in summaries.items():
+        top = ", ".join(f"L{layer}:{latent}" for layer, latent in summary["selection"][:8])
+        delta = summary.get("delta_median")
+        extra = f", median completeness gap {delta:.2e}" if isinstance(delta, float) else ""
+        lines.append(f"{method}: top latents {top}{extra}")
+    return lines
 
 
 def _evaluate_cfg():
@@ -93,7 +100,14 @@ def _pipeline_run():
     from .pipeline import run_pipeline
 
     def run(cfg):
+        from sae_training.__main__ import report as sae_report
+
         results = run_pipeline(cfg)
+        print(f"sample: {_sample_line(results['sample'])}")
+        if "loaded" not in results["sae"]:
+            print("sae: " + sae_report(results["sae"]).replace("\n", "\n     "))
+        for line in _attribute_lines(results["attribute"]):
+            print(f"attribute: {line}")
         print(f"report: {results['evaluate']['report']}")
     return run
 

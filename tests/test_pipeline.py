@@ -106,3 +106,17 @@ def test_trained_sae_stage_retrains_when_its_settings_change(pipeline_cfg, tmp_p
     import json
 
     assert json.loads((cfg.run_dir / "sae" / "layer_2" / "cfg.json").read_text())["k"] == 2
+
+
+def test_pipeline_command_prints_what_each_stage_found(pipeline_cfg, tmp_path, capsys):
+    from ipg_sae.cli import main
+    from ipg_sae.config import dump_yaml
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(dump_yaml(pipeline_cfg))
+    assert main(["pipeline", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sample: accuracy" in out and "over 9 samples" in out
+    assert "attribute: ipg: top latents L2:" in out and "median completeness gap" in out
+    assert "attribute: act: top latents" in out
+    assert f"report: {pipeline_cfg.run_dir / 'report.md'}" in out
