@@ -40,7 +40,7 @@ TASK_NAMES = ("arithmetic", "gsm8k", "math500", "jsonl")
 _HUB_DATASETS = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", None)}
 _DEFAULT_QUESTION_FIELD = {"gsm8k": "question", "math500": "problem", "jsonl": "question"}
 _DEFAULT_ANSWER_FIELD = "answer"
-_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass(frozen=True)
@@ -107,26 +107,36 @@ def _load_rows(cfg: TaskConfig):
 
 
 def _load_file(path: str):
+    return load_local_dataset(path, "task.path", FILE_FORMATS, "problem",
+                              "fix task.path (or unset it to use the hub dataset)")
+
+
+def load_local_dataset(path: str, key: str, formats: dict[str, str], item: str, missing_fix: str):
+    """A local file (``formats``: suffix -> ``datasets`` builder) as a ``datasets.Dataset``.
+
+    User errors name the config ``key`` the path came from: a missing file (``missing_fix``
+    says what to do), an unsupported suffix, a file with no rows (``item`` names what a row
+    is), a file ``datasets`` cannot read.
+    """
     import datasets
 
-    file = Path(path)
+    file = Path(path).expanduser()
     if not file.is_file():
-        raise IPGError(
-            f"task.path {path!r} does not exist or is not a file; fix task.path (or unset it to use the hub dataset)"
-        )
-    fmt = _FILE_FORMATS.get(file.suffix.lower())
+        raise IPGError(f"{key} {path!r} does not exist or is not a file; {missing_fix}")
+    fmt = formats.get(file.suffix.lower())
     if fmt is None:
-        raise IPGError(f"task.path {path!r} has an unsupported extension; use one of {sorted(_FILE_FORMATS)}")
+        raise IPGError(f"{key} {path!r} has an unsupported extension; use one of {sorted(formats)}")
+    empty = IPGError(f"{path} has no rows; point {key} at a file with at least one {item}")
     if _is_blank_text_file(file, fmt):
-        raise _empty_error(path)
+        raise empty
     try:
         return datasets.load_dataset(fmt, data_files=str(file), split="train")
     except Exception as e:
         if "corresponds to no data" in str(e):  # how datasets reports a file with zero rows ("[]", empty parquet)
-            raise _empty_error(path) from None
+            raise empty from None
         cause = e.__cause__ or e
         raise IPGError(
-            f"could not read task.path {path!r} as {fmt} ({type(cause).__name__}: {_first_line(cause)}); fix the file"
+            f"could not read {key} {path!r} as {fmt} ({type(cause).__name__}: {first_line(cause)}); fix the file"
         ) from None
 
 
@@ -147,12 +157,12 @@ def _load_hub(name: str, split: str):
         return datasets.load_dataset(repo, config, split=split)
     except Exception as e:
         raise IPGError(
-            f"could not load hub dataset {repo!r} split {split!r} ({type(e).__name__}: {_first_line(e)}); "
+            f"could not load hub dataset {repo!r} split {split!r} ({type(e).__name__}: {first_line(e)}); "
             "it needs a hub connection (or a cached copy), or set task.path to a local .jsonl/.parquet file"
         ) from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else "no details"
 

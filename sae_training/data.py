@@ -21,18 +21,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from ipg_sae.errors import IPGError
+from ipg_sae.tasks import FILE_FORMATS, first_line, load_local_dataset
 
 from .config import DataConfig, TrainSAEConfig
 
 log = logging.getLogger(__name__)
 
-_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+_FILE_FORMATS = {**FILE_FORMATS, ".txt": "text"}
 
 
 @dataclass
@@ -135,31 +135,14 @@ def _load_text_dataset(data: DataConfig):
     import datasets
 
     if data.path:
-        path = Path(data.path).expanduser()
-        if not path.is_file():
-            raise IPGError(f"data.path {data.path!r} is not a file; give a local .jsonl/.json/.parquet/.csv/.txt file")
-        fmt = _FILE_FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise IPGError(f"data.path {data.path!r} has an unsupported extension; use one of {sorted(_FILE_FORMATS)}")
-        if path.stat().st_size == 0:
-            raise IPGError(f"data file {path} is empty; give a file with at least one document")
-        try:
-            return datasets.load_dataset(fmt, data_files=str(path), split="train")
-        except Exception as e:
-            cause = e.__cause__ or e
-            raise IPGError(f"could not read data file {path} as {fmt} ({type(cause).__name__}: "
-                           f"{_first_line(cause)}); fix the file") from None
+        return load_local_dataset(data.path, "data.path", _FILE_FORMATS, "document",
+                                  "give a local .jsonl/.json/.parquet/.csv/.txt file")
     try:
         # Streaming reads only the documents the token budget needs.
         return datasets.load_dataset(data.dataset, data.dataset_config, split=data.split, streaming=True)
     except Exception as e:
         raise IPGError(f"could not load dataset {data.dataset!r} split {data.split!r} ({type(e).__name__}: "
-                       f"{_first_line(e)}); check the name and your network, or use a local file in data.path") from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else "no details"
+                       f"{first_line(e)}); check the name and your network, or use a local file in data.path") from None
 
 
 def _task_documents(data: DataConfig, tokenizer) -> Iterator[list[int]]:

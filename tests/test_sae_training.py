@@ -432,6 +432,20 @@ def test_dataset_without_text_field_names_fields(tmp_path, tiny_llama_dir):
         train(make_cfg(tmp_path, tiny_llama_dir, path))
 
 
+@pytest.mark.parametrize("name,content,match", [
+    ("missing.jsonl", None, r"data.path '.*missing.jsonl' does not exist or is not a file; give a local"),
+    ("d.xml", "<a/>", r"data.path '.*d.xml' has an unsupported extension; use one of \[.*'.txt'\]"),
+    ("blank.jsonl", "  \n", r"blank.jsonl has no rows; point data.path at a file with at least one document"),
+    ("bad.jsonl", "{not json\n", r"could not read data.path '.*bad.jsonl' as json .*fix the file"),
+])
+def test_bad_data_file_names_data_path(tmp_path, tiny_llama_dir, name, content, match):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(IPGError, match=match):
+        train(make_cfg(tmp_path, tiny_llama_dir, path))
+
+
 def test_budget_smaller_than_one_batch(tmp_path, tiny_llama_dir, text_file):
     with pytest.raises(IPGError, match=r"training_tokens \(100\) is smaller than one batch"):
         make_cfg(tmp_path, tiny_llama_dir, text_file, training_tokens=100)
