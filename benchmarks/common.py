@@ -40,6 +40,8 @@ if str(REPO) not in sys.path:  # the repository's packages, whatever the install
     sys.path.insert(1, str(REPO))
 
 import torch  # noqa: E402
+
+from ipg_sae.io import write_json  # noqa: E402
 RESULTS_DIR = HERE / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -412,15 +414,12 @@ def results_path(args: argparse.Namespace) -> Path:
 def write_section(args: argparse.Namespace, section: str, data: dict) -> Path:
     """Merge ``{section: data}`` into ``results/<machine>.json`` (other sections are kept)."""
     path = results_path(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(path.read_text()) if path.is_file() else {}
     info = machine_info(args)
     doc["machine"] = args.machine
     doc["updated"] = info["date"]
     doc[section] = {"meta": info, **data}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_json(path, doc)
     print(f"wrote [{section}] to {path}")
     return path
 

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from ipg_sae.io import write_text  # noqa: E402  (importable once common has set sys.path)
 
 BENCHMARKS = ("attribution", "training", "sampling", "scaling")
 
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
         print(f"no results file {path}", file=sys.stderr)
         return 1
     text = table(json.loads(path.read_text()))
-    path.with_suffix(".md").write_text(text)
+    write_text(path.with_suffix(".md"), text)
     print("\n" + text)
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)

@@ -226,9 +226,7 @@ class _Run:
         if self.d.main:
             metrics = self._eval({layer: t.sae for layer, t in self.trainers.items()}, self._scales())
             if self.tracker is not None:
-                multi = len(self.layers) > 1
-                self.tracker.log({k: v for layer, m in metrics.items()
-                                  for k, v in wandb_metrics(m, f"layer_{layer}/" if multi else "").items()}, step=step)
+                self.tracker.log(self._wandb_metrics(metrics), step=step)
             log.info("step %d: %s", step, _summary(metrics))
         self.d.barrier()
 
@@ -294,12 +292,16 @@ class _Run:
         os.replace(tmp, final)
         return final
 
+    def _wandb_metrics(self, metrics: dict[int, dict]) -> dict[str, float]:
+        """Every layer's evaluation under sae-lens keys (``layer_<L>/``-prefixed with several layers)."""
+        multi = len(self.layers) > 1
+        return {k: v for layer, m in metrics.items()
+                for k, v in wandb_metrics(m, f"layer_{layer}/" if multi else "").items()}
+
     def _log_final(self, metrics: dict, sae_dirs: dict) -> None:
         if self.tracker is None:
             return
-        multi = len(self.layers) > 1
-        flat = {k: v for layer, m in metrics.items()
-                for k, v in wandb_metrics(m, f"layer_{layer}/" if multi else "").items()}
+        flat = self._wandb_metrics(metrics)
         self.tracker.log(flat, step=self.cfg.total_steps)
         self.tracker.summary(flat)
         for layer, path in sae_dirs.items():
