@@ -1,6 +1,7 @@
 """End to end on the real offline default model (SmolLM2-135M-Instruct from its PyPI GGUF)."""
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -46,13 +47,7 @@ def test_default_model_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     sae_eval = json.loads((run_dir / "sae_eval.json").read_text())["layers"]["15"]
     assert 0.0 < sae_eval["explained_variance"] <= 1.0 and sae_eval["l0"] <= 16
     result = AttributionResult.load(run_dir)
-    assert result.n_prompts == 2 and torch_isfinite(result.delta)
+    assert result.n_prompts == 2 and bool(torch.isfinite(result.delta).all())
     assert (run_dir / "report.md").is_file() and (run_dir / "plots" / "accuracy_vs_gamma.png").is_file()
     out = capsys.readouterr().out
     assert "attribute: ipg: top latents L15:" in out and f"report: {run_dir / 'report.md'}" in out
-
-
-def torch_isfinite(x) -> bool:
-    import torch
-
-    return bool(torch.isfinite(x).all())
