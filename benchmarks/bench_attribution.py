@@ -158,7 +158,7 @@ class Naive:
 def instrument(engine, device) -> dict[str, float]:
     """Wrap the engine's passes with timers (sums since the caller last zeroed them)."""
     acc = {"clean_s": 0.0, "logp0_s": 0.0, "node_passes_s": 0.0}
-    for attr, key in (("_clean_pass", "clean_s"), ("_logp_at", "logp0_s"), ("_node_pass", "node_passes_s")):
+    for attr, key in (("clean_pass", "clean_s"), ("logp_at", "logp0_s"), ("node_pass", "node_passes_s")):
         original = getattr(engine, attr)
 
         def wrapped(*a, _original=original, _key=key, **k):
@@ -252,12 +252,11 @@ def main(argv=None) -> dict:
     breakdown = instrument(engine, device)
 
     # The batch exactly as IPG builds it.
-    ids, attn, targets, score_mask, prompt_lens = engine._batch(trajs)
-    scope = engine._scope_mask(attn, prompt_lens)
-    chunks = [len(c) for c in engine._node_chunks(len(nodes), len(trajs))]
+    b = engine.batch(trajs)
+    chunks = [len(c) for c in engine.node_chunks(len(nodes), len(trajs))]
     adv = advantages(torch.tensor([t.reward for t in trajs]), cfg.advantage).to(device)
-    floor = Floor(model, layer, ids, attn, targets, score_mask, chunks)
-    naive = Naive(model, engine.saes[layer], layer, ids, attn, targets, score_mask, scope, nodes, weights, adv)
+    floor = Floor(model, layer, b.ids, b.attn, b.targets, b.score_mask, chunks)
+    naive = Naive(model, engine.saes[layer], layer, b.ids, b.attn, b.targets, b.score_mask, b.scope, nodes, weights, adv)
 
     # Correctness first: the naive and the engine compute the same attributions.
     ga = engine.attribute_group(trajs, nodes, weights)

@@ -59,9 +59,9 @@ def measure(model, sae, shape, device, group: int, tokens: int, n_steps: int, ib
     engine = IPGEngine(model, {shape.layer: sae}, AttributionConfig(n_steps=n_steps, advantage=advantage,
                                                                     internal_batch_size=ibs))
     nodes, weights = quadrature(n_steps)
-    ids, attn, targets, score_mask, _ = engine._batch(trajs)
-    chunks = [len(c) for c in engine._node_chunks(len(nodes), len(trajs))]
-    floor = Floor(model, shape.layer, ids, attn, targets, score_mask, chunks)
+    b = engine.batch(trajs)
+    chunks = [len(c) for c in engine.node_chunks(len(nodes), len(trajs))]
+    floor = Floor(model, shape.layer, b.ids, b.attn, b.targets, b.score_mask, chunks)
     times = common.interleaved({"ipg": lambda: engine.attribute_group(trajs, nodes, weights), "floor": floor},
                                repeats=repeats, warmup=0, device=device, log=None)
     out = {"tokens": tokens, "n_steps": n_steps, "group_size": group, "ipg_s": round(min(times["ipg"]), 4),

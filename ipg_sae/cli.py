@@ -45,7 +45,7 @@ def _train_cfg():
 
 
 def _train_run():
-    from sae_training.__main__ import train_and_report
+    from sae_training.report import train_and_report
 
     return train_and_report
 
@@ -100,7 +100,7 @@ def _pipeline_run():
     from .pipeline import run_pipeline
 
     def run(cfg):
-        from sae_training.__main__ import report as sae_report
+        from sae_training.report import report as sae_report
 
         results = run_pipeline(cfg)
         print(f"sample: {_sample_line(results['sample'])}")

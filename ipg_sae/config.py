@@ -5,6 +5,9 @@ rejects unknown fields, missing required fields and values of the wrong type, na
 field path and the file. The same dataclasses generate the CLI: each leaf field
 ``a.b`` becomes a flag ``--a.b VALUE`` (the value is parsed as YAML, so ``0.5``, ``true``,
 ``[1, 2]`` and ``null`` work), so a config file and the command line are one schema.
+
+Every job config (sample, train-sae, attribute, evaluate, pipeline) starts with the same
+header, :class:`JobConfig`: its run directory (``runs_dir/name``), the model and W&B.
 """
 
 from __future__ import annotations
@@ -13,14 +16,35 @@ import argparse
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
 from .errors import IPGError
+from .models import ModelConfig
+from .tracking import WandbConfig
 
 T = TypeVar("T")
+
+
+@dataclass
+class JobConfig:
+    """The header every job config shares. Subclasses give ``name`` their own default."""
+
+    name: str = "run"  # the run directory's name: outputs go to <runs_dir>/<name>/
+    runs_dir: str = "runs"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def validate(self) -> None:
+        if self.name in ("", ".", "..") or "/" in self.name:
+            raise IPGError(f"`name` {self.name!r} must be a plain directory name (it becomes runs/<name>/)")
 
 
 def from_dict(cls: type[T], data: Any, where: str = "config", prefix: str = "") -> T:

@@ -1,7 +1,7 @@
 r"""Does steering a selected set move the reward? Accuracy and length under a gamma sweep, with controls.
 
 For a held-out problem set (never the prompts the set was selected on) and each sampling
-seed, we sample completions under these conditions (``../shared/ipg-method.md`` §5):
+seed, we sample completions under these conditions (``docs/ipg-method.md`` §5):
 
 * ``none``: no steering (the base);
 * the set under test (``target``, IPG's by default) scaled by each ``gamma`` of a sweep,
@@ -323,12 +323,25 @@ def evaluate(model, tokenizer, saes, problems: list[Problem], prompts: list[str]
              cfg: EvalConfig, out_dir: str | Path | None = None, active: dict[int, Any] | None = None,
              attribution_prompt_ids: Iterable[str] | None = None, reward: Reward | str | None = None,
              progress: bool = True) -> EvalResult:
-    """Sample every (set, gamma, seed) cell, summarize, and save under ``out_dir`` (when given).
+    """Steer with each set at each gamma on held-out problems, against no steering and random sets.
 
-    ``sets`` maps a name to a selection (``cfg.target`` is the set under test, the others are
-    baselines); ``active`` restricts random draws to latents active on the data;
-    ``attribution_prompt_ids`` are the prompts the sets were selected on (checked disjoint);
-    ``reward`` overrides ``cfg.reward`` (e.g. a callable).
+    Args:
+        model, tokenizer: the policy to steer.
+        saes: ``{layer: SAE}`` covering every layer of every set.
+        problems, prompts: the held-out problems and their prompt strings
+            (:func:`ipg_sae.tasks.build_prompts`).
+        sets: name -> selection (``cfg.target`` is the set under test, the others are baselines).
+        cfg: gammas, seeds, random sets, sampling, bootstrap settings.
+        out_dir: save ``summary.json``, ``rows.csv``, ``comparisons.csv``, ``samples.csv`` and the
+            resumable per-cell files there.
+        active: per-layer masks of latents active on the data: random sets are drawn among them.
+        attribution_prompt_ids: the prompts the sets were selected on (checked disjoint).
+        reward: overrides ``cfg.reward`` (e.g. a callable).
+        progress: show progress bars.
+
+    Returns:
+        An :class:`EvalResult`: rows per (set, gamma) with bootstrap intervals, the target's
+        comparisons against the random sets and each baseline, and the raw per-sample table.
     """
     cfg.validate()
     check_held_out(problems, attribution_prompt_ids)

@@ -14,34 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import dump_yaml, to_dict
-from .errors import IPGError
-from .io import write_json, write_text
 from .attribution import AttributionConfig
+from .config import JobConfig, dump_yaml, to_dict
+from .errors import IPGError
 from .evaluation import EvalConfig
-from .models import ModelConfig, load_model
+from .io import write_json, write_text
+from .models import load_model
 from .saes import SAESpec, load_sae
 from .sampling import SamplingConfig, sample
 from .tasks import TaskConfig, build_prompts, load_problems
-from .tracking import Tracker, WandbConfig
+from .tracking import Tracker
 from .trajectories import Trajectory, load_trajectories, save_trajectories
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SampleJobConfig:
+class SampleJobConfig(JobConfig):
     name: str = "sample"
-    runs_dir: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward: str = "correctness"  # correctness | length | neg_length | module.path:function
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
 
 
 def trajectory_metrics(trajectories: list[Trajectory]) -> dict:
@@ -100,22 +93,16 @@ class SelectionConfig:
 
 
 @dataclass
-class AttributeJobConfig:
+class AttributeJobConfig(JobConfig):
     name: str = "attribute"
-    runs_dir: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
     saes: list[SAESpec] = field(default_factory=list)
     trajectories: str | None = None  # default: runs/<name>/trajectories.jsonl
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     baselines: list[str] = field(default_factory=list)  # also run these (act, reason_words, grad_x_act, ...)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
 
     def validate(self) -> None:
+        super().validate()
         if not self.saes:
             raise IPGError("no SAE given: add an entry under `saes:` (path: <sae dir>, or release + sae_id)")
 
@@ -138,7 +125,7 @@ def method_dir(run_dir: Path, method: str) -> Path:
 def run_attribute(cfg: AttributeJobConfig, progress: bool = True, group: str | None = None) -> dict:
     """Attribute the trajectories (and optional baselines); write results, the feature table and selection."""
     from . import distributed
-    from .attribution import attribute_from_config
+    from .attribution import run_attribution
 
     rank, world = distributed.init_distributed()
     main = rank == 0
@@ -159,7 +146,7 @@ def run_attribute(cfg: AttributeJobConfig, progress: bool = True, group: str | N
         out = method_dir(run_dir, method)
         with Tracker(logging_cfg, run_dir, cfg.name, f"attribute-{method}", to_dict(cfg), group=group) as tracker:
             acfg = dataclasses.replace(cfg.attribution, baseline=method)
-            result = attribute_from_config(
+            result = run_attribution(
                 model, saes, trajectories, acfg, tokenizer=tokenizer, out_dir=out, progress=progress and main,
                 checkpoint_path=out / "attribution.ckpt.safetensors", sae_sources=sources,
                 callback=lambda stats: tracker.log({f"attribution/{k}": v for k, v in stats.items()
@@ -193,20 +180,13 @@ def _write_selection(cfg: AttributeJobConfig, method: str, out: Path, result, to
 
 
 @dataclass
-class EvaluateJobConfig:
+class EvaluateJobConfig(JobConfig):
     name: str = "evaluate"
-    runs_dir: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
     saes: list[SAESpec] = field(default_factory=list)
     # Sets to compare: name -> a source load_selection accepts (result dir, features.csv, "layer:latent" list).
     sets: dict[str, Any] = field(default_factory=dict)
     attribution_dir: str | None = None  # its prompt ids are checked for overlap; its active latents seed random sets
     evaluation: EvalConfig = field(default_factory=EvalConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
 
 
 def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | None = None):
@@ -214,7 +194,7 @@ def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | Non
     from .attribution import AttributionResult
     from .evaluation import evaluate
     from .report import write_report
-    from .steering import load_selection
+    from .selection import load_selection
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,16 @@ class ModelConfig:
 
 
 def load_model(cfg: ModelConfig | str, **kwargs: Any):
-    """Load ``(model, tokenizer)``; ``cfg`` is a :class:`ModelConfig` or a model name."""
+    """Load a causal LM and its tokenizer, frozen and in eval mode.
+
+    Args:
+        cfg: a :class:`ModelConfig`, or a model name: a hub id, a local directory, a ``.gguf``
+            file, or an offline name (``smollm2-135m-instruct``).
+        **kwargs: :class:`ModelConfig` fields overriding ``cfg`` (``dtype``, ``device``, ...).
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer has a pad token (its EOS when it had none).
+    """
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg, **kwargs)
     elif kwargs:

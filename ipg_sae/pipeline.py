@@ -21,17 +21,15 @@ from pathlib import Path
 from typing import Callable
 
 from .attribution import AttributionConfig
-from .config import dump_yaml, load_config, to_dict
+from .config import JobConfig, dump_yaml, load_config
 from .errors import IPGError
 from .evaluation import EvalConfig
 from .io import read_json, write_json, write_text
 from .jobs import (AttributeJobConfig, EvaluateJobConfig, SampleJobConfig, SelectionConfig, method_dir, run_attribute,
                    run_evaluate, run_sample)
-from .models import ModelConfig
 from .saes import SAESpec
 from .sampling import SamplingConfig
 from .tasks import TaskConfig
-from .tracking import WandbConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +42,8 @@ class PipelineSAEConfig:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(JobConfig):
     name: str = "pipeline"
-    runs_dir: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)  # the problems attributed on
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward: str = "correctness"
@@ -57,13 +53,9 @@ class PipelineConfig:
     evaluate_baselines: list[str] | None = None  # baselines whose sets are also steered (default: all but random)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)  # its task must be held out from `task`
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
 
     def validate(self) -> None:
+        super().validate()
         if not self.sae.load and not self.sae.train_config:
             raise IPGError("pipeline.sae needs `load` (SAE entries) or `train_config` (a train-sae YAML)")
         unknown = set(self.evaluate_baselines or []) - set(self.baselines)

@@ -11,7 +11,7 @@ at ``c = 1`` it returns ``x`` itself, so the spliced model equals the clean one,
 a gate from 1 to ``c_i`` changes the residual by exactly ``(c_i - 1) f_i W_dec[i]``.
 This is sae-lens's ``use_error_term`` convention (error held at its clean value), used for
 reading latents, steering and exactness checks. The attribution path of
-:mod:`ipg_sae.attribution` holds the *latents* fixed instead (see ``../shared/ipg-method.md``).
+:mod:`ipg_sae.attribution` holds the *latents* fixed instead (see ``docs/ipg-method.md``).
 
 SAEs are sae-lens objects (``standard``, ``topk``, ``jumprelu``, and ``batchtopk`` saved as
 ``jumprelu``), loaded with sae-lens's own classes. The splice needs an affine decoder, so
@@ -61,7 +61,18 @@ class SAESpec:
 
 
 def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | torch.device = "cpu"):
-    """Load an SAE (sae-lens ``SAE``); when ``model`` is given, validate it and move it to the model."""
+    """Load a sae-lens SAE from a local directory or the sae-lens registry.
+
+    Args:
+        spec: an :class:`SAESpec` (``path``, or ``release`` + ``sae_id``; ``layer`` overrides
+            the layer read from the SAE's ``hook_name``), or a directory path.
+        model: when given, the SAE is checked against it (layer, width, architecture) and moved
+            to its device and dtype.
+        device: where to load the weights first.
+
+    Returns:
+        The sae-lens ``SAE``, with ``ipg_layer`` set to the residual layer it reads.
+    """
     from sae_lens import SAE
 
     if isinstance(spec, (str, Path)):

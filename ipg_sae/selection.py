@@ -1,7 +1,7 @@
 r"""From per-prompt attributions to a selected set of latents, with its statistics.
 
 For each latent ``i`` of layer ``l``, over the ``N`` prompts' values ``a_n = IPG_i(x_n)``
-(``ipg_sae-method.md`` section 4):
+(``docs/ipg-method.md`` §4):
 
 * ``mean = (1/N) sum_n a_n``, ``mean_abs = (1/N) sum_n |a_n|``;
 * ``std`` (sample standard deviation, ``N - 1`` in the denominator; 0 when ``N = 1``),
@@ -19,20 +19,26 @@ mean activation, ReasonScore, the random draw), either globally or per layer. Ti
 broken by (layer, latent). Only latents active on at least one prompt are candidates, so
 fewer than ``k`` may come back. Stability: the mean Jaccard index between the top-``k`` of the
 full data and the top-``k`` of ``B`` bootstrap resamples of prompts (seeded).
+
+Selections (lists of ``(layer, latent)`` pairs) are plain data: :func:`load_selection` reads
+one from a feature table, a hand-written list or an attribution result.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .attribution import GRADIENT_METHODS, AttributionResult
 from .errors import IPGError
+from .steering import Selection, as_selection
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +60,17 @@ def per_prompt(result: AttributionResult, normalize: str = "none") -> dict[int, 
         return None
     if normalize == "none" or not result.is_gradient_method:
         return {layer: v.double() for layer, v in values.items()}
-    t = result.tensors
     n_traj = len(result.traj_ids)
-    rows = {}  # layer -> (trajectory of each non-zero, latent, value): never a dense [M, d_sae]
-    for layer in result.layers:
-        indptr = t[f"L{layer}.traj.indptr"]
-        owner = torch.repeat_interleave(torch.arange(n_traj), indptr.diff())
-        rows[layer] = (owner, t[f"L{layer}.traj.indices"], t[f"L{layer}.traj.values"].double())
+    rows = {layer: result.trajectory_entries(layer) for layer in result.layers}  # never a dense [M, d_sae]
+    rows = {layer: (owner, latent, values.double()) for layer, (owner, latent, values) in rows.items()}
     if normalize == "length":
-        norm = t["traj.n_generated"].double()
+        norm = result.traj("n_generated").double()
     else:  # L1 over every spliced layer of the trajectory
         norm = torch.zeros(n_traj, dtype=torch.float64)
         for owner, _, values in rows.values():
             norm.index_add_(0, owner, values.abs())
     scale = torch.where(norm > 0, 1.0 / norm.clamp(min=1e-300), torch.zeros_like(norm))
-    prompt = t["traj.prompt"]
+    prompt = result.traj("prompt")
     counts = torch.bincount(prompt, minlength=result.n_prompts).double().clamp(min=1)
     out = {}
     for layer, (owner, latent, values) in rows.items():
@@ -108,7 +110,7 @@ def latent_stats(result: AttributionResult, normalize: str = "none",
     out = {}
     for layer in result.layers:
         v = None if values is None else values[layer]
-        active = result.tensors[f"L{layer}.active"]
+        active = result.layer(layer, "active")
         if sel is not None:
             v = None if v is None else v[sel]
             active = active[sel]
@@ -120,12 +122,12 @@ def latent_stats(result: AttributionResult, normalize: str = "none",
 
 def _natural_score(result: AttributionResult, layer: int, stats: dict, sel) -> torch.Tensor:
     if sel is None:
-        return result.tensors[f"L{layer}.score"].double()
+        return result.layer(layer, "score").double()
     if result.is_gradient_method:
         return stats["mean"]
     if result.method_name == "act":
-        n = result.tensors["prompt.n_scope"].double()[sel]
-        act = result.tensors[f"L{layer}.activation"].double()[sel]
+        n = result.prompt("n_scope").double()[sel]
+        act = result.layer(layer, "activation").double()[sel]
         return (act * n[:, None]).sum(0) / n.sum().clamp(min=1)
     raise IPGError(f"the {result.method_name} baseline has only a global score, which cannot be resampled by prompt; "
                    "bootstrap stability needs ipg, act, grad_x_act or ig_likelihood")
@@ -169,9 +171,20 @@ def _rank(stats: dict[int, dict[str, torch.Tensor]], by: str, k: int, per_layer:
 
 def select(result: AttributionResult, k: int, by: str | None = None, per_layer: bool = False,
            normalize: str = "none", active_only: bool = True) -> list[tuple[int, int]]:
-    """The top-``k`` latents as ``(layer, latent)``, best first (``k`` per layer with ``per_layer``).
+    """The top-``k`` latents of an attribution result, best first.
 
-    ``by``: ``mean`` | ``t`` | ``mean_abs`` | ``score``; default: the method's natural score.
+    Args:
+        result: an :class:`~ipg_sae.attribution.AttributionResult` (IPG or a baseline).
+        k: how many latents (per layer with ``per_layer``).
+        by: ``mean`` | ``t`` | ``mean_abs`` | ``score``; default: ``mean`` for gradient methods,
+            the method's natural ``score`` for the activation baselines.
+        per_layer: ``k`` latents in each layer instead of ``k`` overall.
+        normalize: ``none`` | ``length`` | ``l1``: per-trajectory normalisation before aggregating.
+        active_only: only latents active on at least one prompt are candidates (fewer than ``k``
+            may come back).
+
+    Returns:
+        A list of ``(layer, latent)`` pairs, ties broken by (layer, latent).
     """
     by = by or default_rank_by(result)
     return _rank(latent_stats(result, normalize), by, k, per_layer, active_only)
@@ -191,7 +204,7 @@ def bootstrap_stability(result: AttributionResult, k: int, n_boot: int = 100, by
         stats = {}
         for layer in result.layers:
             v = None if values is None else values[layer][sel]
-            s = _stats(v, result.tensors[f"L{layer}.active"][sel])
+            s = _stats(v, result.layer(layer, "active")[sel])
             s["score"] = _natural_score(result, layer, s, sel)
             stats[layer] = s
         top = set(_rank(stats, by, k, per_layer, True))
@@ -274,11 +287,107 @@ def write_feature_table(path: str | Path, rows: list[dict]) -> Path:
 
 
 def read_feature_table(path: str | Path) -> list[dict]:
+    """The rows of a feature table CSV (``path`` may be a run directory holding ``features.csv``)."""
     path = Path(path)
     if path.is_dir():
         path = path / "features.csv"
+    if not path.is_file():
+        raise IPGError(f"feature table {path} not found; run `ipg-sae attribute` first or fix the path")
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    if not rows or not {"layer", "latent"} <= set(rows[0]):
+        raise IPGError(f"{path} is not a feature table: it needs columns `layer` and `latent` (and `rank`)")
+    return rows
+
+
+# ---- selections from files and results ----------------------------------------------------
+
+
+def load_selection(source: Any, k: int | None = None) -> Selection:
+    """The first ``k`` latents of ``source`` as ``(layer, latent)`` pairs, best first.
+
+    Args:
+        source: a list of pairs; a feature table CSV (columns ``layer``, ``latent``, and ``rank``
+            when present, lower is better); a hand-written list file (``.json``/``.yaml``/
+            ``.txt``, pairs or ``layer:latent`` lines); a directory holding ``features.csv`` or a
+            saved attribution result; or an attribution/baseline result object (its top-``k``
+            by :func:`select`).
+        k: how many latents (None: all of them; required for a result object).
+
+    Returns:
+        The selection, a list of ``(layer, latent)`` pairs.
+    """
+    if k is not None and k < 1:
+        raise IPGError(f"set size k is {k}; it must be at least 1 (or null for the whole selection)")
+    if isinstance(source, (str, Path)):
+        pairs = _load_selection_path(Path(source).expanduser(), k)
+    elif isinstance(source, (list, tuple)):
+        pairs = as_selection(source)
+    else:
+        pairs = _select_from_result(source, k)
+    if not pairs:
+        raise IPGError(f"the selection from {_describe(source)} is empty; select at least one latent")
+    if k is not None and len(pairs) < k:
+        raise IPGError(f"the selection from {_describe(source)} has {len(pairs)} latents but k={k} were asked for; "
+                       "lower k or select more latents")
+    return pairs[:k] if k is not None else pairs
+
+
+def _select_from_result(result: Any, k: int | None) -> Selection:
+    if k is None:
+        raise IPGError(f"a set is selected from {type(result).__name__} by its top-k latents; give k (the set size)")
+    return as_selection(select(result, k), where=f"the top-{k} latents of {type(result).__name__}")
+
+
+def _describe(source: Any) -> str:
+    return str(source) if isinstance(source, (str, Path)) else type(source).__name__
+
+
+def _load_selection_path(path: Path, k: int | None) -> Selection:
+    if path.is_dir():
+        if (path / "features.csv").is_file():
+            return _ranked(path / "features.csv")
+        try:
+            result = AttributionResult.load(path)
+        except IPGError:
+            raise
+        except Exception as e:
+            raise IPGError(f"{path} holds neither features.csv nor a loadable attribution result "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); point at a feature "
+                           "table or an attribution run directory") from None
+        return _select_from_result(result, k)
+    if not path.is_file():
+        raise IPGError(f"selection file {path} not found; give a features.csv, a .json/.yaml/.txt list of "
+                       "(layer, latent) pairs, or a run directory")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _ranked(path)
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise IPGError(f"{path}: not valid JSON ({e.msg}); fix the file") from None
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = [line.split("#")[0].strip() for line in text.splitlines()]
+        data = [line for line in data if line]
+    if isinstance(data, dict):  # {"selection": [...]} or {"latents": [...]}
+        data = data.get("selection", data.get("latents", data.get("features")))
+    if not isinstance(data, list):
+        raise IPGError(f"{path} does not hold a list of (layer, latent) pairs; write e.g. [[12, 345], [12, 7]]")
+    return as_selection(data, where=str(path))
+
+
+def _ranked(path: Path) -> Selection:
+    """A feature table's latents in rank order (file order where ranks tie or are missing)."""
+    rows = read_feature_table(path)
+    if "rank" in rows[0] and all(r["rank"] not in ("", None) for r in rows):
+        rows.sort(key=lambda r: float(r["rank"]))  # stable: ties keep file order
+    return as_selection(rows, where=str(path))
 
 
 # ---- W&B --------------------------------------------------------------------------------
@@ -296,8 +405,8 @@ def log_to_wandb(run, table_rows: list[dict], result: AttributionResult, prefix:
     data = [[row.get(c) for c in columns] for row in table_rows]
     hists = {}
     for layer in result.layers:
-        score = result.tensors[f"L{layer}.score"]
-        active = result.tensors[f"L{layer}.active"].any(0)
+        score = result.layer(layer, "score")
+        active = result.layer(layer, "active").any(0)
         vals = score[active & torch.isfinite(score)].numpy()
         if vals.size:
             hists[f"{prefix}/score_hist/L{layer}"] = vals
@@ -321,5 +430,6 @@ def log_to_wandb(run, table_rows: list[dict], result: AttributionResult, prefix:
 
 
 __all__ = ["STAT_NAMES", "TABLE_COLUMNS", "per_prompt", "latent_stats", "select", "bootstrap_stability",
-           "feature_table", "write_feature_table", "read_feature_table", "log_to_wandb", "default_rank_by",
+           "feature_table", "write_feature_table", "read_feature_table", "load_selection", "log_to_wandb",
+           "default_rank_by",
            "GRADIENT_METHODS"]

@@ -4,7 +4,7 @@ Three interventions on the residual ``x_t`` after decoder block ``l`` (SAE at ``
 ``f_t = enc(x_t)``, decoder rows ``W_dec[i]``), applied at every position in scope, in the
 prefill and at every decoding step under ``generate``; the SAE error term is never touched:
 
-* ``scale`` (the IPG control of ``../shared/ipg-method.md`` §5, the splice with ``c_i = gamma``
+* ``scale`` (the IPG control of ``docs/ipg-method.md`` §5, the splice with ``c_i = gamma``
   on the set ``P`` and 1 elsewhere): ``x_t' = x_t + (gamma - 1) * sum_{i in P} f_{t,i} W_dec[i]``.
   ``gamma = 1`` is the clean model exactly, ``gamma = 0`` ablates the latents.
 * ``clamp`` (fix a latent's activation): ``x_t' = x_t + (value - f_{t,i}) W_dec[i]``.
@@ -32,20 +32,18 @@ TopK latents depend on all pre-activations (the top-k choice), so TopK SAEs are 
 full. The residual update touches only the selected rows of ``W_dec``.
 
 Selections (:data:`Selection`, a list of ``(layer, latent)`` pairs) are plain data, not tied
-to a task or a model: :func:`load_selection` reads them from a feature table, a hand-written
-list or an attribution result, and :func:`check_selection` checks one against a model and
-its SAEs before any compute (the transfer case: a set found on model A applied to model B).
+to a task or a model: :func:`ipg_sae.selection.load_selection` reads them from a feature
+table, a hand-written list or an attribution result, and :func:`check_selection` checks one
+against a model and its SAEs before any compute (the transfer case: a set found on model A
+applied to model B).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
@@ -272,10 +270,18 @@ def steer(model: nn.Module, saes, interventions: Sequence[Intervention], scope: 
           exclude_first: bool = True) -> Iterator[None]:
     """Apply ``interventions`` to every forward call of ``model`` inside the block (prefill and decoding).
 
-    ``saes`` maps layer -> SAE (or a list of SAEs that know their layer); only layers with
-    interventions get hooks. ``scope`` is ``"all"``, ``"generated"`` or an explicit
-    :class:`PositionScope` (e.g. a teacher-forced ``mask``). Hooks are removed on exit, also
-    when the body raises.
+    Args:
+        model: the causal LM to steer (its decoder blocks get forward hooks).
+        saes: ``{layer: SAE}`` (or a list of SAEs that know their layer); only layers with
+            interventions get hooks.
+        interventions: from :func:`scale`, :func:`clamp` or :func:`add` (checked against the
+            model and SAEs before anything is installed).
+        scope: ``"all"``, ``"generated"`` or an explicit :class:`~ipg_sae.saes.PositionScope`
+            (e.g. a teacher-forced ``mask``).
+        exclude_first: leave each row's first real token alone (its residual is an outlier).
+
+    Returns:
+        A context manager; hooks are removed on exit, also when the body raises.
     """
     interventions = list(interventions)
     saes = as_layer_dict(saes)
@@ -338,92 +344,3 @@ def as_selection(pairs: Iterable, where: str = "selection") -> Selection:
     if len(set(out)) != len(out):
         raise IPGError(f"{where} lists a (layer, latent) pair twice; remove the duplicate")
     return out
-
-
-def load_selection(source: Any, k: int | None = None) -> Selection:
-    """The first ``k`` (all when None) latents of ``source``, as ``(layer, latent)`` pairs.
-
-    ``source`` may be a list of pairs; a feature table CSV (columns ``layer``, ``latent``, and
-    ``rank`` when present, lower is better); a hand-written list file (``.json``/``.yaml``/
-    ``.txt``, pairs or ``layer:latent`` lines); a directory holding ``features.csv`` or a saved
-    attribution result; or an attribution/baseline result object (selected with
-    :func:`ipg_sae.selection.select`).
-    """
-    if k is not None and k < 1:
-        raise IPGError(f"set size k is {k}; it must be at least 1 (or null for the whole selection)")
-    if isinstance(source, (str, Path)):
-        pairs = _load_selection_path(Path(source).expanduser(), k)
-    elif isinstance(source, (list, tuple)):
-        pairs = as_selection(source)
-    else:
-        pairs = _select_from_result(source, k)
-    if not pairs:
-        raise IPGError(f"the selection from {_describe(source)} is empty; select at least one latent")
-    if k is not None and len(pairs) < k:
-        raise IPGError(f"the selection from {_describe(source)} has {len(pairs)} latents but k={k} were asked for; "
-                       "lower k or select more latents")
-    return pairs[:k] if k is not None else pairs
-
-
-def _select_from_result(result: Any, k: int | None) -> Selection:
-    """The top-``k`` latents of an attribution or baseline result, by :func:`ipg_sae.selection.select`."""
-    if k is None:
-        raise IPGError(f"a set is selected from {type(result).__name__} by its top-k latents; give k (the set size)")
-    from .selection import select  # lazy: selection.py builds on attribution results
-
-    return as_selection(select(result, k), where=f"the top-{k} latents of {type(result).__name__}")
-
-
-def _describe(source: Any) -> str:
-    return str(source) if isinstance(source, (str, Path)) else type(source).__name__
-
-
-def _load_selection_path(path: Path, k: int | None) -> Selection:
-    if path.is_dir():
-        if (path / "features.csv").is_file():
-            return _read_feature_table(path / "features.csv")
-        from .attribution import AttributionResult  # lazy: another module's type
-
-        try:
-            result = AttributionResult.load(path)
-        except IPGError:
-            raise
-        except Exception as e:
-            raise IPGError(f"{path} holds neither features.csv nor a loadable attribution result "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); point at a feature "
-                           "table or an attribution run directory") from None
-        return _select_from_result(result, k)
-    if not path.is_file():
-        raise IPGError(f"selection file {path} not found; give a features.csv, a .json/.yaml/.txt list of "
-                       "(layer, latent) pairs, or a run directory")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _read_feature_table(path)
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise IPGError(f"{path}: not valid JSON ({e.msg}); fix the file") from None
-    elif suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = [line.split("#")[0].strip() for line in text.splitlines()]
-        data = [line for line in data if line]
-    if isinstance(data, dict):  # {"selection": [...]} or {"latents": [...]}
-        data = data.get("selection", data.get("latents", data.get("features")))
-    if not isinstance(data, list):
-        raise IPGError(f"{path} does not hold a list of (layer, latent) pairs; write e.g. [[12, 345], [12, 7]]")
-    return as_selection(data, where=str(path))
-
-
-def _read_feature_table(path: Path) -> Selection:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"layer", "latent"} <= set(rows[0]):
-        raise IPGError(f"{path} is not a feature table: it needs columns `layer` and `latent` (and `rank`)")
-    if "rank" in rows[0] and all(r["rank"] not in ("", None) for r in rows):
-        rows.sort(key=lambda r: float(r["rank"]))  # stable: ties keep file order
-    return as_selection(rows, where=str(path))

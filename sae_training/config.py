@@ -13,13 +13,11 @@ is the step count, which is what makes resuming exact.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
+from ipg_sae.config import JobConfig
 from ipg_sae.errors import IPGError
-from ipg_sae.models import ModelConfig
 from ipg_sae.tasks import TaskConfig
-from ipg_sae.tracking import WandbConfig
 
 Architecture = Literal["topk", "batchtopk", "standard", "jumprelu"]
 
@@ -41,10 +39,8 @@ class DataConfig:
 
 
 @dataclass
-class TrainSAEConfig:
+class TrainSAEConfig(JobConfig):
     name: str = "sae"
-    runs_dir: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
     layers: list[int] = field(default_factory=lambda: [15])
 
     # SAE
@@ -89,17 +85,13 @@ class TrainSAEConfig:
     seed: int = 0
     device: str | None = None  # SAE device; None = the model's device
     threads: int | None = None  # CPU threads for torch (None = torch's default; 1 helps on a busy shared machine)
-    wandb: WandbConfig = field(default_factory=lambda: WandbConfig(project="ipg-sae"))
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
 
     @property
     def total_steps(self) -> int:
         return self.training_tokens // self.batch_size_tokens
 
     def validate(self) -> None:
+        super().validate()
         if not self.layers:
             raise IPGError("`layers` is empty; list the residual layers to train SAEs on, e.g. layers: [15]")
         if len(set(self.layers)) != len(self.layers):
@@ -135,5 +127,3 @@ class TrainSAEConfig:
             raise IPGError("data.source 'trajectories' needs data.path: the trajectories.jsonl written by `ipg-sae sample`")
         if data.max_documents < 0:
             raise IPGError(f"data.max_documents is {data.max_documents}; use 0 for no limit")
-        if self.name in ("", ".", "..") or "/" in self.name:
-            raise IPGError(f"`name` {self.name!r} must be a plain directory name (it becomes runs/<name>/)")

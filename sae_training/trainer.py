@@ -47,7 +47,21 @@ _RESUME_FREE = {"name", "runs_dir", "lm_batch_size", "cache_activations", "cache
 
 
 def train(cfg: TrainSAEConfig) -> dict:
-    """Train (or resume) the run ``cfg`` describes; returns a summary with the final metrics."""
+    """Train (or resume) one SAE per layer of ``cfg.layers`` on the model's residual stream.
+
+    A rerun of the same config resumes from the last checkpoint under ``runs/<name>/checkpoints``
+    and ends at the same step as an uninterrupted run. Under ``torchrun`` the SAE is trained
+    data-parallel (every rank runs the LM on its own shard of the data).
+
+    Args:
+        cfg: the run (model, layers, architecture, data, token budget, checkpoints, W&B).
+
+    Returns:
+        A summary dict: ``finished``, ``step``, ``total_steps``, ``run_dir``, ``sae_dirs``
+        (layer -> the saved sae-lens directory), ``layers`` (layer -> evaluation metrics:
+        explained variance, L0, dead fraction, CE loss recovered, ...) and ``throughput``.
+        Empty on ranks other than 0.
+    """
     cfg.validate()
     owns_group = not torch.distributed.is_initialized()
     threads = torch.get_num_threads()

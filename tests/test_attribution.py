@@ -324,16 +324,16 @@ def test_lower_layers_run_once_per_group(models):
 
 
 def test_gates_live_on_the_active_set_only(models, monkeypatch):
-    import ipg_sae.attribution as attribution
+    import ipg_sae.attribution.engine as engine
 
     shapes = []
-    original = attribution._FrozenSplice.__init__
+    original = engine._FrozenSplice.__init__
 
     def spy(self, w_dec, idx, val, s, *args):
         shapes.append((tuple(idx.shape), tuple(s.shape), s.requires_grad))
         original(self, w_dec, idx, val, s, *args)
 
-    monkeypatch.setattr(attribution._FrozenSplice, "__init__", spy)
+    monkeypatch.setattr(engine._FrozenSplice, "__init__", spy)
     model, _ = models("llama")
     attribute(model, topk_saes((1, 2), d_sae=96, k=8), make_trajs(n_prompts=1), n_steps=3, progress=False)
     leaves = [s for _, s, grad in shapes if grad]
@@ -536,7 +536,7 @@ def test_activation_baselines(models, tiny_tokenizer):
 
 
 def test_reason_words_windows_and_score(models, tiny_tokenizer):
-    from ipg_sae.baselines import ReasonWords, reason_score
+    from ipg_sae.attribution.baselines import ReasonWords, reason_score
 
     cfg = AttributionConfig(baseline="reason_words", reason_words=["wait", "let me", "so"])
     rw = ReasonWords(tiny_tokenizer, cfg, [1], {1: 4}, {})
@@ -643,7 +643,7 @@ def test_attribute_from_config_and_yaml(models, tmp_path):
 def test_fused_target_logprob_matches_autograd(softcap, bias):
     """The fused head (gradient computed in the forward) equals autograd through log-softmax,
     with and without a Gemma-style logit softcap, across chunk boundaries."""
-    from ipg_sae import attribution as A
+    from ipg_sae.attribution import engine as A
 
     g = torch.Generator().manual_seed(0)
     n, d, vocab = 7, 5, 11
@@ -668,3 +668,38 @@ def test_fused_target_logprob_matches_autograd(softcap, bias):
         A._head_chunk = orig
     torch.testing.assert_close(lp, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_config_is_valid_by_construction_and_names_come_from_the_types():
+    from typing import get_args
+
+    from ipg_sae.attribution import Advantage, Baseline, Method
+
+    for kind in get_args(Advantage):
+        AttributionConfig(advantage=kind)
+    with pytest.raises(IPGError, match="rloo, mean, grpo, none, correct"):  # every name, from the Literal
+        AttributionConfig(advantage="bogus")
+    with pytest.raises(IPGError, match=", ".join(get_args(Baseline))):
+        AttributionConfig(baseline="bogus")
+    with pytest.raises(IPGError, match=", ".join(get_args(Method))):
+        AttributionConfig(method="bogus")
+    with pytest.raises(IPGError, match="n_steps"):
+        AttributionConfig(n_steps=0)
+
+
+def test_normalized_selection_reads_a_real_result(models):
+    """``normalize`` needs each trajectory's prompt row, which the result stores (``traj.prompt``)."""
+    from ipg_sae.selection import per_prompt, select
+
+    model, _ = models("llama")
+    trajs = make_trajs(n_prompts=3)
+    result = attribute(model, topk_saes((1,)), trajs, n_steps=4, progress=False)
+    assert result.traj("prompt").tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    plain = per_prompt(result)[1]
+    # dividing each row by its length and re-averaging, by hand
+    lengths = result.traj("n_generated").double()
+    rows = result.per_trajectory(1).double() / lengths[:, None]
+    by_hand = torch.stack([rows[4 * p:4 * p + 4].mean(0) for p in range(3)])
+    assert torch.allclose(per_prompt(result, "length")[1], by_hand, atol=1e-7)
+    assert not torch.allclose(plain, by_hand)
+    assert len(select(result, 3, normalize="l1")) == 3

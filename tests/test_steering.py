@@ -7,7 +7,6 @@ padding, first token, decoding steps), at several layers at once, and leave no h
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import pytest
@@ -17,12 +16,12 @@ from ipg_sae.errors import IPGError
 from ipg_sae.models import block_hidden, decoder_layers, hidden_size, load_model
 from ipg_sae.saes import PositionScope, decoder_matrix, gates_for, splice
 from ipg_sae.sampling import SamplingConfig, sample
+from ipg_sae.selection import load_selection
 from ipg_sae.steering import (
     Intervention,
     add,
     check_selection,
     clamp,
-    load_selection,
     scale,
     steer,
     steering,
@@ -268,8 +267,8 @@ def test_load_selection_sources(tmp_path, monkeypatch):
         load_selection(["1:2:3"])
     with pytest.raises(IPGError, match="not found"):
         load_selection(tmp_path / "missing.csv")
-    # an attribution-like object goes through ipg_sae.selection.select, imported lazily
-    fake = types.ModuleType("ipg_sae.selection")
-    fake.select = lambda result, k=None, **kw: result.top[:k]
-    monkeypatch.setitem(sys.modules, "ipg_sae.selection", fake)
+    # an attribution-like object goes through ipg_sae.selection.select
+    import ipg_sae.selection
+
+    monkeypatch.setattr(ipg_sae.selection, "select", lambda result, k=None, **kw: result.top[:k])
     assert load_selection(types.SimpleNamespace(top=[(1, 1), (2, 2), (3, 3)]), k=2) == [(1, 1), (2, 2)]

@@ -1,7 +1,8 @@
 r"""Baselines IPG is judged against, run through the same interface and output format.
 
 Every method is selected with ``attribute(..., baseline=NAME)`` (config field
-``attribution.baseline``) and returns an :class:`~ipg_sae.attribution.AttributionResult` whose
+``attribution.baseline``; ``docs/ipg-method.md`` §6) and returns an
+:class:`~ipg_sae.attribution.AttributionResult` whose
 ``method_name`` says which method produced it and whose ``L{l}.score`` is the method's natural
 ranking score (what :func:`ipg_sae.selection.select` ranks by default).
 
@@ -39,8 +40,11 @@ import re
 import numpy as np
 import torch
 
-from .attribution import GRADIENT_METHODS, AttributionConfig, quadrature
-from .errors import IPGError
+from ..errors import IPGError
+from .config import GRADIENT_METHODS, AttributionConfig
+from .engine import CleanPass
+from .path import quadrature
+from .result import AttributionResult, reason_key
 
 
 def plan(cfg: AttributionConfig) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
@@ -57,25 +61,24 @@ def plan(cfg: AttributionConfig) -> tuple[np.ndarray | None, np.ndarray | None, 
     return None, None, None
 
 
-def final_scores(method_name: str, tensors: dict[str, torch.Tensor], layers: list[int],
-                 cfg: AttributionConfig) -> dict[int, torch.Tensor]:
-    """Each method's natural per-latent score ``[d_sae]`` (float64), from the merged tensors."""
+def final_scores(result: AttributionResult, cfg: AttributionConfig) -> dict[int, torch.Tensor]:
+    """Each method's natural per-latent score ``[d_sae]`` (float64), from a merged result without scores."""
     out = {}
+    method_name = result.method_name
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    n_scope = tensors["prompt.n_scope"].double()
-    for layer in layers:
+    n_scope = result.prompt("n_scope").double()
+    for layer in result.layers:
         if method_name in GRADIENT_METHODS:
-            out[layer] = tensors[f"L{layer}.attribution"].double().mean(0)
+            out[layer] = result.layer(layer, "attribution").double().mean(0)
         elif method_name == "act":
-            act = tensors[f"L{layer}.activation"].double()
+            act = result.layer(layer, "activation").double()
             out[layer] = (act * n_scope[:, None]).sum(0) / n_scope.sum().clamp(min=1)
         elif method_name == "random":
-            active = tensors[f"L{layer}.active"].any(0)
+            active = result.layer(layer, "active").any(0)
             draw = torch.rand(active.numel(), generator=gen, dtype=torch.float64)
             out[layer] = torch.where(active, draw, torch.zeros_like(draw))
         elif method_name == "reason_words":
-            out[layer] = reason_score({k.split(".rw.", 1)[1]: v for k, v in tensors.items()
-                                       if k.startswith(f"L{layer}.rw.")}, cfg.reason_alpha)
+            out[layer] = reason_score(result.reason_sums(layer), cfg.reason_alpha)
         else:
             raise IPGError(f"unknown method {method_name!r}")
     return out
@@ -118,7 +121,7 @@ class ReasonWords:
             d = d_sae[layer]
             for name, shape in (("pos_sum", (d,)), ("neg_sum", (d,)), ("word_sum", (W, d)),
                                 ("pos_n", ()), ("neg_n", ()), ("word_n", (W,))):
-                store.setdefault(f"L{layer}.rw.{name}", torch.zeros(shape, dtype=torch.float64))
+                store.setdefault(reason_key(layer, name), torch.zeros(shape, dtype=torch.float64))
 
     def piece(self, token_id: int) -> str:
         if token_id not in self._pieces:
@@ -138,8 +141,9 @@ class ReasonWords:
         return out
 
     @torch.no_grad()
-    def add(self, clean: dict, group) -> None:
-        ids, attn, scope = clean["ids"].cpu(), clean["attn"].cpu(), clean["scope"].cpu()
+    def add(self, clean: CleanPass, group) -> None:
+        b = clean.batch
+        ids, attn, scope = b.ids.cpu(), b.attn.cpu(), b.scope.cpu()
         G, T = ids.shape
         words = torch.zeros(len(self.words), G, T, dtype=torch.bool)
         for g in range(G):
@@ -149,16 +153,18 @@ class ReasonWords:
         pos = words.any(0)
         neg = scope & ~pos
         for layer in self.layers:
-            idx, val = clean["idx"][layer].cpu(), clean["val"][layer].cpu().double()
-            s = self.store
-            s[f"L{layer}.rw.pos_sum"] += _masked_sum(idx, val, pos, s[f"L{layer}.rw.pos_sum"].numel())
-            s[f"L{layer}.rw.neg_sum"] += _masked_sum(idx, val, neg, s[f"L{layer}.rw.neg_sum"].numel())
-            s[f"L{layer}.rw.pos_n"] += float(pos.sum())
-            s[f"L{layer}.rw.neg_n"] += float(neg.sum())
+            idx, val = clean.idx[layer].cpu(), clean.val[layer].cpu().double()
+            s = {name: self.store[reason_key(layer, name)] for name in ("pos_sum", "neg_sum", "word_sum", "pos_n",
+                                                                       "neg_n", "word_n")}
+            d = s["pos_sum"].numel()
+            s["pos_sum"] += _masked_sum(idx, val, pos, d)
+            s["neg_sum"] += _masked_sum(idx, val, neg, d)
+            s["pos_n"] += float(pos.sum())
+            s["neg_n"] += float(neg.sum())
             for w in range(len(self.words)):
                 if words[w].any():
-                    s[f"L{layer}.rw.word_sum"][w] += _masked_sum(idx, val, words[w], s[f"L{layer}.rw.pos_sum"].numel())
-                    s[f"L{layer}.rw.word_n"][w] += float(words[w].sum())
+                    s["word_sum"][w] += _masked_sum(idx, val, words[w], d)
+                    s["word_n"][w] += float(words[w].sum())
 
 
 def _masked_sum(idx: torch.Tensor, val: torch.Tensor, mask: torch.Tensor, d: int) -> torch.Tensor:

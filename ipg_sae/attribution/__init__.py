@@ -1,0 +1,32 @@
+r"""Integrated Policy Gradient (IPG) over SAE latents, and the baselines it is judged against.
+
+The specification is ``docs/ipg-method.md``. One module per concept, in the order data flows:
+
+* :mod:`~ipg_sae.attribution.path`: quadrature nodes and weights on [0, 1], advantages (the maths);
+* :mod:`~ipg_sae.attribution.config`: :class:`AttributionConfig` and the method names;
+* :mod:`~ipg_sae.attribution.engine`: :class:`IPGEngine`, the passes over one prompt's group;
+* :mod:`~ipg_sae.attribution.baselines`: ``act``, ``reason_words``, ``grad_x_act``, ``ig_likelihood``, ``random``;
+* :mod:`~ipg_sae.attribution.result`: :class:`AttributionResult`, its files and its tensor keys;
+* :mod:`~ipg_sae.attribution.accumulate`: checkpoints, resume and shard merging;
+* :mod:`~ipg_sae.attribution.run`: the driver, :func:`attribute` and :func:`run_attribution`.
+
+Typical use::
+
+    from ipg_sae.attribution import attribute
+    result = attribute(model, {15: sae}, trajectories, n_steps=16, tokenizer=tokenizer)
+    result.attributions[15]  # [prompts, d_sae]
+    result.delta             # per-trajectory relative completeness gap
+"""
+
+from .config import GRADIENT_METHODS, METHOD_NAMES, REASON_WORDS, AttributionConfig, Baseline
+from .engine import CleanPass, GroupAttribution, IPGEngine, NodeGrads
+from .path import ADVANTAGES, METHODS, Advantage, Method, advantages, quadrature
+from .result import RESULT_FILE, SIDECAR_FILE, AttributionResult
+from .run import IPGWarning, attribute, attribute_from_config, run_attribution
+
+__all__ = [
+    "ADVANTAGES", "METHODS", "METHOD_NAMES", "GRADIENT_METHODS", "REASON_WORDS", "RESULT_FILE", "SIDECAR_FILE",
+    "Advantage", "Baseline", "Method", "AttributionConfig", "AttributionResult", "CleanPass", "GroupAttribution",
+    "IPGEngine", "IPGWarning", "NodeGrads", "advantages", "attribute", "attribute_from_config", "quadrature",
+    "run_attribution",
+]

@@ -1,0 +1,541 @@
+r"""The IPG engine: the passes that attribute one prompt's group of trajectories (``docs/ipg-method.md`` §2-3).
+
+The maths:
+
+* Splice SAEs at layers ``L``. Run each trajectory once unmodified and record each spliced
+  layer's clean latents ``f_t`` (active set ``[tokens, k]``). Along the path, every position
+  ``t`` in scope gets ``x_t' = x_t + ((c - 1) * f_t) @ W_dec`` with ``f_t`` held at its clean
+  value: at ``c = 1`` the model is unchanged, gradients reach the gates through ``W_dec`` and
+  lower layers through ``x_t``, so several layers share one joint path.
+* ``F(c) = sum_g A_g log pi(tau_g | x; c)`` over the ``G`` samples of a prompt, with ``log pi``
+  summed over the generated tokens only and advantages ``A_g``.
+* ``IPG_i(x) = (1/G) sum_k w_k dF/dc_i |_{c = alpha_k 1}`` with nodes ``alpha_k`` and weights
+  ``w_k`` on [0, 1] (:mod:`ipg_sae.attribution.path`).
+* Completeness: per trajectory, ``sum_i IPG_i(tau) = A (log pi(tau; 1) - log pi(tau; 0))`` up to
+  quadrature error. With ``error_node`` the SAE error ``eps = x - dec(f)`` is gated as one more
+  component and completeness covers it too.
+
+How it is computed (and why it is fast):
+
+* ``dF/dc_i = sum_t f_{t,i} (g_t . W_dec[i])`` is obtained in one backward per node as the
+  gradient of a leaf ``s [rows, tokens, k]`` holding the gate values *at the active entries*,
+  with the residual update done by ``embedding_bag`` over the active rows of ``W_dec``: no
+  dense ``[tokens, d_sae]`` gradient exists anywhere.
+* The layers up to the lowest spliced layer run once per trajectory (:meth:`IPGEngine.clean_pass`);
+  node passes replay the cached residual there and run only the layers above, with the nodes
+  stacked along the batch dimension (``internal_batch_size`` rows per chunk, whole groups).
+* ``log pi`` at the scored positions goes through a fused target log-prob head that computes
+  its input gradient in the forward (:class:`_TargetLogProb`), in chunks of positions, so
+  ``[tokens, vocab]`` logits never exist at once.
+* Groups whose advantages are all zero contribute exactly zero and skip every node pass.
+
+State. A pass gets everything it needs as arguments (a :class:`CleanPass`, the rows, the
+node values) and returns what it computed (:class:`NodeGrads`); modules it installs in the
+model for the duration of a pass are built for that pass and removed after it.
+
+Assumptions: the model's logits are ``lm_head(final hidden)`` (optionally soft-capped, as in
+Gemma); decoder blocks are called in order by the base model. Both hold for Llama, Qwen2,
+Mistral, Gemma and GPT-2 layouts in transformers 5.
+
+Precision note: Llama/Qwen2 RMSNorm computes in float32 even in a float64 model, so their
+completeness gap bottoms out near 1e-6 relative (1e-8 absolute); GPT-2 (LayerNorm in float64)
+reaches 1e-12.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import IPGError
+from ..models import block_hidden, decoder_layers, replace_block_hidden
+from ..saes import as_layer_dict, decoder_matrix, encode_active, prepare_sae
+from ..trajectories import Trajectory
+from .config import AttributionConfig
+from .path import Advantage, advantages
+
+
+@dataclass
+class Batch:
+    """One group of trajectories as right-padded tensors ``[G, T]`` on the model's device."""
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    targets: torch.Tensor  # the next token at each position
+    score_mask: torch.Tensor  # positions whose *next* token is generated (scored by log pi)
+    prompt_lens: torch.Tensor  # [G]
+    scope: torch.Tensor  # positions that get gates
+
+
+@dataclass
+class CleanPass:
+    """What the unmodified (``c = 1``) pass of a group records; read by the node passes and the baselines."""
+
+    batch: Batch
+    x_min: torch.Tensor  # residual after the lowest spliced block [G, T, d]: the node passes start here
+    tuple_blocks: bool  # whether the model's decoder blocks return tuples
+    logp: torch.Tensor  # [G] log pi(tau; c = 1)
+    idx: dict[int, torch.Tensor]  # layer -> active latents [G, T, K]
+    val: dict[int, torch.Tensor]  # layer -> their activations [G, T, K] (zero out of scope)
+    recon: dict[int, torch.Tensor]  # layer -> dec(f) [G, T, d] (only with error_node)
+    active: dict[int, torch.Tensor]  # layer -> [d_sae] bool: active anywhere in scope
+    act_mean: dict[int, torch.Tensor]  # layer -> [d_sae] mean activation over in-scope positions
+    contexts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # layer -> (value, row, pos) [d_sae, m]
+
+
+@dataclass
+class NodeGrads:
+    """What one node pass computed, per node (dim 0) and per row of the pass (dim 1)."""
+
+    rows: list[int]  # the group's trajectories in this pass
+    latent: dict[int, torch.Tensor]  # layer -> dF/ds at the active entries [nodes, rows, T, K] (float64)
+    error: dict[int, torch.Tensor]  # layer -> dF/de of the error node [nodes, rows] (error_node only)
+    logp: torch.Tensor  # [nodes, rows] log pi(tau; c = alpha)
+
+
+@dataclass
+class GroupAttribution:
+    """What one prompt's group of trajectories contributes."""
+
+    per_traj: dict[int, torch.Tensor]  # layer -> [G, d_sae] (float64), sum over nodes, includes A_g
+    error: dict[int, torch.Tensor]  # layer -> [G]
+    logp1: torch.Tensor  # [G]
+    logp0: torch.Tensor  # [G]
+    advantage: torch.Tensor  # [G]
+    n_tokens: int
+    active: dict[int, torch.Tensor]  # layer -> [d_sae] bool: active anywhere in scope
+    activation_sum: dict[int, torch.Tensor]  # layer -> [d_sae] sum of activations over scope positions / #positions
+    contexts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # layer -> (value, traj_in_group, pos) [d_sae, m]
+    token_maps: dict[str, dict] = field(default_factory=dict)
+    skipped: bool = False
+    n_scope: int = 0  # positions in scope (gated), over the whole group
+
+
+class IPGEngine:
+    """Attributes groups of trajectories of one model through SAEs at one or more layers."""
+
+    def __init__(self, model: nn.Module, saes, cfg: AttributionConfig | None = None, pad_id: int = 0):
+        self.model = model
+        self.cfg = cfg or AttributionConfig()
+        self.saes = {layer: prepare_sae(sae, model, layer) for layer, sae in as_layer_dict(saes).items()}
+        if not self.saes:
+            raise IPGError("no SAE given: attribution needs at least one SAE layer")
+        self.layers = sorted(self.saes)
+        self.l_min = self.layers[0]
+        self.w_dec = {layer: decoder_matrix(sae).detach() for layer, sae in self.saes.items()}
+        self.pad_id = pad_id
+        self.blocks = decoder_layers(model)
+        self.base = model.base_model
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.max_positions = _max_positions(model)
+        self.param = next(model.parameters())
+
+    # -- one group -----------------------------------------------------------------------
+
+    def attribute_group(self, group: list[Trajectory], nodes: np.ndarray, weights: np.ndarray,
+                        advantage: Advantage | None = None, keep_maps: set[str] = frozenset()) -> GroupAttribution:
+        """IPG of one prompt's trajectories with the quadrature ``(nodes, weights)``.
+
+        ``advantage`` overrides the config's kind (the likelihood baselines use ``correct``);
+        ``keep_maps`` lists trajectory ids whose per-token attributions are kept.
+        """
+        cfg = self.cfg
+        rewards = torch.tensor([t.reward for t in group], dtype=torch.float64)
+        adv = advantages(rewards, advantage or cfg.advantage)
+        result, clean = self.observe_group(group, adv)
+        if torch.all(adv == 0):
+            return result  # F is identically zero: every gradient is zero (result.skipped is set)
+        result.skipped = False
+        rows = [g for g in range(len(group)) if adv[g] != 0 or cfg.importance != "none"]
+        maps = {g: {layer: torch.zeros_like(clean.val[layer][g], dtype=torch.float64) for layer in self.layers}
+                for g in range(len(group)) if group[g].id in keep_maps}
+        result.logp0 = self.logp_at(clean, 0.0).double().cpu()
+        for chunk in self.node_chunks(len(nodes), len(rows)):
+            grads = self.node_pass(clean, [float(nodes[k]) for k in chunk], rows, adv)
+            self._add_weighted(result, maps, clean, grads, [weights[k] for k in chunk])
+        for g, per_layer in maps.items():
+            result.token_maps[group[g].id] = {
+                "tokens": clean.batch.ids[g][clean.batch.attn[g].bool()].tolist(),
+                **{f"L{layer}.latents": clean.idx[layer][g].cpu() for layer in self.layers},
+                **{f"L{layer}.attribution": per_layer[layer] for layer in self.layers},
+            }
+        return result
+
+    def observe_group(self, group: list[Trajectory], adv: torch.Tensor | None = None) -> tuple[GroupAttribution, CleanPass]:
+        """The clean pass only: a zero attribution (marked ``skipped``) and the clean record."""
+        clean = self.clean_pass(self.batch(group))
+        G = len(group)
+        adv = torch.zeros(G, dtype=torch.float64) if adv is None else adv
+        result = GroupAttribution(
+            per_traj={layer: torch.zeros(G, sae.cfg.d_sae, dtype=torch.float64) for layer, sae in self.saes.items()},
+            error={layer: torch.zeros(G, dtype=torch.float64) for layer in self.layers},
+            logp1=clean.logp.double().cpu(), logp0=clean.logp.double().cpu(), advantage=adv,
+            n_tokens=int(clean.batch.attn.sum()), active=clean.active, activation_sum=clean.act_mean,
+            contexts=clean.contexts, n_scope=int(clean.batch.scope.sum()), skipped=True,
+        )
+        return result, clean
+
+    def _add_weighted(self, result: GroupAttribution, maps: dict, clean: CleanPass, grads: NodeGrads,
+                      weights: list[float]) -> None:
+        """Add ``sum_k w_k * grad_k`` of a node pass to each trajectory's row (and token map)."""
+        rows = grads.rows
+        sel = torch.tensor(rows, device=self.param.device)
+        w = torch.tensor(weights, dtype=torch.float64)
+        for layer in self.layers:
+            grad = grads.latent[layer]
+            idx = clean.idx[layer][sel]
+            per_row = (grad * w.to(grad.device)[:, None, None, None]).sum(0)  # [rows, T, K]
+            for j, g in enumerate(rows):
+                result.per_traj[layer][g].index_add_(0, idx[j].flatten().cpu(), per_row[j].flatten().cpu())
+                if g in maps:
+                    maps[g][layer] += per_row[j].cpu()
+            if self.cfg.error_node:
+                eg = grads.error[layer]
+                result.error[layer][rows] += (eg * w.to(eg.device)[:, None]).sum(0).cpu()
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def batch(self, group: list[Trajectory]) -> Batch:
+        seqs = [t.prompt_ids + t.completion_ids for t in group]
+        T = max(len(s) for s in seqs)
+        if self.max_positions and T > self.max_positions:
+            long = max(group, key=lambda t: t.n_tokens)
+            raise IPGError(f"trajectory {long.id} has {long.n_tokens} tokens but the model's context is "
+                           f"{self.max_positions}; sample with a smaller max_new_tokens")
+        device = self.param.device
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        attn = torch.zeros(len(seqs), T, dtype=torch.long)
+        score = torch.zeros(len(seqs), T, dtype=torch.bool)
+        for i, (t, s) in enumerate(zip(group, seqs)):
+            ids[i, :len(s)] = torch.tensor(s)
+            attn[i, :len(s)] = 1
+            score[i, len(t.prompt_ids) - 1:len(s) - 1] = True
+        targets = torch.roll(ids, -1, dims=1)
+        prompt_lens = torch.tensor([len(t.prompt_ids) for t in group])
+        ids, attn, prompt_lens = ids.to(device), attn.to(device), prompt_lens.to(device)
+        return Batch(ids=ids, attn=attn, targets=targets.to(device), score_mask=score.to(device),
+                     prompt_lens=prompt_lens, scope=self._scope_mask(attn, prompt_lens))
+
+    def _scope_mask(self, attn: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(attn.shape[1], device=attn.device)[None, :]
+        keep = attn.bool()
+        if self.cfg.exclude_first:
+            keep &= pos != 0  # right padding: every row starts at position 0
+        if self.cfg.scope == "generated":
+            keep &= pos >= prompt_lens[:, None]
+        return keep
+
+    def node_chunks(self, n_nodes: int, n_rows: int) -> list[list[int]]:
+        """Node indices per pass: all nodes in one pass, or ``internal_batch_size`` rows at most."""
+        ibs = self.cfg.internal_batch_size
+        per_chunk = n_nodes if ibs is None else max(1, ibs // max(1, n_rows))
+        return [list(range(i, min(i + per_chunk, n_nodes))) for i in range(0, n_nodes, per_chunk)]
+
+    # -- passes --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def clean_pass(self, batch: Batch) -> CleanPass:
+        """Run the model unmodified; record the residual below the path and each layer's active set."""
+        residuals: dict[int, torch.Tensor] = {}
+        tuple_out: dict[int, bool] = {}
+
+        def make_hook(layer):
+            def hook(_m, _i, out):
+                residuals[layer] = block_hidden(out)
+                tuple_out[layer] = isinstance(out, tuple)
+            return hook
+
+        handles = [self.blocks[layer].register_forward_hook(make_hook(layer)) for layer in self.layers]
+        try:
+            hidden = self.base(input_ids=batch.ids, attention_mask=batch.attn, use_cache=False).last_hidden_state
+        finally:
+            for h in handles:
+                h.remove()
+        clean = CleanPass(batch=batch, x_min=residuals[self.l_min], tuple_blocks=tuple_out[self.l_min],
+                          logp=self._seq_logprobs(hidden, batch.targets, batch.score_mask),
+                          idx={}, val={}, recon={}, active={}, act_mean={}, contexts={})
+        scope = batch.scope
+        n_scope = scope.sum().clamp(min=1)
+        for layer, sae in self.saes.items():
+            x = residuals[layer]
+            idx, val = encode_active(sae, x)
+            val = val * scope[..., None].to(val.dtype)  # out-of-scope positions get no gates
+            clean.idx[layer], clean.val[layer] = idx, val
+            if self.cfg.error_node:
+                recon = F.embedding_bag(idx.flatten(0, 1), self.w_dec[layer], per_sample_weights=val.flatten(0, 1),
+                                        mode="sum").view_as(x) + sae.b_dec
+                clean.recon[layer] = recon  # dec(f) with the clean latents: constant on the path
+            flat_idx, flat_val = idx.flatten(), val.flatten().float()
+            d = sae.cfg.d_sae
+            clean.active[layer] = torch.zeros(d, dtype=torch.bool, device=x.device).index_fill_(
+                0, flat_idx[flat_val > 0], True).cpu()
+            clean.act_mean[layer] = (torch.zeros(d, device=x.device).index_add_(0, flat_idx, flat_val)
+                                     / n_scope).double().cpu()
+            clean.contexts[layer] = _top_contexts(idx, val, d, self.cfg.n_contexts)
+        return clean
+
+    @torch.no_grad()
+    def logp_at(self, clean: CleanPass, alpha: float) -> torch.Tensor:
+        """``log pi(tau; c = alpha * 1)`` of every trajectory of the group (no gradients)."""
+        b = clean.batch
+        rows = list(range(b.ids.shape[0]))
+        with self._path_pass(clean, rows, [alpha], requires_grad=False):
+            hidden = self.base(input_ids=b.ids, attention_mask=b.attn, use_cache=False).last_hidden_state
+            return self._seq_logprobs(hidden, b.targets, b.score_mask)
+
+    def node_pass(self, clean: CleanPass, alphas: list[float], rows: list[int], adv: torch.Tensor) -> NodeGrads:
+        """One forward + backward with the nodes ``alphas`` stacked on the batch dimension (node-major)."""
+        b = clean.batch
+        n_rep = len(alphas)
+        sel = torch.tensor(rows, device=b.ids.device)
+        rep = lambda t: t[sel].repeat(n_rep, *([1] * (t.dim() - 1)))  # noqa: E731  node-major stacking
+        with self._path_pass(clean, rows, alphas, requires_grad=True) as leaves:
+            hidden = self.base(input_ids=rep(b.ids), attention_mask=rep(b.attn), use_cache=False).last_hidden_state
+            logp = self._seq_logprobs(hidden, rep(b.targets), rep(b.score_mask)).view(n_rep, len(rows))
+            coef = adv[rows].to(logp.device, torch.float64)[None, :].expand(n_rep, -1)
+            if self.cfg.importance == "self_normalized":
+                coef = coef * self._importance(logp.detach().double(), clean.logp[sel].double())
+            objective = (coef.to(logp.dtype) * logp).sum()
+            objective.backward()
+        latent = {layer: leaves[layer].grad.double().view(n_rep, len(rows), *leaves[layer].shape[1:])
+                  for layer in self.layers}
+        error = ({layer: leaves[f"err{layer}"].grad.double().view(n_rep, len(rows)) for layer in self.layers}
+                 if self.cfg.error_node else {})
+        return NodeGrads(rows=list(rows), latent=latent, error=error, logp=logp.detach())
+
+    def _importance(self, logp_k: torch.Tensor, logp_1: torch.Tensor) -> torch.Tensor:
+        """Self-normalized weights exp(logp_k - logp_1) per group, mean 1, clipped."""
+        log_r = logp_k - logp_1[None, :]
+        r = torch.softmax(log_r, dim=1) * log_r.shape[1]
+        return r.clamp(max=self.cfg.importance_clip)
+
+    @contextlib.contextmanager
+    def _path_pass(self, clean: CleanPass, rows: list[int], alphas: list[float], requires_grad: bool) -> Iterator[dict]:
+        """For one pass: the blocks below the path skipped, the cached residual replayed at ``l_min``,
+        the frozen-latent splice at every layer with gate leaves at ``alphas`` (node-major), the
+        blocks above checkpointed when configured. Yields the gate leaves; restores the model after."""
+        device = self.param.device
+        sel = torch.tensor(rows, device=device)
+        n_rep = len(alphas)
+        alpha_rows = torch.tensor(alphas, device=device, dtype=self.param.dtype).repeat_interleave(len(rows))
+        leaves: dict = {}
+        splices: dict[int, _FrozenSplice] = {}
+        for layer in self.layers:
+            idx = clean.idx[layer][sel].repeat(n_rep, 1, 1)
+            val = clean.val[layer][sel].repeat(n_rep, 1, 1).to(self.param.dtype)
+            s = alpha_rows[:, None, None].expand_as(val).clone().requires_grad_(requires_grad)
+            leaves[layer] = s
+            err = recon = scope = None
+            if self.cfg.error_node:
+                err = alpha_rows.clone().requires_grad_(requires_grad)
+                leaves[f"err{layer}"] = err
+                recon = clean.recon[layer][sel].repeat(n_rep, 1, 1)
+                scope = clean.batch.scope[sel].repeat(n_rep, 1)[..., None]
+            splices[layer] = _FrozenSplice(self.w_dec[layer], idx, val, s, err, recon, scope)
+        originals = {i: self.blocks[i] for i in range(self.l_min + 1)}
+        handles = []
+        try:
+            for i in range(self.l_min):
+                self.blocks[i] = _Skip(originals[i], clean.tuple_blocks)
+            x = clean.x_min[sel].repeat(n_rep, 1, 1)
+            self.blocks[self.l_min] = _Replay(x, splices[self.l_min], clean.tuple_blocks)
+            if self.cfg.gradient_checkpointing:
+                for i in range(self.l_min + 1, len(self.blocks)):
+                    originals[i] = self.blocks[i]
+                    self.blocks[i] = _Checkpointed(originals[i])
+            for layer in self.layers[1:]:
+                handles.append(self.blocks[layer].register_forward_hook(splices[layer].hook))  # the wrapper, if any
+            yield leaves
+        finally:
+            for h in handles:
+                h.remove()
+            for i, block in originals.items():
+                self.blocks[i] = block
+
+    # -- the head ------------------------------------------------------------------------
+
+    def _seq_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
+        """Sum of log-probs of the scored target tokens per row.
+
+        Only the scored (generated) positions go through the LM head. With gradients on and a
+        frozen head, ``_TargetLogProb`` computes d logp / d h in the same chunked pass that
+        computes logp (one head matmul pair per position, no recompute); otherwise the chunks
+        are checkpointed. Either way ``[tokens, vocab]`` logits never exist at once.
+        """
+        B = hidden.shape[0]
+        rows, pos = score_mask.nonzero(as_tuple=True)
+        h, tgt = hidden[rows, pos], targets[rows, pos]
+        total = hidden.new_zeros(B, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        weight, bias = self.head.weight, getattr(self.head, "bias", None)
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        if torch.is_grad_enabled() and frozen and type(self.head) is nn.Linear:
+            lp = _TargetLogProb.apply(h, tgt, weight, bias, self.softcap)
+            return total.index_add(0, rows, lp.to(total.dtype))
+        step = _head_chunk(weight.shape[0])
+        for start in range(0, rows.numel(), step):
+            sl = slice(start, start + step)
+            if torch.is_grad_enabled():
+                lp = checkpoint(self._token_logprobs, h[sl], tgt[sl], use_reentrant=False)
+            else:
+                lp = self._token_logprobs(h[sl], tgt[sl])
+            total = total.index_add(0, rows[sl], lp.to(total.dtype))
+        return total
+
+    def _token_logprobs(self, h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 log-softmax is too coarse
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return torch.log_softmax(logits, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)
+
+
+def _head_chunk(vocab: int) -> int:
+    return max(1, (1 << 25) // max(1, vocab))  # ~32M logits per chunk
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """``log softmax(cap * tanh(h W^T / cap) + b)[target]`` per row, with its input gradient
+    computed in the forward.
+
+    d logp / d z = onehot(target) - softmax(z) (times ``1 - tanh^2`` under a softcap), so
+    d logp / d h = (onehot - p) W needs the same logits the forward already built. Saving that
+    ``[positions, d_model]`` gradient instead of recomputing the logits in the backward saves
+    one head matmul per position: the head is the largest matmul of a small model. The
+    head must be frozen (its own gradient is not computed).
+    """
+
+    @staticmethod
+    def forward(ctx, h, tgt, weight, bias, softcap):
+        out_dtype = torch.promote_types(h.dtype, torch.float32)
+        lp = torch.empty(h.shape[0], dtype=out_dtype, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        step = _head_chunk(weight.shape[0])
+        for start in range(0, h.shape[0], step):
+            sl = slice(start, start + step)
+            z = F.linear(h[sl], weight, bias).to(out_dtype)
+            if softcap:
+                t = torch.tanh(z / softcap)
+                z = t * softcap
+            lse = torch.logsumexp(z, dim=-1)
+            t_idx = tgt[sl, None]
+            lp[sl] = z.gather(-1, t_idx).squeeze(-1) - lse
+            if grad_h is None:
+                continue
+            dz = torch.exp(z.sub_(lse[:, None])).neg_()  # -softmax, in place of the logits
+            dz.scatter_add_(-1, t_idx, torch.ones_like(t_idx, dtype=dz.dtype))
+            if softcap:
+                dz.mul_(1 - t * t)
+            grad_h[sl] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return lp
+
+    @staticmethod
+    def backward(ctx, grad_lp):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_lp[:, None].to(grad_h.dtype), None, None, None, None
+
+
+class _FrozenSplice:
+    """``x' = x + sum_j (s_tj - 1) val_tj W_dec[idx_tj]  (+ (e - 1) eps)`` with clean latents.
+
+    ``eps = x - dec(f)`` uses the current pass's ``x`` and the frozen reconstruction, so at
+    ``c = 0, e = 0`` only ``b_dec`` is left, at every layer of the path.
+    """
+
+    def __init__(self, w_dec, idx, val, s, err=None, recon=None, scope=None):
+        self.w_dec, self.idx, self.val, self.s = w_dec, idx, val, s
+        self.err, self.recon, self.scope = err, recon, scope
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, K = self.idx.shape
+        coef = (self.s - 1.0) * self.val
+        delta = F.embedding_bag(self.idx.reshape(B * T, K), self.w_dec.to(x.dtype),
+                                per_sample_weights=coef.reshape(B * T, K).to(x.dtype), mode="sum")
+        out = x + delta.view(B, T, -1)
+        if self.err is not None:
+            eps = (x - self.recon.to(x.dtype)) * self.scope.to(x.dtype)
+            out = out + (self.err - 1.0).to(x.dtype)[:, None, None] * eps
+        return out
+
+    def hook(self, _module, _inputs, output):
+        return replace_block_hidden(output, self(block_hidden(output)))
+
+
+class _Replay(nn.Module):
+    """Stands in for the lowest spliced block during one pass: returns the cached clean residual, spliced."""
+
+    def __init__(self, x: torch.Tensor, splice: _FrozenSplice, as_tuple: bool):
+        super().__init__()
+        self.x, self.splice, self.as_tuple = x, splice, as_tuple
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        x = self.splice(self.x)
+        return (x,) if self.as_tuple else x
+
+
+def _copy_mask_attributes(dst: nn.Module, src: nn.Module) -> None:
+    for attr in ("attention_type", "layer_type", "is_sliding"):  # read by some models' mask logic
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+
+
+class _Skip(nn.Module):
+    """Stands in for a block below the lowest spliced layer: its output is never used."""
+
+    def __init__(self, original: nn.Module, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+        _copy_mask_attributes(self, original)
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+class _Checkpointed(nn.Module):
+    """Recompute a block in the backward instead of storing its activations."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        _copy_mask_attributes(self, block)
+
+    def forward(self, *args, **kwargs):
+        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(model.config, key, None)
+        if v:
+            return int(v)
+    return None
+
+
+@torch.no_grad()
+def _top_contexts(idx, val, d_sae, m):
+    """Per latent, the ``m`` largest activations in the group and where they are (row, position)."""
+    B, T, K = idx.shape
+    flat_val = val.reshape(-1).float()
+    flat_idx = idx.reshape(-1)
+    where = torch.arange(B * T, device=idx.device).repeat_interleave(K)
+    values = torch.full((d_sae, m), -1.0, device=idx.device)
+    locs = torch.full((d_sae, m), -1, dtype=torch.long, device=idx.device)
+    remaining = flat_val.clone()
+    for j in range(m):  # m rounds of a scatter-argmax
+        best = torch.full((d_sae,), -1.0, device=idx.device).scatter_reduce(0, flat_idx, remaining, "amax")
+        hit = (remaining == best[flat_idx]) & (remaining > 0)
+        pos = torch.full((d_sae,), -1, dtype=torch.long, device=idx.device)
+        pos.scatter_(0, flat_idx[hit], where[hit])
+        values[:, j] = best.clamp(min=-1.0)
+        locs[:, j] = pos
+        remaining = torch.where(hit, torch.full_like(remaining, -1.0), remaining)
+    values[locs < 0] = -1.0
+    return values.cpu(), (locs // T).cpu(), (locs % T).cpu()
