@@ -25,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from ipg_sae.io import write_text  # noqa: E402  (importable once common has set sys.path)
 
-BENCHMARKS = ("attribution", "training", "sampling", "scaling")
+BENCHMARKS = ("attribution", "training", "sampling", "scaling", "faithfulness", "adaptive")
+# Random-weight models at real shapes: run by default. `adaptive` needs the real model and a demo run
+# (`make demo`): run it with --only adaptive.
+DEFAULT = ("attribution", "training", "sampling", "scaling", "faithfulness")
 
 
 def _get(doc: dict, path: str):
@@ -49,6 +52,10 @@ ROWS = [
     ("sampling", "ratios|sampler/generate_loop", "sampler / generate() per prompt (tokens/s)", "> 1"),
     ("sampling", "ratios|sampler/generate_batched", "sampler / one bare batched generate() (tokens/s)", "~ 1"),
     ("sampling", "ratios|steered/plain", "sampler with steering hooks / without (tokens/s)", ">= 0.9"),
+    ("adaptive", "ratios|gl16/adaptive", "attribution to a median gap <= 1%, max <= 5%: GL16 / adaptive (time)", ">= 1.5"),
+    ("adaptive", "ratios|gl20/adaptive", "same: GL20 (a fixed rule that meets the target) / adaptive (time)", ">= 1.5"),
+    ("faithfulness", "ratios|flat/tree", "scoring a steered cell: flat passes / prefix tree + replay (time)", "> 3"),
+    ("faithfulness", "ratios|tokens_flat/tree", "tokens run: flat / prefix tree", ""),
 ]
 
 
@@ -91,7 +98,7 @@ def table(doc: dict) -> str:
 
 def main(argv=None) -> int:
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(DEFAULT))
     p.add_argument("--report-only", action="store_true", help="print the table of the existing results file")
     args = common.finish_args(p.parse_args(argv))
     failed = []

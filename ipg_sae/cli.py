@@ -8,8 +8,11 @@ dotted flag (``--sampling.temperature 0.5``). User errors print one line and exi
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
+import signal
 import sys
 from typing import Callable
 
@@ -71,6 +74,10 @@ def _attribute_lines(summaries: dict) -> list[str]:
         top = ", ".join(f"L{layer}:{latent}" for layer, latent in summary["selection"][:8])
         delta = summary.get("delta_median")
         extra = f", median completeness gap {delta:.2e}" if isinstance(delta, float) else ""
+        if summary.get("mean_nodes"):
+            extra += f", {summary['mean_nodes']:.1f} nodes per prompt"
+        if summary.get("n_budget_hit"):
+            extra += f" ({summary['n_budget_hit']} prompts hit the node budget above delta_tol)"
         lines.append(f"{method}: top latents {top}{extra}")
     return lines
 
@@ -109,6 +116,36 @@ def _pipeline_run():
         for line in _attribute_lines(results["attribute"]):
             print(f"attribute: {line}")
         print(f"report: {results['evaluate']['report']}")
+        print(f"explorer: {results['explore']['explorer']} (open it in a browser; no server needed)")
+    return run
+
+
+def _explore_cfg():
+    from .explorer import ExploreJobConfig
+
+    return ExploreJobConfig
+
+
+def _explore_run():
+    from .explorer import run_explore
+
+    return lambda cfg: print(f"explorer: {run_explore(cfg)} (open it in a browser; no server needed)")
+
+
+def _study_cfg():
+    from .study import StudyConfig
+
+    return StudyConfig
+
+
+def _study_run():
+    from .study import run_study
+
+    def run(cfg):
+        results = run_study(cfg)
+        for reward, text in results["report"]["answer"].items():
+            print(f"{reward}: {text}")
+        print(f"report: {results['report']['report']}")
     return run
 
 
@@ -118,16 +155,42 @@ COMMANDS: dict[str, Command] = {
     "attribute": ("attribute rewards to SAE latents with IPG (and baselines)", _attribute_cfg, _attribute_run),
     "evaluate": ("steer with selected latents and compare against random sets", _evaluate_cfg, _evaluate_run),
     "pipeline": ("sample -> SAE -> attribute -> select -> evaluate -> report", _pipeline_cfg, _pipeline_run),
+    "study": ("does the selection matter? every method and a matched null, off-policy, on held-out samples",
+              _study_cfg, _study_run),
+    "explore": ("write a static page showing what each latent is and how it moves the outcome",
+                _explore_cfg, _explore_run),
 }
+RUN_DIR_COMMANDS = {"explore"}  # their positional argument is a run directory, not a config file
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, plus a "did you mean" for a mistyped flag."""
+
+    def error(self, message: str):
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m:
+            parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                                for p in a.choices.values()]
+            flags = [o for parser in parsers for action in parser._actions for o in action.option_strings]
+            close = difflib.get_close_matches(m.group(1).split("=")[0], flags, n=1, cutoff=0.6)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ipg-sae", description="Explain and control LLM reasoning through SAE "
-                                     "features with Integrated Policy Gradient.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import __version__
+
+    parser = Parser(prog="ipg-sae", description="Explain and control LLM reasoning through SAE "
+                    "features with Integrated Policy Gradient.")
+    parser.add_argument("--version", action="version", version=f"ipg-sae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (help_text, cfg_cls, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", nargs="?", help="YAML config file (defaults are used when omitted)")
+        if name in RUN_DIR_COMMANDS:
+            p.add_argument("config", metavar="RUN_DIR", help="the run directory (e.g. runs/demo)")
+        else:
+            p.add_argument("config", nargs="?", help="YAML config file (defaults are used when omitted)")
         p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
         p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
         add_config_flags(p, cfg_cls())
@@ -140,6 +203,7 @@ def run_job(args: argparse.Namespace, cfg_cls, job) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM stops a run the way Ctrl-C does
     try:
         overrides = overrides_from_args(args)
         if args.no_wandb:
@@ -150,10 +214,28 @@ def run_job(args: argparse.Namespace, cfg_cls, job) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; finished work is saved and a rerun resumes", file=sys.stderr)
-        return 130
+    except OSError as e:  # disk full, read-only directory, ...: the files already written are intact
+        if args.debug:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write or read{where}: {e.strerror or e}; free disk space or fix the permissions, then "
+              "rerun the same command to resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        kind = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"stopped: {kind}; finished work is saved, rerun the same command to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so checkpoints and ``finally`` blocks run as for Ctrl-C."""
+
+
+def _terminated(_signum, _frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,4 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _, cfg_cls, runner = COMMANDS[args.command]
+    if args.command in RUN_DIR_COMMANDS:  # `ipg-sae explore runs/demo`: the run directory is a field
+        setattr(args, "cfg:run_dir", args.config)
+        args.config = None
     return run_job(args, cfg_cls(), runner())

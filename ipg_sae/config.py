@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ class JobConfig:
     """The header every job config shares. Subclasses give ``name`` their own default."""
 
     name: str = "run"  # the run directory's name: outputs go to <runs_dir>/<name>/
-    runs_dir: str = "runs"
+    runs_dir: str = "runs"  # parent directory of run directories
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
@@ -55,7 +57,8 @@ def from_dict(cls: type[T], data: Any, where: str = "config", prefix: str = "") 
     unknown = sorted(set(data) - set(fields))
     if unknown:
         name = _join(prefix, unknown[0])
-        raise IPGError(f"{where}: unknown field `{name}`; valid fields here: {', '.join(sorted(fields))}")
+        raise IPGError(f"{where}: unknown field `{name}`{_did_you_mean(unknown[0], fields, prefix)}; "
+                       f"valid fields here: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, field in fields.items():
@@ -127,16 +130,44 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one ``--a.b`` flag per leaf field of dataclass ``cls`` (values parsed as YAML)."""
+    """Add one ``--a.b`` flag per leaf field of dataclass ``cls`` (values parsed as YAML), described
+    by the comment its dataclass gives the field."""
     group = parser.add_argument_group("config overrides (any field of the config file)")
-    for path, typ, default in _leaf_fields(cls):
+    for path, typ, default, doc in _leaf_fields(cls):
         group.add_argument(
             f"--{path}",
             dest=f"cfg:{path}",
             metavar="VALUE",
             default=argparse.SUPPRESS,
-            help=f"{_type_name(typ)} (default: {default!r})",
+            help=(f"{doc}. " if doc else "") + f"{_type_name(typ)} (default: {default!r})",
         )
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's one-line description: its trailing comment, or the comment lines just above it."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("# ").strip())
+                continue
+            m = re.match(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+            if m and m.group(1) in {f.name for f in dataclasses.fields(klass)}:
+                text = m.group(2) or " ".join(above)
+                if text:
+                    docs[m.group(1)] = text.strip().rstrip(".")
+            above = []
+    return docs
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,6 +182,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- internals ------------------------------------------------------------------------
+
+
+def _did_you_mean(name: str, candidates, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean `{_join(prefix, close[0])}`?)" if close else ""
 
 
 def _join(prefix: str, name: str) -> str:
@@ -193,7 +229,8 @@ def _coerce(typ: Any, value: Any, where: str, path: str) -> Any:
     if origin is Literal:
         choices = get_args(typ)
         if value not in choices:
-            raise IPGError(f"{where}: field `{path}` is {value!r}; choose one of {', '.join(map(repr, choices))}")
+            hint = _did_you_mean(str(value), [str(c) for c in choices])
+            raise IPGError(f"{where}: field `{path}` is {value!r}{hint}; choose one of {', '.join(map(repr, choices))}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -249,6 +286,7 @@ def _type_name(typ: Any) -> str:
 
 def _leaf_fields(cls: type, prefix: str = ""):
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -264,4 +302,4 @@ def _leaf_fields(cls: type, prefix: str = ""):
                 default = f.default_factory()
             else:
                 default = "required"
-            yield path, typ, default
+            yield path, typ, default, docs.get(f.name, "")

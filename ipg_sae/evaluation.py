@@ -23,11 +23,14 @@ problem bootstrap. Degenerate outputs (a repeated n-gram loop, an empty completi
 parseable answer) are counted per sample.
 
 Checkpointing. Each ``(set, gamma, seed)`` cell's trajectories are written atomically to
-``<out_dir>/cells/<cell>.jsonl`` (first line: what the cell was computed with) as soon as the
-cell finishes, and a rerun loads finished cells instead of sampling them again, so a killed
-evaluation resumes. A finished cell computed with other settings is an error, not silently
-reused. The raw per-sample table (``samples.csv``) holds everything the summary is computed
-from (:func:`summarize_samples`).
+``<out_dir>/cells/<cell>.jsonl`` as soon as the cell finishes; its first line records everything
+the cell depends on (the model's weights digest, the digests of the steered layers' SAEs, the
+set, gamma, seed, problems, prompts, sampling settings, reward, scope and the result format)
+and a digest of the rows below it. A rerun reuses a finished cell only when all of that
+matches and the rows are intact, and says so in the log; otherwise it recomputes the cell and
+says why. So a killed evaluation resumes, and a cell computed with another SAE or an edited
+cell file is never reused. The raw per-sample table (``samples.csv``) holds everything the
+summary is computed from (:func:`summarize_samples`).
 
 The harness is reward-agnostic: accuracy, generated length and mean reward are reported for
 every reward, so a length-selected set (reasoning strength) is judged on length with its
@@ -52,10 +55,12 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .errors import IPGError
-from .io import read_json, read_jsonl, write_json, write_jsonl, write_text
+from .digest import FORMAT_VERSION, module_digest, text_digest
+from .io import read_json, write_json, write_text
 from .models import model_fingerprint
 from .rewards import Reward, get_reward
 from .sampling import SamplingConfig, sample
@@ -74,20 +79,25 @@ _RANDOM_RE = re.compile(r"^random-draw\d+$")
 
 @dataclass
 class EvalConfig:
-    gammas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.5, 2.0, 3.0])
+    gammas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.5, 2.0, 3.0])  # scales of the set (0 removes it)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # sampling seeds, shared by all conditions
     k: int | None = None  # set size: the first k latents of each set (None = each set as given)
     target: str = "ipg"  # the set under test; random sets copy its size and layers
     n_random_sets: int = 3  # random draws (0 = no random control)
-    random_seed: int = 0
+    random_seed: int = 0  # seed of the random sets
     scope: Literal["all", "generated"] = "all"  # steer prompt and generated tokens, or generated only
+    # importance: sample the unsteered policy once and score every (set, gamma) on those samples (off-policy,
+    # cheap: many sets); sampling: sample every cell under its steering (on-policy: for confirmation)
+    estimator: Literal["importance", "sampling"] = "importance"
+    min_ess: float = 0.25  # importance: flag cells whose mean effective sample size is below this fraction of G
+    problems_per_batch: int = 8  # importance: problems scored together (memory grows with it)
     # The held-out problems (the caller loads them): not the attribution's, so a different offset/seed.
     task: TaskConfig = field(default_factory=lambda: TaskConfig(offset=1000))
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_samples=1, temperature=0.7,
                                                                              max_new_tokens=256))
     reward: str = "correctness"  # what the set was selected for: decides the primary metric of the verdict
-    n_bootstrap: int = 2000
-    confidence: float = 0.95
+    n_bootstrap: int = 2000  # bootstrap replicates of every interval
+    confidence: float = 0.95  # interval level
     # Degenerate output: an n-gram (n <= max_ngram) repeated repeat_times times in a row over at least
     # repeat_min_span tokens (so a single token must repeat repeat_min_span times), or empty, or unparseable.
     repeat_times: int = 4
@@ -97,6 +107,10 @@ class EvalConfig:
     def validate(self) -> None:
         if not self.gammas or not all(math.isfinite(g) for g in self.gammas):
             raise IPGError("eval.gammas must be a non-empty list of finite numbers, e.g. [0, 0.5, 1.5, 2, 3]")
+        if any(g < 0 for g in self.gammas):
+            raise IPGError(f"eval.gammas {self.gammas} has a negative gamma: scaling a latent's contribution by a "
+                           "negative factor is not the method's control (0 removes it, 1 is no change, > 1 amplifies); "
+                           "use gammas >= 0")
         if len(set(self.gammas)) != len(self.gammas):
             raise IPGError(f"eval.gammas {self.gammas} lists a gamma twice; remove the duplicate")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -112,6 +126,13 @@ class EvalConfig:
         if self.repeat_times < 2 or self.repeat_min_span < 2 or self.max_ngram < 1:
             raise IPGError("eval.repeat_times and eval.repeat_min_span must be >= 2 and eval.max_ngram >= 1")
         self.sampling.validate()
+        if self.estimator == "importance":
+            if self.sampling.temperature <= 0 or self.sampling.top_p != 1:
+                raise IPGError("eval.estimator importance reweights samples of the unsteered policy, which needs a "
+                               "full-support sampler: set eval.sampling.temperature > 0 and top_p 1, or use "
+                               "eval.estimator: sampling")
+            if not 0 < self.min_ess <= 1 or self.problems_per_batch < 1:
+                raise IPGError("eval.min_ess must be in (0, 1] and eval.problems_per_batch >= 1")
         if self.sampling.temperature == 0 and len(self.seeds) > 1:
             log.warning("eval: greedy decoding (temperature 0) gives the same samples for every seed; one seed is enough")
 
@@ -143,8 +164,8 @@ class EvalResult:
         return cls(rows=data["rows"], comparisons=data["comparisons"], samples=samples, meta=data["meta"])
 
 
-_SAMPLE_TYPES = {"gamma": float, "seed": int, "sample_index": int, "correct": int, "reward": float, "length": int,
-                 "parsed": int, "repetition": int, "empty": int, "degenerate": int}
+_SAMPLE_TYPES = {"gamma": float, "seed": int, "sample_index": int, "correct": float, "reward": float, "length": float,
+                 "parsed": float, "repetition": float, "empty": float, "degenerate": float, "ess": float}
 
 
 def _read_samples(path: Path) -> list[dict]:
@@ -349,22 +370,12 @@ def evaluate(model, tokenizer, saes, problems: list[Problem], prompts: list[str]
         raise IPGError(f"{len(problems)} problems but {len(prompts)} prompts")
     saes = as_layer_dict(saes)
     reward = get_reward(reward if reward is not None else cfg.reward)
-    all_sets = _prepare_sets(model, saes, sets, cfg, active)
-    cells = plan_cells(all_sets, cfg)
-    runner = _CellRunner(model, tokenizer, saes, problems, prompts, all_sets, cfg, reward, out_dir, progress)
-    # Only the per-sample rows are kept: a long evaluation's token ids would not fit in memory.
-    done: dict[Cell, list[dict]] = {}
-    bar = tqdm(cells, desc="evaluate", unit="cell", disable=not progress)
-    for cell in bar:
-        bar.set_postfix_str(cell.name)
-        if cell.set != BASE and cell.gamma == 1.0:  # gamma = 1 is the clean model exactly: reuse the base cell
-            base = done[Cell(BASE, None, cell.seed)]
-            done[cell] = [{**r, "cell": cell.name, "set": cell.set, "gamma": 1.0} for r in base]
-        else:
-            done[cell] = cell_rows(cell, runner.run(cell), cfg, runner.stops)
-    bar.close()
-    samples = [r for rows in done.values() for r in rows]
-    meta = _meta(cfg, problems, all_sets, reward, runner.fingerprint)
+    runner = _CellRunner(model, tokenizer, saes, problems, prompts, {}, cfg, reward, out_dir, progress)
+    if cfg.estimator == "importance":
+        samples, all_sets, extra = _importance_cells(runner, sets, active, progress)
+    else:
+        samples, all_sets, extra = _sampled_cells(runner, sets, active, progress), runner.sets, {}
+    meta = {**_meta(cfg, problems, all_sets, reward, runner.fingerprint), **extra}
     rows, comparisons = summarize_samples(samples, meta)
     result = EvalResult(rows=rows, comparisons=comparisons, samples=samples, meta=meta)
     if out_dir is not None:
@@ -372,7 +383,84 @@ def evaluate(model, tokenizer, saes, problems: list[Problem], prompts: list[str]
     return result
 
 
-def _prepare_sets(model, saes, sets: dict[str, Selection], cfg: EvalConfig, active) -> dict[str, Selection]:
+def _sampled_cells(runner: "_CellRunner", sets, active, progress: bool) -> list[dict]:
+    """On-policy: sample every (set, gamma, seed) cell under its steering."""
+    runner.sets = _prepare_sets(runner.model, runner.saes, sets, runner.cfg, active)
+    # Only the per-sample rows are kept: a long evaluation's token ids would not fit in memory.
+    done: dict[Cell, list[dict]] = {}
+    bar = tqdm(plan_cells(runner.sets, runner.cfg), desc="evaluate", unit="cell", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(cell.name)
+        if cell.set != BASE and cell.gamma == 1.0:  # gamma = 1 is the clean model exactly: reuse the base cell
+            base = done[Cell(BASE, None, cell.seed)]
+            done[cell] = [{**r, "cell": cell.name, "set": cell.set, "gamma": 1.0} for r in base]
+        else:
+            done[cell] = cell_rows(cell, runner.run(cell), runner.cfg, runner.stops)
+    bar.close()
+    return [r for rows in done.values() for r in rows]
+
+
+def _importance_cells(runner: "_CellRunner", sets, active, progress: bool) -> tuple[list[dict], dict, dict]:
+    """Off-policy: sample the unsteered policy once (the base cells), then score every (set, gamma) on
+    those samples (:mod:`ipg_sae.faithfulness`): one row per problem and cell, holding the
+    self-normalised importance estimate of each metric."""
+    from .faithfulness import TrajectoryScorer, estimate
+
+    cfg = runner.cfg
+    base_rows, pooled = [], []
+    for seed in cfg.seeds:  # every seed's samples join one pool of G * len(seeds) per problem
+        cell = Cell(BASE, None, seed)
+        trajectories = runner.run(cell)
+        base_rows += cell_rows(cell, trajectories, cfg, runner.stops)
+        pooled += [dataclasses.replace(t, id=f"{t.id}@s{seed}", sample_index=t.sample_index + seed * 100_000)
+                   for t in trajectories]
+    scorer = TrajectoryScorer(runner.model, pooled, cfg.sampling.temperature, saes=runner.saes,
+                              problems_per_batch=cfg.problems_per_batch, scope=cfg.scope)
+    frequencies = scorer.activation_frequencies() if cfg.n_random_sets else None
+    runner.sets = _prepare_sets(runner.model, runner.saes, sets, cfg, active, frequencies)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(base_rows):
+        groups.setdefault(r["problem_id"], []).append(i)
+    order = [p.id for p in runner.problems]
+    index = [groups[pid] for pid in order]
+    values = {k: torch.tensor([float(r[k]) for r in base_rows], dtype=torch.float64)
+              for k in ("correct", "length", "reward", "parsed", "repetition", "empty", "degenerate")}
+    base_logp = runner.importance_logp(scorer, BASE, None, pooled, lambda: scorer.logprobs([]))
+    samples, ess = list(base_rows), {}
+    cells = [(name, float(g)) for name in runner.sets for g in cfg.gammas]
+    bar = tqdm(cells, desc="evaluate (importance)", unit="cell", disable=not progress)
+    for name, gamma in bar:
+        bar.set_postfix_str(f"{name} x{gamma:g}")
+        if gamma == 1.0:
+            logp = base_logp  # the clean model exactly: every weight is 1
+        else:
+            logp = runner.importance_logp(scorer, name, gamma, pooled,
+                                          lambda: scorer.logprobs(scale(runner.sets[name], gamma)))
+        estimates = {k: estimate(base_logp, logp, v, index) for k, v in values.items()}
+        cell_ess = estimates["correct"].ess
+        ess[Cell(name, gamma, -1).name] = {"mean": float(cell_ess.mean()), "min": float(cell_ess.min()),
+                                           "log_ratio_sd": estimates["correct"].log_ratio_sd}
+        for j, pid in enumerate(order):
+            samples.append({"cell": Cell(name, gamma, -1).name, "set": name, "gamma": gamma, "seed": -1,
+                            "problem_id": pid, "sample_index": 0, "ess": float(cell_ess[j]),
+                            **{k: float(est.per_prompt[j]) for k, est in estimates.items()}})
+    bar.close()
+    flagged = sorted(c for c, e in ess.items() if e["mean"] < cfg.min_ess)
+    if flagged:
+        log.warning("%d importance cells have a mean effective sample size below %.2f of G (%s); their estimates "
+                    "rest on few samples: confirm them with eval.estimator: sampling", len(flagged), cfg.min_ess,
+                    ", ".join(flagged[:4]))
+    extra = {"estimator": "importance", "samples_per_problem": len(pooled) // max(1, len(order)), "ess": ess,
+             "ess_flagged": flagged, "min_ess": cfg.min_ess,
+             "activation_frequencies": None if frequencies is None else
+             {str(layer): float((f > 0).mean()) for layer, f in frequencies.items()}}
+    return samples, runner.sets, extra
+
+
+def _prepare_sets(model, saes, sets: dict[str, Selection], cfg: EvalConfig, active,
+                  frequencies: dict[int, np.ndarray] | None = None) -> dict[str, Selection]:
+    """The named sets (cut to ``k``) and the random control sets: matched to the target's activation
+    frequencies on the held-out data when ``frequencies`` are given, else uniform among ``active``."""
     out: dict[str, Selection] = {}
     for name, sel in sets.items():
         if name == BASE or _RANDOM_RE.match(name) or not _safe(name):
@@ -390,7 +478,13 @@ def _prepare_sets(model, saes, sets: dict[str, Selection], cfg: EvalConfig, acti
         if cfg.target not in out:
             raise IPGError(f"the target set {cfg.target!r} is not among the sets {sorted(out)}; set eval.target, or "
                            "eval.n_random_sets: 0 for no random control")
-        for d, draw in enumerate(random_sets(out[cfg.target], saes, cfg.n_random_sets, cfg.random_seed, active)):
+        if frequencies is not None:
+            from .faithfulness import matched_random_sets
+
+            draws = matched_random_sets(out[cfg.target], frequencies, cfg.n_random_sets, cfg.random_seed)
+        else:
+            draws = random_sets(out[cfg.target], saes, cfg.n_random_sets, cfg.random_seed, active)
+        for d, draw in enumerate(draws):
             out[_RANDOM_NAME.format(d)] = draw
     return out
 
@@ -414,15 +508,20 @@ class _CellRunner:
         self.dir = Path(out_dir) / "cells" if out_dir is not None else None
         self.progress = progress
         self.fingerprint = model_fingerprint(model, tokenizer)
+        self.weights = module_digest(model)  # once per evaluation: every cell's key holds it
+        self.sae_digests = {layer: module_digest(sae) for layer, sae in saes.items()}
         self.stops = eos_ids(model, tokenizer)
         self.prompts_sha = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
 
     def spec(self, cell: Cell) -> dict:
         """Everything a cell's trajectories depend on; a saved cell is reused only if this matches."""
-        return {"set": cell.set, "latents": [list(p) for p in self.sets.get(cell.set, [])], "gamma": cell.gamma,
+        latents = self.sets.get(cell.set, [])
+        return {"set": cell.set, "latents": [list(p) for p in latents], "gamma": cell.gamma,
                 "seed": cell.seed, "problems": [p.id for p in self.problems], "prompts_sha": self.prompts_sha,
                 "sampling": dataclasses.asdict(self._sampling(cell)), "reward": self.reward.name,
-                "scope": self.cfg.scope, "model": self.fingerprint}
+                "scope": self.cfg.scope, "model": self.fingerprint, "weights": self.weights,
+                "saes": {str(layer): self.sae_digests[layer] for layer in sorted({l for l, _ in latents})},
+                "format": FORMAT_VERSION}
 
     def _sampling(self, cell: Cell) -> SamplingConfig:
         return dataclasses.replace(self.cfg.sampling, seed=cell.seed)
@@ -431,25 +530,68 @@ class _CellRunner:
         path = self.dir / f"{cell.name}.jsonl" if self.dir is not None else None
         spec = json.loads(json.dumps(self.spec(cell)))  # as it reads back from JSON
         if path is not None and path.is_file():
-            return self._load(path, spec)
+            saved = self._load(path, spec)
+            if saved is not None:
+                return saved
         intervention = None
         if cell.set != BASE:
             intervention = steering(self.model, self.saes, scale(self.sets[cell.set], cell.gamma), scope=self.cfg.scope)
         trajectories = sample(self.model, self.tokenizer, self.problems, self.prompts, self._sampling(cell),
                               self.reward, intervention=intervention, progress=self.progress, desc=cell.name)
         if path is not None:
-            write_jsonl(path, [{"cell": spec}] + [dataclasses.asdict(t) for t in trajectories])
+            body = [json.dumps(dataclasses.asdict(t)) for t in trajectories]
+            header = {"cell": spec, "sha256": text_digest("\n".join(body))}
+            write_text(path, "\n".join([json.dumps(header)] + body) + "\n")
         return trajectories
 
-    def _load(self, path: Path, spec: dict) -> list[Trajectory]:
-        rows = read_jsonl(path)
-        saved = rows[0].get("cell") if rows else None
+    def importance_logp(self, scorer, name: str, gamma: float | None, pooled: list[Trajectory], compute) -> torch.Tensor:
+        """A cell's log-probabilities of the pooled samples: loaded when a previous run saved them for
+        exactly this model, these SAEs, this set and these samples, else computed and saved."""
+        latents = self.sets.get(name, [])
+        spec = json.loads(json.dumps({
+            "estimator": "importance", "set": name, "latents": [list(p) for p in latents], "gamma": gamma,
+            "samples": text_digest(json.dumps([[t.id, t.prompt_ids, t.completion_ids] for t in pooled])),
+            "temperature": self.cfg.sampling.temperature, "scope": self.cfg.scope, "weights": self.weights,
+            "saes": {str(layer): self.sae_digests[layer] for layer in sorted({l for l, _ in latents})},
+            "format": FORMAT_VERSION}))
+        label = name if gamma is None else f"{_safe(name)}__g{gamma:g}"
+        path = self.dir / f"{label}__importance.json" if self.dir is not None else None
+        if path is not None and path.is_file():
+            try:
+                saved = read_json(path)
+            except (ValueError, UnicodeDecodeError):
+                saved = {}
+            ok = (saved.get("cell") == spec and saved.get("sha256") == text_digest(json.dumps(saved.get("logp"))))
+            if ok:
+                log.info("cell %s: reused (same model weights, SAEs, set, gamma and samples)", label)
+                return torch.tensor(saved["logp"], dtype=torch.float64)
+            log.warning("cell %s: the saved one does not match (other inputs, or edited); recomputing it", label)
+        logp = compute()
+        if path is not None:
+            values = logp.tolist()
+            write_json(path, {"cell": spec, "logp": values, "sha256": text_digest(json.dumps(values))})
+        return logp
+
+    def _load(self, path: Path, spec: dict) -> list[Trajectory] | None:
+        """The saved cell's trajectories, or None (and why, in the log) when it must be recomputed."""
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            header = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            header = {}
+        saved = header.get("cell") if isinstance(header, dict) else None
         if saved != spec:
             differ = sorted(k for k in set(spec) | set(saved or {}) if (saved or {}).get(k) != spec.get(k))
-            raise IPGError(f"{path} was computed with other settings ({', '.join(differ)}); use a new run name or "
-                           f"delete {path.parent} to recompute")
+            log.warning("cell %s: the saved one was computed with other %s; recomputing it", path.stem,
+                        ", ".join(differ))
+            return None
+        if text_digest("\n".join(lines[1:])) != header.get("sha256"):
+            log.warning("cell %s: %s does not match its recorded digest (edited or damaged); recomputing it",
+                        path.stem, path)
+            return None
+        log.info("cell %s: reused (same model weights, SAEs, set, gamma, seed, problems and sampling)", path.stem)
         names = {f.name for f in dataclasses.fields(Trajectory)}
-        return [Trajectory(**{k: v for k, v in r.items() if k in names}) for r in rows[1:]]
+        return [Trajectory(**{k: v for k, v in json.loads(r).items() if k in names}) for r in lines[1:]]
 
 
 def cell_rows(cell: Cell, trajectories: list[Trajectory], cfg: EvalConfig, stops: set[int] = frozenset()) -> list[dict]:
@@ -544,6 +686,10 @@ def _row(table: _PerProblem, condition: str, name: str, names: list[str], gamma,
             row[f"{m}_delta"], row[f"{m}_delta_lo"], row[f"{m}_delta_hi"] = bootstrap(x, base[m], **boot)
     for flag in ("degenerate", "repetition", "empty"):
         row[flag] = _share(raw, flag)
+    if raw and "ess" in raw[0] and raw[0].get("ess") not in (None, ""):
+        ess = [float(r["ess"]) for r in raw]
+        row["ess"], row["ess_min"] = sum(ess) / len(ess), min(ess)
+        row["ess_flag"] = row["ess"] < meta.get("min_ess", 0.0)
     row["unparseable"] = 1.0 - _share(raw, "parsed") if raw else math.nan
     return row
 

@@ -72,3 +72,66 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def cache_root() -> Path:
+    """Where ipg-sae caches what it can rebuild (dequantized models, file digests): ``$IPG_SAE_CACHE`` or
+    ``~/.cache/ipg_sae``."""
+    root = os.environ.get("IPG_SAE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ipg_sae"
+    )
+    return Path(root)
+
+
+# ---- one writer per run directory ----------------------------------------------------------
+
+_HELD: dict[str, tuple[int, int]] = {}  # resolved run dir -> (lock file descriptor, depth in this process)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold an advisory lock on ``run_dir`` (``.lock`` inside it) for the duration of the block.
+
+    A second process that asks for the same directory gets an :class:`~ipg_sae.errors.IPGError`
+    naming the process that holds it, instead of both writing files that disagree. The lock is
+    re-entrant within a process (the pipeline holds it while its stages take it again) and is
+    released by the kernel when its holder dies, so a killed run never leaves a stale lock.
+    Only the main process of a ``torchrun`` job takes it (the ranks share the directory).
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    import fcntl
+
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _HELD:
+        fd, depth = _HELD[key]
+        _HELD[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _HELD[key]
+            _HELD[key] = (fd, depth - 1)
+        return
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        from .errors import IPGError
+
+        raise IPGError(f"run directory {path} is in use by {holder}; wait for it to finish, or give this run another "
+                       "name (--name)") from None
+    import sys
+
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} ({' '.join(sys.argv)[:200]})".encode(), 0)
+    _HELD[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        _HELD.pop(key, None)
+        os.close(fd)  # closing the descriptor releases the lock

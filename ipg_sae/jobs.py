@@ -14,16 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .attribution import AttributionConfig
+from .attribution import AttributionConfig, Baseline
 from .config import JobConfig, dump_yaml, to_dict
 from .errors import IPGError
 from .evaluation import EvalConfig
-from .io import write_json, write_text
+from .io import run_lock, write_json, write_text
 from .models import load_model
+from .rewards import get_reward
 from .saes import SAESpec, load_sae
+from .selection import Normalize, RankBy
 from .sampling import SamplingConfig, sample
 from .tasks import TaskConfig, build_prompts, load_problems
-from .tracking import Tracker
+from .tracking import Tracker, artifact_name, attribution_files
 from .trajectories import Trajectory, load_trajectories, save_trajectories
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,10 @@ class SampleJobConfig(JobConfig):
     task: TaskConfig = field(default_factory=TaskConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward: str = "correctness"  # correctness | length | neg_length | module.path:function
+
+    def validate(self) -> None:
+        super().validate()
+        get_reward(self.reward)  # an unknown name or a function that cannot be imported fails here, before any work
 
 
 def trajectory_metrics(trajectories: list[Trajectory]) -> dict:
@@ -60,8 +66,12 @@ def run_sample(cfg: SampleJobConfig, progress: bool = True) -> dict:
     """Sample and score completions; write ``trajectories.jsonl`` and ``sample_summary.json``."""
     problems = load_problems(cfg.task)  # bad input fails before anything is written
     model, tokenizer = load_model(cfg.model)
+    with run_lock(cfg.run_dir):
+        return _sample(cfg, problems, model, tokenizer, progress)
+
+
+def _sample(cfg: SampleJobConfig, problems, model, tokenizer, progress: bool) -> dict:
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "sample_config.yaml", dump_yaml(cfg))
     prompts = build_prompts(tokenizer, problems, cfg.task)
     t0 = time.perf_counter()
@@ -76,6 +86,8 @@ def run_sample(cfg: SampleJobConfig, progress: bool = True) -> dict:
         tracker.log({f"sample/{k}": v for k, v in metrics.items()})
         tracker.summary({f"sample/{k}": v for k, v in metrics.items()})
         tracker.table("sample/completions", *sample_table(trajectories))
+        path = run_dir / "trajectories.jsonl"
+        tracker.artifact(artifact_name("trajectories", path), "dataset", path)
     return metrics
 
 
@@ -85,26 +97,48 @@ def run_sample(cfg: SampleJobConfig, progress: bool = True) -> dict:
 @dataclass
 class SelectionConfig:
     k: int = 16  # size of the selected set
-    by: str | None = None  # mean | t | mean_abs | score; None = the method's natural score
+    by: RankBy | None = None  # mean | t | mean_abs | score; None = the method's natural score
     per_layer: bool = False  # k per layer instead of k overall
-    normalize: str = "none"  # none | length | l1: per-trajectory normalization before aggregating
+    normalize: Normalize = "none"  # none | length | l1: per-trajectory normalization before aggregating
     n_bootstrap: int = 100  # prompt resamples for the Jaccard stability of the top-k
     table_size: int = 50  # rows in features.csv
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise IPGError(f"selection.k is {self.k}; select at least one latent")
+        if self.n_bootstrap < 0 or self.table_size < 1:
+            raise IPGError("selection.n_bootstrap must be >= 0 and selection.table_size >= 1")
+
+    def check_width(self, saes: dict) -> None:
+        """Refuse a ``k`` larger than the latents there are, before any attribution runs."""
+        widths = {layer: int(sae.cfg.d_sae) for layer, sae in saes.items()}
+        available = min(widths.values()) if self.per_layer else sum(widths.values())
+        if self.k > available:
+            where = "the narrowest SAE has" if self.per_layer else "the SAEs have"
+            raise IPGError(f"selection.k is {self.k} but {where} only {available} latents; lower selection.k")
 
 
 @dataclass
 class AttributeJobConfig(JobConfig):
     name: str = "attribute"
-    saes: list[SAESpec] = field(default_factory=list)
+    saes: list[SAESpec] = field(default_factory=list)  # one SAE per layer: {path: dir} or {release, sae_id}
     trajectories: str | None = None  # default: runs/<name>/trajectories.jsonl
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
-    baselines: list[str] = field(default_factory=list)  # also run these (act, reason_words, grad_x_act, ...)
+    baselines: list[Baseline] = field(default_factory=list)  # also run these (act, reason_words, grad_x_act, ...)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     def validate(self) -> None:
         super().validate()
         if not self.saes:
             raise IPGError("no SAE given: add an entry under `saes:` (path: <sae dir>, or release + sae_id)")
+        check_baselines(self.baselines)
+
+
+def check_baselines(names: list[str]) -> None:
+    if "ipg" in names:
+        raise IPGError("`baselines` lists ipg, which always runs; list only the baselines")
+    if len(set(names)) != len(names):
+        raise IPGError(f"`baselines` {names} lists a baseline twice; list each once")
 
 
 def load_saes(specs: list[SAESpec], model) -> dict:
@@ -125,7 +159,6 @@ def method_dir(run_dir: Path, method: str) -> Path:
 def run_attribute(cfg: AttributeJobConfig, progress: bool = True, group: str | None = None) -> dict:
     """Attribute the trajectories (and optional baselines); write results, the feature table and selection."""
     from . import distributed
-    from .attribution import run_attribution
 
     rank, world = distributed.init_distributed()
     main = rank == 0
@@ -133,18 +166,28 @@ def run_attribute(cfg: AttributeJobConfig, progress: bool = True, group: str | N
     if world > 1 and model_cfg.device.startswith("cuda"):  # one GPU per rank
         model_cfg = dataclasses.replace(model_cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if main:
-        write_text(run_dir / "attribute_config.yaml", dump_yaml(cfg))
     trajectories = load_trajectories(cfg.trajectories or run_dir / "trajectories.jsonl")
     model, tokenizer = load_model(model_cfg)
     saes = load_saes(cfg.saes, model)
+    cfg.selection.check_width(saes)
+    with run_lock(run_dir):
+        return _attribute(cfg, trajectories, model, tokenizer, saes, main, progress, group)
+
+
+def _attribute(cfg: AttributeJobConfig, trajectories, model, tokenizer, saes, main: bool, progress: bool,
+               group: str | None) -> dict:
+    from .attribution import run_attribution
+
+    run_dir = cfg.run_dir
+    if main:
+        write_text(run_dir / "attribute_config.yaml", dump_yaml(cfg))
     sources = {layer: dataclasses.asdict(spec) for layer, spec in zip(saes, cfg.saes)}
     logging_cfg = cfg.wandb if main else dataclasses.replace(cfg.wandb, enabled=False)
     summaries = {}
     for method in ["ipg", *cfg.baselines]:
         out = method_dir(run_dir, method)
         with Tracker(logging_cfg, run_dir, cfg.name, f"attribute-{method}", to_dict(cfg), group=group) as tracker:
+            _use_inputs(tracker, trajectories_path=cfg.trajectories or run_dir / "trajectories.jsonl", saes=cfg.saes)
             acfg = dataclasses.replace(cfg.attribution, baseline=method)
             result = run_attribution(
                 model, saes, trajectories, acfg, tokenizer=tokenizer, out_dir=out, progress=progress and main,
@@ -154,7 +197,21 @@ def run_attribute(cfg: AttributeJobConfig, progress: bool = True, group: str | N
             if not main:
                 continue  # rank 0 merged the shards and writes the tables
             summaries[method] = _write_selection(cfg, method, out, result, tokenizer, trajectories, tracker)
+            tracker.artifact(artifact_name("attribution", out), "attribution", *attribution_files(out))
     return summaries
+
+
+def _use_inputs(tracker: Tracker, trajectories_path=None, saes=(), attribution_dirs=()) -> None:
+    """Declare the artifacts a job reads, for W&B's lineage graph."""
+    if trajectories_path is not None:
+        tracker.use(artifact_name("trajectories", trajectories_path), "dataset", trajectories_path)
+    for spec in saes:
+        if spec.path:
+            tracker.use(artifact_name("sae", spec.path), "model", spec.path)
+    for directory in attribution_dirs:
+        files = attribution_files(directory)
+        if files:
+            tracker.use(artifact_name("attribution", directory), "attribution", *files)
 
 
 def _write_selection(cfg: AttributeJobConfig, method: str, out: Path, result, tokenizer, trajectories, tracker) -> dict:
@@ -163,15 +220,29 @@ def _write_selection(cfg: AttributeJobConfig, method: str, out: Path, result, to
 
     sel = cfg.selection
     chosen = select(result, sel.k, by=sel.by, per_layer=sel.per_layer, normalize=sel.normalize)
+    wanted = sel.k * (len(result.layers) if sel.per_layer else 1)
+    if len(chosen) < wanted:
+        log.warning("%s: only %d latents are active on these trajectories, fewer than selection.k (%d); the set has %d",
+                    method, len(chosen), sel.k, len(chosen))
     rows = feature_table(result, tokenizer, trajectories, k=sel.table_size, by=sel.by, per_layer=sel.per_layer,
                          normalize=sel.normalize)
     write_feature_table(out / "features.csv", rows)
+    zero = [pair for pair in chosen if float(result.score[pair[0]][pair[1]]) == 0.0]
+    if zero:  # a latent with score 0 is in the set only to fill it: its rank means nothing
+        log.warning("%s: %d of the %d selected latents have a score of exactly 0 (%s); no stability is reported",
+                    method, len(zero), len(chosen), ", ".join(f"L{layer}:{i}" for layer, i in zero[:5]))
     stability = (bootstrap_stability(result, sel.k, n_boot=sel.n_bootstrap, by=sel.by, per_layer=sel.per_layer,
                                      normalize=sel.normalize, seed=cfg.attribution.seed)
-                 if result.is_gradient_method and sel.n_bootstrap > 0 else None)
-    summary = {"method": method, "selection": chosen, "stability": stability, **result.meta.get("summary", {})}
+                 if result.is_gradient_method and sel.n_bootstrap > 0 and not zero else None)
+    summary = {"method": method, "selection": chosen, "k_requested": sel.k, "n_zero_score": len(zero),
+               "stability": stability, **result.meta.get("summary", {})}
     write_json(out / "selection.json", summary)
     log_to_wandb(tracker, rows, result)
+    if result.is_gradient_method:  # how many nodes each prompt needed, and the gap it ended at
+        attributed = ~result.prompt("skipped")
+        if bool(attributed.any()):
+            tracker.histogram("attribution/nodes_per_prompt", result.prompt("n_nodes")[attributed].numpy())
+            tracker.histogram("attribution/delta_per_prompt", result.prompt("delta")[attributed].numpy())
     tracker.summary({f"attribution/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
     return summary
 
@@ -189,6 +260,18 @@ class EvaluateJobConfig(JobConfig):
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 
 
+def _set_dirs(sets: dict) -> list[Path]:
+    """The attribution directories the evaluated sets were read from (a directory, or a file in one)."""
+    out = []
+    for source in sets.values():
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            path = path if path.is_dir() else path.parent
+            if (path / "attribution.safetensors").is_file() and path not in out:
+                out.append(path)
+    return out
+
+
 def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | None = None):
     """Steer with each set at each gamma on held-out problems; write ``eval/`` and ``report.md``."""
     from .attribution import AttributionResult
@@ -197,8 +280,6 @@ def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | Non
     from .selection import load_selection
 
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "evaluate_config.yaml", dump_yaml(cfg))
     if not cfg.sets:
         raise IPGError("no sets to evaluate: add `sets: {ipg: <attribution run dir or features.csv>}`")
     model, tokenizer = load_model(cfg.model)
@@ -213,7 +294,9 @@ def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | Non
         scores = {f"L{layer}": s[active[layer]].numpy() for layer, s in attribution.score.items()}
     problems = load_problems(cfg.evaluation.task)
     prompts = build_prompts(tokenizer, problems, cfg.evaluation.task)
-    with Tracker(cfg.wandb, run_dir, cfg.name, "evaluate", to_dict(cfg), group=group) as tracker:
+    with run_lock(run_dir), Tracker(cfg.wandb, run_dir, cfg.name, "evaluate", to_dict(cfg), group=group) as tracker:
+        write_text(run_dir / "evaluate_config.yaml", dump_yaml(cfg))
+        _use_inputs(tracker, saes=cfg.saes, attribution_dirs=_set_dirs(cfg.sets))
         result = evaluate(model, tokenizer, saes, problems, prompts, sets, cfg.evaluation, out_dir=run_dir / "eval",
                           active=active, attribution_prompt_ids=prompt_ids, progress=progress)
         for row in result.rows:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .errors import IPGError
+from .io import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class OfflineModel:
     filename: str
     sha256: str
     size: int
+    hub_id: str = ""  # the same model on the Hugging Face hub (what SAE files record, for other tools)
 
 
 OFFLINE_MODELS = {
@@ -55,8 +57,18 @@ OFFLINE_MODELS = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98_362_432,
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
+
+
+def hub_id(name: str) -> str | None:
+    """The hub id of a model name: an offline model's, the name itself when it is one, else None (local files)."""
+    if name in OFFLINE_MODELS:
+        return OFFLINE_MODELS[name].hub_id or None
+    if Path(name).expanduser().exists() or name.endswith(".gguf") or name.startswith((".", "/", "~")):
+        return None
+    return name if name.count("/") == 1 else None
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -64,10 +76,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass
 class ModelConfig:
     name: str = DEFAULT_MODEL  # hub id, local directory, path to a .gguf file, or an offline name
-    dtype: Literal["float32", "bfloat16", "float16", "float64", "auto"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "float64", "auto"] = "float32"  # auto: bfloat16 on CUDA
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    trust_remote_code: bool = False
-    revision: str | None = None
+    trust_remote_code: bool = False  # run a hub model's own code (only for models you trust)
+    revision: str | None = None  # hub revision (branch, tag or commit)
 
 
 def load_model(cfg: ModelConfig | str, **kwargs: Any):
@@ -156,13 +168,6 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def cache_root() -> Path:
-    root = os.environ.get("IPG_SAE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ipg_sae"
-    )
-    return Path(root)
-
-
 def _cached_gguf(gguf: Path, expected_sha256: str | None) -> Path:
     """Dequantize ``gguf`` once into a safetensors model directory in the cache; return that directory."""
     stat = gguf.stat()
@@ -205,10 +210,34 @@ def _cached_gguf(gguf: Path, expected_sha256: str | None) -> Path:
     return out
 
 
+def _hub_files_only(repo_id: str, revision: str | None) -> bool:
+    """For a hub id: True when it can load from the local cache alone; an error at once when it is not
+    cached and the hub cannot be reached (instead of a minute of retries ending in the same error)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        raise IPGError(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download "
+                       "it on a machine with a network, or give a local model directory")
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3):
+            return False
+    except OSError as e:
+        raise IPGError(f"cannot reach the Hugging Face hub ({url.hostname}: {e.strerror or e}) to download model "
+                       f"{repo_id!r}, which is not in the local cache; check your network, or give a local model "
+                       "directory or .gguf file") from None
+
+
 def _load_pretrained(source: Path | str, cfg: ModelConfig, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = isinstance(source, Path)
+    local = isinstance(source, Path) or _hub_files_only(str(source), cfg.revision)
     common = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, local_files_only=local)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
@@ -249,6 +278,19 @@ def hidden_size(model: nn.Module) -> int:
         if getattr(cfg, key, None):
             return int(getattr(cfg, key))
     return int(model.get_input_embeddings().weight.shape[1])
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model takes (None when its config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(model.config, key, None)
+        if v:
+            return int(v)
+    return None
+
+
+def vocab_size(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().num_embeddings)
 
 
 def check_layer(model: nn.Module, layer: int, what: str = "layer") -> int:
@@ -308,3 +350,18 @@ def model_fingerprint(model: nn.Module, tokenizer) -> dict:
         "arch_sha": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
         "tokenizer_sha": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16],
     }
+
+
+def source_digest(name: str) -> str:
+    """What identifies a model's weights before it is loaded: the pinned sha256 of an offline model, the
+    digest of a local file or directory's files, or (for a hub id, which cannot be hashed unseen) its name."""
+    from .digest import file_digest, json_digest, tree_digest
+
+    if name in OFFLINE_MODELS:
+        return OFFLINE_MODELS[name].sha256
+    path = Path(name).expanduser()
+    if path.is_file():
+        return file_digest(path)
+    if path.is_dir():
+        return json_digest(tree_digest([path]))
+    return f"hub:{name}"

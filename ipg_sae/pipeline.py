@@ -1,11 +1,15 @@
 """The main job: sample -> SAE (train or load) -> attribute -> select -> evaluate -> report.
 
 Every stage writes its outputs under ``runs/<name>/`` and, when it finishes, a marker
-``stages/<stage>.json`` holding a hash of the settings it depends on (its own config and
-the hashes of the stages before it). A rerun skips a stage whose marker matches, so a
-killed pipeline resumes at the first unfinished stage, and changing a setting reruns only
-what depends on it. Inside a stage, SAE training, attribution and evaluation resume from
-their own checkpoints. Each stage is one W&B run; all of them share the group ``<name>``.
+``stages/<stage>.json`` holding its key and the digests of the files it wrote. The key hashes
+everything the outputs depend on: the stage's settings, the inputs that come from outside
+the pipeline (the model's files, the SAEs it loads) and the digests of the files the stages
+before it wrote, plus the result-format version. A rerun reuses a stage only when its key
+matches and its output files are still the ones it wrote (and says so in the log), so a
+killed pipeline resumes at the first unfinished stage, changing a setting or an input
+reruns only what depends on it, and an edited output is never built upon. Inside a stage,
+SAE training, attribution and evaluation resume from their own checkpoints. Each stage is
+one W&B run; all of them share the group ``<name>``.
 """
 
 from __future__ import annotations
@@ -20,16 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .attribution import AttributionConfig
+from .attribution import AttributionConfig, Baseline
 from .config import JobConfig, dump_yaml, load_config
+from .digest import FORMAT_VERSION, json_digest, tree_digest
 from .errors import IPGError
-from .evaluation import EvalConfig
-from .io import read_json, write_json, write_text
-from .jobs import (AttributeJobConfig, EvaluateJobConfig, SampleJobConfig, SelectionConfig, method_dir, run_attribute,
-                   run_evaluate, run_sample)
+from .evaluation import EvalConfig, check_held_out
+from .explorer import ExplorerConfig
+from .io import read_json, run_lock, write_json, write_text
+from .jobs import (AttributeJobConfig, EvaluateJobConfig, SampleJobConfig, SelectionConfig, check_baselines, method_dir,
+                   run_attribute, run_evaluate, run_sample)
+from .models import source_digest
+from .rewards import get_reward
+from .tracking import attribution_files
 from .saes import SAESpec
 from .sampling import SamplingConfig
-from .tasks import TaskConfig
+from .tasks import TaskConfig, load_problems
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +55,14 @@ class PipelineConfig(JobConfig):
     name: str = "pipeline"
     task: TaskConfig = field(default_factory=TaskConfig)  # the problems attributed on
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    reward: str = "correctness"
+    reward: str = "correctness"  # correctness | length | neg_length | module.path:function
     sae: PipelineSAEConfig = field(default_factory=PipelineSAEConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
-    baselines: list[str] = field(default_factory=lambda: ["act", "grad_x_act"])
-    evaluate_baselines: list[str] | None = None  # baselines whose sets are also steered (default: all but random)
+    baselines: list[Baseline] = field(default_factory=lambda: ["act", "grad_x_act"])  # attributed beside IPG
+    evaluate_baselines: list[Baseline] | None = None  # baselines whose sets are also steered (default: all but random)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)  # its task must be held out from `task`
+    explorer: ExplorerConfig = field(default_factory=ExplorerConfig)  # the feature explorer page
 
     def validate(self) -> None:
         super().validate()
@@ -61,6 +71,17 @@ class PipelineConfig(JobConfig):
         unknown = set(self.evaluate_baselines or []) - set(self.baselines)
         if unknown:
             raise IPGError(f"evaluate_baselines lists {sorted(unknown)}, which are not in `baselines`; add them there")
+        check_baselines(self.baselines)
+        get_reward(self.reward)
+        # Every stage's config is built (and so checked) now, before the first stage runs.
+        if not self.sae.load:
+            try:
+                _train_job(self)
+            except IPGError as e:
+                raise IPGError(f"sae.train_config: {e}") from None
+        dataclasses.replace(self.evaluation, k=self.evaluation.k or self.selection.k, reward=self.reward).validate()
+        if all(t.name == "arithmetic" or t.path for t in (self.task, self.evaluation.task)):  # cheap to load here
+            check_held_out(load_problems(self.evaluation.task), [p.id for p in load_problems(self.task)])
 
 
 # ---- stages ---------------------------------------------------------------------------
@@ -69,8 +90,9 @@ class PipelineConfig(JobConfig):
 @dataclass
 class Stage:
     name: str
-    settings: Callable[[PipelineConfig], object]  # what the stage's outputs depend on
+    settings: Callable[[PipelineConfig], object]  # what the stage's outputs depend on (besides earlier stages)
     run: Callable[[PipelineConfig], dict | None]
+    outputs: Callable[[PipelineConfig], list[Path]]  # the files later stages read
     # Partial outputs that a stage would refuse to reuse once its settings changed.
     stale: Callable[[PipelineConfig], list[Path]] = lambda cfg: []
 
@@ -123,44 +145,91 @@ def _run_evaluate(cfg: PipelineConfig) -> dict:
     return {"report": str(report), "comparisons": result.comparisons}
 
 
+def _model_inputs(cfg: PipelineConfig) -> dict:
+    """Digests of the model files the pipeline reads (a hub id is identified by its name and revision only)."""
+    return {"model": source_digest(cfg.model.name), "revision": cfg.model.revision}
+
+
+def _sae_inputs(cfg: PipelineConfig) -> dict:
+    return {spec.path: tree_digest([spec.path]) for spec in cfg.sae.load if spec.path}
+
+
+def _attribution_outputs(c: PipelineConfig) -> list[Path]:
+    return [f for method in ["ipg", *c.baselines] for f in attribution_files(method_dir(c.run_dir, method))]
+
+
 STAGES = [
-    Stage("sample", lambda c: (c.model, c.task, c.sampling, c.reward),
-          lambda c: run_sample(_sample_job(c))),
-    Stage("sae", lambda c: (c.model, c.sae, _train_job(c) if not c.sae.load else None), _run_train,
+    Stage("sample", lambda c: (c.model, _model_inputs(c), c.task, c.sampling, c.reward),
+          lambda c: run_sample(_sample_job(c)), outputs=lambda c: [c.run_dir / "trajectories.jsonl"]),
+    Stage("sae", lambda c: (c.sae, _sae_inputs(c), _train_job(c) if not c.sae.load else None), _run_train,
+          outputs=lambda c: [] if c.sae.load else [_train_job(c).run_dir / "sae"],
           stale=lambda c: [] if c.sae.load else [_train_job(c).run_dir / p for p in ("checkpoints", "sae", "sae_eval.json")]),
     Stage("attribute", lambda c: (c.attribution, c.baselines, c.selection),
-          lambda c: run_attribute(_attribute_job(c), group=c.name)),
-    Stage("evaluate", lambda c: (c.evaluation, c.evaluate_baselines), _run_evaluate, stale=lambda c: [c.run_dir / "eval" / "cells"]),
+          lambda c: run_attribute(_attribute_job(c), group=c.name), outputs=_attribution_outputs),
+    Stage("evaluate", lambda c: (c.evaluation, c.evaluate_baselines), _run_evaluate,
+          outputs=lambda c: [c.run_dir / "eval" / "summary.json", c.run_dir / "report.md"],
+          stale=lambda c: [c.run_dir / "eval" / "cells"]),
+    Stage("explore", lambda c: (c.explorer,), lambda c: _run_explore(c),
+          outputs=lambda c: [c.run_dir / "explorer" / "index.html", c.run_dir / "explorer" / "data.json"]),
 ]
 
 
-def _hash(obj, upstream: str) -> str:
+def _run_explore(cfg: PipelineConfig) -> dict:
+    from .explorer import ExploreJobConfig, run_explore
+
+    page = run_explore(ExploreJobConfig(run_dir=str(cfg.run_dir), explorer=cfg.explorer, wandb=cfg.wandb),
+                       group=cfg.name)
+    return {"explorer": str(page)}
+
+
+def _key(settings, upstream: str) -> str:
     def default(o):
         if dataclasses.is_dataclass(o):
             return dataclasses.asdict(o)
         return str(o)
 
-    text = json.dumps(obj, default=default, sort_keys=True) + upstream
+    text = json.dumps([FORMAT_VERSION, settings], default=default, sort_keys=True) + upstream
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_marker(marker: Path) -> dict | None:
+    if not marker.is_file():
+        return None
+    try:
+        done = read_json(marker)
+    except (ValueError, UnicodeDecodeError):
+        done = None
+    if not isinstance(done, dict) or "hash" not in done:
+        raise IPGError(f"{marker} is corrupt; delete it to rerun the {marker.stem} stage")
+    return done
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every stage not already finished with the same settings; return each stage's summary."""
+    with run_lock(cfg.run_dir):
+        write_text(cfg.run_dir / "pipeline_config.yaml", dump_yaml(cfg))
+        return run_stages(cfg, STAGES)
+
+
+def run_stages(cfg, stages: list[Stage]) -> dict:
+    """Run ``stages`` in order under ``cfg.run_dir``, reusing each one whose key and outputs still match."""
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "pipeline_config.yaml", dump_yaml(cfg))
     upstream, results = "", {}
-    for stage in STAGES:
-        digest = _hash(stage.settings(cfg), upstream)
+    for stage in stages:
+        key = _key(stage.settings(cfg), upstream)
         marker = run_dir / "stages" / f"{stage.name}.json"
-        done = read_json(marker) if marker.is_file() else None
-        if done and done.get("hash") == digest:
-            log.info("stage %s: already done with these settings, skipped", stage.name)
+        done = _read_marker(marker)
+        outputs = tree_digest(stage.outputs(cfg)) if done else {}
+        if done and done["hash"] == key and done.get("outputs") == outputs:
+            log.info("stage %s: already done with these settings and inputs (key %s) and its %d output files are "
+                     "the ones it wrote: reused", stage.name, key, len(outputs))
             results[stage.name] = done.get("summary")
         else:
-            if done:  # finished before with other settings: its partial outputs are stale
+            if done:  # finished before, but its settings, inputs or outputs changed: partial outputs are stale
+                why = "settings or inputs changed" if done["hash"] != key else "its output files changed since"
+                log.warning("stage %s: %s; rerunning it", stage.name, why)
                 for path in stage.stale(cfg):
-                    log.info("stage %s: settings changed, removing %s", stage.name, path)
+                    log.info("stage %s: removing %s", stage.name, path)
                     if path.is_dir():
                         shutil.rmtree(path)
                     else:
@@ -169,8 +238,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             t0 = time.perf_counter()
             summary = stage.run(cfg)
             seconds = round(time.perf_counter() - t0, 1)
-            write_json(marker, {"hash": digest, "seconds": seconds, "summary": summary})
+            outputs = tree_digest(stage.outputs(cfg))
+            write_json(marker, {"hash": key, "seconds": seconds, "outputs": outputs, "summary": summary})
             log.info("stage %s: done in %.0f s", stage.name, seconds)
             results[stage.name] = summary
-        upstream = digest
+        upstream = json_digest(outputs) + key
     return results

@@ -23,8 +23,10 @@ How equivalence is decided (:func:`answers_match`): both sides are lightly norma
 (spaces, ``$``, ``\\text{}``/``\\mbox{}`` wrappers, ``\\left``/``\\right``, ``\\dfrac``, degree
 signs, a trailing period, case). If both then parse as numbers (:func:`parse_number`) they
 are compared exactly as fractions, so ``0.5 == 1/2 == \\frac{1}{2}``, ``1,000 == 1000`` and
-``8.0 == 8``; ``50%`` parses as 50 (not 0.5). Otherwise the normalized strings must be
-equal; there is no symbolic algebra.
+``8.0 == 8``; ``50%`` parses as 50 (not 0.5). Otherwise equal normalized strings match, and
+Hugging Face's ``math-verify`` (what MATH-style grading uses) decides symbolic equivalence:
+``\\frac{\\pi}{2} == \\pi/2``, ``2\\sqrt{2} == \\sqrt{8}``, ``x = 5 == 5``, sets and intervals; each
+parse and comparison is bounded to ``MATH_VERIFY_TIMEOUT_S`` seconds.
 
 An unparseable completion never raises: its answer is ``None`` and it is never correct.
 """
@@ -235,15 +237,47 @@ def _normalize(s: str) -> str:
     return t.rstrip(".").lower()
 
 
+MATH_VERIFY_TIMEOUT_S = 2  # per parse and per comparison: a pathological expression cannot stall a run
+
+
 def answers_match(pred: str | None, reference: str) -> bool:
-    """Whether the extracted answer ``pred`` equals ``reference`` (numerically when both are numbers)."""
+    """Whether the extracted answer ``pred`` equals ``reference``.
+
+    Numbers are compared exactly (as fractions); a numeric reference needs a numeric answer (or the
+    same string). When the reference is not a plain number, equal normalized strings match, and
+    otherwise Hugging Face's ``math-verify`` decides symbolic
+    equivalence (``\\frac{\\sqrt3}{2}`` = ``\\frac{\\sqrt{3}}{2}``, ``2\\sqrt{2}`` = ``\\sqrt{8}``,
+    ``x = 5`` = ``5``), with its time bounded per answer.
+    """
     if pred is None:
         return False
     pred_norm, ref_norm = _normalize(pred), _normalize(str(reference))
     pred_value, ref_value = parse_number(pred_norm), parse_number(ref_norm)
     if pred_value is not None and ref_value is not None:
         return pred_value == ref_value
-    return pred_norm == ref_norm
+    if ref_value is not None and "=" in pred_norm:  # "x=5" states the value 5
+        rhs = parse_number(pred_norm.rsplit("=", 1)[1])
+        return rhs == ref_value if rhs is not None else pred_norm == ref_norm
+    if pred_norm == ref_norm:
+        return True
+    if ref_value is not None and not re.search(r"[\\^a-z]", pred_norm):
+        return False  # a number against plain text: the fast path decides
+    return _symbolically_equal(pred, str(reference))
+
+
+def _symbolically_equal(pred: str, reference: str) -> bool:
+    from math_verify import parse, verify
+
+    def latex(text: str) -> str:
+        text = text.strip()
+        return text if text.startswith("$") else f"${text}$"
+
+    try:
+        gold = parse(latex(reference), parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+        answer = parse(latex(pred), parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+        return bool(gold and answer and verify(gold, answer, timeout_seconds=MATH_VERIFY_TIMEOUT_S))
+    except Exception:  # math-verify raises on what it cannot read: such an answer is not equal
+        return False
 
 
 # --------------------------------------------------------------------------- rewards

@@ -24,6 +24,7 @@ and ``reshape_activations`` must be ``none``; other SAEs are rejected with a cle
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -38,10 +39,8 @@ from .models import block_hidden, check_layer, decoder_layers, hidden_size, repl
 
 Scope = Literal["all", "generated"]
 
-_LAYER_PATTERNS = [
-    re.compile(r"blocks\.(\d+)\.hook_resid_post$"),  # TransformerLens names
-    re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)$"),  # HF module paths: model.layers.N, transformer.h.N
-]
+_TL_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")  # TransformerLens names: blocks.L.hook_resid_post, ...
+_HF_BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(\..+)?$")  # HF module paths: model.layers.N, transformer.h.N
 
 
 @dataclass
@@ -82,6 +81,7 @@ def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | 
         path = Path(spec.path).expanduser()
         if not (path / "cfg.json").is_file():
             raise IPGError(f"{path} is not an SAE directory (no cfg.json); give a directory saved in sae-lens format")
+        _check_sidecar(path)
         try:
             sae = SAE.load_from_disk(str(path), device=str(device))
         except Exception as e:  # sae-lens raises many types; the user needs one line
@@ -94,26 +94,167 @@ def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | 
                 f"could not load SAE {spec.release}/{spec.sae_id}: {str(e).splitlines()[0][:200]}; "
                 "check the release and id (sae_lens.loading.pretrained_saes_directory) and your network"
             ) from None
-    layer = spec.layer if spec.layer is not None else sae_layer(sae)
+    where = spec.path or f"{spec.release}/{spec.sae_id}"
+    _check_finite(sae, where)
+    _check_basis(sae, where)
+    hooked = hook_layer(sae.cfg.metadata.hook_name)  # refuses non-residual hooks, whatever `layer` says
+    if spec.layer is not None and model is not None:
+        check_layer(model, spec.layer, what="SAE layer")
+    if spec.layer is not None and hooked is not None and spec.layer != hooked:
+        raise IPGError(f"SAE {where} reads {sae.cfg.metadata.hook_name}, the output of decoder block {hooked}, but its "
+                       f"entry says layer {spec.layer}; remove `layer` (it is read from hook_name) or correct it")
+    layer = spec.layer if spec.layer is not None else hooked
     if layer is None:
-        raise IPGError(f"cannot tell which layer SAE {spec.path or spec.sae_id} reads (hook_name "
-                       f"{sae.cfg.metadata.hook_name!r}); set `layer` in its SAE entry")
+        raise IPGError(f"cannot tell which layer SAE {where} reads (hook_name "
+                       f"{sae.cfg.metadata.hook_name!r}); set `layer` in its SAE entry (the decoder block whose "
+                       "output it reads)")
     sae.ipg_layer = layer
     if model is not None:
         sae = prepare_sae(sae, model, layer)
     return sae
 
 
+SIDECAR = "ipg_sae.json"  # next to cfg.json in SAE directories this project wrote
+
+
+def write_sae_sidecar(sae_dir: str | Path, model_name: str, layer: int) -> None:
+    """Record the weights' digest (checked on every load) and the model names next to a saved SAE."""
+    from .digest import file_digest
+    from .io import write_json
+    from .models import hub_id
+
+    sae_dir = Path(sae_dir)
+    write_json(sae_dir / SIDECAR, {"weights_sha256": file_digest(sae_dir / "sae_weights.safetensors"),
+                                   "model_name": model_name, "hub_id": hub_id(model_name), "layer": layer})
+
+
+def export_for_transformer_lens(sae_dir: str | Path, out_dir: str | Path) -> Path:
+    """A copy of an SAE this project trained, named the way TransformerLens tools expect.
+
+    The copy's ``hook_name`` is ``blocks.L.hook_resid_post`` (the same residual as the HF model's
+    block ``L`` output), ``model_class_name`` is ``HookedTransformer`` with the model's hub id,
+    and ``model_from_pretrained_kwargs`` turn off the weight processing that would change the
+    residual basis, so ``HookedSAETransformer`` and SAEDashboard load it where it was trained.
+    The weights are copied unchanged.
+    """
+    import json
+    import shutil
+
+    from .io import write_json
+    from .models import hub_id
+
+    sae_dir, out_dir = Path(sae_dir), Path(out_dir)
+    cfg = json.loads((sae_dir / "cfg.json").read_text(encoding="utf-8"))
+    meta = dict(cfg.get("metadata") or {})
+    layer = hook_layer(meta.get("hook_name"))
+    if layer is None:
+        raise IPGError(f"{sae_dir}/cfg.json does not say which layer the SAE reads (hook_name); cannot export it")
+    meta.update(hook_name=f"blocks.{layer}.hook_resid_post", model_class_name="HookedTransformer",
+                model_name=hub_id(meta.get("model_name") or "") or meta.get("model_name"),
+                model_from_pretrained_kwargs={"center_writing_weights": False, "center_unembed": False,
+                                              "fold_ln": False})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(sae_dir / "sae_weights.safetensors", out_dir / "sae_weights.safetensors")
+    write_json(out_dir / "cfg.json", {**cfg, "metadata": meta})
+    return out_dir
+
+
+def _check_sidecar(path: Path) -> None:
+    """An SAE this project wrote must still have the weights it was written with."""
+    from .digest import file_digest
+    from .io import read_json
+
+    side = path / SIDECAR
+    if not side.is_file():
+        return  # an SAE from elsewhere: nothing recorded to check against
+    try:
+        expected = read_json(side).get("weights_sha256")
+    except (ValueError, AttributeError):
+        raise IPGError(f"{side} is corrupt; delete it (the SAE then loads unchecked) or retrain the SAE") from None
+    weights = path / "sae_weights.safetensors"
+    if expected and weights.is_file() and file_digest(weights) != expected:
+        raise IPGError(f"{weights} is not the file that was trained (its sha256 differs from the one recorded in "
+                       f"{SIDECAR}): it was changed or damaged; retrain the SAE or restore the file")
+
+
+# TransformerLens's from_pretrained defaults; only center_writing_weights changes the residual stream
+# itself (it removes the mean over d_model from everything written to it), and only for LayerNorm models.
+_TL_DEFAULTS = {"center_writing_weights": True}
+
+
+def _check_basis(sae, where: str) -> None:
+    """Refuse an SAE trained on a TransformerLens model whose residual stream is centred: the HF model's is not."""
+    meta = sae.cfg.metadata
+    cls = getattr(meta, "model_class_name", None)
+    tl_hook = (getattr(meta, "hook_name", None) or "").startswith("blocks.")
+    if not (cls in ("HookedTransformer", "HookedSAETransformer") or (cls is None and tl_hook)):
+        return  # trained on the plain HF model (as sae_training does), or nothing says otherwise
+    kwargs = {**_TL_DEFAULTS, **(getattr(meta, "model_from_pretrained_kwargs", None) or {})}
+    if kwargs.get("center_writing_weights") and not _uses_rmsnorm(getattr(meta, "model_name", None)):
+        raise IPGError(f"SAE {where} was trained on a TransformerLens model with center_writing_weights (its "
+                       "default): that residual stream has its mean over d_model removed, the plain HF model's has "
+                       "not, and the splice cannot convert between them exactly. Use an SAE trained on the HF model "
+                       "(ipg-sae train-sae) or one trained with model_from_pretrained_kwargs "
+                       "{center_writing_weights: false}")
+
+
+def _uses_rmsnorm(model_name: str | None) -> bool:
+    """TransformerLens never centres writing weights of RMSNorm models (Llama, Gemma, Qwen, Mistral, ...)."""
+    name = (model_name or "").lower()
+    return any(f in name for f in ("llama", "gemma", "qwen", "mistral", "smollm", "mixtral", "phi-3", "olmo"))
+
+
+def _check_finite(sae, where: str) -> None:
+    for name, p in sae.named_parameters():
+        bad = int((~torch.isfinite(p)).sum())
+        if bad:
+            raise IPGError(f"SAE {where} has {bad} non-finite values (NaN or inf) in {name}; the weights are broken: "
+                           "retrain the SAE or restore its file")
+
+
+def hook_layer(hook: str | None) -> int | None:
+    """The decoder block whose *output* is the residual an SAE with this ``hook_name`` reads.
+
+    ``blocks.L.hook_resid_post`` and HF paths (``model.layers.L``, ``transformer.h.L``) read block
+    ``L``'s output; ``blocks.L.hook_resid_pre`` reads block ``L``'s input, which is block ``L - 1``'s
+    output. Returns None for a name that says nothing (then the SAE entry must give ``layer``);
+    refuses the residual sites the splice cannot reach (the embedding output, the middle of a
+    block) and every non-residual hook (attention or MLP outputs, ``hook_z``, ...), whose
+    activations do not live in the residual stream.
+    """
+    hook = (hook or "").strip()
+    if not hook:
+        return None
+    m = _TL_HOOK.match(hook)
+    if m:
+        layer, site = int(m.group(1)), m.group(2)
+        if site == "hook_resid_post":
+            return layer
+        if site == "hook_resid_pre":
+            if layer == 0:
+                raise IPGError(f"the SAE reads {hook}, the embedding output: the splice works on decoder block "
+                               "outputs, so SAEs on blocks.0.hook_resid_pre are not supported; use a later layer")
+            return layer - 1
+        if site == "hook_resid_mid":
+            raise IPGError(f"the SAE reads {hook}, the residual between attention and MLP inside block {layer}: no "
+                           "module boundary exposes it, so the exact splice cannot reach it; use a resid_pre or "
+                           "resid_post SAE")
+        raise IPGError(f"the SAE reads {hook}, which is not the residual stream (IPG splices SAEs on the residual "
+                       "stream only); use an SAE trained on hook_resid_post or hook_resid_pre")
+    m = _HF_BLOCK.search(hook)
+    if m:
+        if m.group(2):
+            raise IPGError(f"the SAE reads {hook}, a submodule of a decoder block, not the residual stream; use an "
+                           "SAE trained on the block's output (e.g. model.layers.N)")
+        return int(m.group(1))
+    return None
+
+
 def sae_layer(sae) -> int | None:
-    """The residual layer index in ``cfg.metadata.hook_name`` (TransformerLens or HF naming)."""
+    """The decoder block whose output the SAE reads, from ``cfg.metadata.hook_name`` (see :func:`hook_layer`)."""
     if getattr(sae, "ipg_layer", None) is not None:
         return sae.ipg_layer
-    hook = sae.cfg.metadata.hook_name or ""
-    for pattern in _LAYER_PATTERNS:
-        m = pattern.search(hook)
-        if m:
-            return int(m.group(1))
-    return None
+    return hook_layer(sae.cfg.metadata.hook_name)
 
 
 def prepare_sae(sae, model: nn.Module, layer: int | None = None):
@@ -165,6 +306,27 @@ def _check_affine_decoder(sae) -> None:
     if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
         raise IPGError(f"SAE architecture {sae.cfg.architecture()!r} decodes non-linearly; the splice supports "
                        "standard, topk and jumprelu SAEs")
+
+
+# ---- how well an SAE explains the data -------------------------------------------------
+
+
+def variance_sums(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Sums from which explained variance is computed, additive over batches: ``[n, sum |x|^2,
+    sum |x - recon|^2, sum x (d values)]`` in float64, for residuals ``x`` and reconstructions ``[n, d]``."""
+    x, recon = x.double().reshape(-1, x.shape[-1]), recon.double().reshape(-1, x.shape[-1])
+    head = torch.stack([torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+                        (x * x).sum(), ((x - recon) ** 2).sum()])
+    return torch.cat([head, x.sum(0)]).cpu()
+
+
+def explained_variance(sums: torch.Tensor) -> float:
+    """``1 - sum |x - recon|^2 / sum |x - mean(x)|^2`` from :func:`variance_sums` (NaN without data)."""
+    n, sq, sse, total = float(sums[0]), float(sums[1]), float(sums[2]), sums[3:]
+    if n == 0:
+        return math.nan
+    var = sq - float((total * total).sum()) / n
+    return 1.0 - sse / var if var > 0 else math.nan
 
 
 # ---- active sets ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import IPGError
-from .models import model_fingerprint
+from .models import context_length, model_fingerprint
 from .rewards import Reward, get_reward
 from .tasks import Problem
 from .trajectories import Trajectory
@@ -30,12 +30,12 @@ from .trajectories import Trajectory
 @dataclass
 class SamplingConfig:
     n_samples: int = 4  # G: completions per prompt
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 128
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling (1 = the full vocabulary)
+    max_new_tokens: int = 128  # generated tokens per completion at most
     batch_size: int = 16  # sequences per generate call (prompts per call = batch_size // n_samples)
-    seed: int = 0
-    backend: Literal["hf"] = "hf"
+    seed: int = 0  # each batch reseeds from (seed, batch index)
+    backend: Literal["hf"] = "hf"  # transformers generate()
 
     def validate(self) -> None:
         if self.n_samples < 1:
@@ -71,6 +71,7 @@ def sample(model, tokenizer, problems: list[Problem], prompts: list[str], cfg: S
     if not problems:
         raise IPGError("no problems to sample: the task produced an empty dataset; check task.n_problems")
     reward = get_reward(reward)
+    _check_context(model, tokenizer, problems, prompts, cfg.max_new_tokens)
     fingerprint = model_fingerprint(model, tokenizer)
     per_call = max(1, cfg.batch_size // cfg.n_samples)
     stops = eos_ids(model, tokenizer)
@@ -91,6 +92,20 @@ def sample(model, tokenizer, problems: list[Problem], prompts: list[str], cfg: S
         bar.set_postfix(tok_s=f"{n_generated / (time.perf_counter() - t0):.1f}")
     bar.close()
     return out
+
+
+def _check_context(model, tokenizer, problems: list[Problem], prompts: list[str], max_new_tokens: int) -> None:
+    """Refuse prompts that cannot fit ``max_new_tokens`` more tokens in the model's context, before sampling."""
+    limit = context_length(model)
+    if not limit:
+        return
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    long = [(p.id, n) for p, n in zip(problems, lengths) if n + max_new_tokens > limit]
+    if long:
+        shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in long[:3])
+        raise IPGError(f"{len(long)} prompts do not leave room for max_new_tokens {max_new_tokens} in the model's "
+                       f"context of {limit} tokens: {shown}{' ...' if len(long) > 3 else ''}; lower "
+                       "sampling.max_new_tokens or shorten the prompts (task.few_shot)")
 
 
 def _batch_seed(seed: int, batch_index: int) -> int:
@@ -136,6 +151,9 @@ def _trajectory(problem: Problem, prompt: str, prompt_ids: list[int], ids: list[
         score = reward.score(prompt, text, problem.answer, len(ids))
     except IPGError as e:
         raise IPGError(f"trajectory {traj_id}: {e}") from None
+    except Exception as e:  # a user reward's own bug: one line that names it, not a traceback mid-run
+        raise IPGError(f"the reward {reward.name} raised {type(e).__name__} ({str(e)[:120]}) on trajectory {traj_id}; "
+                       "fix the reward function") from None
     return Trajectory(id=traj_id, prompt_id=problem.id, sample_index=g, prompt=prompt, completion=text,
                       reference=problem.answer, prompt_ids=list(prompt_ids), completion_ids=list(ids),
                       reward=score.reward, answer=score.answer, correct=score.correct, parsed=score.parsed,

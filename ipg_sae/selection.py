@@ -31,7 +31,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -42,9 +42,11 @@ from .steering import Selection, as_selection
 
 log = logging.getLogger(__name__)
 
+RankBy = Literal["mean", "t", "mean_abs", "score"]
+Normalize = Literal["none", "length", "l1"]
 STAT_NAMES = ("mean", "mean_abs", "std", "se", "t", "sign_consistency", "active_frac")
-RANK_BY = ("mean", "t", "mean_abs", "score")
-NORMALIZE = ("none", "length", "l1")
+RANK_BY: tuple[str, ...] = get_args(RankBy)
+NORMALIZE: tuple[str, ...] = get_args(Normalize)
 TABLE_COLUMNS = ("layer", "latent", "rank", *STAT_NAMES, "score", "method", "contexts")
 
 
@@ -235,6 +237,7 @@ def feature_table(result: AttributionResult, tokenizer, trajectories, k: int | N
             k = sum(int(s["active_frac"].gt(0).sum()) for s in stats.values()) or 1
         latents = _rank(stats, by, k, per_layer, True)
     by_id = {t.id: t for t in trajectories}
+    neuronpedia = {s["layer"]: s.get("neuronpedia_id") for s in result.meta.get("saes", [])}
     rows, rank_in_layer = [], {}
     for i, (layer, latent) in enumerate(latents):
         rank_in_layer[layer] = rank_in_layer.get(layer, 0) + 1
@@ -245,8 +248,15 @@ def feature_table(result: AttributionResult, tokenizer, trajectories, k: int | N
         row["score"] = float(s["score"][latent])
         row["method"] = result.method_name
         row["contexts"] = " | ".join(_contexts(result, layer, latent, tokenizer, by_id, window))
+        if any(neuronpedia.values()):
+            row["neuronpedia"] = neuronpedia_url(neuronpedia.get(layer), latent)
         rows.append(row)
     return rows
+
+
+def neuronpedia_url(neuronpedia_id: str | None, latent: int) -> str:
+    """The latent's page on Neuronpedia ("" when its SAE has no ``neuronpedia_id``)."""
+    return f"https://www.neuronpedia.org/{neuronpedia_id}/{latent}" if neuronpedia_id else ""
 
 
 def _contexts(result, layer, latent, tokenizer, by_id, window) -> list[str]:

@@ -144,8 +144,19 @@ class _Positions:
         self.first: torch.Tensor | None = None  # each row's first real position
         self.keep: torch.Tensor | None = None  # [batch, length] bool
         self.index: torch.Tensor | None = None  # [batch, length] real-token index
+        self.given: tuple[torch.Tensor, torch.Tensor] | None = None  # set by the caller for its next call
+
+    def next_call(self, keep: torch.Tensor, index: torch.Tensor) -> None:
+        """Say which positions the next forward call steers (``keep [batch, length]``) and their
+        real-token index: for callers that feed a sequence in segments over a KV cache, where a
+        call's own attention mask cannot say where in the sequence it starts."""
+        self.given = (keep.bool(), index.long())
 
     def pre_hook(self, _module, args, kwargs):
+        if self.given is not None:
+            (self.keep, self.index), self.given = self.given, None
+            self.calls += 1
+            return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
@@ -281,7 +292,9 @@ def steer(model: nn.Module, saes, interventions: Sequence[Intervention], scope: 
         exclude_first: leave each row's first real token alone (its residual is an outlier).
 
     Returns:
-        A context manager; hooks are removed on exit, also when the body raises.
+        A context manager; hooks are removed on exit, also when the body raises. It yields a
+        handle whose ``next_call(keep, index)`` fixes the steered positions of the next forward
+        call, for callers that feed a sequence in segments over a KV cache.
     """
     interventions = list(interventions)
     saes = as_layer_dict(saes)
@@ -297,7 +310,7 @@ def steer(model: nn.Module, saes, interventions: Sequence[Intervention], scope: 
         handles.append(_base_module(model).register_forward_pre_hook(positions.pre_hook, with_kwargs=True))
         for layer, ivs in sorted(by_layer.items()):
             handles.append(blocks[layer].register_forward_hook(_SteerHook(saes[layer], ivs, positions)))
-        yield
+        yield positions
     finally:
         for h in handles:
             h.remove()

@@ -57,13 +57,14 @@ class TaskConfig:
     level: int = 1  # arithmetic only: 1, 2, 3
     n_problems: int = 64  # how many problems to take (after offset); 0 = all for file/hub tasks
     offset: int = 0  # skip this many first problems (held-out splits use a different offset/seed)
-    seed: int = 0
+    seed: int = 0  # arithmetic: the generator's seed (another seed, other problems)
     split: str = "test"  # hub split for gsm8k/math500
     path: str | None = None  # local .jsonl/.json/.parquet file for gsm8k/math500/jsonl; None = hub dataset
     question_field: str | None = None  # None = the task's default ("question"; "problem" for math500)
     answer_field: str | None = None  # None = "answer"
     few_shot: int = 1  # worked examples put before the question
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # a system turn before the examples (chat models)
+    # the instruction put before each question
     instruction: str = "Solve the problem step by step. Finish with 'The answer is N.'"
 
 

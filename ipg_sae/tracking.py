@@ -1,14 +1,26 @@
 """Weights & Biases logging that can never cost a run its local outputs.
 
-Mode: ``wandb.mode: auto`` (default) logs online when the user has configured W&B
-(``WANDB_API_KEY`` set, or ``WANDB_MODE=online``) and offline otherwise: offline runs are
-written under ``runs/<name>/wandb/`` and can be uploaded later with ``wandb sync``.
-``--no-wandb`` or ``wandb.enabled: false`` turns logging off.
+Mode: ``wandb.mode: auto`` (default) logs online when the user is logged in to W&B
+(``wandb login`` wrote credentials to ``~/.netrc``, or ``WANDB_API_KEY`` is set, or
+``WANDB_MODE=online``) and offline otherwise: offline runs are written under
+``runs/<name>/wandb/`` and can be uploaded later with ``wandb sync``. ``--no-wandb`` or
+``wandb.enabled: false`` turns logging off.
+
+A W&B server that cannot be reached is found out once per process, with a short connection
+probe before the first online run: the process then logs offline, says so once, and says how
+to sync later (a pipeline does not wait on the network at every stage).
+
+Lineage: each job logs what it made as an artifact (trajectories, SAE, attribution result)
+and declares what it used (:meth:`Tracker.use`), so W&B's lineage graph shows
+sample -> SAE -> attribution -> evaluation. A job that is killed and rerun continues its W&B
+run (same id, ``resume="allow"``); the id lives in ``runs/<name>/wandb/run_ids.json`` until
+the job finishes.
 
 Every W&B call goes through :class:`Tracker`, which catches and reports any failure once
 and then carries on without W&B: local files are always written first and never depend on
 logging. :func:`read_offline_run` reads an offline run's records back (tests use it; it is
-also handy to inspect a run before syncing it).
+also handy to inspect a run before syncing it). wandb has no public reader for offline run
+files, so it parses the record log with wandb's own protobuf definitions.
 """
 
 from __future__ import annotations
@@ -26,22 +38,62 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WandbConfig:
-    enabled: bool = True
-    project: str = "ipg-sae"
-    entity: str | None = None
-    mode: Literal["auto", "online", "offline"] = "auto"
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    enabled: bool = True  # log to Weights & Biases at all (--no-wandb turns it off)
+    project: str = "ipg-sae"  # W&B project
+    entity: str | None = None  # W&B team or user (None: your default)
+    mode: Literal["auto", "online", "offline"] = "auto"  # auto: online when you are logged in, else offline
+    group: str | None = None  # W&B group (default: the run name)
+    tags: list[str] = field(default_factory=list)  # W&B tags
+
+
+DEFAULT_HOST = "https://api.wandb.ai"
+_unreachable: str | None = None  # set once per process when the W&B server cannot be reached
 
 
 def resolve_mode(cfg: WandbConfig) -> str:
     if not cfg.enabled or os.environ.get("WANDB_MODE") == "disabled":
         return "disabled"
     if cfg.mode != "auto":
-        return cfg.mode
-    if os.environ.get("WANDB_MODE") in ("online", "offline"):
-        return os.environ["WANDB_MODE"]
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        mode = cfg.mode
+    elif os.environ.get("WANDB_MODE") in ("online", "offline"):
+        mode = os.environ["WANDB_MODE"]
+    else:
+        mode = "online" if logged_in() else "offline"
+    return "offline" if mode == "online" and _unreachable else mode
+
+
+def base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST
+
+
+def logged_in() -> bool:
+    """Whether W&B credentials exist: ``WANDB_API_KEY``, or what ``wandb login`` wrote to the netrc file."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(base_url()).hostname or ""
+    path = os.environ.get("NETRC") or os.path.expanduser("~/_netrc" if os.name == "nt" else "~/.netrc")
+    try:
+        auth = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def probe(timeout: float = 3.0) -> str | None:
+    """None when the W&B server accepts a TCP connection within ``timeout`` seconds, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(base_url())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
 
 
 class Tracker:
@@ -55,17 +107,35 @@ class Tracker:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir, self.job_type = run_dir, job_type
         # Artifacts stage under the user data dir unless told otherwise: keep them with the run.
         os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb-data"))
         os.environ.setdefault("WANDB_SILENT", "true")
+        if self.mode == "online":
+            self._check_reachable(run_dir)
         self._guard(lambda: self._init(cfg, run_dir, name, job_type, config or {}, group))
+
+    def _check_reachable(self, run_dir: Path) -> None:
+        global _unreachable
+        why = probe()
+        if why is None:
+            return
+        _unreachable = why
+        self.mode = "offline"
+        log.warning("W&B server %s cannot be reached (%s); this process logs offline under %s (upload later with "
+                    "`wandb sync %s`)", base_url(), why, run_dir / "wandb", run_dir / "wandb" / "offline-run-*")
 
     def _init(self, cfg, run_dir, name, job_type, config, group):
         import wandb
 
+        ids = _read_ids(run_dir)
+        run_id = ids.get(job_type)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{name}-{job_type}", job_type=job_type,
                               group=group or cfg.group or name, tags=cfg.tags or None, config=config,
-                              dir=str(run_dir), mode=self.mode, reinit="finish_previous")
+                              dir=str(run_dir), mode=self.mode, reinit="finish_previous", id=run_id,
+                              resume="allow" if run_id else None, settings=wandb.Settings(init_timeout=60))
+        if run_id is None:
+            _write_ids(run_dir, {**ids, job_type: self.run.id})
 
     @property
     def active(self) -> bool:
@@ -106,27 +176,103 @@ class Tracker:
 
             self._guard(lambda: self.run.log({key: wandb.Image(str(path))}))
 
-    def artifact(self, name: str, type: str, path: str | Path) -> None:
+    def html(self, key: str, path: str | Path) -> None:
+        """Log a self-contained HTML page (``wandb.Html``)."""
         if self.run is not None:
             import wandb
 
-            def upload():
-                art = wandb.Artifact(name, type=type)
-                (art.add_dir if Path(path).is_dir() else art.add_file)(str(path))
-                self.run.log_artifact(art)
+            self._guard(lambda: self.run.log({key: wandb.Html(Path(path).read_text(encoding="utf-8"))}))
 
-            self._guard(upload)
+    def artifact(self, name: str, type: str, *paths: str | Path) -> None:
+        """Log the files or directories ``paths`` as one artifact this job made."""
+        if self.run is not None:
+            self._guard(lambda: self.run.log_artifact(_artifact(name, type, paths)))
 
-    def finish(self) -> None:
+    def use(self, name: str, type: str, *paths: str | Path) -> None:
+        """Declare that this job used the artifact made of ``paths`` (same content, same W&B version)."""
+        if self.run is None or not paths or not all(Path(p).exists() for p in paths):
+            return
+        art = _artifact(name, type, paths)
+        if self.mode == "online":
+            self._guard(lambda: self.run.use_artifact(art))
+        else:
+            # wandb refuses use_artifact offline; for a draft artifact, use_artifact online is exactly this call,
+            # which records the use in the run file so that `wandb sync` draws the lineage.
+            self._guard(lambda: self.run._log_artifact(art, is_user_created=True, use_after_commit=True))
+
+    def finish(self, completed: bool = True) -> None:
+        """End the W&B run; a completed job forgets its run id, so the next run of it starts a new W&B run."""
         if self.run is not None:
             self._guard(self.run.finish)
             self.run = None
+            if completed:
+                ids = _read_ids(self.run_dir)
+                if ids.pop(self.job_type, None) is not None:
+                    _write_ids(self.run_dir, ids)
 
     def __enter__(self) -> "Tracker":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.finish()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.finish(completed=exc_type is None)  # killed or failed: the rerun continues this W&B run
+
+
+def artifact_name(kind: str, path: str | Path) -> str:
+    """The artifact name of what lies at ``path``: the same for the job that made it and the jobs that use it.
+
+    ``runs/demo/trajectories.jsonl`` -> ``demo-trajectories``; ``runs/demo/sae/layer_15`` ->
+    ``demo-sae-layer_15``; ``runs/demo`` (an attribution) -> ``demo-attribution``;
+    ``runs/demo/baselines/act`` -> ``demo-attribution-act``.
+    """
+    import re
+
+    path = Path(path).resolve()
+    if kind == "trajectories":
+        name = f"{path.parent.name}-trajectories"
+    elif kind == "sae":
+        name = f"{path.parent.parent.name}-sae-{path.name}" if path.parent.name == "sae" else f"sae-{path.name}"
+    elif kind == "attribution":
+        name = (f"{path.parent.parent.name}-attribution-{path.name}" if path.parent.name == "baselines"
+                else f"{path.name}-attribution")
+    else:
+        name = f"{path.name}-{kind}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
+
+
+ATTRIBUTION_FILES = ("attribution.safetensors", "attribution.json", "features.csv", "selection.json")
+
+
+def attribution_files(method_dir: str | Path) -> list[Path]:
+    """The files that make an attribution artifact (the result and its selection)."""
+    return [Path(method_dir) / f for f in ATTRIBUTION_FILES if (Path(method_dir) / f).is_file()]
+
+
+def _artifact(name: str, type: str, paths):
+    import wandb
+
+    art = wandb.Artifact(name, type=type)
+    for path in paths:
+        (art.add_dir if Path(path).is_dir() else art.add_file)(str(path))
+    return art
+
+
+def _ids_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "wandb" / "run_ids.json"
+
+
+def _read_ids(run_dir: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(_ids_file(run_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_ids(run_dir: Path, ids: dict) -> None:
+    from .io import write_json
+
+    write_json(_ids_file(run_dir), ids)
 
 
 # ---- reading offline runs back ----------------------------------------------------------
@@ -197,7 +343,8 @@ def read_offline_run(run_dir: str | Path, wait_s: float = 30.0) -> dict:
         raise FileNotFoundError(f"no offline W&B run under {run_dir}")
     runs = []
     for f in files:
-        history, summary, config = [], {}, {}
+        run_id = None
+        history, summary, config, artifacts = [], {}, {}, []
         for rec in _finished_records(f, wait_s):
             kind = rec.WhichOneof("record_type")
             if kind == "history":
@@ -211,5 +358,10 @@ def read_offline_run(run_dir: str | Path, wait_s: float = 30.0) -> dict:
             elif kind == "run":
                 for i in rec.run.config.update:
                     config[i.key] = json.loads(i.value_json)
-        runs.append({"file": str(f), "history": history, "summary": summary, "config": config})
+                run_id = rec.run.run_id
+            elif kind == "artifact":  # logged (made) or, with use_after_commit, used by the run
+                a = rec.artifact
+                artifacts.append({"name": a.name, "type": a.type, "digest": a.digest, "used": a.use_after_commit})
+        runs.append({"file": str(f), "history": history, "summary": summary, "config": config, "id": run_id,
+                     "made": [a for a in artifacts if not a["used"]], "used": [a for a in artifacts if a["used"]]})
     return {"runs": runs, **runs[-1]}

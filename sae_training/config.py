@@ -41,11 +41,11 @@ class DataConfig:
 @dataclass
 class TrainSAEConfig(JobConfig):
     name: str = "sae"
-    layers: list[int] = field(default_factory=lambda: [15])
+    layers: list[int] = field(default_factory=lambda: [15])  # residual layers (decoder block outputs), one SAE each
 
     # SAE
     architecture: Architecture = "topk"
-    expansion_factor: int = 4
+    expansion_factor: int = 4  # d_sae = expansion_factor * d_model
     k: int = 32  # topk / batchtopk: active latents per token (batchtopk: on average)
     aux_loss_coefficient: float = 1.0  # topk / batchtopk: dead-latent auxiliary loss
     l1_coefficient: float = 5.0  # standard
@@ -64,9 +64,9 @@ class TrainSAEConfig(JobConfig):
 
     # data and activations
     data: DataConfig = field(default_factory=DataConfig)
-    training_tokens: int = 1_000_000
-    context_size: int = 256
-    batch_size_tokens: int = 4096
+    training_tokens: int = 1_000_000  # residual positions to train on, over all processes
+    context_size: int = 256  # tokens per LM row
+    batch_size_tokens: int = 4096  # positions per optimizer step
     lm_batch_size: int = 8  # sequences per LM forward
     chunk_sequences: int = 32  # sequences per activation chunk: the unit of caching
     buffer_chunks: int = 4  # chunks shuffled together
@@ -82,7 +82,7 @@ class TrainSAEConfig(JobConfig):
     n_eval_sequences: int = 16  # held-out sequences for the evaluation
     log_every: int = 10
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps; a rerun resumes
-    seed: int = 0
+    seed: int = 0  # SAE init and data order
     device: str | None = None  # SAE device; None = the model's device
     threads: int | None = None  # CPU threads for torch (None = torch's default; 1 helps on a busy shared machine)
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ipg_sae.errors import IPGError
-from ipg_sae.models import decoder_layers, hidden_size
+from ipg_sae.models import decoder_layers, hidden_size, hub_id
 
 from .config import TrainSAEConfig
 
@@ -50,7 +50,7 @@ def build_sae(cfg: TrainSAEConfig, model, layer: int, device: str):
         raise IPGError(f"k={cfg.k} exceeds the SAE width {d_sae} (expansion_factor {cfg.expansion_factor} x d_model "
                        f"{d_in}); lower k or raise expansion_factor")
     metadata = SAEMetadata(
-        model_name=cfg.model.name,
+        model_name=hub_id(cfg.model.name) or cfg.model.name,  # the hub id when known: what other tools load
         hook_name=f"{blocks_path(model)}.{layer}",
         hook_head_index=None,
         model_class_name="AutoModelForCausalLM",

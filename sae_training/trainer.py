@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from ipg_sae.config import dump_yaml, to_dict
 from ipg_sae.errors import IPGError
-from ipg_sae.io import read_json, write_json, write_text
+from ipg_sae.io import read_json, run_lock, write_json, write_text
 from ipg_sae.models import check_layer, hidden_size, load_model, model_fingerprint
-from ipg_sae.tracking import Tracker
+from ipg_sae.saes import write_sae_sidecar
+from ipg_sae.tracking import Tracker, artifact_name
 
 from . import checkpoints, distributed
 from .activations import ActivationCache, ActivationSource, ActivationStream, inliers, model_key
@@ -69,7 +70,8 @@ def train(cfg: TrainSAEConfig) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _Run(cfg, d).run()
+        with run_lock(cfg.run_dir):
+            return _Run(cfg, d).run()
     finally:
         torch.set_num_threads(threads)
         if owns_group:
@@ -125,11 +127,15 @@ class _Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.run_dir / "train_sae_config.yaml", dump_yaml(cfg))
             self.tracker = Tracker(cfg.wandb, self.run_dir, cfg.name, "train-sae", config=to_dict(cfg))
+            if cfg.data.source == "trajectories":
+                self.tracker.use(artifact_name("trajectories", cfg.data.path), "dataset", cfg.data.path)
+        summary = {}
         try:
-            return self._train(start)
+            summary = self._train(start)
+            return summary
         finally:
-            if self.tracker is not None:
-                self.tracker.finish()
+            if self.tracker is not None:  # a run stopped early keeps its W&B run id for the resume
+                self.tracker.finish(completed=bool(summary.get("finished")))
 
     def _settings(self) -> dict:
         full = to_dict(self.cfg)
@@ -303,6 +309,7 @@ class _Run:
         tmp = self.sae_root / f".layer_{layer}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         sae.save_inference_model(str(tmp))
+        write_sae_sidecar(tmp, model_name=self.cfg.model.name, layer=layer)
         os.replace(tmp, final)
         return final
 
@@ -319,8 +326,7 @@ class _Run:
         self.tracker.log(flat, step=self.cfg.total_steps)
         self.tracker.summary(flat)
         for layer, path in sae_dirs.items():
-            name = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{self.cfg.name}-layer_{layer}")
-            self.tracker.artifact(name, "model", path)
+            self.tracker.artifact(artifact_name("sae", path), "model", path)
 
 
 def _summary(metrics: dict) -> str:

@@ -20,7 +20,6 @@ from ipg_sae.attribution import (
     AttributionConfig,
     AttributionResult,
     IPGEngine,
-    IPGWarning,
     advantages,
     attribute,
     attribute_from_config,
@@ -610,15 +609,21 @@ def test_user_errors(models, model_dirs, tmp_path):
         attribute(model, saes, make_trajs(), token_maps=["zzz"], progress=False)
 
 
-def test_all_rewards_equal_warns_and_writes_zeros(models, tmp_path):
+def test_all_rewards_equal_is_refused_before_any_work(models, tmp_path):
+    """Zero variance in every group: F is identically 0, so any selection would be arbitrary."""
     model, tok = models("llama")
     trajs = make_trajs(rewards=[[1, 1, 1, 1], [0, 0, 0, 0]])
-    with pytest.warns(IPGWarning, match="nothing to attribute"):
-        result = attribute(model, topk_saes((1,)), trajs, progress=False, out_dir=tmp_path)
-    assert torch.count_nonzero(result.attributions[1]) == 0
-    assert (tmp_path / "attribution.safetensors").is_file()
-    assert AttributionResult.load(tmp_path).meta["summary"]["n_skipped_prompts"] == 2
-    assert result.active[1].any()  # the clean pass still says which latents fire
+    with pytest.raises(IPGError, match="no prompt has reward variance"):
+        attribute(model, topk_saes((1,)), trajs, progress=False, out_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(IPGError, match="positive reward"):  # the likelihood baselines need a correct trajectory
+        attribute(model, topk_saes((1,)), make_trajs(rewards=[[0] * 4, [0] * 4]), baseline="grad_x_act",
+                  progress=False)
+    act = attribute(model, topk_saes((1,)), trajs, baseline="act", progress=False)  # activations need no variance
+    assert act.active[1].any()
+    # one prompt with variance is enough; the other is skipped
+    mixed = attribute(model, topk_saes((1,)), make_trajs(rewards=[[1, 1, 1, 1], [0, 1, 0, 0]]), progress=False)
+    assert mixed.prompt("skipped").tolist() == [True, False] and mixed.meta["summary"]["n_skipped_prompts"] == 1
 
 
 def test_attribute_from_config_and_yaml(models, tmp_path):
@@ -703,3 +708,103 @@ def test_normalized_selection_reads_a_real_result(models):
     assert torch.allclose(per_prompt(result, "length")[1], by_hand, atol=1e-7)
     assert not torch.allclose(plain, by_hand)
     assert len(select(result, 3, normalize="l1")) == 3
+
+
+# ---- adaptive quadrature ---------------------------------------------------------------------
+
+
+def test_nested_simpson_rules_integrate_cubics_exactly():
+    from ipg_sae.attribution.path import simpson_weights
+
+    panels = [(0.0, 1.0)]
+    rules = [simpson_weights(panels)]
+    for split in ((0.0, 1.0), (0.0, 0.5), (0.25, 0.5)):  # bisect, as the adaptive loop does
+        panels.remove(split)
+        a, b = split
+        panels += [(a, (a + b) / 2), ((a + b) / 2, b)]
+        rules.append(simpson_weights(panels))
+    for (coarse, _), (fine, _) in zip(rules, rules[1:]):
+        assert set(coarse.tolist()) < set(fine.tolist()) and len(fine) == len(coarse) + 2  # nested, two new nodes
+    for nodes, w in rules:
+        assert abs(w.sum() - 1) < 1e-15 and nodes[0] == 0.0 and nodes[-1] == 1.0
+        for deg in range(4):  # Simpson: exact for cubics on every panel
+            assert abs((w * nodes**deg).sum() - 1 / (deg + 1)) < 1e-15, deg
+    nodes, w = rules[-1]
+    assert abs((w * nodes**4).sum() - 0.2) > 1e-6  # and not for quartics
+
+
+def test_adaptive_meets_delta_tol_and_equals_the_fixed_rule_at_its_nodes(models):
+    from ipg_sae.attribution import IPGEngine
+
+    model, _ = models("gpt2")  # LayerNorm in float64: gaps go down to 1e-12
+    trajs, saes = make_trajs(n_prompts=3), topk_saes((1, 2))
+    tol = 1e-4
+    result = attribute(model, saes, trajs, delta_tol=tol, max_nodes=65, progress=False, token_maps=["p1/s0"],
+                       error_node=True)
+    assert float(result.delta.abs().max()) <= tol
+    assert result.meta["summary"]["n_budget_hit"] == 0
+    assert all(n >= 3 and n % 2 == 1 for n in result.prompt("n_nodes").tolist())  # 3 + 2 per bisection
+    engine = IPGEngine(model, saes, AttributionConfig(error_node=True, delta_tol=tol, max_nodes=65))
+    for p in range(3):  # the same numbers as a fixed rule at the nodes and weights it ended with
+        group = [t for t in trajs if t.prompt_id == f"p{p}"]
+        adaptive = engine.attribute_group_adaptive(group, tol, 65)
+        fixed = engine.attribute_group(group, adaptive.nodes, adaptive.weights)
+        for layer in (1, 2):
+            torch.testing.assert_close(adaptive.per_traj[layer], fixed.per_traj[layer], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(result.attributions[layer][p].double(), fixed.per_traj[layer].mean(0),
+                                       rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(adaptive.error[1], fixed.error[1], rtol=1e-9, atol=1e-12)
+    m = result.token_maps["p1/s0"]  # the token map is that of the final rule too
+    dense = torch.zeros(96, dtype=torch.float64).index_add_(0, m["L1.latents"].flatten(),
+                                                            m["L1.attribution"].flatten().double())
+    assert torch.allclose(dense, result.per_trajectory(1)[4].double(), atol=1e-6)
+
+
+def test_adaptive_spends_fewer_nodes_when_the_tolerance_is_loose(models):
+    model, _ = models("gpt2")
+    trajs, saes = make_trajs(n_prompts=3), topk_saes((1,))
+    loose = attribute(model, saes, trajs, delta_tol=0.05, progress=False)
+    tight = attribute(model, saes, trajs, delta_tol=1e-5, max_nodes=65, progress=False)
+    assert float(loose.prompt("n_nodes").double().mean()) < float(tight.prompt("n_nodes").double().mean())
+    assert float(loose.delta.abs().max()) <= 0.05 and float(tight.delta.abs().max()) <= 1e-5
+
+
+def test_unreachable_tolerance_stops_at_the_budget_and_is_reported(models, caplog):
+    import logging
+
+    model, _ = models("llama")  # RMSNorm computes in float32: the gap cannot go below ~1e-6
+    trajs = make_trajs(n_prompts=2)
+    seen = []
+    from ipg_sae.attribution import IPGWarning
+
+    with caplog.at_level(logging.WARNING, logger="ipg_sae.attribution.run"), \
+            pytest.warns(IPGWarning, match="2 of 2 prompts ended above delta_tol"):
+        result = attribute(model, topk_saes((1,)), trajs, delta_tol=1e-14, max_nodes=9, progress=False,
+                           callback=seen.append)
+    assert result.prompt("budget_hit").tolist() == [True, True]
+    assert result.prompt("n_nodes").tolist() == [9, 9]  # 3, then two per bisection, never above the budget
+    summary = result.meta["summary"]
+    assert summary["n_budget_hit"] == 2 and [b["prompt_id"] for b in summary["budget_hit"]] == ["p0", "p1"]
+    assert all(b["delta"] > 1e-14 for b in summary["budget_hit"])
+    assert torch.allclose(result.prompt("delta").double(), result.delta.abs().view(2, 4).max(1).values)
+    assert [s["budget_hit"] for s in seen] == [True, True]
+    assert sum("max_nodes is reached" in r.message for r in caplog.records) == 2
+
+
+def test_adaptive_resume_is_bitwise_identical(models, tmp_path):
+    model, _ = models("llama")
+    trajs, saes = make_trajs(n_prompts=4, G=3), topk_saes((1,))
+    kw = dict(delta_tol=1e-3, max_nodes=17, progress=False, checkpoint_every=1)
+    reference = attribute(model, saes, trajs, **kw)
+    ckpt = tmp_path / "ckpt.safetensors"
+
+    def killer(stats):
+        if stats["done"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        attribute(model, saes, trajs, checkpoint_path=ckpt, callback=killer, **kw)
+    resumed = attribute(model, saes, trajs, checkpoint_path=ckpt, **kw)
+    assert set(resumed.tensors) == set(reference.tensors)
+    for k, v in reference.tensors.items():
+        assert torch.equal(v, resumed.tensors[k]), k

@@ -80,6 +80,23 @@ def test_sampling(results_dir):
     assert all(n > 0 for n in sec["generated_tokens"].values())
 
 
+def test_faithfulness(results_dir):
+    run_script("bench_faithfulness.py", results_dir)
+    sec = section(results_dir, "faithfulness")
+    assert sec["agreement_rel"] < 1e-4  # the tree scores what the flat passes score
+    assert {"flat/tree", "tokens_flat/tree"} <= set(sec["ratios"]) and sec["ratios"]["tokens_flat/tree"] > 1
+    assert sec["tokens"]["tree"] < sec["tokens"]["flat"]
+
+
+def test_adaptive(results_dir):
+    run_script("bench_adaptive.py", results_dir)
+    sec = section(results_dir, "adaptive")
+    assert set(sec["contenders"]) == {"gl16", "gl20", "adaptive"}
+    assert all({"seconds", "mean_nodes", "median_gap", "max_gap", "meets_target"} <= set(c)
+               for c in sec["contenders"].values())
+    assert sec["contenders"]["gl16"]["mean_nodes"] == 16 and {"gl16/adaptive", "gl20/adaptive"} <= set(sec["ratios"])
+
+
 def test_scaling(results_dir):
     run_script("bench_scaling.py", results_dir)
     sec = section(results_dir, "scaling")

@@ -79,8 +79,10 @@ def test_every_shipped_config_loads():
     from ipg_sae.pipeline import PipelineConfig
     from sae_training.config import TrainSAEConfig
 
+    from ipg_sae.study import StudyConfig
+
     kinds = {"sample_": SampleJobConfig, "attribute_": AttributeJobConfig, "evaluate_": EvaluateJobConfig,
-             "sae_": TrainSAEConfig, "demo": PipelineConfig, "pipeline_": PipelineConfig}
+             "sae_": TrainSAEConfig, "demo": PipelineConfig, "pipeline_": PipelineConfig, "study_": StudyConfig}
     loaded = 0
     for path in sorted(Path("configs").rglob("*.yaml")):
         if path.parent.name == "sections":

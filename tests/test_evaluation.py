@@ -7,6 +7,8 @@ that a rerun resumes from finished cells.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -115,7 +117,7 @@ def setup(tiny_llama_dir):
 def _cfg(**kw):
     return EvalConfig(**{"gammas": [0.0, 2.0], "seeds": [0], "n_random_sets": 1, "n_bootstrap": 200,
                          "sampling": SamplingConfig(n_samples=1, temperature=0.7, max_new_tokens=5, batch_size=4),
-                         **kw})
+                         "estimator": "sampling", **kw})
 
 
 SETS = {"ipg": [(1, 3), (1, 5)], "act": [(1, 7), (1, 9)]}
@@ -161,16 +163,44 @@ def test_evaluate_rows_and_resume(setup, tmp_path, monkeypatch):
     # a new gamma adds cells; gamma = 1 reuses the base and samples nothing
     evaluate(model, tok, saes, problems, prompts, SETS, _cfg(gammas=[0.0, 2.0, 1.0]), out_dir=out, progress=False)
     assert len(calls) == 8
-    # the same directory with other settings is refused, not silently mixed
-    with pytest.raises(IPGError, match="other settings \\(sampling\\)"):
-        evaluate(model, tok, saes, problems, prompts, SETS,
-                 _cfg(sampling=SamplingConfig(n_samples=1, temperature=0.7, max_new_tokens=6, batch_size=4)),
-                 out_dir=out, progress=False)
+    # the same directory with other settings is recomputed, never silently reused (and the log says why)
+    evaluate(model, tok, saes, problems, prompts, SETS,
+             _cfg(sampling=SamplingConfig(n_samples=1, temperature=0.7, max_new_tokens=6, batch_size=4)),
+             out_dir=out, progress=False)
+    assert len(calls) == 8 + 7
+    evaluate(model, tok, saes, problems, prompts, SETS, _cfg(), out_dir=out, progress=False)  # back: recomputed again
+    assert len(calls) == 8 + 14
 
     # the summary can be recomputed from the saved per-sample table
     loaded = EvalResult.load(out)
     rows, comparisons = summarize_samples(loaded.samples, loaded.meta)
     assert rows == loaded.rows and comparisons == loaded.comparisons
+
+
+def test_a_cell_computed_with_another_sae_or_edited_is_recomputed(setup, tmp_path, monkeypatch, caplog):
+    import logging
+
+    model, tok, problems, prompts, saes = setup
+    calls = _counting(model, monkeypatch)
+    out = tmp_path / "eval"
+    cfg = _cfg(n_random_sets=0, gammas=[2.0])
+    with caplog.at_level(logging.INFO, logger="ipg_sae.evaluation"):
+        evaluate(model, tok, saes, problems, prompts, {"ipg": SETS["ipg"]}, cfg, out_dir=out, progress=False)
+        assert len(calls) == 2
+        evaluate(model, tok, saes, problems, prompts, {"ipg": SETS["ipg"]}, cfg, out_dir=out, progress=False)
+        assert len(calls) == 2 and "cell ipg__g2__s0: reused" in caplog.text
+        other = {1: random_sae("topk", hidden_size(model), 1, d_sae=32, k=4, seed=9)}  # same width, other weights
+        evaluate(model, tok, other, problems, prompts, {"ipg": SETS["ipg"]}, cfg, out_dir=out, progress=False)
+        assert len(calls) == 3  # the steered cell is recomputed; the unsteered one does not depend on the SAE
+        assert "computed with other saes; recomputing" in caplog.text
+        cell = out / "cells" / "ipg__g2__s0.jsonl"
+        lines = cell.read_text().splitlines()
+        cell.write_text("\n".join(lines[:-1]) + "\n")  # one row removed, header kept
+        result = evaluate(model, tok, other, problems, prompts, {"ipg": SETS["ipg"]}, cfg, out_dir=out,
+                          progress=False)
+        assert len(calls) == 4 and "does not match its recorded digest" in caplog.text
+    target = next(r for r in result.rows if r["set"] == "ipg")
+    assert target["n_samples"] == 2 and not math.isnan(target["accuracy"])  # never an `n/a` from a short cell
 
 
 def test_length_reward_reports_length_and_accuracy(setup):
@@ -193,3 +223,40 @@ def test_held_out_and_set_checks(setup):
         evaluate(model, tok, saes, problems, prompts, {"act": SETS["act"]}, _cfg(), progress=False)
     with pytest.raises(IPGError, match="32 latents"):  # a set from a wider SAE
         evaluate(model, tok, saes, problems, prompts, {"ipg": [(1, 40)]}, _cfg(), progress=False)
+
+
+def test_importance_estimator_scores_every_cell_on_one_set_of_samples(setup, tmp_path, monkeypatch):
+    import ipg_sae.faithfulness as faithfulness
+
+    model, tok, problems, prompts, saes = setup
+    calls = _counting(model, monkeypatch)
+    scored = []
+    original = faithfulness.TrajectoryScorer.logprobs
+    monkeypatch.setattr(faithfulness.TrajectoryScorer, "logprobs",
+                        lambda self, ivs=(): scored.append(len(ivs)) or original(self, ivs))
+    cfg = _cfg(estimator="importance", gammas=[0.0, 1.0, 2.0], n_random_sets=3,
+               sampling=SamplingConfig(n_samples=4, temperature=0.7, max_new_tokens=5, batch_size=8))
+    out = tmp_path / "eval"
+    result = evaluate(model, tok, saes, problems, prompts, SETS, cfg, out_dir=out, progress=False)
+    assert len(calls) == 1  # only the unsteered samples: every other cell is scored on them
+    assert len(scored) == 1 + 5 * 2  # the base, then (ipg, act, 3 random) x (gamma 0, 2); gamma 1 needs no pass
+    assert result.meta["estimator"] == "importance" and result.meta["samples_per_problem"] == 4
+    rows = {(r["set"], r["gamma"]): r for r in result.rows}
+    base = rows[("none", None)]
+    one = rows[("ipg", 1.0)]
+    assert one["accuracy"] == base["accuracy"] and one["length"] == base["length"] and one["ess"] == 1.0
+    ipg = rows[("ipg", 2.0)]
+    assert 0 < ipg["ess_min"] <= ipg["ess"] <= 1 and "ess_flag" in ipg
+    assert set(result.meta["ess"]) >= {"ipg__g2__s-1", "random-draw2__g0__s-1"}
+    # the random sets are frequency-matched: their latents fire on the held-out samples
+    for name in result.meta["random_sets"]:
+        assert len(result.meta["sets"][name]) == 2 and not set(map(tuple, result.meta["sets"][name])) & {(1, 3), (1, 5)}
+    # a rerun reuses the saved cells; the summary is reproducible from samples.csv
+    scored.clear()
+    again = evaluate(model, tok, saes, problems, prompts, SETS, cfg, out_dir=out, progress=False)
+    assert scored == [] and len(calls) == 1 and again.rows == result.rows
+    loaded = EvalResult.load(out)
+    rows2, comparisons2 = summarize_samples(loaded.samples, loaded.meta)
+    assert rows2 == loaded.rows and comparisons2 == loaded.comparisons
+    with pytest.raises(IPGError, match="full-support sampler"):
+        _cfg(estimator="importance", sampling=SamplingConfig(n_samples=4, temperature=0.7, top_p=0.9)).validate()

@@ -102,3 +102,28 @@ def test_gemma3_layout(tmp_path, tiny_tokenizer):
     ids = torch.randint(5, len(tok), (1, 12))
     got = capture_residuals(model, ids, None, [1])
     torch.testing.assert_close(got[1], model(ids, output_hidden_states=True).hidden_states[2])
+
+
+def test_an_unreachable_hub_fails_at_once(monkeypatch):
+    """A hub id that is not cached: a clear error in seconds, offline or with the hub unreachable."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from ipg_sae.errors import IPGError
+    from ipg_sae.models import load_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(IPGError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE"):
+        load_model("some-org/not-cached-model")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there: connections are refused
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    t0 = time.perf_counter()
+    with pytest.raises(IPGError, match="cannot reach the Hugging Face hub"):
+        load_model("some-org/not-cached-model")
+    assert time.perf_counter() - t0 < 10

@@ -41,7 +41,8 @@ def test_pipeline_runs_and_resumes(pipeline_cfg, caplog):
         assert (run_dir / path).is_file(), path
     report = (run_dir / "report.md").read_text()
     assert "ipg" in report and "random" in report
-    assert set(results) == {"sample", "sae", "attribute", "evaluate"}
+    assert set(results) == {"sample", "sae", "attribute", "evaluate", "explore"}
+    assert (run_dir / "explorer" / "index.html").is_file()
     # the W&B runs of the stages share one group
     from ipg_sae.tracking import read_offline_run
 
@@ -51,7 +52,7 @@ def test_pipeline_runs_and_resumes(pipeline_cfg, caplog):
     caplog.clear()
     run_pipeline(pipeline_cfg)
     skipped = [r.getMessage() for r in caplog.records if "already done" in r.getMessage()]
-    assert len(skipped) == 4, skipped
+    assert len(skipped) == 5, skipped
 
 
 def test_changed_setting_reruns_only_downstream(pipeline_cfg, caplog):
@@ -120,3 +121,35 @@ def test_pipeline_command_prints_what_each_stage_found(pipeline_cfg, tmp_path, c
     assert "attribute: ipg: top latents L2:" in out and "median completeness gap" in out
     assert "attribute: act: top latents" in out
     assert f"report: {pipeline_cfg.run_dir / 'report.md'}" in out
+
+
+def test_edited_outputs_and_inputs_rerun_what_depends_on_them(pipeline_cfg, tmp_path, caplog):
+    """A stage is reused only if its key (settings + outside inputs + upstream outputs) matches and its
+    own output files are the ones it wrote."""
+    import logging
+
+    from ipg_sae.errors import IPGError
+
+    run_pipeline(pipeline_cfg)
+    caplog.set_level(logging.INFO)
+    # an edited output of the first stage: it reruns (and, with new trajectories, everything after it)
+    traj = pipeline_cfg.run_dir / "trajectories.jsonl"
+    traj.write_text(traj.read_text() + "\n")
+    caplog.clear()
+    run_pipeline(pipeline_cfg)
+    msgs = " ".join(r.getMessage() for r in caplog.records)
+    assert "stage sample: its output files changed since; rerunning it" in msgs
+    # a loaded SAE whose weights changed (same path): sample is reused, everything downstream reruns
+    from tests import tiny
+
+    tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=4).save_model(str(tmp_path / "sae"))
+    caplog.clear()
+    run_pipeline(pipeline_cfg)
+    msgs = " ".join(r.getMessage() for r in caplog.records)
+    assert "stage sample: already done" in msgs
+    assert "stage sae: settings or inputs changed" in msgs and "stage attribute: running" in msgs
+    assert "stage evaluate: running" in msgs
+    # a corrupt marker is one clear error, not a traceback
+    (pipeline_cfg.run_dir / "stages" / "attribute.json").write_text("{not json")
+    with pytest.raises(IPGError, match="attribute.json is corrupt; delete it"):
+        run_pipeline(pipeline_cfg)

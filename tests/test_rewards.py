@@ -253,3 +253,63 @@ def test_summarize_length_reward_reports_accuracy():
     reward = get_reward("length")
     scores = [reward.score("q", c, "8", n) for c, n in [("The answer is 8.", 10), ("The answer is 9.", 20)]]
     assert summarize(scores) == {"accuracy": 0.5, "mean_reward": 15.0, "unparseable": 0, "n": 2}
+
+
+# MATH-style answers: symbolic equivalence through math-verify when the reference is not a plain number.
+MATH_EQUAL = [
+    (r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt3}{2}"),
+    (r"\pi/2", r"\frac{\pi}{2}"),
+    (r"\sqrt{8}", r"2\sqrt{2}"),
+    ("x=5", "5"),
+    ("5", "x=5"),
+    (r"\dfrac{1}{2}", r"\frac{1}{2}"),
+    (r"\frac{2}{4}", r"\frac{1}{2}"),
+    (r"2\pi", r"\pi \cdot 2"),
+    (r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}"),
+    (r"3\sqrt{3}", r"\sqrt{27}"),
+    (r"x^2+2x+1", r"(x+1)^2"),
+    (r"\{1,2,3\}", r"\{3,2,1\}"),
+    (r"(-\infty, 2)", r"(-\infty,2)"),
+    (r"[0, 1]", r"[0,1]"),
+    (r"\frac{7}{3}", r"2\frac{1}{3}"),
+    (r"10^{3}", "1000"),
+    (r"\left(\frac{1}{2}\right)", r"\frac{1}{2}"),
+    (r"\boxed{\frac{3}{4}}", r"\frac{3}{4}"),
+    (r"2 + \sqrt{3}", r"\sqrt{3} + 2"),
+    (r"a+b", r"b+a"),
+    (r"\sin^2 x + \cos^2 x", "1"),
+]
+MATH_UNEQUAL = [
+    (r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt2}{2}"),
+    (r"\pi", r"\frac{\pi}{2}"),
+    (r"\sqrt{8}", r"3\sqrt{2}"),
+    ("x=6", "5"),
+    (r"\frac{1}{3}", "0.33"),
+    (r"x^2+1", r"(x+1)^2"),
+    (r"\{1,2\}", r"\{1,2,3\}"),
+    (r"(0, 1)", r"[0, 1]"),
+    (r"2\pi", r"\pi"),
+    (r"\frac{7}{3}", r"\frac{3}{7}"),
+    ("not a formula at all", r"\frac{1}{2}"),
+    (r"\frac{", r"\frac{1}{2}"),  # malformed: unequal, never an exception
+]
+
+
+@pytest.mark.parametrize("pred,reference", MATH_EQUAL)
+def test_math_answers_that_are_equal(pred, reference):
+    assert answers_match(pred, reference), (pred, reference)
+
+
+@pytest.mark.parametrize("pred,reference", MATH_UNEQUAL)
+def test_math_answers_that_differ(pred, reference):
+    assert not answers_match(pred, reference), (pred, reference)
+
+
+def test_math_verify_time_is_bounded():
+    import time
+
+    from ipg_sae import rewards
+
+    t0 = time.perf_counter()
+    answers_match("9" * 20000 + r"^{9^{9^{9}}}", r"\frac{1}{2}")  # a pathological expression
+    assert time.perf_counter() - t0 < 4 * rewards.MATH_VERIFY_TIMEOUT_S + 2

@@ -124,7 +124,8 @@ def test_trains_two_layers_and_writes_loadable_saes(tmp_path, tiny_llama_dir, te
         assert key in keys, key
     ce_steps = [row["_step"] for row in run["history"] if "layer_1/model_performance_preservation/ce_loss_score" in row]
     assert ce_steps == [150, 300]  # during training (eval_every) and at the end
-    assert sorted((n, t) for n, t, _ in artifacts) == [("tiny-layer_1", "model"), ("tiny-layer_2", "model")]
+    # named after where they lie (runs/tiny/sae/layer_<L>), as the jobs that use them name them too
+    assert sorted((n, t) for n, t, _ in artifacts) == [("tiny-sae-layer_1", "model"), ("tiny-sae-layer_2", "model")]
 
     # The saved SAEs: sae-lens format, with the HF hook name, loadable both ways, exact splice.
     from sae_lens import SAE

@@ -1,9 +1,8 @@
-import os
-
 from ipg_sae.tracking import Tracker, WandbConfig, read_offline_run, resolve_mode
 
 
-def test_mode_resolution(monkeypatch):
+def test_mode_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # whatever the machine's own login
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     assert resolve_mode(WandbConfig()) == "offline"
@@ -43,3 +42,87 @@ def test_disabled_writes_nothing(tmp_path):
     with Tracker(WandbConfig(enabled=False), tmp_path, "r", "sample") as tr:
         tr.log({"a": 1})
     assert not any(p.name == "wandb" for p in tmp_path.iterdir())
+
+
+def test_auto_mode_goes_online_after_wandb_login(tmp_path, monkeypatch):
+    """`wandb login` writes the API key to the netrc file; auto mode reads it there."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert resolve_mode(WandbConfig()) == "offline"  # no credentials anywhere
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert resolve_mode(WandbConfig()) == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a self-hosted server: its own entry
+    assert resolve_mode(WandbConfig()) == "offline"
+
+
+def _closed_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: connections are refused
+    return port
+
+
+def test_unreachable_server_falls_back_offline_once(tmp_path, monkeypatch, caplog):
+    import time
+
+    import ipg_sae.tracking as tracking
+
+    monkeypatch.setattr(tracking, "_unreachable", None)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    t0 = time.perf_counter()
+    for job in ("sample", "attribute"):
+        with Tracker(WandbConfig(project="t"), tmp_path, "r", job) as tr:
+            assert tr.active and tr.mode == "offline"
+            tr.log({"x": 1})
+    assert time.perf_counter() - t0 < 20
+    assert caplog.text.count("cannot be reached") == 1  # reported once per process
+    assert "wandb sync" in caplog.text
+    assert len(read_offline_run(tmp_path)["runs"]) == 2
+
+
+def test_a_killed_job_continues_its_wandb_run(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(KeyboardInterrupt):
+        with Tracker(WandbConfig(project="t"), tmp_path, "r", "attribute") as tr:
+            first = tr.run.id
+            tr.log({"done": 1})
+            raise KeyboardInterrupt
+    with Tracker(WandbConfig(project="t"), tmp_path, "r", "attribute") as tr:
+        assert tr.run.id == first  # resumed
+        tr.log({"done": 2})
+    with Tracker(WandbConfig(project="t"), tmp_path, "r", "attribute") as tr:
+        assert tr.run.id != first  # the job had finished: a new W&B run
+    runs = read_offline_run(tmp_path)["runs"]
+    assert [r["id"] for r in runs].count(first) == 2
+
+
+def test_lineage_records_made_and_used_artifacts(tmp_path, monkeypatch):
+    from ipg_sae.tracking import artifact_name
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data = tmp_path / "demo" / "trajectories.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"id": 1}\n')
+    name = artifact_name("trajectories", data)
+    assert name == "demo-trajectories"
+    assert artifact_name("sae", tmp_path / "demo" / "sae" / "layer_15") == "demo-sae-layer_15"
+    assert artifact_name("attribution", tmp_path / "demo" / "baselines" / "act") == "demo-attribution-act"
+    with Tracker(WandbConfig(project="t"), tmp_path / "a", "r", "sample") as tr:
+        tr.artifact(name, "dataset", data)
+    with Tracker(WandbConfig(project="t"), tmp_path / "b", "r", "attribute") as tr:
+        tr.use(name, "dataset", data)
+    made = read_offline_run(tmp_path / "a")["made"]
+    used = read_offline_run(tmp_path / "b")["used"]
+    assert [a["name"] for a in made] == [a["name"] for a in used] == ["demo-trajectories"]
+    assert made[0]["digest"] == used[0]["digest"]  # same content: the same W&B version, one lineage edge

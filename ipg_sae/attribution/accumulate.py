@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..digest import tensors_digest
 from ..errors import IPGError
 from ..trajectories import Trajectory
 from .engine import GroupAttribution
@@ -53,7 +54,10 @@ class Accumulator:
         """Add one prompt's group (``traj_index``: global indices of its trajectories)."""
         G = len(group)
         self.prompts.append(prompt_index)
-        row = {prompt_key("n_scope"): torch.tensor(ga.n_scope), prompt_key("skipped"): torch.tensor(bool(ga.skipped))}
+        gaps = ga.gaps()
+        row = {prompt_key("n_scope"): torch.tensor(ga.n_scope), prompt_key("skipped"): torch.tensor(bool(ga.skipped)),
+               prompt_key("n_nodes"): torch.tensor(ga.n_nodes), prompt_key("budget_hit"): torch.tensor(ga.budget_hit),
+               prompt_key("delta"): gaps.max() if gaps.numel() and gradient else torch.tensor(0.0, dtype=torch.float64)}
         for layer in self.layers:
             if gradient:
                 row[layer_key(layer, "attribution")] = (ga.per_traj[layer].sum(0) / G).float()
@@ -67,6 +71,7 @@ class Accumulator:
             t = torch.where(empty, torch.full_like(r, -1), glob[r.clamp(0, G - 1)])
             p = torch.where(empty, torch.full_like(pos, -1), pos)
             self.contexts[layer] = merge_contexts(self.contexts[layer], (value.float(), t, p), self.m)
+            row[layer_key(layer, "variance")] = ga.variance[layer]  # per prompt: summed in prompt order later
         for k, v in row.items():
             self.rows.setdefault(k, []).append(v)
         for g, traj in enumerate(group):
@@ -136,13 +141,16 @@ class Accumulator:
         from ..io import atomic_path
 
         t, meta = self.state()
+        t = {k: v.contiguous() for k, v in t.items()}
         meta["signature"] = signature
+        meta["sha256"] = tensors_digest(t)  # checked on load: an edited or damaged file is not resumed
         with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in t.items()}, str(tmp), metadata={"state": json.dumps(meta)})
+            save_file(t, str(tmp), metadata={"state": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: Path, signature: str | None, layers, d_sae, n_contexts) -> "Accumulator | None":
-        """The accumulator saved at ``path``, or None when it belongs to a different call or is unreadable."""
+        """The accumulator saved at ``path``; None (with one warning) when it belongs to a different call,
+        or is unreadable, or its tensors do not match the digest it was saved with."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -150,10 +158,17 @@ class Accumulator:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("state", "{}"))
             if signature is not None and meta.get("signature") != signature:
+                log.warning("checkpoint %s belongs to a different attribution call (other inputs or settings); "
+                            "starting from scratch", path)
                 return None
-            return cls.from_state(load_file(str(path)), meta, layers, d_sae, n_contexts)
-        except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
-            log.warning("ignoring unreadable checkpoint %s (%s)", path, e)
+            tensors = load_file(str(path))
+            if tensors_digest(tensors) != meta.get("sha256"):
+                log.warning("checkpoint %s does not match its recorded digest (edited or damaged); recomputing", path)
+                return None
+            return cls.from_state(tensors, meta, layers, d_sae, n_contexts)
+        except Exception as e:  # a cut or garbled file: safetensors raises its own error types
+            log.warning("ignoring unreadable checkpoint %s (%s: %s); recomputing", path, type(e).__name__,
+                        str(e)[:120])
             return None
 
 

@@ -13,7 +13,8 @@ Gradient baselines (the IPG engine with other nodes and weights; completeness is
   ``sum_t f_{t,i} * d log pi(tau) / d f_{t,i}`` summed over correct trajectories, divided by
   ``G``. No path, no policy gradient.
 * ``ig_likelihood``: integrated gradients of ``log pi(correct trajectory)`` along the same
-  gate path, with ``n_steps`` Gauss-Legendre nodes and the same 0/1 weights. No policy gradient.
+  gate path, with ``n_steps`` Gauss-Legendre nodes (or the adaptive rules when ``delta_tol`` is
+  set) and the same 0/1 weights. No policy gradient.
 
 Activation baselines (one clean pass per prompt, no gradients; correlational by construction):
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,18 +49,28 @@ from .path import quadrature
 from .result import AttributionResult, reason_key
 
 
-def plan(cfg: AttributionConfig) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
-    """Quadrature nodes, weights and advantage kind of a gradient method (Nones for the others)."""
+@dataclass
+class Plan:
+    """How a gradient method integrates: fixed ``nodes``/``weights``, or ``adaptive``; and its advantage."""
+
+    nodes: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    adaptive: bool = False
+    advantage: str | None = None
+
+
+def plan(cfg: AttributionConfig) -> Plan:
+    """The quadrature and advantage kind of a gradient method (an empty plan for the others)."""
     name = cfg.baseline
-    if name == "ipg":
-        nodes, weights = quadrature(cfg.n_steps, cfg.method)
-        return nodes, weights, cfg.advantage
     if name == "grad_x_act":
-        return np.array([1.0]), np.array([1.0]), "correct"
-    if name == "ig_likelihood":
-        nodes, weights = quadrature(cfg.n_steps, "gausslegendre")
-        return nodes, weights, "correct"
-    return None, None, None
+        return Plan(np.array([1.0]), np.array([1.0]), advantage="correct")
+    if name not in ("ipg", "ig_likelihood"):
+        return Plan()
+    advantage = cfg.advantage if name == "ipg" else "correct"
+    if cfg.delta_tol is not None:
+        return Plan(adaptive=True, advantage=advantage)
+    nodes, weights = quadrature(cfg.n_steps, cfg.method if name == "ipg" else "gausslegendre")
+    return Plan(nodes, weights, advantage=advantage)
 
 
 def final_scores(result: AttributionResult, cfg: AttributionConfig) -> dict[int, torch.Tensor]:

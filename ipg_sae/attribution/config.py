@@ -28,8 +28,12 @@ REASON_WORDS: tuple[str, ...] = ("wait", "hmm", "so", "therefore", "let me", "al
 
 @dataclass
 class AttributionConfig:
-    n_steps: int = 8  # quadrature nodes on the path c = alpha * 1
-    method: Method = "gausslegendre"  # quadrature rule (captum's names)
+    n_steps: int = 8  # quadrature nodes on the path c = alpha * 1 (fixed-count mode)
+    method: Method = "gausslegendre"  # quadrature rule of the fixed-count mode (captum's names)
+    # Adaptive mode (when set): per prompt, composite Simpson panels are bisected where the completeness
+    # gap is, until every trajectory's relative gap is <= delta_tol or max_nodes nodes are spent.
+    delta_tol: float | None = None
+    max_nodes: int = 33  # node budget per prompt in adaptive mode
     advantage: Advantage = "rloo"  # A_g of each sample in its group
     importance: Importance = "none"  # off-policy correction of the integrand at each node
     scope: ScopeName = "all"  # positions that get gates: all (prompt and generated) or generated only
@@ -38,7 +42,7 @@ class AttributionConfig:
     error_node: bool = False  # gate the SAE error term as one more component on the path
     gradient_checkpointing: bool = False  # recompute blocks in the backward (long trajectories)
     importance_clip: float = 10.0  # cap of the self-normalized importance weights
-    token_maps: list[str] = field(default_factory=list)  # trajectory ids that keep per-token maps
+    token_maps: list[str] = field(default_factory=list)  # trajectory ids that keep per-token maps ("*": all)
     n_contexts: int = 3  # top activating contexts kept per latent
     baseline: Baseline = "ipg"  # which method produces the scores: IPG itself or one of the baselines
     checkpoint_every: int = 8  # prompts between checkpoints (when a checkpoint path is given)
@@ -55,6 +59,11 @@ class AttributionConfig:
         if self.n_steps < 1:
             raise IPGError(f"attribution.n_steps is {self.n_steps}; it must be at least 1")
         quadrature(self.n_steps, self.method)  # rejects unknown methods and trapezoid with one step
+        if self.delta_tol is not None and not 0 < self.delta_tol < 1:
+            raise IPGError(f"attribution.delta_tol is {self.delta_tol}; give a relative gap in (0, 1), e.g. 0.01, "
+                           "or null for a fixed n_steps")
+        if self.delta_tol is not None and self.max_nodes < 3:
+            raise IPGError(f"attribution.max_nodes is {self.max_nodes}; adaptive attribution starts with 3 nodes")
         if self.internal_batch_size is not None and self.internal_batch_size < 1:
             raise IPGError("attribution.internal_batch_size must be positive or null")
         if self.checkpoint_every < 1:

@@ -45,6 +45,7 @@ reaches 1e-12.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -55,11 +56,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import IPGError
-from ..models import block_hidden, decoder_layers, replace_block_hidden
-from ..saes import as_layer_dict, decoder_matrix, encode_active, prepare_sae
+from ..models import block_hidden, context_length, decoder_layers, replace_block_hidden
+from ..saes import as_layer_dict, decoder_matrix, encode_active, prepare_sae, variance_sums
 from ..trajectories import Trajectory
 from .config import AttributionConfig
-from .path import Advantage, advantages
+from .path import Advantage, advantages, simpson_weights
 
 
 @dataclass
@@ -88,6 +89,7 @@ class CleanPass:
     active: dict[int, torch.Tensor]  # layer -> [d_sae] bool: active anywhere in scope
     act_mean: dict[int, torch.Tensor]  # layer -> [d_sae] mean activation over in-scope positions
     contexts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # layer -> (value, row, pos) [d_sae, m]
+    variance: dict[int, torch.Tensor]  # layer -> explained-variance sums over in-scope positions (saes.variance_sums)
 
 
 @dataclass
@@ -116,6 +118,37 @@ class GroupAttribution:
     token_maps: dict[str, dict] = field(default_factory=dict)
     skipped: bool = False
     n_scope: int = 0  # positions in scope (gated), over the whole group
+    variance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> saes.variance_sums of the clean pass
+    n_nodes: int = 0  # node evaluations spent on the group (0 when skipped)
+    budget_hit: bool = False  # adaptive: the node budget ran out before every gap was under the tolerance
+    nodes: np.ndarray | None = None  # the rule the attribution was computed with (adaptive mode)
+    weights: np.ndarray | None = None
+
+    def gaps(self) -> torch.Tensor:
+        """Relative completeness gap of each trajectory with a non-zero advantage."""
+        total = sum(a.sum(1) for a in self.per_traj.values()) + sum(self.error.values())
+        expected = self.advantage * (self.logp1 - self.logp0)
+        live = self.advantage != 0
+        return relative_gap(total[live], expected[live])
+
+
+def relative_gap(total: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """``|total - expected| / |expected|`` (0 where both are 0, inf where only ``expected`` is)."""
+    gap = (total - expected).abs()
+    scale = expected.abs()
+    return torch.where(scale == 0, torch.where(gap == 0, torch.zeros_like(gap), torch.full_like(gap, math.inf)),
+                       gap / scale.clamp(min=1e-300))
+
+
+@dataclass
+class _NodeRows:
+    """One node's contribution per row of its pass: dense latent sums, error-node gradients, token maps."""
+
+    latent: dict[int, torch.Tensor]  # layer -> [rows, d_sae] float64
+    error: dict[int, torch.Tensor]  # layer -> [rows]
+    maps: dict[int, dict[int, torch.Tensor]]  # row in the pass -> layer -> [T, K]
+    total: torch.Tensor  # [rows] dF/dalpha: the sum over latents (and error nodes)
+    logp: torch.Tensor  # [rows] log pi(tau; alpha) at this node
 
 
 class IPGEngine:
@@ -135,7 +168,7 @@ class IPGEngine:
         self.base = model.base_model
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.max_positions = _max_positions(model)
+        self.max_positions = context_length(model)
         self.param = next(model.parameters())
 
     # -- one group -----------------------------------------------------------------------
@@ -161,13 +194,114 @@ class IPGEngine:
         for chunk in self.node_chunks(len(nodes), len(rows)):
             grads = self.node_pass(clean, [float(nodes[k]) for k in chunk], rows, adv)
             self._add_weighted(result, maps, clean, grads, [weights[k] for k in chunk])
+        result.n_nodes = len(nodes)
+        self._keep_maps(result, group, clean, maps)
+        return result
+
+    def attribute_group_adaptive(self, group: list[Trajectory], delta_tol: float, max_nodes: int = 33,
+                                 advantage: Advantage | None = None,
+                                 keep_maps: set[str] = frozenset()) -> GroupAttribution:
+        """IPG of one prompt's trajectories to a stated accuracy: adaptive composite Simpson.
+
+        The path starts as one panel ``[0, 1]`` (nodes 0, 1/2, 1). Every node pass also gives
+        ``log pi(tau; alpha)`` at its node, so each panel ``[a, b]`` has an exact target,
+        ``A (log pi(b) - log pi(a))``, for the sum of its latents' attributions: its error is
+        known, not estimated. While some trajectory's relative gap over the whole path exceeds
+        ``delta_tol``, the panel with the largest error is bisected (two new nodes, its quarter
+        points; every node evaluated so far is kept). At ``max_nodes`` the group stops and is
+        marked ``budget_hit``. The attribution is the composite Simpson rule of the final panels
+        (``path.simpson_weights``), the same numbers a fixed rule with those nodes would give.
+        """
+        cfg = self.cfg
+        rewards = torch.tensor([t.reward for t in group], dtype=torch.float64)
+        adv = advantages(rewards, advantage or cfg.advantage)
+        result, clean = self.observe_group(group, adv)
+        if torch.all(adv == 0):
+            return result
+        result.skipped = False
+        rows = [g for g in range(len(group)) if adv[g] != 0 or cfg.importance != "none"]
+        map_rows = [j for j, g in enumerate(rows) if group[g].id in keep_maps]
+        result.logp0 = self.logp_at(clean, 0.0).double().cpu()
+        a_rows = adv[rows]
+        ends = {0.0: result.logp0[rows], 1.0: result.logp1[rows]}  # log pi of the rows at the ends of the path
+        expected = a_rows * (ends[1.0] - ends[0.0])
+        seen: dict[float, _NodeRows] = {}
+
+        def evaluate(alphas: list[float]) -> None:
+            new = [a for a in alphas if a not in seen]
+            for chunk in self.node_chunks(len(new), len(rows)):
+                grads = self.node_pass(clean, [new[k] for k in chunk], rows, adv)
+                for n, k in enumerate(chunk):
+                    seen[new[k]] = self._node_rows(clean, grads, n, map_rows)
+
+        def logp(alpha: float) -> torch.Tensor:
+            return ends[alpha] if alpha in ends else seen[alpha].logp
+
+        panels = [(0.0, 1.0)]
+        evaluate([0.0, 0.5, 1.0])
+        while True:
+            total = torch.zeros(len(rows), dtype=torch.float64)
+            errors = []
+            for a, b in panels:
+                h, m = (b - a) / 6, (a + b) / 2
+                estimate = h * (seen[a].total + 4 * seen[m].total + seen[b].total)
+                total += estimate
+                errors.append(((estimate - a_rows * (logp(b) - logp(a))).abs() / expected.abs().clamp(min=1e-12)).max())
+            gaps = relative_gap(total, expected)
+            if bool((gaps <= delta_tol).all()):
+                break
+            if len(seen) + 2 > max_nodes:
+                result.budget_hit = True
+                break
+            a, b = panels.pop(max(range(len(panels)), key=lambda i: float(errors[i])))
+            m = (a + b) / 2
+            panels += [(a, m), (m, b)]
+            evaluate([(a + m) / 2, (m + b) / 2])
+        nodes, weights = simpson_weights(panels)
+        self._combine(result, [seen[float(x)] for x in nodes], weights, rows)
+        result.n_nodes = len(seen)
+        result.nodes, result.weights = nodes, weights
+        maps = {g: {layer: torch.zeros_like(clean.val[layer][g], dtype=torch.float64) for layer in self.layers}
+                for g in range(len(group)) if group[g].id in keep_maps}  # rows without a pass stay zero
+        for j in map_rows:
+            maps[rows[j]] = {layer: sum(float(w) * seen[float(x)].maps[j][layer] for x, w in zip(nodes, weights))
+                             for layer in self.layers}
+        self._keep_maps(result, group, clean, maps)
+        return result
+
+    def _node_rows(self, clean: CleanPass, grads: NodeGrads, n: int, map_rows: list[int]) -> "_NodeRows":
+        """Node ``n`` of a pass, reduced to dense per-row latent sums ``[rows, d_sae]`` and the row totals."""
+        sel = torch.tensor(grads.rows, device=self.param.device)
+        latent, maps = {}, {j: {} for j in map_rows}
+        for layer in self.layers:
+            grad = grads.latent[layer][n]  # [rows, T, K]
+            idx = clean.idx[layer][sel]
+            dense = torch.zeros(len(grads.rows), self.saes[layer].cfg.d_sae, dtype=torch.float64)
+            for j in range(len(grads.rows)):
+                dense[j].index_add_(0, idx[j].flatten().cpu(), grad[j].flatten().cpu())
+                if j in maps:
+                    maps[j][layer] = grad[j].cpu()
+            latent[layer] = dense
+        error = {layer: grads.error[layer][n].cpu() for layer in grads.error}
+        total = sum(d.sum(1) for d in latent.values()) + sum(error.values())  # dF/dalpha of each row
+        return _NodeRows(latent=latent, error=error, maps=maps, total=total, logp=grads.logp[n].double().cpu())
+
+    def _combine(self, result: GroupAttribution, nodes: list["_NodeRows"], weights: np.ndarray, rows: list[int]) -> None:
+        """Set each row's attribution to ``sum_k w_k * node_k``."""
+        for layer in self.layers:
+            total = sum(float(w) * node.latent[layer] for node, w in zip(nodes, weights))
+            result.per_traj[layer][rows] = total
+            if self.cfg.error_node:
+                result.error[layer][rows] = sum(float(w) * node.error[layer] for node, w in zip(nodes, weights))
+
+    def _keep_maps(self, result: GroupAttribution, group: list[Trajectory], clean: CleanPass, maps: dict) -> None:
         for g, per_layer in maps.items():
             result.token_maps[group[g].id] = {
                 "tokens": clean.batch.ids[g][clean.batch.attn[g].bool()].tolist(),
                 **{f"L{layer}.latents": clean.idx[layer][g].cpu() for layer in self.layers},
+                **{f"L{layer}.activation": clean.val[layer][g].cpu() for layer in self.layers},
                 **{f"L{layer}.attribution": per_layer[layer] for layer in self.layers},
             }
-        return result
 
     def observe_group(self, group: list[Trajectory], adv: torch.Tensor | None = None) -> tuple[GroupAttribution, CleanPass]:
         """The clean pass only: a zero attribution (marked ``skipped``) and the clean record."""
@@ -179,7 +313,7 @@ class IPGEngine:
             error={layer: torch.zeros(G, dtype=torch.float64) for layer in self.layers},
             logp1=clean.logp.double().cpu(), logp0=clean.logp.double().cpu(), advantage=adv,
             n_tokens=int(clean.batch.attn.sum()), active=clean.active, activation_sum=clean.act_mean,
-            contexts=clean.contexts, n_scope=int(clean.batch.scope.sum()), skipped=True,
+            contexts=clean.contexts, n_scope=int(clean.batch.scope.sum()), skipped=True, variance=clean.variance,
         )
         return result, clean
 
@@ -261,7 +395,7 @@ class IPGEngine:
                 h.remove()
         clean = CleanPass(batch=batch, x_min=residuals[self.l_min], tuple_blocks=tuple_out[self.l_min],
                           logp=self._seq_logprobs(hidden, batch.targets, batch.score_mask),
-                          idx={}, val={}, recon={}, active={}, act_mean={}, contexts={})
+                          idx={}, val={}, recon={}, active={}, act_mean={}, contexts={}, variance={})
         scope = batch.scope
         n_scope = scope.sum().clamp(min=1)
         for layer, sae in self.saes.items():
@@ -269,10 +403,11 @@ class IPGEngine:
             idx, val = encode_active(sae, x)
             val = val * scope[..., None].to(val.dtype)  # out-of-scope positions get no gates
             clean.idx[layer], clean.val[layer] = idx, val
+            recon = F.embedding_bag(idx.flatten(0, 1), self.w_dec[layer], per_sample_weights=val.flatten(0, 1),
+                                    mode="sum").view_as(x) + sae.b_dec
             if self.cfg.error_node:
-                recon = F.embedding_bag(idx.flatten(0, 1), self.w_dec[layer], per_sample_weights=val.flatten(0, 1),
-                                        mode="sum").view_as(x) + sae.b_dec
                 clean.recon[layer] = recon  # dec(f) with the clean latents: constant on the path
+            clean.variance[layer] = variance_sums(x[scope], recon[scope])  # how well the SAE explains this data
             flat_idx, flat_val = idx.flatten(), val.flatten().float()
             d = sae.cfg.d_sae
             clean.active[layer] = torch.zeros(d, dtype=torch.bool, device=x.device).index_fill_(
@@ -509,14 +644,6 @@ class _Checkpointed(nn.Module):
 
     def forward(self, *args, **kwargs):
         return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(model.config, key, None)
-        if v:
-            return int(v)
-    return None
 
 
 @torch.no_grad()

@@ -8,6 +8,9 @@ straight gate path ``c = alpha * 1``, ``alpha: 0 -> 1``:
 * :func:`quadrature` gives the nodes ``alpha_k`` and weights ``w_k`` (summing to 1) under
   captum's method names: ``gausslegendre`` (default; exact for polynomials of degree
   ``2 n - 1``) and ``riemann_left|right|middle|trapezoid``.
+* :func:`simpson_weights` gives the composite Simpson rule of a set of panels: the rules of
+  adaptive attribution, which bisects the panel with the largest error (see
+  :meth:`~ipg_sae.attribution.engine.IPGEngine.attribute_group_adaptive`).
 * :func:`advantages` gives ``A_g`` for one group of rewards: ``rloo`` (leave-one-out,
   unbiased; default), ``mean``, ``grpo`` (z-score; what the paper used), ``none`` (the raw
   reward) and ``correct`` (1 on rewarded samples, 0 elsewhere: the likelihood baselines). A
@@ -25,8 +28,7 @@ import torch
 
 from ..errors import IPGError
 
-Method = Literal["gausslegendre", "clenshaw_curtis", "riemann_left", "riemann_right", "riemann_middle",
-                 "riemann_trapezoid"]
+Method = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
 Advantage = Literal["rloo", "mean", "grpo", "none", "correct"]
 
 METHODS: tuple[str, ...] = get_args(Method)
@@ -48,10 +50,6 @@ def quadrature(n_steps: int, method: Method = "gausslegendre") -> tuple[np.ndarr
     if method == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(n_steps)
         return (x + 1) / 2, w / 2
-    if method == "clenshaw_curtis":
-        if n_steps < 2:
-            raise IPGError("clenshaw_curtis needs n_steps >= 2 (its nodes include both ends of the path)")
-        return clenshaw_curtis(n_steps)
     if method == "riemann_left":
         return k / n_steps, np.full(n_steps, 1 / n_steps)
     if method == "riemann_right":
@@ -95,47 +93,20 @@ def advantages(rewards: torch.Tensor, kind: Advantage = "rloo") -> torch.Tensor:
     return (r - r.mean()) / (r.std(unbiased=False) + 1e-6)  # grpo
 
 
-def clenshaw_curtis(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Clenshaw-Curtis nodes ``u_j = (1 - cos(pi j / (n - 1))) / 2``, ``j = 0..n-1``, and weights on [0, 1].
+def simpson_weights(panels: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Composite Simpson nodes and weights on [0, 1] for a set of panels that tile it.
 
-    Exact for polynomials of degree ``n - 1`` (``n`` when ``n`` is odd). The rules with
-    ``n = 2^m + 1`` points are nested: each contains every node of the ones before it, which
-    is what lets adaptive attribution reuse its earlier node passes.
-    """
-    N = n - 1
-    j = np.arange(n)
-    theta = np.pi * j / N
-    w = np.zeros(n)
-    for i, t in enumerate(theta):
-        total = 1.0
-        for k in range(1, N // 2 + 1):
-            b = 1.0 if 2 * k == N else 2.0
-            total -= b * np.cos(2 * k * t) / (4 * k * k - 1)
-        w[i] = (1.0 if i in (0, N) else 2.0) * total / N
-    return (1 - np.cos(theta)) / 2, w / 2
-
-
-def nested_levels(max_nodes: int, power: float = 1.0, first: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The nested Clenshaw-Curtis rules with ``2^m + 1`` points, ``first <= 2^m + 1 <= max_nodes``, on the path.
-
-    With ``power`` ``p`` the rule integrates in ``u`` with ``alpha = u^p``
-    (``int_0^1 f(alpha) d alpha = int_0^1 f(u^p) p u^(p-1) du``), which puts more nodes near
-    ``alpha = 0``, where removing every latent moves the model furthest. Nodes with weight 0
-    (``u = 0`` when ``p > 1``) are dropped. Every level holds the nodes of the levels before
-    it, bit for bit, so an adaptive run evaluates each node once.
+    Each panel ``[a, b]`` uses ``a``, its midpoint and ``b`` with weights ``(b - a) / 6 * (1, 4, 1)``;
+    shared ends add up. Exact for cubics on every panel. Bisecting a panel adds two nodes (its
+    quarter points) and keeps every node already evaluated: the rules are nested.
 
     Returns:
-        ``[(alpha_nodes, weights), ...]`` from coarse to fine.
+        ``(nodes, weights)`` sorted by node, float64.
     """
-    if power < 1:
-        raise IPGError(f"attribution.path_power is {power}; use 1 (straight) or more (nodes packed near alpha = 0)")
-    sizes = [n for n in (2 ** m + 1 for m in range(1, 12)) if first <= n <= max_nodes]
-    if not sizes:
-        raise IPGError(f"attribution.max_nodes is {max_nodes}; adaptive quadrature needs at least {first} nodes")
-    levels = []
-    for n in sizes:
-        u, w = clenshaw_curtis(n)
-        alpha, weight = u ** power, w * power * u ** (power - 1) if power != 1 else w
-        keep = weight != 0
-        levels.append((alpha[keep], weight[keep]))
-    return levels
+    acc: dict[float, float] = {}
+    for a, b in panels:
+        h = (b - a) / 6
+        for x, w in ((a, h), ((a + b) / 2, 4 * h), (b, h)):
+            acc[x] = acc.get(x, 0.0) + w
+    nodes = np.array(sorted(acc))
+    return nodes, np.array([acc[x] for x in nodes])

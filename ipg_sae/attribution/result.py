@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 
+from ..digest import tensors_digest
 from ..errors import IPGError
 from .config import GRADIENT_METHODS
 
 RESULT_FILE = "attribution.safetensors"
 SIDECAR_FILE = "attribution.json"
-FORMAT = "ipg-sae/attribution/1"
+FORMAT = "ipg-sae/attribution/2"  # 2: content digest, per-prompt node counts and gaps, traj.prompt
 
 # Per-prompt tensors of one layer ([N, d_sae]) and per-trajectory scalars of one layer ([M]).
-LAYER_PROMPT_FIELDS = ("attribution", "active", "activation")
+LAYER_PROMPT_FIELDS = ("attribution", "active", "activation", "variance")
 LAYER_TRAJ_FIELDS = ("traj.sum", "traj.error")
 CSR_FIELDS = ("traj.indptr", "traj.indices", "traj.values")  # per-trajectory rows, sparse
 CONTEXT_FIELDS = ("value", "traj", "pos")
@@ -91,19 +92,27 @@ class AttributionResult:
       for ``reason_words`` and ``random``, which have no per-prompt decomposition),
       ``L{l}.active [N, d_sae]`` bool (active at some in-scope position), ``L{l}.activation
       [N, d_sae]`` float32 (mean activation over the prompt's in-scope positions),
-      ``prompt.n_scope``, ``prompt.skipped`` (zero advantage: no node pass ran);
+      ``prompt.n_scope``, ``prompt.skipped`` (zero advantage: no node pass ran),
+      ``prompt.n_nodes`` (node evaluations spent), ``prompt.delta`` (the largest relative
+      completeness gap of its trajectories), ``prompt.budget_hit`` (adaptive mode: the finest
+      rule did not reach ``delta_tol``);
     * per trajectory (``M`` rows, in ``traj_ids`` order): ``traj.prompt`` (row of its prompt),
       ``traj.logp1``, ``traj.logp0`` (``log pi(tau)`` at ``c = 1`` and ``c = 0``),
       ``traj.advantage``, ``traj.n_generated``, ``traj.n_tokens``, ``L{l}.traj.sum`` (sum of its
       latent attributions at layer ``l``), ``L{l}.traj.error`` (its error-node attribution, zero
       without ``error_node``) and its attribution row as CSR (``L{l}.traj.indptr``,
       ``.indices``, ``.values``);
+    * per prompt and layer: ``L{l}.variance [N, 3 + d_in]`` (explained-variance sums of the SAE over
+      the prompt's in-scope positions: ``[n, sum |x|^2, sum |x - recon|^2, sum x]``, see
+      :attr:`explained_variance`);
     * per latent: ``L{l}.score [d_sae]`` float64, the method's natural ranking score (the mean
       over prompts for gradient methods, mean activation for ``act``, ReasonScore, or the random
       draw), and the top activating contexts ``L{l}.ctx.value|traj|pos [d_sae, m]`` (value -1
       and index -1 where a latent has fewer than ``m`` activations);
     * per-token maps for the trajectories in ``meta["token_map_ids"]``: ``map.{i}.tokens [T]``,
-      ``map.{i}.L{l}.latents [T, K]`` and ``map.{i}.L{l}.attribution [T, K]``.
+      ``map.{i}.L{l}.latents [T, K]`` (the active latents at each position),
+      ``map.{i}.L{l}.activation [T, K]`` (their activations, zero out of scope) and
+      ``map.{i}.L{l}.attribution [T, K]`` (their IPG contributions at that position).
     """
 
     method_name: str
@@ -154,13 +163,21 @@ class AttributionResult:
     def contexts(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return {layer: tuple(self.tensors[context_key(layer, n)] for n in CONTEXT_FIELDS) for layer in self.layers}
 
+    @property
+    def explained_variance(self) -> dict[int, float]:
+        """How much of the residual variance each layer's SAE explains on the attributed trajectories."""
+        from ..saes import explained_variance
+
+        return {layer: explained_variance(self.tensors[layer_key(layer, "variance")].sum(0)) for layer in self.layers
+                if layer_key(layer, "variance") in self.tensors}
+
     def reason_sums(self, layer: int) -> dict[str, torch.Tensor]:
         """The ``reason_words`` baseline's accumulators of one layer, by name."""
         prefix = reason_key(layer, "")
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
     def prompt(self, name: str) -> torch.Tensor:
-        """A per-prompt tensor: ``n_scope`` or ``skipped``."""
+        """A per-prompt tensor: ``n_scope``, ``skipped``, ``n_nodes``, ``delta`` or ``budget_hit``."""
         return self.tensors[prompt_key(name)]
 
     def traj(self, name: str) -> torch.Tensor:
@@ -234,12 +251,13 @@ class AttributionResult:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in self.tensors.items()}
+        digest = tensors_digest(tensors)
         with atomic_path(run_dir / RESULT_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT, "method": self.method_name})
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "method": self.method_name, "sha256": digest})
         write_json(run_dir / SIDECAR_FILE, {
             "format": FORMAT, "method": self.method_name, "layers": self.layers,
             "d_sae": {str(k): v for k, v in self.d_sae.items()}, **self.meta,
-            "prompt_ids": self.prompt_ids, "trajectory_ids": self.traj_ids,
+            "prompt_ids": self.prompt_ids, "trajectory_ids": self.traj_ids, "tensors_sha256": digest,
         })
         return run_dir / RESULT_FILE
 
@@ -257,11 +275,24 @@ class AttributionResult:
         if not st.is_file() or not js.is_file():
             raise IPGError(f"no attribution result in {run_dir} (needs {RESULT_FILE} and {SIDECAR_FILE}); "
                            "run `ipg-sae attribute` first or fix the path")
-        meta = read_json(js)
-        if meta.get("format") != FORMAT:
-            raise IPGError(f"{js} is not an ipg-sae attribution result (format {meta.get('format')!r})")
-        tensors = load_file(str(st))
+        try:
+            meta = read_json(js)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise IPGError(f"{js} is corrupt ({type(e).__name__}); rerun `ipg-sae attribute` to rewrite it") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise IPGError(f"{js} is not an attribution result of this ipg-sae version (format {found!r}, expected "
+                           f"{FORMAT!r}); rerun `ipg-sae attribute`")
+        try:
+            tensors = load_file(str(st))
+        except Exception as e:  # safetensors raises its own error type for a cut or garbled file
+            raise IPGError(f"{st} is unreadable ({type(e).__name__}: {str(e)[:80]}); rerun `ipg-sae attribute` to "
+                           "rewrite it") from None
+        if tensors_digest(tensors) != meta.get("tensors_sha256"):
+            raise IPGError(f"{st} does not match the digest recorded in {js.name}: the file was changed or damaged "
+                           "after it was written; rerun `ipg-sae attribute` to rewrite it")
         meta = dict(meta)
+        meta.pop("tensors_sha256", None)
         method = meta.pop("method")
         layers = [int(x) for x in meta.pop("layers")]
         d_sae = {int(k): int(v) for k, v in meta.pop("d_sae").items()}

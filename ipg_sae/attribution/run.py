@@ -30,20 +30,25 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .. import distributed
+from ..digest import FORMAT_VERSION, module_digest
 from ..errors import IPGError
-from ..models import model_fingerprint
+from ..models import model_fingerprint, vocab_size
 from ..trajectories import Trajectory, check_rewards, check_same_model, group_by_prompt
 from . import baselines
 from .accumulate import Accumulator, assemble
 from .config import REASON_WORDS, AttributionConfig
 from .engine import GroupAttribution, IPGEngine
-from .path import Advantage, Method
+from .path import Advantage, Method, advantages
 from .result import AttributionResult, layer_key
 
 log = logging.getLogger(__name__)
+
+
+LOW_EXPLAINED_VARIANCE = 0.5  # below this an SAE's reconstruction is reported as suspect
 
 
 class IPGWarning(UserWarning):
@@ -81,6 +86,8 @@ def attribute(
     reason_window=(1, 2),
     reason_alpha: float = 0.7,
     sae_sources: dict | None = None,
+    delta_tol: float | None = None,
+    max_nodes: int = 33,
 ):
     """Attribute the rewards of ``trajectories`` to the latents of ``saes`` with IPG (or a baseline).
 
@@ -88,8 +95,9 @@ def attribute(
         model: a causal LM (frozen); its decoder blocks host the splice.
         saes: ``{layer: SAE}`` (sae-lens SAEs), or a list of SAEs that know their layer.
         trajectories: ``G`` sampled, rewarded trajectories per prompt (grouped by ``prompt_id``).
-        n_steps: quadrature nodes on the path ``c = alpha * 1``.
-        method: quadrature rule: ``gausslegendre`` or ``riemann_left|right|middle|trapezoid``.
+        n_steps: quadrature nodes on the path ``c = alpha * 1`` (fixed-count mode).
+        method: quadrature rule of the fixed-count mode: ``gausslegendre`` or
+            ``riemann_left|right|middle|trapezoid``.
         advantage: ``rloo`` | ``mean`` | ``grpo`` | ``none`` | ``correct``.
         importance: ``none`` or ``self_normalized`` (off-policy correction at each node).
         scope: ``all`` positions or ``generated`` ones get gates.
@@ -97,7 +105,7 @@ def attribute(
         return_convergence_delta: also return the per-trajectory relative completeness gap.
         error_node: gate the SAE error term as one more component.
         gradient_checkpointing: recompute blocks in the backward (long trajectories).
-        token_maps: trajectory ids whose per-token attributions are kept.
+        token_maps: trajectory ids whose per-token attributions are kept (["*"]: every trajectory).
         baseline: ``None``/``"ipg"`` or one of ``act``, ``reason_words``, ``grad_x_act``,
             ``ig_likelihood``, ``random`` (:mod:`ipg_sae.attribution.baselines`).
         checkpoint_path: save the accumulators there every ``checkpoint_every`` prompts; an
@@ -109,6 +117,10 @@ def attribute(
             ``reason_words``. ``fingerprint`` (a :func:`ipg_sae.models.model_fingerprint`) works too.
         out_dir: save the result there (``attribution.safetensors`` + ``attribution.json``); under
             ``torchrun`` it is required and also holds the ranks' shards.
+        delta_tol: adaptive mode: per prompt, bisect composite Simpson panels where the completeness
+            gap is until every trajectory's relative gap is at most ``delta_tol``.
+        max_nodes: the adaptive budget of nodes per prompt; prompts that reach it are reported
+            (``result.meta["summary"]["budget_hit"]``).
 
     Returns:
         An :class:`~ipg_sae.attribution.AttributionResult`, or ``(result, result.delta)`` with
@@ -121,7 +133,7 @@ def attribute(
         token_maps=list(token_maps or []), n_contexts=n_contexts, baseline=baseline or "ipg",
         checkpoint_every=checkpoint_every, seed=seed,
         reason_words=list(REASON_WORDS if reason_words is None else reason_words),
-        reason_window=list(reason_window), reason_alpha=reason_alpha,
+        reason_window=list(reason_window), reason_alpha=reason_alpha, delta_tol=delta_tol, max_nodes=max_nodes,
     )
     result = run_attribution(model, saes, trajectories, cfg, checkpoint_path=checkpoint_path, progress=progress,
                              callback=callback, tokenizer=tokenizer, fingerprint=fingerprint, out_dir=out_dir,
@@ -134,7 +146,7 @@ def run_attribution(model: nn.Module, saes, trajectories: list[Trajectory], cfg:
                     callback: Callable[[dict], None] | None = None, tokenizer=None, fingerprint: dict | None = None,
                     out_dir: str | Path | None = None, sae_sources: dict | None = None) -> AttributionResult:
     """:func:`attribute` with the settings of a (valid by construction) :class:`AttributionConfig`."""
-    _check_inputs(trajectories, cfg, tokenizer)
+    _check_inputs(trajectories, cfg, tokenizer, vocab_size(model))
     if fingerprint is None and tokenizer is not None:
         fingerprint = model_fingerprint(model, tokenizer)
     if fingerprint is not None:
@@ -143,11 +155,14 @@ def run_attribution(model: nn.Module, saes, trajectories: list[Trajectory], cfg:
         raise IPGError("the trajectories record the model that sampled them but no tokenizer was given; "
                        "pass tokenizer= (or fingerprint=) so attribute can check they match this model")
 
+    quad = baselines.plan(cfg)
+    groups = group_by_prompt(trajectories)
+    if cfg.is_gradient_method:
+        _check_something_to_attribute(groups, quad.advantage)
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     engine = IPGEngine(model, saes, cfg, pad_id=pad_id or 0)
     layers = engine.layers
     d_sae = {layer: int(engine.saes[layer].cfg.d_sae) for layer in layers}
-    groups = group_by_prompt(trajectories)
     prompt_ids = list(groups)
     ordered = [t for g in groups.values() for t in g]
     traj_index = {t.id: i for i, t in enumerate(ordered)}
@@ -163,16 +178,20 @@ def run_attribution(model: nn.Module, saes, trajectories: list[Trajectory], cfg:
     # -- the loop -------------------------------------------------------------------------
     gradient = cfg.is_gradient_method
     reason = baselines.ReasonWords(tokenizer, cfg, layers, d_sae, acc.reason) if cfg.baseline == "reason_words" else None
-    nodes, weights, adv_kind = baselines.plan(cfg)
-    keep_maps = set(cfg.token_maps)
+    keep_maps = {t.id for t in trajectories} if "*" in cfg.token_maps else set(cfg.token_maps)
     todo = [i for i in mine if i not in acc.done]
     bar = _progress_bar(len(mine), len(mine) - len(todo), progress and distributed.is_main(), cfg.baseline)
+    n_before, nodes_spent = len(mine) - len(todo), 0  # the bar shows the running mean of nodes per prompt
     try:
         for n_done, pi in enumerate(todo, len(mine) - len(todo) + 1):
             group = groups[prompt_ids[pi]]
             start = time.perf_counter()
-            if gradient:
-                ga = engine.attribute_group(group, nodes, weights, advantage=adv_kind, keep_maps=keep_maps)
+            if gradient and quad.adaptive:
+                ga = engine.attribute_group_adaptive(group, cfg.delta_tol, cfg.max_nodes, advantage=quad.advantage,
+                                                     keep_maps=keep_maps)
+            elif gradient:
+                ga = engine.attribute_group(group, quad.nodes, quad.weights, advantage=quad.advantage,
+                                            keep_maps=keep_maps)
             else:
                 ga, clean = engine.observe_group(group)
                 if reason is not None:
@@ -181,13 +200,18 @@ def run_attribution(model: nn.Module, saes, trajectories: list[Trajectory], cfg:
             seconds = time.perf_counter() - start
             acc.seconds += seconds
             acc.tokens += ga.n_tokens
+            nodes_spent += ga.n_nodes
+            if ga.budget_hit:
+                log.warning("prompt %s: completeness gap %.2e after %d nodes, above delta_tol %g (the node budget "
+                            "max_nodes is reached)", prompt_ids[pi], float(ga.gaps().max()), ga.n_nodes, cfg.delta_tol)
             checkpointed = ckpt is not None and (n_done % cfg.checkpoint_every == 0 or n_done == len(mine))
             if checkpointed:
                 acc.save(ckpt, signature)
             stats = _group_stats(cfg.baseline, prompt_ids[pi], pi, n_done, len(mine), ga, seconds, checkpointed)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(tok_s=f"{stats['tokens_per_s']:.0f}", delta=f"{stats['delta']:.1e}")
+                bar.set_postfix(tok_s=f"{stats['tokens_per_s']:.0f}", delta=f"{stats['delta']:.1e}",
+                                nodes=f"{nodes_spent / max(1, n_done - n_before):.1f}")
             if callback is not None:
                 callback(stats)
     finally:
@@ -220,7 +244,7 @@ def attribute_from_config(model, saes, trajectories, cfg: AttributionConfig, **r
     return run_attribution(model, saes, trajectories, cfg, **runtime)
 
 
-def _check_inputs(trajectories: list[Trajectory], cfg: AttributionConfig, tokenizer) -> None:
+def _check_inputs(trajectories: list[Trajectory], cfg: AttributionConfig, tokenizer, vocab: int) -> None:
     if not trajectories:
         raise IPGError("no trajectories to attribute; sample some first (`ipg-sae sample`) or fix the path")
     check_rewards(trajectories)
@@ -231,11 +255,32 @@ def _check_inputs(trajectories: list[Trajectory], cfg: AttributionConfig, tokeni
         ids_seen.add(t.id)
         if not t.prompt_ids:
             raise IPGError(f"trajectory {t.id} has no prompt tokens; every trajectory needs its prompt_ids")
+        tokens = t.prompt_ids + t.completion_ids
+        if any(not isinstance(i, int) or not 0 <= i < vocab for i in tokens):
+            bad = next(i for i in tokens if not isinstance(i, int) or not 0 <= i < vocab)
+            raise IPGError(f"trajectory {t.id} has token id {bad!r}, outside this model's vocabulary (0..{vocab - 1}); "
+                           "it was sampled with another tokenizer, or the file is damaged")
     if cfg.baseline == "reason_words" and tokenizer is None:
         raise IPGError("the reason_words baseline finds reasoning words in the text: pass tokenizer=")
-    unknown_maps = set(cfg.token_maps) - ids_seen
+    unknown_maps = set(cfg.token_maps) - ids_seen - {"*"}
     if unknown_maps:
         raise IPGError(f"token_maps asks for trajectory {sorted(unknown_maps)[0]!r}, which is not among the trajectories")
+
+
+def _check_something_to_attribute(groups: dict[str, list[Trajectory]], advantage: str) -> None:
+    """Refuse a data set on which every advantage is zero: F is identically 0 and any selection would be arbitrary."""
+    for group in groups.values():
+        if bool((advantages(torch.tensor([t.reward for t in group], dtype=torch.float64), advantage) != 0).any()):
+            return
+    n = len(groups)
+    if advantage == "correct":
+        raise IPGError(f"nothing to attribute: none of the {n} prompts has a trajectory with a positive reward, which "
+                       "this likelihood baseline scores; sample more trajectories or drop the baseline")
+    if advantage == "none":
+        raise IPGError(f"nothing to attribute: every reward of the {n} prompts is 0; check the reward function")
+    raise IPGError(f"nothing to attribute: no prompt has reward variance (within each of the {n} prompts every "
+                   "sample got the same reward, so every advantage is 0); sample more per prompt (sampling.n_samples), "
+                   "raise sampling.temperature, or use problems the model sometimes solves")
 
 
 def _checkpoint_file(checkpoint_path, rank: int, world: int) -> Path | None:
@@ -249,9 +294,8 @@ def _resume(ckpt: Path | None, signature: str, mine: list[int], layers, d_sae, n
     """The checkpoint's accumulator when it belongs to this very call, else None (start from scratch)."""
     if ckpt is None or not ckpt.is_file():
         return None
-    acc = Accumulator.load(ckpt, signature, layers, d_sae, n_contexts)
+    acc = Accumulator.load(ckpt, signature, layers, d_sae, n_contexts)  # says why when it returns None
     if acc is None:
-        log.warning("checkpoint %s belongs to a different attribution call; starting from scratch", ckpt)
         return None
     if not acc.done <= set(mine):
         log.warning("checkpoint %s holds other prompts than this call's; starting from scratch", ckpt)
@@ -278,12 +322,17 @@ def _finish(parts: list[Accumulator], cfg: AttributionConfig, engine: IPGEngine,
     for layer, score in baselines.final_scores(result, cfg).items():
         tensors[layer_key(layer, "score")] = score
     result.meta["summary"] = _summary(result, run_meta)
-    if result.is_gradient_method and bool(result.prompt("skipped").all()):
-        msg = ("nothing to attribute: every prompt's advantages are zero (all rewards equal within each group"
-               + (", or no correct trajectory" if cfg.advantage == "correct" or cfg.baseline != "ipg" else "")
-               + "); the attributions are all zero. Sample more trajectories per prompt or use a reward that varies")
-        log.warning(msg)
-        warnings.warn(msg, IPGWarning, stacklevel=4)
+    for layer, ev in result.explained_variance.items():
+        log.info("the SAE at layer %d explains %.3f of the residual variance on these trajectories", layer, ev)
+        if not ev >= LOW_EXPLAINED_VARIANCE:
+            msg = (f"the SAE at layer {layer} explains only {ev:.3f} of the residual variance on these trajectories: "
+                   "it may be broken, or made for another layer or model; its attributions describe that SAE")
+            log.warning(msg)
+            warnings.warn(msg, IPGWarning, stacklevel=4)
+    if result.meta["summary"].get("n_budget_hit"):
+        n = result.meta["summary"]["n_budget_hit"]
+        warnings.warn(f"{n} of {result.n_prompts} prompts ended above delta_tol {cfg.delta_tol} at the node budget "
+                      f"(max_nodes {cfg.max_nodes}); see summary['budget_hit'] for their gaps", IPGWarning, stacklevel=4)
     return result
 
 
@@ -294,6 +343,13 @@ def _summary(result: AttributionResult, run_meta: dict) -> dict:
            "tokens_per_s": round(run_meta["tokens"] / run_meta["seconds"], 1) if run_meta["seconds"] else None}
     if result.is_gradient_method:
         out["n_skipped_prompts"] = int(result.prompt("skipped").sum())  # zero advantage: no node pass
+        attributed = ~result.prompt("skipped")
+        nodes = result.prompt("n_nodes")[attributed].double()
+        out["mean_nodes"] = round(float(nodes.mean()), 3) if nodes.numel() else 0.0
+        budget = result.prompt("budget_hit").nonzero().flatten().tolist()
+        out["n_budget_hit"] = len(budget)
+        out["budget_hit"] = [{"prompt_id": result.prompt_ids[i], "delta": float(result.prompt("delta")[i]),
+                              "n_nodes": int(result.prompt("n_nodes")[i])} for i in budget]
         live = result.traj("advantage") != 0
         rel = result.delta.abs()[live]
         out["delta_max"] = float(rel.max()) if rel.numel() else 0.0
@@ -301,6 +357,8 @@ def _summary(result: AttributionResult, run_meta: dict) -> dict:
         out["delta_abs_max"] = float(result.delta_abs.abs().max()) if len(result.traj_ids) else 0.0
     for layer in result.layers:
         out[f"L{layer}.active_latents"] = int(result.layer(layer, "active").any(0).sum())
+    for layer, ev in result.explained_variance.items():
+        out[f"L{layer}.explained_variance"] = round(ev, 4)
     return out
 
 
@@ -308,9 +366,8 @@ def _group_stats(method_name, prompt_id, prompt_index, done, total, ga: GroupAtt
     G = len(ga.logp1)
     per_traj_total = sum(ga.per_traj[layer].sum(1) for layer in ga.per_traj) + sum(ga.error.values())
     expected = ga.advantage * (ga.logp1 - ga.logp0)
-    live = ga.advantage != 0
     gap = (per_traj_total - expected).abs()
-    rel = (gap[live] / expected[live].abs().clamp(min=1e-300)) if live.any() else gap.new_zeros(0)
+    rel = ga.gaps()
     active_abs, n_active = 0.0, 0
     for layer, a in ga.per_traj.items():
         mask = ga.active[layer]
@@ -322,7 +379,7 @@ def _group_stats(method_name, prompt_id, prompt_index, done, total, ga: GroupAtt
         "tokens_per_s": ga.n_tokens / seconds if seconds > 0 else 0.0,
         "delta": float(rel.max()) if rel.numel() else 0.0, "delta_abs": float(gap.max()) if G else 0.0,
         "mean_abs_attribution": active_abs / max(1, n_active), "skipped": bool(ga.skipped),
-        "checkpointed": checkpointed,
+        "checkpointed": checkpointed, "n_nodes": ga.n_nodes, "budget_hit": ga.budget_hit,
     }
 
 
@@ -339,12 +396,11 @@ def _signature(cfg: AttributionConfig, engine: IPGEngine, ordered: list[Trajecto
     h = hashlib.sha256()
     conf = dataclasses.asdict(cfg)
     conf.pop("checkpoint_every")
-    h.update(json.dumps(conf, sort_keys=True).encode())
+    h.update(json.dumps([FORMAT_VERSION, conf], sort_keys=True).encode())
     h.update(json.dumps([rank, world, engine.model.config.to_json_string(use_diff=False)]).encode())
-    h.update(str([float(p.double().sum()) for p in list(engine.model.parameters())[:4]]).encode())
+    h.update(module_digest(engine.model).encode())  # every weight, bit for bit
     for layer in engine.layers:
-        w = engine.w_dec[layer].double()
-        h.update(json.dumps([layer, list(w.shape), float(w.sum()), float(w.abs().sum())]).encode())
+        h.update(json.dumps([layer, module_digest(engine.saes[layer])]).encode())
     for t in ordered:
         h.update(json.dumps([t.id, t.prompt_id, t.sample_index, float(t.reward), t.prompt_ids, t.completion_ids]).encode())
     return h.hexdigest()
@@ -354,7 +410,8 @@ def _sae_info(layer: int, sae, source) -> dict:
     meta = getattr(sae.cfg, "metadata", None)
     info = {"layer": layer, "architecture": sae.cfg.architecture(), "d_in": int(sae.cfg.d_in),
             "d_sae": int(sae.cfg.d_sae), "hook_name": getattr(meta, "hook_name", None),
-            "model_name": getattr(meta, "model_name", None)}
+            "model_name": getattr(meta, "model_name", None),
+            "neuronpedia_id": getattr(meta, "neuronpedia_id", None)}  # e.g. gpt2-small/0-res-jb
     source = source or getattr(sae, "ipg_source", None)
     if source is not None:
         info["source"] = source if isinstance(source, (str, dict)) else str(source)

@@ -1,0 +1,86 @@
+"""Content digests: what saved outputs are matched against, so that a reused output is provably the
+output of its inputs.
+
+* :func:`tensors_digest` hashes named tensors (names, dtypes, shapes and bytes): a model's or an
+  SAE's weights (:func:`module_digest`), or the tensors of a checkpoint or result file, which
+  store it in their metadata and check it on read.
+* :func:`file_digest` hashes a file's bytes, remembered by (path, size, modification time) in the
+  user cache so an unchanged 500 MB model file is hashed once.
+* :func:`text_digest` hashes text (a JSONL body, a canonical JSON dump).
+
+Every digest is a sha256 hex string. ``FORMAT_VERSION`` names the layout of this version's
+saved results and is part of every cache key: a new layout never reuses an old file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+FORMAT_VERSION = "ipg-sae/2"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """The digest of a module's parameters and buffers (about 0.5 s per GB; callers keep it for a run)."""
+    return tensors_digest(dict(module.state_dict()))
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    return text_digest(json.dumps(obj, sort_keys=True, default=str))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, remembered by (path, size, mtime) so unchanged files are hashed once."""
+    from .io import cache_root
+
+    path = Path(path)
+    stat = path.stat()
+    stamp = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo = cache_root() / "digests" / hashlib.sha1(stamp.encode()).hexdigest()
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(digest)
+    except OSError:
+        pass  # a read-only cache only costs the hash next time
+    return digest
+
+
+def tree_digest(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """``{path: digest}`` of files and of every file under directories (``"missing"`` when absent)."""
+    out: dict[str, str] = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+                out[str(f)] = file_digest(f)
+        else:
+            out[str(p)] = file_digest(p) if p.is_file() else "missing"
+    return out

@@ -1,0 +1,484 @@
+r"""Off-policy faithfulness: the expected reward of a steered policy, estimated on shared samples.
+
+Does scaling a set ``S`` of latents by ``gamma`` move the outcome more than another set would?
+Sampling every (set, gamma) cell is too expensive to compare many sets, so every cell is scored
+on the same samples of the *unsteered* policy (``docs/ipg-method.md`` §5 gives the steering):
+
+* For each held-out prompt ``x``, ``G`` trajectories ``tau_g ~ pi_T(. | x)`` are sampled once, at
+  temperature ``T`` with ``top_p = 1`` (so the sampler's support is the whole vocabulary).
+* For a cell, ``log pi'_T(tau_g)`` is computed teacher-forced with exactly the steering hooks that
+  generation uses (live encoding, prompt and generated positions, the same first-token
+  exclusion) and the same temperature, so it is the log-probability the steered sampler would
+  give that trajectory.
+* Self-normalised importance weights per prompt, ``w_g = exp(log pi'(tau_g) - log pi(tau_g))``:
+
+      R_hat(x) = sum_g w_g R_g / sum_g w_g,        ESS(x) = (sum_g w_g)^2 / sum_g w_g^2
+
+  ``R_hat`` is consistent for ``E_{pi'}[R | x]`` (bias ``O(1/G)``), for any reward (correctness,
+  length, ...). The cell's value is the mean of ``R_hat`` over prompts; ESS is reported as a
+  fraction of ``G`` and cells whose mean ESS is below ``min_ess`` are flagged. Every cell is
+  scored on the same trajectories, so differences between cells are paired over prompts.
+
+Cost (:class:`TrajectoryScorer`). A cell is one teacher-forced forward pass, computed as a
+prefix tree: the tokens every prompt shares (system prompt, worked example) once, then each
+problem's own question once, then its ``G`` completions, each segment on the KV cache of the
+one before, under the cell's intervention. The blocks up to the lowest steered layer do not
+change with the intervention: their output there is computed once (unsteered) and replayed,
+and only the blocks above run per cell. Logits are computed only at the scored positions.
+
+Assumption: the model's logits are ``lm_head(final hidden)`` (optionally soft-capped, as in
+Gemma), and its base model accepts a 4-D additive attention mask and explicit position ids
+(true of Llama, Qwen2, Mistral, Gemma and GPT-2 in transformers 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import IPGError
+from .models import block_hidden, decoder_layers
+from .saes import as_layer_dict
+from .steering import Intervention, steer
+from .trajectories import Trajectory, group_by_prompt
+
+
+# ---- the prefix tree ------------------------------------------------------------------------
+
+
+@dataclass
+class PrefixTree:
+    """Trajectories as shared prefix -> per-problem question -> per-sample completion."""
+
+    prefix: list[int]  # tokens every prompt starts with
+    questions: list[list[int]]  # per problem: the rest of its prompt (at least one token)
+    completions: list[list[list[int]]]  # per problem: its completions, in sample order
+    index: list[list[int]]  # per problem and sample: the trajectory's position in the input list
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prefix) + sum(map(len, self.questions)) + sum(len(c) for cs in self.completions for c in cs)
+
+    @property
+    def n_tokens_flat(self) -> int:
+        """Tokens a pass without sharing would run (every trajectory's prompt and completion)."""
+        return sum((len(self.prefix) + len(q)) * len(cs) + sum(map(len, cs))
+                   for q, cs in zip(self.questions, self.completions))
+
+
+def prefix_tree(trajectories: Sequence[Trajectory]) -> PrefixTree:
+    """Group ``trajectories`` by prompt and split off the longest prefix all prompts share."""
+    position = {t.id: i for i, t in enumerate(trajectories)}
+    groups = list(group_by_prompt(list(trajectories)).values())
+    if not groups:
+        raise IPGError("no trajectories to score; sample some first")
+    prompts = []
+    for group in groups:
+        if any(t.prompt_ids != group[0].prompt_ids for t in group):
+            raise IPGError(f"the samples of prompt {group[0].prompt_id} have different prompt tokens; score "
+                           "trajectories that come from one sampling run")
+        if not group[0].prompt_ids:
+            raise IPGError(f"trajectory {group[0].id} has no prompt tokens")
+        if any(not t.completion_ids for t in group):
+            empty = next(t for t in group if not t.completion_ids)
+            raise IPGError(f"trajectory {empty.id} has no generated tokens; there is nothing to score")
+        prompts.append(group[0].prompt_ids)
+    shared = 0
+    shortest = min(map(len, prompts))
+    while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1  # every question keeps at least its last token: it predicts the first completion token
+    return PrefixTree(prefix=list(prompts[0][:shared]), questions=[list(p[shared:]) for p in prompts],
+                      completions=[[list(t.completion_ids) for t in g] for g in groups],
+                      index=[[position[t.id] for t in g] for g in groups])
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+
+class TrajectoryScorer:
+    """``log pi_T(completion | prompt)`` of fixed trajectories under any steering intervention.
+
+    Args:
+        model: the policy (frozen).
+        trajectories: what to score (G per prompt, from one sampling run).
+        temperature: the sampler's temperature ``T`` (scores are ``log_softmax(logits / T)``).
+        saes: ``{layer: SAE}`` the interventions steer through.
+        problems_per_batch: problems whose questions (and ``G`` completions each) share one pass.
+        scope: ``all`` steers prompt and generated positions, ``generated`` only generated ones
+            (as :func:`ipg_sae.steering.steer` with that scope).
+        exclude_first: leave each sequence's first token unsteered, as generation does.
+    """
+
+    def __init__(self, model: nn.Module, trajectories: Sequence[Trajectory], temperature: float, saes=None,
+                 problems_per_batch: int = 8, scope: str = "all", exclude_first: bool = True):
+        if not temperature > 0:
+            raise IPGError(f"importance sampling needs a sampling temperature > 0 (got {temperature}): greedy "
+                           "decoding puts all its probability on one continuation")
+        self.model, self.temperature = model, float(temperature)
+        self.saes = as_layer_dict(saes or {})
+        self.tree = prefix_tree(trajectories)
+        self.n = len(trajectories)
+        self.batch = max(1, problems_per_batch)
+        self.scope, self.exclude_first = scope, exclude_first
+        self.base = model.base_model
+        self.blocks = decoder_layers(model)
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.param = next(model.parameters())
+        self._replay_cache: dict[int, list[torch.Tensor]] = {}  # layer -> its clean output, segment by segment
+        self._tuple_blocks = False  # whether the decoder blocks return tuples (seen in the clean pass)
+        self._segments: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # -- public ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logprobs(self, interventions: Sequence[Intervention] = ()) -> torch.Tensor:
+        """``[n]`` float64: each trajectory's summed log-probability of its completion tokens, in input order."""
+        interventions = list(interventions)
+        if not interventions:
+            return self._pass(None, interventions)
+        lowest = min(iv.layer for iv in interventions)
+        if lowest not in self._replay_cache:
+            self._replay_cache[lowest] = self._capture(lowest)
+        return self._pass(lowest, interventions)
+
+    # -- passes ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def activation_frequencies(self) -> dict[int, np.ndarray]:
+        """Per SAE layer, how often each latent fires on the scored trajectories: the share of their
+        token positions (shared prompt tokens counted once per trajectory, the first token left
+        out as steering leaves it out) where the latent is active."""
+        out = {}
+        for layer, sae in self.saes.items():
+            if layer not in self._replay_cache:
+                self._replay_cache[layer] = self._capture(layer)
+            counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+            total = 0.0
+            for x, (keep, weight) in zip(self._replay_cache[layer], self._segments):
+                f = sae.encode(x[keep].to(sae.W_dec.dtype))
+                w = weight[keep].double()
+                counts += ((f > 0).double() * w[:, None]).sum(0).cpu()
+                total += float(w.sum())
+            out[layer] = (counts / max(total, 1.0)).numpy()
+        return out
+
+    def _capture(self, layer: int) -> list[torch.Tensor]:
+        """The clean output of block ``layer`` for every segment of the tree, in pass order."""
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _inputs, out):
+            self._tuple_blocks = isinstance(out, tuple)
+            captured.append(block_hidden(out))
+
+        handle = self.blocks[layer].register_forward_hook(hook)
+        self._segments = []  # (positions that count, how many trajectories each stands for), per segment
+        try:
+            self._pass(None, [], record=self._segments)
+        finally:
+            handle.remove()
+        return captured
+
+    def _pass(self, replay_layer: int | None, interventions: list[Intervention], record: list | None = None):
+        out = torch.zeros(self.n, dtype=torch.float64)
+        segments = iter(self._replay_cache[replay_layer]) if replay_layer is not None else None
+        with self._replaying(replay_layer) as replay, self._steering(interventions) as control:
+            def run(ids, mask2d, positions, cache, keep, weight):
+                if record is not None:
+                    record.append((self._counted(positions, mask2d[:, -ids.shape[1]:]), weight))
+                if replay is not None:
+                    replay.x = next(segments)
+                if control is not None:
+                    control.next_call(keep, positions)  # no left padding: a position is its real-token index
+                mask = _additive_mask(mask2d, ids.shape[1], self.param.dtype)
+                return self.base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                 use_cache=True).last_hidden_state
+
+            self._walk(run, out)
+        return out
+
+    def _walk(self, run, out: torch.Tensor) -> None:
+        """Feed the tree through ``run`` segment by segment and add each token's log-probability to ``out``."""
+        from transformers import DynamicCache
+
+        tree, device = self.tree, self.param.device
+        P = len(tree.prefix)
+        prefix_cache = DynamicCache(config=self.model.config)
+        if P:
+            ids = torch.tensor([tree.prefix], device=device)
+            positions = torch.arange(P, device=device)[None]
+            real = torch.ones_like(ids, dtype=torch.bool)
+            run(ids, real, positions, prefix_cache, self._keep(positions, real, prompt=True),
+                torch.full_like(ids, self.n, dtype=torch.float64))
+        for start in range(0, len(tree.questions), self.batch):
+            problems = list(range(start, min(start + self.batch, len(tree.questions))))
+            self._problem_batch(problems, prefix_cache, P, run, out)
+
+    def _problem_batch(self, problems: list[int], prefix_cache, P: int, run, out: torch.Tensor) -> None:
+        tree, device = self.tree, self.param.device
+        b = len(problems)
+        # the questions, right-padded, on the prefix cache
+        q_ids, q_real = _pad([tree.questions[i] for i in problems], device)
+        L = q_ids.shape[1]
+        cache = _repeat(prefix_cache, b)
+        mask = torch.cat([torch.ones(b, P, dtype=torch.bool, device=device), q_real], dim=1)
+        positions = P + torch.arange(L, device=device)[None].expand(b, L)
+        samples = torch.tensor([len(tree.completions[i]) for i in problems], dtype=torch.float64, device=device)
+        hidden = run(q_ids, mask, positions, cache, self._keep(positions, q_real, prompt=True),
+                     samples[:, None].expand(b, L))
+        last = q_real.sum(1) - 1  # each question's last token predicts its first completion token
+        first_h = hidden[torch.arange(b, device=device), last]
+        # the completions, G per problem (row order: problem-major), on their question's cache
+        sizes = [len(tree.completions[i]) for i in problems]
+        rows = [c for i in problems for c in tree.completions[i]]
+        c_ids, c_real = _pad(rows, device)
+        M = c_ids.shape[1]
+        owner = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(sizes, device=device))
+        cache = _select_rows(cache, owner)
+        mask = torch.cat([torch.ones(len(rows), P, dtype=torch.bool, device=device), q_real[owner], c_real], dim=1)
+        positions = (P + q_real.sum(1)[owner])[:, None] + torch.arange(M, device=device)[None]
+        hidden = run(c_ids, mask, positions, cache, self._keep(positions, c_real, prompt=False),
+                     torch.ones(c_ids.shape, dtype=torch.float64, device=device))
+        # log-probabilities: token 0 from the question's last position, token t from completion position t - 1
+        lp = torch.zeros(len(rows), M, dtype=torch.float64, device=device)
+        lp[:, 0] = self._token_logprobs(first_h[owner], c_ids[:, 0])
+        if M > 1:
+            scored = c_real[:, 1:]
+            r, t = scored.nonzero(as_tuple=True)
+            lp[r, t + 1] = self._token_logprobs(hidden[r, t], c_ids[r, t + 1])
+        totals = (lp * c_real).sum(1).cpu()
+        flat = [tree.index[i][g] for i in problems for g in range(len(tree.completions[i]))]
+        out[flat] = totals
+
+    def _keep(self, positions: torch.Tensor, real: torch.Tensor, prompt: bool) -> torch.Tensor:
+        """The positions of a segment that steering acts on."""
+        if prompt and self.scope == "generated":
+            return torch.zeros_like(real)
+        return self._counted(positions, real)
+
+    def _counted(self, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        keep = real.clone()
+        if self.exclude_first:
+            keep &= positions != 0
+        return keep
+
+    def _token_logprobs(self, h: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        out = []
+        for s in range(0, h.shape[0], chunk):
+            logits = self.head(h[s:s + chunk]).double()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logp = torch.log_softmax(logits / self.temperature, dim=-1)
+            out.append(logp.gather(-1, targets[s:s + chunk, None]).squeeze(-1))
+        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float64)
+
+    @contextlib.contextmanager
+    def _steering(self, interventions: list[Intervention]) -> Iterator:
+        if not interventions:
+            yield None
+            return
+        with steer(self.model, self.saes, interventions, exclude_first=self.exclude_first) as control:
+            yield control
+
+    @contextlib.contextmanager
+    def _replaying(self, layer: int | None) -> Iterator["_Replay | None"]:
+        """Skip the blocks below ``layer`` and replay its clean output (the steering hooks then act on it)."""
+        if layer is None:
+            yield None
+            return
+        originals = {i: self.blocks[i] for i in range(layer + 1)}
+        as_tuple = self._tuple_blocks
+        replay = _Replay(originals[layer], as_tuple)
+        try:
+            for i in range(layer):
+                self.blocks[i] = _Skip(originals[i], as_tuple)
+            self.blocks[layer] = replay
+            yield replay
+        finally:
+            for i, block in originals.items():
+                self.blocks[i] = block
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: returns its output recorded in the clean pass, for the current segment."""
+
+    def __init__(self, original: nn.Module, as_tuple: bool):
+        super().__init__()
+        self.x: torch.Tensor | None = None
+        self.as_tuple = as_tuple
+        _copy_attributes(self, original)
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return (self.x,) if self.as_tuple else self.x
+
+
+class _Skip(nn.Module):
+    """Stands in for a block below the replayed one: its output is never used."""
+
+    def __init__(self, original: nn.Module, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+        _copy_attributes(self, original)
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+def _copy_attributes(dst: nn.Module, src: nn.Module) -> None:
+    for attr in ("attention_type", "layer_type", "is_sliding"):  # read by some models' mask logic
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+
+
+def _pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    real = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        real[i, :len(s)] = True
+    return ids.to(device), real.to(device)
+
+
+def _additive_mask(key_real: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[rows, 1, q_len, kv_len]``: a query sees the real keys up to itself (and itself, so padding stays finite)."""
+    rows, kv = key_real.shape
+    past = kv - q_len
+    q_pos = past + torch.arange(q_len, device=key_real.device)
+    k_pos = torch.arange(kv, device=key_real.device)
+    causal = k_pos[None, :] <= q_pos[:, None]
+    allowed = causal[None] & (key_real[:, None, :] | (k_pos[None, None, :] == q_pos[None, :, None]))
+    mask = torch.zeros(rows, 1, q_len, kv, dtype=dtype, device=key_real.device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def _repeat(cache, n: int):
+    out = copy.deepcopy(cache)
+    if n > 1:
+        out.batch_repeat_interleave(n)
+    return out
+
+
+def _select_rows(cache, rows: torch.Tensor):
+    out = copy.deepcopy(cache)
+    out.batch_select_indices(rows)
+    return out
+
+
+# ---- the estimator ------------------------------------------------------------------------
+
+
+@dataclass
+class CellEstimate:
+    """The off-policy estimate of one (set, gamma) cell."""
+
+    per_prompt: np.ndarray  # [N] R_hat(x): self-normalised importance-weighted reward
+    ess: np.ndarray  # [N] effective sample size as a fraction of G
+    log_ratio_sd: float  # spread of log pi' - log pi over trajectories
+
+    @property
+    def value(self) -> float:
+        return float(self.per_prompt.mean())
+
+
+def estimate(logp_base: torch.Tensor, logp_cell: torch.Tensor, rewards: torch.Tensor,
+             groups: list[list[int]]) -> CellEstimate:
+    """Self-normalised importance estimate of ``E_{pi'}[R | x]`` per prompt (``groups``: trajectory indices)."""
+    log_ratio = (logp_cell - logp_base).double()
+    per_prompt, ess = [], []
+    for idx in groups:
+        lr = log_ratio[idx]
+        w = torch.exp(lr - lr.max())  # the common factor cancels in both ratios
+        r = rewards[idx].double()
+        per_prompt.append(float((w * r).sum() / w.sum()))
+        ess.append(float(w.sum() ** 2 / (w * w).sum()) / len(idx))
+    sd = float(log_ratio.std()) if log_ratio.numel() > 1 else 0.0
+    return CellEstimate(np.array(per_prompt), np.array(ess), sd)
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    """``(sum w)^2 / sum w^2`` of one group of importance weights."""
+    w = np.asarray(weights, dtype=float)
+    return float(w.sum() ** 2 / (w * w).sum()) if (w * w).sum() > 0 else math.nan
+
+
+# ---- a fair null: random sets with the evaluated set's activation-frequency profile ----------
+
+
+def frequency_bins(freq: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """Bin index of each latent by activation frequency: quantile bins over the active latents, -1 for dead ones."""
+    freq = np.asarray(freq, dtype=float)
+    bins = np.full(freq.shape, -1)
+    active = freq > 0
+    if not active.any():
+        return bins
+    edges = np.quantile(freq[active], np.linspace(0, 1, n_bins + 1)[1:-1])
+    bins[active] = np.searchsorted(edges, freq[active], side="right")
+    return bins
+
+
+def matched_random_sets(template: Sequence[tuple[int, int]], frequencies: dict[int, np.ndarray], n: int,
+                        seed: int = 0, n_bins: int = 10) -> list[list[tuple[int, int]]]:
+    """``n`` random sets, each latent drawn from the same layer and activation-frequency bin as one latent of
+    ``template`` (without replacement, never a template latent).
+
+    A set of dead or rare latents trivially does nothing; matching the frequency profile keeps the
+    comparison about *which* latents were chosen, not how often they fire. Active latents are
+    matched with active ones of the same frequency decile (the nearest deciles when one runs
+    out); a latent of the set that never fires on the data is matched with one that never fires.
+    """
+    rng = np.random.default_rng(seed)
+    bins = {layer: frequency_bins(f, n_bins) for layer, f in frequencies.items()}
+    chosen = {(layer, i) for layer, i in template}
+    for layer, _ in template:
+        if layer not in bins:
+            raise IPGError(f"no activation frequencies for layer {layer}; the null needs them for every layer of the set")
+    out = []
+    for _ in range(n):
+        taken: set[tuple[int, int]] = set()
+        draw = []
+        for layer, i in template:
+            target = int(bins[layer][i])
+            alive = bins[layer] >= 0 if target >= 0 else bins[layer] < 0
+            pool: np.ndarray = np.array([], dtype=int)
+            for width in range(n_bins):  # widen to neighbouring bins only when the bin is exhausted
+                near = np.abs(bins[layer] - target) <= width if target >= 0 else alive
+                cand = np.flatnonzero(near & alive)
+                pool = np.array([c for c in cand if (layer, int(c)) not in chosen and (layer, int(c)) not in taken])
+                if len(pool):
+                    break
+            if not len(pool):
+                raise IPGError(f"layer {layer} has too few active latents to draw a random set of this size")
+            pick = int(rng.choice(pool))
+            taken.add((layer, pick))
+            draw.append((layer, pick))
+        out.append(draw)
+    return out
+
+
+# ---- statistics over cells -------------------------------------------------------------------
+
+
+def null_percentile(effect: float, null: Sequence[float], direction: int) -> tuple[float, float]:
+    """The effect's percentile in the null (in the predicted ``direction``) and a one-sided permutation p-value.
+
+    ``direction`` +1: a larger effect is the predicted one; -1: a smaller one. The p-value counts null
+    sets at least as extreme, with the usual +1 (the set itself is one draw of the null hypothesis).
+    """
+    null = np.asarray(null, dtype=float) * direction
+    e = effect * direction
+    percentile = float((null < e).mean() * 100 + (null == e).mean() * 50)
+    p = float((1 + (null >= e).sum()) / (1 + len(null)))
+    return percentile, p
+
+
+def area_under_curve(values: Sequence[float], base: float) -> float:
+    """Mean of ``value - base`` over the curve's k values: the area under it, per step of the k list."""
+    return float(np.mean(np.asarray(values, dtype=float) - base))

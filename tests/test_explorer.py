@@ -1,0 +1,167 @@
+"""The feature explorer: its data against direct computations, and the page in a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from ipg_sae.explorer import ExplorerConfig, build, find_browser, load, logit_effect, render, rendered_dom, screenshot
+from tests.test_pipeline import text_length_mod_7  # noqa: F401  (the reward the run below uses)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_llama_dir):
+    """A tiny attribution run with per-token maps, a baseline and an evaluation."""
+    from ipg_sae.config import load_config
+    from ipg_sae.jobs import AttributeJobConfig, EvaluateJobConfig, SampleJobConfig, run_attribute, run_evaluate, run_sample
+    from tests import tiny
+
+    root = tmp_path_factory.mktemp("explore")
+    sae_dir = root / "sae"
+    tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
+    common = {"name": "x", "runs_dir": str(root / "runs"), "model.name": str(tiny_llama_dir), "wandb.enabled": False}
+    run_sample(load_config(SampleJobConfig, None, {**common, "task.n_problems": 3, "task.few_shot": 0,
+                                                   "sampling.n_samples": 3, "sampling.max_new_tokens": 8,
+                                                   "reward": "tests.test_pipeline:text_length_mod_7"}), progress=False)
+    run_attribute(load_config(AttributeJobConfig, None, {
+        **common, "saes": [{"path": str(sae_dir)}], "attribution.n_steps": 4, "attribution.token_maps": ["*"],
+        "attribution.n_contexts": 12, "baselines": ["act"], "selection.k": 3, "selection.n_bootstrap": 5}),
+        progress=False)
+    run_evaluate(load_config(EvaluateJobConfig, None, {
+        **common, "saes": [{"path": str(sae_dir)}], "sets": {"ipg": str(root / "runs" / "x" / "selection.json")},
+        "attribution_dir": str(root / "runs" / "x"), "evaluation.k": 3, "evaluation.gammas": [0.0],
+        "evaluation.seeds": [0], "evaluation.n_random_sets": 1, "evaluation.n_bootstrap": 200,
+        "evaluation.task.n_problems": 2, "evaluation.task.few_shot": 0, "evaluation.estimator": "sampling",
+        "evaluation.sampling.max_new_tokens": 6}), progress=False)
+    run_dir = root / "runs" / "x"
+    page = build(run_dir, cfg=ExplorerConfig(detail=6, n_contexts=10, held_out=4, page_size=25))
+    return run_dir, page
+
+
+def test_data_file_and_load(run):
+    run_dir, page = run
+    data = load(run_dir)
+    assert page == run_dir / "explorer" / "index.html" and (run_dir / "explorer" / "data.json").is_file()
+    rows = data["latents"]
+    assert rows and [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert all({"mean", "lo", "hi", "t", "sign_consistency", "selection_frequency", "activation_frequency", "ranks",
+                "selected", "neuronpedia", "detail"} <= set(r) for r in rows)
+    assert all("act" in r["ranks"] for r in rows)
+    selected = {tuple(p) for p in data["run"]["selected"]}
+    assert selected and all(data["details"].get(f"{l}:{i}") for l, i in selected)  # the selected set has panels
+    assert {r["layer"] for r in rows} == {2}
+
+
+def test_contexts_are_windows_of_real_activations(run, tiny_llama_dir):
+    """Each context's shading is the latent's activation at those tokens, re-encoded from scratch."""
+    from ipg_sae.models import capture_residuals, load_model
+    from ipg_sae.saes import load_sae
+    from ipg_sae.trajectories import load_trajectories
+
+    run_dir, _ = run
+    data = load(run_dir)
+    model, _ = load_model(str(tiny_llama_dir))
+    sae = load_sae(str(run_dir.parent.parent / "sae"), model)
+    trajs = {t.id: t for t in load_trajectories(run_dir / "trajectories.jsonl")}
+    checked = 0
+    for key, detail in data["details"].items():
+        layer, latent = map(int, key.split(":"))
+        for ctx in detail["contexts"]:
+            assert ctx["strings"] and len(ctx["strings"]) == len(ctx["tokens"]) == len(ctx["activations"])
+            assert ctx["activations"][ctx["max_index"]] == ctx["max"] > 0  # the marked token is the activating one
+            if not ctx["source"].startswith("trajectory "):
+                continue
+            t = trajs[ctx["source"].split(" ", 1)[1]]
+            ids = t.prompt_ids + t.completion_ids
+            f = sae.encode(capture_residuals(model, torch.tensor([ids]), None, [layer])[layer][0])[:, latent]
+            f[0] = 0  # the first position is out of scope
+            start = next(s for s in range(len(ids)) if ids[s:s + len(ctx["tokens"])] == ctx["tokens"])
+            torch.testing.assert_close(f[start:start + len(ctx["tokens"])].float(),
+                                       torch.tensor(ctx["activations"]), rtol=1e-3, atol=1e-3)
+            checked += 1
+    assert checked > 0
+    assert any(c["source"] == "held-out text" for d in data["details"].values() for c in d["contexts"])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_logit_effect_matches_a_direct_computation(kind, tmp_path, tiny_tokenizer):
+    from ipg_sae.models import load_model
+    from ipg_sae.saes import decoder_matrix
+    from tests import tiny
+
+    tiny.build_model(kind, tmp_path, vocab_size=len(tiny_tokenizer))
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), dtype="float64")
+    sae = tiny.random_sae("topk", 64, 1, d_sae=32, k=4).double()
+    norm = model.model.norm if kind == "llama" else model.transformer.ln_f
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)  # a final norm whose scale matters
+    direct = model.lm_head.weight @ (decoder_matrix(sae)[7] * norm.weight)
+    torch.testing.assert_close(logit_effect(model, sae, 7), direct)
+
+
+def test_steering_rows_and_ipg_token_maps(run):
+    run_dir, _ = run
+    data = load(run_dir)
+    selected = [f"{l}:{i}" for l, i in data["run"]["selected"]]
+    assert all(data["details"][k]["steering"] for k in selected)  # the evaluated set holds them
+    maps = [t for d in data["details"].values() for side in ("correct", "incorrect") for t in d["ipg_tokens"][side]]
+    assert maps and all(len(t["strings"]) == len(t["values"]) for t in maps)
+    view = data["trajectories"]
+    assert view and all(len(t["strings"]) == len(t["total"]) == len(t["top"]) for t in view)
+
+
+def test_special_characters_render_as_text(tmp_path):
+    """Tokens are data: `|`, `<`, `&`, newlines and a closing script tag must come out as text."""
+    nasty = ["a|b", "<b>bold</b>", "&amp;", "\n", "</script><script>document.body.dataset.error='x'</script>", "é"]
+    data = {"run": {"name": "<i>run</i>", "method": "ipg", "model": "m", "saes": [], "summary": {}, "selected": [[1, 0]],
+                    "n_bootstrap": 0, "page_size": 10, "plots": [], "policy": ""},
+            "latents": [{"layer": 1, "latent": 0, "rank": 1, "mean": 0.5, "lo": 0.1, "hi": 0.9, "t": 2.0,
+                         "sign_consistency": 1.0, "selection_frequency": 1.0, "activation_frequency": 0.5, "ranks": {},
+                         "selected": True, "neuronpedia": "", "detail": True}],
+            "details": {"1:0": {"contexts": [{"source": "trajectory p/s0", "tokens": list(range(6)), "strings": nasty,
+                                              "activations": [0, 1, 2, 3, 4, 5], "max": 5, "max_index": 5}],
+                                "logits": {"promoted": [[1, "<u>", 0.5]], "suppressed": [[2, "&", -0.5]]},
+                                "histogram": {"edges": [0, 1], "counts": [3]},
+                                "ipg_tokens": {"correct": [], "incorrect": []}, "steering": []}},
+            "trajectories": [{"id": "p/s0", "correct": True, "reward": 1.0, "prompt_length": 2, "strings": nasty,
+                              "total": [0.1, -0.2, 0.3, 0, 0.1, 0.2], "top": [[]] * 6}]}
+    page = tmp_path / "index.html"
+    page.write_text(render(data), encoding="utf-8")
+    if not _browser_or_skip():
+        return
+    dom = rendered_dom(page)
+    assert 'data-ready="1"' in dom and "data-error" not in dom
+    assert "<b>bold</b>" not in dom and "&lt;b&gt;bold&lt;/b&gt;" in dom  # shown, not interpreted
+    assert "&lt;/script&gt;&lt;script&gt;" in dom and "a|b" in dom and "&lt;u&gt;" in dom
+    assert "<i>run</i>" not in dom
+
+
+def _browser_or_skip() -> bool:
+    if find_browser():
+        return True
+    if os.environ.get("CI"):
+        pytest.fail("no Chromium browser in CI: .ci/run installs Debian's chromium")
+    pytest.skip("no Chromium browser here (apt-get install chromium); the page was written but not rendered")
+    return False
+
+
+def test_the_page_in_a_real_browser(run, tmp_path):
+    run_dir, page = run
+    if not _browser_or_skip():
+        return
+    data = load(run_dir)
+    dom = rendered_dom(page)
+    assert 'data-ready="1"' in dom and "data-error" not in dom  # the script ran to the end, no error
+    body = re.search(r'<tbody id="rows">(.*?)</tbody>', dom, re.S).group(1)
+    assert body.count("<tr") == min(len(data["latents"]), data["run"]["page_size"])
+    panel = re.search(r'<div id="panel-body"[^>]*>(.*?)</section>', dom, re.S).group(1)
+    assert panel.count('class="ctx"') >= 1 and "Direct logit effect" in panel and "ipg-tokens" in panel
+    assert re.search(r'<div id="traj-tokens" class="tokens">.*class="tok', dom, re.S)
+    png = screenshot(page, tmp_path / "explorer.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    json.dumps(data)  # the data round-trips as JSON
