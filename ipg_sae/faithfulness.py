@@ -110,14 +110,15 @@ class TrajectoryScorer:
         trajectories: what to score (G per prompt, from one sampling run).
         temperature: the sampler's temperature ``T`` (scores are ``log_softmax(logits / T)``).
         saes: ``{layer: SAE}`` the interventions steer through.
-        problems_per_batch: problems whose questions (and ``G`` completions each) share one pass.
+        problems_per_batch: problems whose questions share one pass (their completions follow on it).
+        rows_per_pass: completions per pass, grouped by length.
         scope: ``all`` steers prompt and generated positions, ``generated`` only generated ones
             (as :func:`ipg_sae.steering.steer` with that scope).
         exclude_first: leave each sequence's first token unsteered, as generation does.
     """
 
     def __init__(self, model: nn.Module, trajectories: Sequence[Trajectory], temperature: float, saes=None,
-                 problems_per_batch: int = 8, scope: str = "all", exclude_first: bool = True):
+                 problems_per_batch: int = 8, scope: str = "all", exclude_first: bool = True, rows_per_pass: int = 32):
         if not temperature > 0:
             raise IPGError(f"importance sampling needs a sampling temperature > 0 (got {temperature}): greedy "
                            "decoding puts all its probability on one continuation")
@@ -125,7 +126,7 @@ class TrajectoryScorer:
         self.saes = as_layer_dict(saes or {})
         self.tree = prefix_tree(trajectories)
         self.n = len(trajectories)
-        self.batch = max(1, problems_per_batch)
+        self.batch, self.rows_per_pass = max(1, problems_per_batch), max(1, rows_per_pass)
         self.scope, self.exclude_first = scope, exclude_first
         self.base = model.base_model
         self.blocks = decoder_layers(model)
@@ -235,27 +236,26 @@ class TrajectoryScorer:
                      samples[:, None].expand(b, L))
         last = q_real.sum(1) - 1  # each question's last token predicts its first completion token
         first_h = hidden[torch.arange(b, device=device), last]
-        # the completions, G per problem (row order: problem-major), on their question's cache
-        sizes = [len(tree.completions[i]) for i in problems]
-        rows = [c for i in problems for c in tree.completions[i]]
-        c_ids, c_real = _pad(rows, device)
-        M = c_ids.shape[1]
-        owner = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(sizes, device=device))
-        cache = _select_rows(cache, owner)
-        mask = torch.cat([torch.ones(len(rows), P, dtype=torch.bool, device=device), q_real[owner], c_real], dim=1)
-        positions = (P + q_real.sum(1)[owner])[:, None] + torch.arange(M, device=device)[None]
-        hidden = run(c_ids, mask, positions, cache, self._keep(positions, c_real, prompt=False),
-                     torch.ones(c_ids.shape, dtype=torch.float64, device=device))
-        # log-probabilities: token 0 from the question's last position, token t from completion position t - 1
-        lp = torch.zeros(len(rows), M, dtype=torch.float64, device=device)
-        lp[:, 0] = self._token_logprobs(first_h[owner], c_ids[:, 0])
-        if M > 1:
-            scored = c_real[:, 1:]
-            r, t = scored.nonzero(as_tuple=True)
-            lp[r, t + 1] = self._token_logprobs(hidden[r, t], c_ids[r, t + 1])
-        totals = (lp * c_real).sum(1).cpu()
-        flat = [tree.index[i][g] for i in problems for g in range(len(tree.completions[i]))]
-        out[flat] = totals
+        # the completions, G per problem, on their question's cache: in passes of similar lengths (a
+        # long sample does not pad every other row), each pass selecting its rows' question caches
+        pairs = [(j, g) for j, i in enumerate(problems) for g in range(len(tree.completions[i]))]
+        pairs.sort(key=lambda p: len(tree.completions[problems[p[0]]][p[1]]))
+        for start in range(0, len(pairs), self.rows_per_pass):
+            chunk = pairs[start:start + self.rows_per_pass]
+            c_ids, c_real = _pad([tree.completions[problems[j]][g] for j, g in chunk], device)
+            M = c_ids.shape[1]
+            owner = torch.tensor([j for j, _ in chunk], device=device)
+            mask = torch.cat([torch.ones(len(chunk), P, dtype=torch.bool, device=device), q_real[owner], c_real], dim=1)
+            positions = (P + q_real.sum(1)[owner])[:, None] + torch.arange(M, device=device)[None]
+            hidden = run(c_ids, mask, positions, _select_rows(cache, owner), self._keep(positions, c_real, prompt=False),
+                         torch.ones(c_ids.shape, dtype=torch.float64, device=device))
+            # token 0 from the question's last position, token t from completion position t - 1
+            lp = torch.zeros(len(chunk), M, dtype=torch.float64, device=device)
+            lp[:, 0] = self._token_logprobs(first_h[owner], c_ids[:, 0])
+            if M > 1:
+                r, t = c_real[:, 1:].nonzero(as_tuple=True)
+                lp[r, t + 1] = self._token_logprobs(hidden[r, t], c_ids[r, t + 1])
+            out[[tree.index[problems[j]][g] for j, g in chunk]] = (lp * c_real).sum(1).cpu()
 
     def _keep(self, positions: torch.Tensor, real: torch.Tensor, prompt: bool) -> torch.Tensor:
         """The positions of a segment that steering acts on."""
@@ -269,14 +269,18 @@ class TrajectoryScorer:
             keep &= positions != 0
         return keep
 
-    def _token_logprobs(self, h: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    def _token_logprobs(self, h: torch.Tensor, targets: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """``log_softmax(logits / T)[target]`` per row, as ``z_target - logsumexp(z)`` (no [rows, vocab] log-softmax
+        is materialised), in the model's precision (at least float32), returned as float64."""
         out = []
         for s in range(0, h.shape[0], chunk):
-            logits = self.head(h[s:s + chunk]).double()
+            z = self.head(h[s:s + chunk])
+            z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 logits are too coarse for log-probs
             if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            logp = torch.log_softmax(logits / self.temperature, dim=-1)
-            out.append(logp.gather(-1, targets[s:s + chunk, None]).squeeze(-1))
+                z = torch.tanh(z / self.softcap) * self.softcap
+            z = z / self.temperature
+            lp = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+            out.append(lp.double())
         return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float64)
 
     @contextlib.contextmanager

@@ -64,6 +64,7 @@ class StudyConfig(JobConfig):
     rewards: list[str] = field(default_factory=lambda: ["correctness", "length"])  # one study per reward
     methods: list[Baseline] = field(default_factory=lambda: ["ipg", "act", "grad_x_act", "reason_words",
                                                                "ig_likelihood"])
+    attribute_prompts: int = 60  # per reward, the first prompts whose samples got different rewards (0: all)
     heldout: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=100, offset=1000))  # never attributed
     heldout_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         n_samples=8, temperature=0.5, max_new_tokens=96, batch_size=32))
@@ -130,7 +131,10 @@ def _with_reward(trajectories: list[Trajectory], reward: str) -> list[Trajectory
     return out
 
 
-def _sample_stage(cfg: StudyConfig, task: TaskConfig, sampling: SamplingConfig, filename: str) -> dict:
+def _sample_stage(cfg: StudyConfig, task: TaskConfig, sampling: SamplingConfig, filename: str,
+                  keep_mixed: int = 0) -> dict:
+    """Sample once, score with every reward; with ``keep_mixed``, keep only the first prompts whose samples
+    got different rewards (the ones attribution works on), per reward."""
     model, tokenizer = load_model(cfg.model)
     problems = load_problems(task)
     trajectories = sample(model, tokenizer, problems, build_prompts(tokenizer, problems, task), sampling,
@@ -138,12 +142,19 @@ def _sample_stage(cfg: StudyConfig, task: TaskConfig, sampling: SamplingConfig, 
     summary = {}
     for reward in cfg.rewards:
         scored = _with_reward(trajectories, reward)
-        save_trajectories(_reward_dir(cfg, reward) / filename, scored)
         groups: dict[str, list[float]] = {}
         for t in scored:
             groups.setdefault(t.prompt_id, []).append(t.reward)
+        mixed = [pid for pid, v in groups.items() if len(set(v)) > 1]
+        if keep_mixed:
+            keep = set(mixed[:keep_mixed])
+            scored = [t for t in scored if t.prompt_id in keep]
+            if len(keep) < keep_mixed:
+                log.warning("study: only %d prompts have samples with different %s rewards (wanted %d); sample more "
+                            "problems (task.n_problems)", len(keep), reward, keep_mixed)
+        save_trajectories(_reward_dir(cfg, reward) / filename, scored)
         summary[reward] = {"mean_reward": float(np.mean([t.reward for t in scored])),
-                           "prompts_with_variance": sum(len(set(v)) > 1 for v in groups.values())}
+                           "prompts_with_variance": len(mixed), "prompts_kept": len({t.prompt_id for t in scored})}
     summary["accuracy"] = float(np.mean([t.correct for t in trajectories]))
     summary["n"] = len(trajectories)
     return summary
@@ -180,8 +191,8 @@ def _attribution_files(cfg: StudyConfig) -> list[Path]:
 
 
 STAGES = [
-    Stage("sample", lambda c: (c.model, c.task, c.sampling, c.rewards),
-          lambda c: _sample_stage(c, c.task, c.sampling, "trajectories.jsonl"),
+    Stage("sample", lambda c: (c.model, c.task, c.sampling, c.rewards, c.attribute_prompts),
+          lambda c: _sample_stage(c, c.task, c.sampling, "trajectories.jsonl", c.attribute_prompts),
           outputs=lambda c: [_reward_dir(c, r) / "trajectories.jsonl" for r in c.rewards]),
     Stage("sae", lambda c: (c.sae, _train_job(c) if not c.sae.load else None), _run_train,
           outputs=lambda c: [] if c.sae.load else [_train_job(c).run_dir / "sae"],
