@@ -203,6 +203,7 @@ def run_job(args: argparse.Namespace, cfg_cls, job) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_weight_loading()
     previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM stops a run the way Ctrl-C does
     try:
         overrides = overrides_from_args(args)
@@ -228,6 +229,16 @@ def run_job(args: argparse.Namespace, cfg_cls, job) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _quiet_weight_loading() -> None:
+    """transformers draws a progress bar for every model load (a fraction of a second here): noise on stderr."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 class Terminated(KeyboardInterrupt):

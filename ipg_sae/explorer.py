@@ -446,9 +446,12 @@ def _steering_rows(run_dir: Path) -> list[dict]:
 
 
 def _run_info(run_dir: Path, result: AttributionResult, selection: dict, cfg: ExplorerConfig) -> dict:
+    import base64
+
     summary = result.meta.get("summary", {})
-    plots = sorted(str(p.relative_to(run_dir)) for p in (run_dir / "plots").glob("*.png")) \
-        if (run_dir / "plots").is_dir() else []
+    pngs = sorted((run_dir / "plots").glob("*.png")) + sorted((run_dir / "study").glob("*.png"))
+    plots = [{"name": str(p.relative_to(run_dir)), "png": base64.b64encode(p.read_bytes()).decode("ascii")}
+             for p in pngs if p.stat().st_size < 2_000_000]  # the steering evaluation's and the study's plots
     return {"name": run_dir.name, "method": result.method_name, "model": result.meta.get("model", {}).get("name"),
             "saes": result.meta.get("saes", []), "summary": {k: v for k, v in summary.items()
                                                              if isinstance(v, (int, float, str))},
@@ -488,6 +491,7 @@ latent <input id="f-id" size="6" placeholder="id">
 <section id="trajectories"><h2>Trajectories</h2>
 <p class="note">Each token coloured by its total attribution (blue: raises the outcome's log-probability weight, red: lowers it). Click a token for the latents behind it.</p>
 <select id="traj-select"></select><div id="traj-tokens" class="tokens"></div><div id="traj-top"></div></section>
+<section id="plots"><h2>Steering evaluation</h2><div id="plot-list"></div></section>
 </main>
 <script id="data" type="application/json">__DATA__</script>
 <script>__JS__</script>
@@ -500,7 +504,7 @@ header{padding:10px 18px;background:#243b55;color:#fff}header h1{margin:0;font-s
 #runinfo{font-size:13px;opacity:.9;margin-top:4px}
 main{display:grid;grid-template-columns:minmax(560px,1fr) minmax(420px,1fr);gap:14px;padding:14px}
 section{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px;overflow:auto}
-#trajectories{grid-column:1 / span 2}
+#trajectories,#plots{grid-column:1 / span 2}
 h2{font-size:16px;margin:4px 0 8px}h3{font-size:14px;margin:12px 0 4px}
 table{border-collapse:collapse;font-size:12px;width:100%}
 th,td{padding:3px 6px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
@@ -597,6 +601,9 @@ function showTraj(i){const t=D.trajectories[i];if(!t)return;const box=$('traj-to
   t.top[pos].forEach(([l,i2,v])=>{const key=l+':'+i2;const line=el('div');const a=el('a','L'+l+':'+i2);a.href='#';
    a.addEventListener('click',e=>{e.preventDefault();if(D.details[key])openLatent(key);});line.appendChild(a);line.appendChild(el('span',' '+fmt(v),v>0?'pos':'neg'));top.appendChild(line);});}}));}
 sel.addEventListener('change',()=>showTraj(Number(sel.value)));
+(run.plots||[]).forEach(p=>{const fig=el('figure');const img=el('img');img.src='data:image/png;base64,'+p.png;img.alt=p.name;
+ img.style.maxWidth='100%';fig.appendChild(img);fig.appendChild(el('figcaption',p.name,'note'));$('plot-list').appendChild(fig);});
+if(!(run.plots||[]).length)$('plot-list').appendChild(el('div','no evaluation plots in this run','note'));
 draw();if(D.trajectories.length)showTraj(0);
 const first=D.latents.find(r=>r.detail);if(first)openLatent(first.layer+':'+first.latent);
 document.body.dataset.ready='1';

@@ -141,10 +141,11 @@ def check_baselines(names: list[str]) -> None:
         raise IPGError(f"`baselines` {names} lists a baseline twice; list each once")
 
 
-def load_saes(specs: list[SAESpec], model) -> dict:
+def load_saes(specs: list[SAESpec], model, tokenizer=None) -> dict:
+    """One SAE per layer; with ``tokenizer``, each is measured on the model first (``saes.check_fit``)."""
     saes = {}
     for spec in specs:
-        sae = load_sae(spec, model)
+        sae = load_sae(spec, model, tokenizer=tokenizer)
         if sae.ipg_layer in saes:
             raise IPGError(f"two SAEs for layer {sae.ipg_layer}; give one SAE per layer")
         saes[sae.ipg_layer] = sae
@@ -168,7 +169,7 @@ def run_attribute(cfg: AttributeJobConfig, progress: bool = True, group: str | N
     run_dir = cfg.run_dir
     trajectories = load_trajectories(cfg.trajectories or run_dir / "trajectories.jsonl")
     model, tokenizer = load_model(model_cfg)
-    saes = load_saes(cfg.saes, model)
+    saes = load_saes(cfg.saes, model, tokenizer)
     cfg.selection.check_width(saes)
     with run_lock(run_dir):
         return _attribute(cfg, trajectories, model, tokenizer, saes, main, progress, group)
@@ -283,7 +284,7 @@ def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | Non
     if not cfg.sets:
         raise IPGError("no sets to evaluate: add `sets: {ipg: <attribution run dir or features.csv>}`")
     model, tokenizer = load_model(cfg.model)
-    saes = load_saes(cfg.saes, model)
+    saes = load_saes(cfg.saes, model, tokenizer)
     k = cfg.evaluation.k
     sets = {name: load_selection(source, k=k) for name, source in cfg.sets.items()}
     active = prompt_ids = scores = None

@@ -59,7 +59,7 @@ class SAESpec:
             raise IPGError(f"SAE release {self.release!r} needs an `sae_id`")
 
 
-def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | torch.device = "cpu"):
+def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | torch.device = "cpu", tokenizer=None):
     """Load a sae-lens SAE from a local directory or the sae-lens registry.
 
     Args:
@@ -68,6 +68,9 @@ def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | 
         model: when given, the SAE is checked against it (layer, width, architecture) and moved
             to its device and dtype.
         device: where to load the weights first.
+        tokenizer: with ``model``, the SAE's explained variance on a few texts through this model is
+            measured before use (``sae.ipg_explained_variance``), with a warning naming the likely
+            cause (wrong layer, model or basis) when it is poor.
 
     Returns:
         The sae-lens ``SAE``, with ``ipg_layer`` set to the residual layer it reads.
@@ -111,6 +114,8 @@ def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | 
     sae.ipg_layer = layer
     if model is not None:
         sae = prepare_sae(sae, model, layer)
+        if tokenizer is not None:
+            check_fit(sae, model, tokenizer, where)
     return sae
 
 
@@ -327,6 +332,52 @@ def explained_variance(sums: torch.Tensor) -> float:
         return math.nan
     var = sq - float((total * total).sum()) / n
     return 1.0 - sse / var if var > 0 else math.nan
+
+
+# Short texts an SAE's explained variance is measured on before use (plain prose, a worked problem, code):
+# enough to tell an SAE that fits the model's residual stream (EV near 1) from one that does not.
+CHECK_TEXTS = (
+    "The river wound through the valley, past farms and small villages, until it reached the sea.",
+    "Tom has 12 apples and buys 7 more. 12 + 7 = 19. The answer is 19.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "In 1969, astronauts landed on the Moon for the first time, watched by millions on television.",
+    "Question: What is 15% of 80? Answer: 0.15 * 80 = 12, so the answer is 12.",
+    "She opened the letter slowly, read it twice, and then smiled for the first time that week.",
+)
+POOR_FIT = 0.5  # explained variance below this: the SAE does not describe this model's residual there
+
+
+@torch.no_grad()
+def explained_variance_on(sae, model: nn.Module, tokenizer, texts=CHECK_TEXTS) -> float:
+    """The SAE's explained variance on the residual it reads, over ``texts`` (first token left out)."""
+    from .models import capture_residuals
+
+    layer = sae_layer(sae)
+    sums = None
+    device = next(model.parameters()).device
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        x = capture_residuals(model, ids, None, [layer])[layer][0, 1:]
+        recon = sae.decode(sae.encode(x.to(sae.dtype)))
+        part = variance_sums(x, recon)
+        sums = part if sums is None else sums + part
+    return explained_variance(sums)
+
+
+def check_fit(sae, model: nn.Module, tokenizer, where: str) -> float:
+    """Measure the SAE on the model before use; warn, naming the likely causes, when it fits poorly."""
+    ev = explained_variance_on(sae, model, tokenizer)
+    sae.ipg_explained_variance = ev
+    if not ev >= POOR_FIT:
+        meta = sae.cfg.metadata
+        msg = (f"SAE {where} explains only {ev:.2f} of the residual variance of this model at layer {sae_layer(sae)} "
+               f"(trained on {getattr(meta, 'model_name', None)!r}, hook {getattr(meta, 'hook_name', None)!r}): "
+               "likely the wrong layer, a different model or checkpoint, or a processed residual basis")
+        warnings.warn(msg, stacklevel=2)
+        import logging
+
+        logging.getLogger(__name__).warning(msg)
+    return ev
 
 
 # ---- active sets ------------------------------------------------------------------------

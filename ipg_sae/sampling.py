@@ -76,21 +76,21 @@ def sample(model, tokenizer, problems: list[Problem], prompts: list[str], cfg: S
     per_call = max(1, cfg.batch_size // cfg.n_samples)
     stops = eos_ids(model, tokenizer)
     out: list[Trajectory] = []
-    bar = tqdm(total=len(problems) * cfg.n_samples, desc=desc, unit="seq", disable=not progress, leave=False)
     n_generated, t0 = 0, time.perf_counter()
-    for batch_index, start in enumerate(range(0, len(problems), per_call)):
-        batch = list(range(start, min(start + per_call, len(problems))))
-        prompt_ids, completions = _generate(model, tokenizer, [prompts[i] for i in batch], cfg,
-                                            seed=_batch_seed(cfg.seed, batch_index), stops=stops,
-                                            intervention=intervention)
-        for j, i in enumerate(batch):
-            for g in range(cfg.n_samples):
-                ids = completions[j * cfg.n_samples + g]
-                out.append(_trajectory(problems[i], prompts[i], prompt_ids[j], ids, g, tokenizer, reward, fingerprint))
-                n_generated += len(ids)
-        bar.update(len(batch) * cfg.n_samples)
-        bar.set_postfix(tok_s=f"{n_generated / (time.perf_counter() - t0):.1f}")
-    bar.close()
+    with tqdm(total=len(problems) * cfg.n_samples, desc=desc, unit="seq", disable=not progress, leave=False) as bar:
+        for batch_index, start in enumerate(range(0, len(problems), per_call)):
+            batch = list(range(start, min(start + per_call, len(problems))))
+            prompt_ids, completions = _generate(model, tokenizer, [prompts[i] for i in batch], cfg,
+                                                seed=_batch_seed(cfg.seed, batch_index), stops=stops,
+                                                intervention=intervention)
+            for j, i in enumerate(batch):
+                for g in range(cfg.n_samples):
+                    ids = completions[j * cfg.n_samples + g]
+                    out.append(_trajectory(problems[i], prompts[i], prompt_ids[j], ids, g, tokenizer, reward,
+                                           fingerprint))
+                    n_generated += len(ids)
+            bar.update(len(batch) * cfg.n_samples)
+            bar.set_postfix(tok_s=f"{n_generated / (time.perf_counter() - t0):.1f}")
     return out
 
 

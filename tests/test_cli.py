@@ -47,3 +47,51 @@ def test_sample_job_writes_outputs_and_logs(tiny_llama_dir, tmp_path, monkeypatc
     logged = read_offline_run(run_dir)
     assert logged["summary"]["sample/accuracy"] == summary["accuracy"]
     assert logged["summary"]["sample/unparseable"] == summary["unparseable"]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--baselines=[actt]", "did you mean `act`"),
+    ("--selection.normalize=foo", "choose one of 'none', 'length', 'l1'"),
+    ("--reward=correctnes", "unknown reward 'correctnes'"),
+    ("--sae.train_config=nope.yaml", "sae.train_config: config file nope.yaml not found"),
+    ("--sae.train_overrides={expansion_factr: 2}", "did you mean `expansion_factor`"),
+    ("--evaluation.task.offset=5", "were used for attribution"),
+])
+def test_pipeline_checks_every_stage_before_the_first_runs(override, match, capsys, tmp_path):
+    """The mistakes that used to surface 15 minutes into the demo (after sampling, SAE training and IPG)."""
+    assert main(["pipeline", "configs/demo.yaml", override, "--runs_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+    assert not any(tmp_path.iterdir())  # nothing started
+
+
+def test_mistyped_flags_and_fields_get_suggestions(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--sampling.temprature", "0.3"])
+    assert "did you mean --sampling.temperature?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--no-wandb", "--samplng.temperature", "0.3"])
+    assert "did you mean --sampling.temperature?" in capsys.readouterr().err
+    from ipg_sae.config import load_config
+    from ipg_sae.errors import IPGError
+    from ipg_sae.jobs import SampleJobConfig
+
+    with pytest.raises(IPGError, match="unknown field `samplng` \\(did you mean `sampling`\\?\\)"):
+        load_config(SampleJobConfig, None, {"samplng": {"temperature": 0.3}})
+
+
+def test_help_describes_fields_and_version(capsys):
+    from ipg_sae import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"ipg-sae {__version__}"
+    with pytest.raises(SystemExit):
+        main(["attribute", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--attribution.delta_tol VALUE" in out and "completeness gap" in out
+    assert "--sampling.temperature" not in out  # attribute has no sampling section
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--sampling.max_new_tokens VALUE generated tokens per completion at most" in out

@@ -165,3 +165,23 @@ def test_the_page_in_a_real_browser(run, tmp_path):
     png = screenshot(page, tmp_path / "explorer.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     json.dumps(data)  # the data round-trips as JSON
+
+
+def test_a_65k_latent_sae_pages_its_summary_rows(tmp_path):
+    """Summary rows for every latent, shown a page at a time: a 65,536-latent SAE still renders."""
+    n = 65_536
+    rows = [{"layer": 12, "latent": i, "rank": i + 1, "mean": 1.0 / (i + 1), "lo": 0.0, "hi": 2.0, "t": 1.0,
+             "sign_consistency": 1.0, "selection_frequency": 0.0, "activation_frequency": 0.01, "ranks": {"act": i + 1},
+             "selected": i < 8, "neuronpedia": "", "detail": False} for i in range(n)]
+    data = {"run": {"name": "big", "method": "ipg", "model": "m", "saes": [], "summary": {},
+                    "selected": [[12, i] for i in range(8)], "n_bootstrap": 0, "page_size": 200, "plots": [],
+                    "policy": ""}, "latents": rows, "details": {}, "trajectories": []}
+    page = tmp_path / "index.html"
+    page.write_text(render(data), encoding="utf-8")
+    assert page.stat().st_size < 20_000_000
+    if not _browser_or_skip():
+        return
+    dom = rendered_dom(page)
+    assert 'data-ready="1"' in dom and "data-error" not in dom
+    body = re.search(r'<tbody id="rows">(.*?)</tbody>', dom, re.S).group(1)
+    assert body.count("<tr") == 200 and "page 1 of 328" in dom

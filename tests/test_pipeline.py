@@ -153,3 +153,18 @@ def test_edited_outputs_and_inputs_rerun_what_depends_on_them(pipeline_cfg, tmp_
     (pipeline_cfg.run_dir / "stages" / "attribute.json").write_text("{not json")
     with pytest.raises(IPGError, match="attribute.json is corrupt; delete it"):
         run_pipeline(pipeline_cfg)
+
+
+def test_wandb_lineage_of_the_stages(pipeline_cfg):
+    """sample -> SAE -> attribution -> evaluation, read back from the offline run files."""
+    from ipg_sae.tracking import read_offline_run
+
+    run_pipeline(pipeline_cfg)
+    runs = {r["config"].get("_job") or r["file"]: r for r in read_offline_run(pipeline_cfg.run_dir)["runs"]}
+    made = {a["name"] for r in runs.values() for a in r["made"]}
+    used = {a["name"] for r in runs.values() for a in r["used"]}
+    assert {"p-trajectories", "p-attribution", "p-attribution-act"} <= made
+    assert {"p-trajectories", "sae-sae", "p-attribution"} <= used  # each stage declares what it read
+    by_digest = {(a["name"], a["digest"]) for r in runs.values() for a in r["made"]}
+    assert all((a["name"], a["digest"]) in by_digest for r in runs.values() for a in r["used"]
+               if a["name"] != "sae-sae")  # the same content: the same W&B version, one edge per use

@@ -347,3 +347,103 @@ def test_batchtopk_saved_as_jumprelu_splices_exactly(llama, tmp_path):
         f = sae.encode(xb)
     expected = (-f[:, 1:]) @ sae.W_dec
     _assert_rel_close(xa[:, 1:] - xb[:, 1:], expected)
+
+
+# ---- published SAEs: where they were trained, in which basis ------------------------------------
+
+
+def _saved_by_sae_lens(tmp_path, hook: str, **meta) -> str:
+    """An SAE written by sae-lens's own save_model, with the given hook and metadata."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=32, k=4, metadata=SAEMetadata(hook_name=hook, **meta)))
+    path = tmp_path / hook.replace(".", "_")
+    sae.save_model(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("hook,layer", [
+    ("blocks.2.hook_resid_post", 2),
+    ("blocks.2.hook_resid_pre", 1),  # the input of block 2 is the output of block 1
+    ("blocks.1.hook_resid_pre", 0),
+    ("model.layers.3", 3),
+    ("transformer.h.1", 1),
+])
+def test_residual_hooks_map_to_the_block_output_they_read(llama, tmp_path, hook, layer):
+    model, _ = llama
+    sae = load_sae(_saved_by_sae_lens(tmp_path, hook, model_class_name="AutoModelForCausalLM"), model)
+    assert sae.ipg_layer == layer
+
+
+@pytest.mark.parametrize("hook,match", [
+    ("blocks.2.hook_mlp_out", "not the residual stream"),
+    ("blocks.2.hook_attn_out", "not the residual stream"),
+    ("blocks.2.attn.hook_z", "not the residual stream"),
+    ("blocks.2.hook_resid_mid", "between attention and MLP"),
+    ("blocks.0.hook_resid_pre", "embedding output"),
+    ("model.layers.2.mlp", "submodule of a decoder block"),
+])
+def test_sites_the_splice_cannot_reach_are_refused_even_with_a_layer(llama, tmp_path, hook, match):
+    model, _ = llama
+    path = _saved_by_sae_lens(tmp_path, hook, model_class_name="AutoModelForCausalLM")
+    with pytest.raises(IPGError, match=match):
+        load_sae(path, model)
+    with pytest.raises(IPGError, match=match):
+        load_sae(SAESpec(path=path, layer=2), model)
+
+
+def test_a_given_layer_that_contradicts_the_hook_is_refused(llama, tmp_path):
+    model, _ = llama
+    path = _saved_by_sae_lens(tmp_path, "blocks.3.hook_resid_pre", model_class_name="AutoModelForCausalLM")
+    with pytest.raises(IPGError, match="the output of decoder block 2, but its entry says layer 3"):
+        load_sae(SAESpec(path=path, layer=3), model)
+    assert load_sae(SAESpec(path=path, layer=2), model).ipg_layer == 2
+
+
+def test_transformer_lens_centred_residuals_are_refused(llama, tmp_path):
+    model, _ = llama
+    tl_default = _saved_by_sae_lens(tmp_path, "blocks.1.hook_resid_post", model_class_name="HookedTransformer",
+                                    model_name="gpt2-small")
+    with pytest.raises(IPGError, match="center_writing_weights"):
+        load_sae(tl_default, model)
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    ok = _saved_by_sae_lens(fine, "blocks.1.hook_resid_post", model_class_name="HookedTransformer",
+                            model_name="gpt2-small", model_from_pretrained_kwargs={"center_writing_weights": False})
+    assert load_sae(ok, model).ipg_layer == 1
+    rms = tmp_path / "rms"
+    rms.mkdir()  # TransformerLens never centres the writing weights of RMSNorm models
+    assert load_sae(_saved_by_sae_lens(rms, "blocks.1.hook_resid_post", model_class_name="HookedTransformer",
+                                       model_name="meta-llama/Llama-3.2-1B"), model).ipg_layer == 1
+
+
+def test_load_sae_measures_the_fit_and_warns_on_a_poor_one(llama, tmp_path):
+    model, tok = llama
+    path = _saved_by_sae_lens(tmp_path, "model.layers.1", model_class_name="AutoModelForCausalLM")
+    with pytest.warns(UserWarning, match="likely the wrong layer"):
+        sae = load_sae(path, model, tokenizer=tok)  # random weights: explains nothing of this residual
+    assert sae.ipg_explained_variance < 0.5
+
+
+def test_trained_saes_export_for_transformer_lens(tmp_path):
+    from sae_lens import SAE
+
+    from ipg_sae.saes import export_for_transformer_lens, write_sae_sidecar
+
+    src = tmp_path / "sae"
+    random_sae("topk", 64, layer=3).save_model(str(src))
+    meta = json.loads((src / "cfg.json").read_text())
+    meta["metadata"]["model_name"] = "smollm2-135m-instruct"
+    (src / "cfg.json").write_text(json.dumps(meta))
+    write_sae_sidecar(src, model_name="smollm2-135m-instruct", layer=3)
+    side = json.loads((src / "ipg_sae.json").read_text())
+    assert side["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and side["model_name"] == "smollm2-135m-instruct"
+    out = export_for_transformer_lens(src, tmp_path / "tl")
+    exported = SAE.load_from_disk(str(out))
+    md = exported.cfg.metadata
+    assert md.hook_name == "blocks.3.hook_resid_post" and md.model_class_name == "HookedTransformer"
+    assert md.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert md.model_from_pretrained_kwargs["center_writing_weights"] is False
+    original = SAE.load_from_disk(str(src))
+    assert torch.equal(exported.W_dec, original.W_dec) and torch.equal(exported.W_enc, original.W_enc)

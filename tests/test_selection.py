@@ -237,3 +237,29 @@ def test_end_to_end_on_a_tiny_model(tiny_llama_dir, tiny_tokenizer, tmp_path):
     assert 0 <= stab["jaccard_mean"] <= 1
     table_act = feature_table(results["act"], tok, trajs, k=3)
     assert table_act[0]["score"] >= table_act[1]["score"] >= table_act[2]["score"]
+
+
+def test_neuronpedia_ids_reach_the_result_and_the_feature_table(tiny_llama_dir, tiny_tokenizer):
+    """An SAE that carries a Neuronpedia id: attribution.json records it, features.csv links each latent."""
+    import random
+
+    from ipg_sae.models import load_model
+    from ipg_sae.saes import prepare_sae
+    from tests import tiny
+
+    model, tok = load_model(str(tiny_llama_dir))
+    sae = tiny.random_sae("topk", 64, 1, d_sae=32, k=4)
+    sae.cfg.metadata.neuronpedia_id = "tiny-model/1-res"
+    sae = prepare_sae(sae, model, 1)
+    rng = random.Random(0)
+    prompt = [rng.randint(5, 300) for _ in range(6)]
+    trajs = [Trajectory(id=f"p/s{g}", prompt_id="p", sample_index=g, prompt="", completion="", reference="",
+                        prompt_ids=prompt, completion_ids=[rng.randint(5, 300) for _ in range(5)], reward=float(g % 2))
+             for g in range(4)]
+    result = attribute(model, {1: sae}, trajs, n_steps=2, progress=False)
+    assert result.meta["saes"][0]["neuronpedia_id"] == "tiny-model/1-res"
+    rows = feature_table(result, tok, trajs, k=3)
+    assert all(r["neuronpedia"] == f"https://www.neuronpedia.org/tiny-model/1-res/{r['latent']}" for r in rows)
+    plain = attribute(model, {1: prepare_sae(tiny.random_sae("topk", 64, 1, d_sae=32, k=4), model, 1)}, trajs,
+                      n_steps=2, progress=False)
+    assert "neuronpedia" not in feature_table(plain, tok, trajs, k=3)[0]  # no id: no empty column
