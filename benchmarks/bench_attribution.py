@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 # Per shape: group size, prompt tokens, total tokens, n_steps, internal_batch_size, repeats,
 # and the memory test's tokens and n_steps.
