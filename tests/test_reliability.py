@@ -131,7 +131,8 @@ def test_every_attribution_reports_the_saes_explained_variance(setup, capsys):
 def test_a_corrupt_result_is_one_line(setup, tmp_path, capsys):
     import shutil
 
-    root, sae_dir, _, model_dir = setup
+    root, sae_dir, cfg, model_dir = setup
+    assert main(["attribute", str(cfg)]) == 0  # a good result to damage
     run = tmp_path / "runs" / "c"
     shutil.copytree(root / "runs" / "r", run)
     (run / "attribution.json").write_text("{not json")
