@@ -251,6 +251,17 @@ def _setup(meta: dict) -> str:
              "replicates). Differences are paired (the same resampled problems for both conditions, common seeds); "
              "the random control's replicates also resample draws. No correction for the number of gammas and sets "
              "compared."]
+    if meta.get("estimator") == "importance":
+        flagged = meta.get("ess_flagged", [])
+        lines[3] = (f"- Held-out problems: **{n}** ({_ids(meta['problem_ids'])}); **{meta['samples_per_problem']}** "
+                    f"unsteered samples per problem (temperature {meta['sampling']['temperature']}, at most "
+                    f"{meta['sampling']['max_new_tokens']} new tokens), shared by every condition.")
+        lines.append("- Estimator: **importance** (off-policy). Every steered condition is scored on the unsteered "
+                     "samples: each sample is weighted by how much more (or less) likely the steered policy makes it, "
+                     "self-normalised per problem (`ipg_sae.faithfulness`). ESS is the effective sample size as a "
+                     f"fraction of the samples; {len(flagged)} condition(s) below {meta.get('min_ess', 0):.2f} are "
+                     "marked (low)" + (f": {', '.join(flagged[:6])}" if flagged else "") + ". Random sets are matched "
+                     "to the target's activation frequencies on these samples.")
     return "\n".join(lines)
 
 
@@ -326,9 +337,12 @@ def _results_table(rows: list[dict], meta: dict) -> str:
     acc, length = _formatter("accuracy"), _formatter("length")
     head = ("| set | gamma | accuracy [CI] | Δ accuracy vs none [CI] | length [CI] | Δ length vs none [CI] | "
             "degenerate | problems | seeds | samples |")
+    ess = any("ess" in r for r in rows)
+    if ess:
+        head += " ESS |"
     lines = ["## Results", "", f"Values are means over problems; brackets are {meta['confidence']:.0%} intervals.",
              "Degenerate = a repeated n-gram loop, an empty completion, or no parseable answer.", "", head,
-             "|" + "---|" * 10]
+             "|" + "---|" * (11 if ess else 10)]
     for r in rows:
         delta = r["condition"] != "none"
         lines.append(
@@ -339,7 +353,8 @@ def _results_table(rows: list[dict], meta: dict) -> str:
             + f"{length(r['length'])} [{length(r['length_lo'])}, {length(r['length_hi'])}] | "
             + (f"{length(r['length_delta'], True)} [{length(r['length_delta_lo'], True)}, "
                f"{length(r['length_delta_hi'], True)}] | " if delta else "- | ")
-            + f"{_pct(r['degenerate'])} | {r['n_problems']} | {r['n_seeds']} | {r['n_samples']} |")
+            + f"{_pct(r['degenerate'])} | {r['n_problems']} | {r['n_seeds']} | {r['n_samples']} |"
+            + (f" {r['ess']:.2f}{' (low)' if r.get('ess_flag') else ''} |" if "ess" in r else (" |" if ess else "")))
     return "\n".join(lines)
 
 

@@ -72,7 +72,7 @@ def test_report_end_to_end_on_tiny_model(tiny_llama_dir, tmp_path):
     problems = load_problems(task)
     prompts = build_prompts(tok, problems, task)
     saes = {1: random_sae("topk", hidden_size(model), 1, d_sae=32, k=4)}
-    cfg = EvalConfig(gammas=[0.0, 2.0], seeds=[0], n_random_sets=1, n_bootstrap=200,
+    cfg = EvalConfig(gammas=[0.0, 2.0], seeds=[0], n_random_sets=1, n_bootstrap=200, estimator="sampling",
                      sampling=SamplingConfig(n_samples=1, max_new_tokens=5, batch_size=4))
     run_dir = tmp_path / "run"
     evaluate(model, tok, saes, problems, prompts, {"ipg": [(1, 2), (1, 4)], "act": [(1, 6), (1, 8)]}, cfg,
@@ -98,3 +98,19 @@ def test_context_labels_escape_control_characters():
     from ipg_sae.report import _context_text
 
     assert _context_text("a\x0eb  c $5") == r"a\x0eb c \$5"
+
+
+def test_report_of_the_importance_estimator(tiny_llama_dir, tmp_path):
+    model, tok = load_model(str(tiny_llama_dir))
+    task = TaskConfig(n_problems=2, offset=200, few_shot=0)
+    problems = load_problems(task)
+    saes = {1: random_sae("topk", hidden_size(model), 1, d_sae=32, k=4)}
+    cfg = EvalConfig(gammas=[0.0, 2.0], seeds=[0], n_random_sets=2, n_bootstrap=200, estimator="importance",
+                     sampling=SamplingConfig(n_samples=4, max_new_tokens=5, batch_size=8))
+    run_dir = tmp_path / "run"
+    evaluate(model, tok, saes, problems, build_prompts(tok, problems, task), {"ipg": [(1, 2), (1, 4)]}, cfg,
+             out_dir=run_dir / "eval", progress=False)
+    text = write_report(run_dir).read_text()
+    for expected in ("**4** unsteered samples per problem", "Estimator: **importance**", "| ESS |",
+                     "matched to the target's activation frequencies"):
+        assert expected in text, expected
