@@ -181,7 +181,7 @@ def run_attribution(model: nn.Module, saes, trajectories: list[Trajectory], cfg:
     keep_maps = {t.id for t in trajectories} if "*" in cfg.token_maps else set(cfg.token_maps)
     todo = [i for i in mine if i not in acc.done]
     bar = _progress_bar(len(mine), len(mine) - len(todo), progress and distributed.is_main(), cfg.baseline)
-    n_before, nodes_spent = len(mine) - len(todo), 0  # the bar shows the running mean of nodes per prompt
+    nodes_spent = attributed = 0  # the bar shows the running mean of nodes per attributed prompt
     try:
         for n_done, pi in enumerate(todo, len(mine) - len(todo) + 1):
             group = groups[prompt_ids[pi]]
@@ -201,6 +201,7 @@ def run_attribution(model: nn.Module, saes, trajectories: list[Trajectory], cfg:
             acc.seconds += seconds
             acc.tokens += ga.n_tokens
             nodes_spent += ga.n_nodes
+            attributed += not ga.skipped
             if ga.budget_hit:
                 log.warning("prompt %s: completeness gap %.2e after %d nodes, above delta_tol %g (the node budget "
                             "max_nodes is reached)", prompt_ids[pi], float(ga.gaps().max()), ga.n_nodes, cfg.delta_tol)
@@ -211,7 +212,7 @@ def run_attribution(model: nn.Module, saes, trajectories: list[Trajectory], cfg:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{stats['tokens_per_s']:.0f}", delta=f"{stats['delta']:.1e}",
-                                nodes=f"{nodes_spent / max(1, n_done - n_before):.1f}")
+                                nodes=f"{nodes_spent / max(1, attributed):.1f}")
             if callback is not None:
                 callback(stats)
     finally:
