@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .errors import IPGError
-from .models import block_hidden, decoder_layers
+from .models import ReplayedBlock, SkippedBlock, block_hidden, decoder_layers
 from .saes import as_layer_dict
 from .steering import Intervention, steer
 from .trajectories import Trajectory, group_by_prompt
@@ -292,53 +292,22 @@ class TrajectoryScorer:
             yield control
 
     @contextlib.contextmanager
-    def _replaying(self, layer: int | None) -> Iterator["_Replay | None"]:
+    def _replaying(self, layer: int | None) -> Iterator[ReplayedBlock | None]:
         """Skip the blocks below ``layer`` and replay its clean output (the steering hooks then act on it)."""
         if layer is None:
             yield None
             return
         originals = {i: self.blocks[i] for i in range(layer + 1)}
         as_tuple = self._tuple_blocks
-        replay = _Replay(originals[layer], as_tuple)
+        replay = ReplayedBlock(originals[layer], as_tuple)
         try:
             for i in range(layer):
-                self.blocks[i] = _Skip(originals[i], as_tuple)
+                self.blocks[i] = SkippedBlock(originals[i], as_tuple)
             self.blocks[layer] = replay
             yield replay
         finally:
             for i, block in originals.items():
                 self.blocks[i] = block
-
-
-class _Replay(nn.Module):
-    """Stands in for a block: returns its output recorded in the clean pass, for the current segment."""
-
-    def __init__(self, original: nn.Module, as_tuple: bool):
-        super().__init__()
-        self.x: torch.Tensor | None = None
-        self.as_tuple = as_tuple
-        _copy_attributes(self, original)
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        return (self.x,) if self.as_tuple else self.x
-
-
-class _Skip(nn.Module):
-    """Stands in for a block below the replayed one: its output is never used."""
-
-    def __init__(self, original: nn.Module, as_tuple: bool):
-        super().__init__()
-        self.as_tuple = as_tuple
-        _copy_attributes(self, original)
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        return (hidden_states,) if self.as_tuple else hidden_states
-
-
-def _copy_attributes(dst: nn.Module, src: nn.Module) -> None:
-    for attr in ("attention_type", "layer_type", "is_sliding"):  # read by some models' mask logic
-        if hasattr(src, attr):
-            setattr(dst, attr, getattr(src, attr))
 
 
 def _pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

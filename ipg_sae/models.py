@@ -309,6 +309,39 @@ def replace_block_hidden(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
+def copy_mask_attributes(dst: nn.Module, src: nn.Module) -> None:
+    """Copy what some models' mask logic reads from each decoder block onto a module standing in for it."""
+    for attr in ("attention_type", "layer_type", "is_sliding"):  # read by some models' mask logic
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+
+
+class SkippedBlock(nn.Module):
+    """Stands in for a decoder block whose output is never used (below a replayed one): passes its input on."""
+
+    def __init__(self, original: nn.Module, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+        copy_mask_attributes(self, original)
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+class ReplayedBlock(nn.Module):
+    """Stands in for a decoder block: returns its output recorded earlier (``x``, set per call when it
+    changes), passed through ``transform`` when given (a splice), instead of computing it."""
+
+    def __init__(self, original: nn.Module, as_tuple: bool, x: torch.Tensor | None = None, transform=None):
+        super().__init__()
+        self.x, self.as_tuple, self.transform = x, as_tuple, transform
+        copy_mask_attributes(self, original)
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        x = self.x if self.transform is None else self.transform(self.x)
+        return (x,) if self.as_tuple else x
+
+
 class _StopForward(Exception):
     pass
 

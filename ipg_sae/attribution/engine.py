@@ -56,7 +56,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import IPGError
-from ..models import block_hidden, context_length, decoder_layers, replace_block_hidden
+from ..models import (ReplayedBlock, SkippedBlock, block_hidden, context_length, copy_mask_attributes,
+                      decoder_layers, replace_block_hidden)
 from ..saes import as_layer_dict, decoder_matrix, encode_active, prepare_sae, variance_sums
 from ..trajectories import Trajectory
 from .config import AttributionConfig
@@ -479,9 +480,9 @@ class IPGEngine:
         handles = []
         try:
             for i in range(self.l_min):
-                self.blocks[i] = _Skip(originals[i], clean.tuple_blocks)
+                self.blocks[i] = SkippedBlock(originals[i], clean.tuple_blocks)
             x = clean.x_min[sel].repeat(n_rep, 1, 1)
-            self.blocks[self.l_min] = _Replay(x, splices[self.l_min], clean.tuple_blocks)
+            self.blocks[self.l_min] = ReplayedBlock(originals[self.l_min], clean.tuple_blocks, x, splices[self.l_min])
             if self.cfg.gradient_checkpointing:
                 for i in range(self.l_min + 1, len(self.blocks)):
                     originals[i] = self.blocks[i]
@@ -604,43 +605,13 @@ class _FrozenSplice:
         return replace_block_hidden(output, self(block_hidden(output)))
 
 
-class _Replay(nn.Module):
-    """Stands in for the lowest spliced block during one pass: returns the cached clean residual, spliced."""
-
-    def __init__(self, x: torch.Tensor, splice: _FrozenSplice, as_tuple: bool):
-        super().__init__()
-        self.x, self.splice, self.as_tuple = x, splice, as_tuple
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        x = self.splice(self.x)
-        return (x,) if self.as_tuple else x
-
-
-def _copy_mask_attributes(dst: nn.Module, src: nn.Module) -> None:
-    for attr in ("attention_type", "layer_type", "is_sliding"):  # read by some models' mask logic
-        if hasattr(src, attr):
-            setattr(dst, attr, getattr(src, attr))
-
-
-class _Skip(nn.Module):
-    """Stands in for a block below the lowest spliced layer: its output is never used."""
-
-    def __init__(self, original: nn.Module, as_tuple: bool):
-        super().__init__()
-        self.as_tuple = as_tuple
-        _copy_mask_attributes(self, original)
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        return (hidden_states,) if self.as_tuple else hidden_states
-
-
 class _Checkpointed(nn.Module):
     """Recompute a block in the backward instead of storing its activations."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
-        _copy_mask_attributes(self, block)
+        copy_mask_attributes(self, block)
 
     def forward(self, *args, **kwargs):
         return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
