@@ -71,8 +71,9 @@ class StudyConfig(JobConfig):
     k: int = 16  # the headline set size (must be one of ks)
     ks: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # deletion and insertion curves
     gammas: list[float] = field(default_factory=lambda: [0.0, 2.0])  # deletion (0) and insertion (> 1)
-    null_sets: int = 50  # random sets at the headline k, per gamma
-    curve_null_sets: int = 5  # random sets at every other k, per gamma (the null's band on the curves)
+    null_sets: int = 50  # random sets at the headline k, per gamma, for the first reward
+    other_null_sets: int = 20  # the same for the other rewards (each reward's null matches its own IPG set)
+    curve_null_sets: int = 3  # random sets at every other k, per gamma (the null's band on the curves)
     null_seed: int = 0
     confirm_samples: int = 4  # on-policy samples per problem for the confirmation cells
     n_bootstrap: int = 2000
@@ -96,8 +97,8 @@ class StudyConfig(JobConfig):
         if self.heldout_sampling.temperature <= 0 or self.heldout_sampling.top_p != 1:
             raise IPGError("study.heldout_sampling needs temperature > 0 and top_p 1 (importance weights need a "
                            "sampler with full support)")
-        if self.null_sets < 1 or self.curve_null_sets < 0:
-            raise IPGError("study.null_sets must be >= 1 and study.curve_null_sets >= 0")
+        if self.null_sets < 1 or self.other_null_sets < 1 or self.curve_null_sets < 0:
+            raise IPGError("study.null_sets and study.other_null_sets must be >= 1, study.curve_null_sets >= 0")
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -201,8 +202,8 @@ STAGES = [
     Stage("heldout", lambda c: (c.heldout, c.heldout_sampling, c.rewards),
           lambda c: _sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
           outputs=lambda c: [_reward_dir(c, r) / "heldout.jsonl" for r in c.rewards]),
-    Stage("score", lambda c: (c.k, c.ks, c.gammas, c.null_sets, c.curve_null_sets, c.null_seed, c.n_bootstrap,
-                              c.min_ess, c.scope), lambda c: score(c),
+    Stage("score", lambda c: (c.k, c.ks, c.gammas, c.null_sets, c.other_null_sets, c.curve_null_sets, c.null_seed,
+                              c.n_bootstrap, c.min_ess, c.scope), lambda c: score(c),
           outputs=lambda c: [c.run_dir / "study" / "scores.json"]),
     Stage("confirm", lambda c: (c.confirm_samples,), lambda c: confirm(c),
           outputs=lambda c: [c.run_dir / "study" / "confirm.json"]),
@@ -291,8 +292,9 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
         for method, ranked in ranking.items():
             for k in cfg.ks:
                 plan += [(reward, f"{method}|k{k}", ranked[:k], gamma) for gamma in cfg.gammas]
+        headline = cfg.null_sets if reward == cfg.rewards[0] else cfg.other_null_sets
         for k in cfg.ks:
-            n = cfg.null_sets if k == cfg.k else cfg.curve_null_sets
+            n = headline if k == cfg.k else cfg.curve_null_sets
             for d, draw in enumerate(matched_random_sets(ranking["ipg"][:k], frequencies, n, cfg.null_seed + k)):
                 plan += [(reward, f"null{d}|k{k}", draw, gamma) for gamma in cfg.gammas]
     estimates: dict = {}
@@ -549,8 +551,8 @@ def _markdown(cfg: StudyConfig, summary: dict, confirmation: list, doc: dict) ->
              f"{cfg.heldout_sampling.temperature}); every cell is an off-policy estimate on those samples "
              "(self-normalised importance weights, `ipg_sae.faithfulness`). Effects are against no steering on the "
              "same samples, with 95% paired bootstrap intervals over problems. The null: random sets matched to "
-             f"IPG's set in activation frequency on the held-out data ({cfg.null_sets} sets at k {cfg.k}, "
-             f"{cfg.curve_null_sets} at each other k). Percentile and one-sided permutation p-value are in the "
+             f"IPG's set in activation frequency on the held-out data ({cfg.null_sets} sets at k {cfg.k} for "
+             f"{cfg.rewards[0]}, {cfg.other_null_sets} for the other rewards, {cfg.curve_null_sets} at each other k). Percentile and one-sided permutation p-value are in the "
              "predicted direction (removal lowers the reward, amplification raises it). Intervals are not "
              "corrected for the number of cells.", ""]
     for reward, res in summary.items():

@@ -31,7 +31,7 @@ def study_cfg(tiny_llama_dir, tmp_path, monkeypatch):
         "rewards": ["tests.test_pipeline:text_length_mod_7", "tests.test_study:text_length_mod_3"],
         "methods": ["ipg", "act"],
         "heldout": {**task, "offset": 500}, "heldout_sampling.n_samples": 3, "heldout_sampling.max_new_tokens": 6,
-        "k": 2, "ks": [1, 2], "null_sets": 4, "curve_null_sets": 2, "confirm_samples": 2, "n_bootstrap": 200,
+        "k": 2, "ks": [1, 2], "null_sets": 4, "other_null_sets": 3, "curve_null_sets": 2, "confirm_samples": 2, "n_bootstrap": 200,
     }
     return load_config(StudyConfig, None, overrides)
 
@@ -47,6 +47,7 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
     summary = json.loads((out / "summary.json").read_text())
     length = summary["rewards"]["tests.test_pipeline:text_length_mod_7"]
     assert length["null_size"] == {"0.0": 4, "2.0": 4}
+    assert summary["rewards"]["tests.test_study:text_length_mod_3"]["null_size"] == {"0.0": 3, "2.0": 3}
     ipg = length["methods"]["ipg"]["2.0"]
     assert ipg["lo"] <= ipg["effect"] <= ipg["hi"] and 0 <= ipg["null_percentile"] <= 100 and 0 < ipg["p_value"] <= 1
     assert set(length["auc"]) == {"ipg", "act"}
