@@ -24,7 +24,10 @@ as HTML, so tokens such as ``|``, ``<``, ``&`` or a newline render as themselves
   ``ipg_tokens`` (``correct``/``incorrect``: trajectories where its attribution is largest, with
   the per-token IPG contribution of this latent), ``steering`` (evaluation rows of sets holding it);
 * ``trajectories``: ``id``, ``correct``, ``reward``, ``strings``, ``total`` (per-token attribution
-  summed over latents) and ``top`` (per token: up to 5 ``[layer, latent, value]``).
+  summed over latents) and ``top`` (per token: up to 5 ``[layer, latent, value]``), from token
+  ``start`` on (the last 48 prompt tokens and the completion: the shared system prompt and worked
+  example before them are left out; ``prompt_length`` counts the prompt tokens shown). The
+  ``ipg_tokens`` entries are cropped the same way.
 
 Policy (so a 2,304-latent SAE builds in seconds and the page stays small): full detail for the top
 ``detail`` latents by IPG, the selected set and each baseline's top 8; a summary row for every
@@ -60,7 +63,7 @@ class ExplorerConfig:
     detail: int = 48  # latents with a full panel (top by IPG), besides the selected set and baselines' top 8
     n_contexts: int = 12  # top-activating contexts per latent
     window: list[int] = field(default_factory=lambda: [10, 4])  # tokens before / after the activating token
-    held_out: int = 48  # held-out texts to encode for contexts (0: none)
+    held_out: int = 32  # held-out texts to encode for contexts (0: none)
     logit_tokens: int = 10  # promoted / suppressed tokens shown
     trajectories_per_side: int = 2  # per latent, the correct and the incorrect trajectories it matters most in
     n_bootstrap: int = 100  # prompt resamples for the selection frequency
@@ -129,7 +132,9 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
     details = {}
     for layer, latent in sorted(detail):
         key = f"{layer}:{latent}"
-        ctx = _distinct(contexts.get((layer, latent), []), cfg.n_contexts)
+        found = contexts.get((layer, latent), [])
+        held = _distinct([c for c in found if c["source"] == "held-out text"], max(2, cfg.n_contexts // 3))
+        ctx = _distinct([c for c in found if c["source"] != "held-out text"], cfg.n_contexts) + held
         details[key] = {
             "contexts": ctx,
             "logits": _logit_effect(model, saes.get(layer), latent, pieces, cfg.logit_tokens) if saes else None,
@@ -328,22 +333,36 @@ def _held_out_texts(run_dir: Path, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def _add_held_out_contexts(contexts, model, tokenizer, saes, texts, detail, pieces, cfg) -> None:
+def _add_held_out_contexts(contexts, model, tokenizer, saes, texts, detail, pieces, cfg, batch: int = 16) -> None:
+    """Encode held-out texts (in batches) and keep, per detailed latent, its strongest windows in them."""
     from .models import capture_residuals
 
     layers = sorted({layer for layer, _ in detail if layer in saes})
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :256]
-        res = capture_residuals(model, ids.to(next(model.parameters()).device), None, layers)
-        for layer in layers:
-            f = saes[layer].encode(res[layer][0].to(saes[layer].dtype))
-            f[0] = 0  # the first position is not read by any SAE here (as in attribution)
-            for (lay, i) in [d for d in detail if d[0] == layer]:
-                col = f[:, i]
-                if bool((col > 0).any()):
-                    pos = int(col.argmax())
-                    contexts.setdefault((lay, i), []).append(
-                        _window(ids[0].tolist(), col.tolist(), pos, cfg, pieces, "held-out text"))
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        for start in range(0, len(texts), batch):
+            enc = tokenizer(texts[start:start + batch], return_tensors="pt", padding=True, truncation=True,
+                            max_length=256, add_special_tokens=False)
+            ids, mask = enc["input_ids"], enc["attention_mask"].bool()
+            res = capture_residuals(model, ids.to(device), enc["attention_mask"].to(device), layers)
+            for layer in layers:
+                latents = [i for lay, i in detail if lay == layer]
+                f = saes[layer].encode(res[layer].to(saes[layer].dtype))[..., latents].float().cpu()
+                f[:, 0] = 0  # the first position is not read by any SAE here (as in attribution)
+                f[~mask] = 0
+                best, where = f.max(dim=1)  # [texts, latents]: each text's strongest position
+                for j, latent in enumerate(latents):
+                    for row in torch.argsort(-best[:, j])[:cfg.n_contexts].tolist():
+                        if float(best[row, j]) <= 0:
+                            break
+                        n = int(mask[row].sum())
+                        contexts.setdefault((layer, latent), []).append(
+                            _window(ids[row, :n].tolist(), f[row, :n, j].tolist(), int(where[row, j]), cfg, pieces,
+                                    "held-out text"))
+    finally:
+        tokenizer.padding_side = side
 
 
 def final_norm_scale(model) -> torch.Tensor | None:
@@ -399,32 +418,42 @@ def _ipg_tokens(result, layer, latent, maps, by_id, pieces, per_side) -> dict:
             continue
         m = maps[tid]
         per_pos = (m[f"L{layer}.attribution"] * (m[f"L{layer}.latents"] == latent)).sum(-1)
+        start = _crop(by_id[tid])
         out[side].append({"id": tid, "reward": by_id[tid].reward, "total": round(float(value), 5),
-                          "prompt_length": len(by_id[tid].prompt_ids), "strings": pieces(m["tokens"].tolist()),
-                          "values": [round(float(v), 5) for v in per_pos.tolist()]})
+                          "prompt_length": len(by_id[tid].prompt_ids) - start, "start": start,
+                          "strings": pieces(m["tokens"][start:].tolist()),
+                          "values": [round(float(v), 5) for v in per_pos[start:].tolist()]})
         if all(len(v) >= per_side for v in out.values()):
             break
     return out
+
+
+def _crop(t, prompt_tail: int = 48) -> int:
+    """Where a trajectory's view starts: the end of its prompt (its question) and its completion; the shared
+    system prompt and worked example before them are the same in every trajectory."""
+    return max(0, len(t.prompt_ids) - prompt_tail)
 
 
 def _trajectory_view(result, maps, by_id, pieces, n) -> list[dict]:
     out = []
     for tid in list(maps)[:n]:
         m, t = maps[tid], by_id[tid]
+        start = _crop(t)
         total = None
         top = [[] for _ in range(len(m["tokens"]))]
         for layer in result.layers:
             att, lat = m[f"L{layer}.attribution"], m[f"L{layer}.latents"]
             total = att.sum(-1) if total is None else total + att.sum(-1)
-            for pos in range(att.shape[0]):
+            for pos in range(start, att.shape[0]):
                 for k in torch.argsort(-att[pos].abs())[:5].tolist():
                     if float(att[pos, k]) != 0:
                         top[pos].append([layer, int(lat[pos, k]), round(float(att[pos, k]), 5)])
         for pos in range(len(top)):
             top[pos] = sorted(top[pos], key=lambda x: -abs(x[2]))[:5]
-        out.append({"id": tid, "correct": bool(t.correct), "reward": t.reward, "prompt_length": len(t.prompt_ids),
-                    "strings": pieces(m["tokens"].tolist()),
-                    "total": [round(float(v), 5) for v in total.tolist()], "top": top})
+        out.append({"id": tid, "correct": bool(t.correct), "reward": t.reward,
+                    "prompt_length": len(t.prompt_ids) - start, "start": start,
+                    "strings": pieces(m["tokens"][start:].tolist()),
+                    "total": [round(float(v), 5) for v in total[start:].tolist()], "top": top[start:]})
     return out
 
 
