@@ -301,3 +301,14 @@ def test_an_unreachable_wandb_costs_seconds_not_minutes(tiny_llama_dir, tmp_path
     online = time.perf_counter() - t0
     assert online < offline + 15, (online, offline)
     assert list((tmp_path / "runs" / "online" / "wandb").glob("offline-run-*"))  # it logged offline instead
+
+
+def test_atomic_outputs_get_the_mode_a_plain_open_would(tmp_path):
+    """mkstemp's 0600 must not leak into run outputs that collaborators read."""
+    from ipg_sae import io
+
+    io.write_text(tmp_path / "atomic.txt", "x")
+    (tmp_path / "plain.txt").write_text("x")
+    mode = (tmp_path / "atomic.txt").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert mode == 0o666 & ~io._UMASK
