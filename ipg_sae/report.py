@@ -343,8 +343,10 @@ def _results_table(rows: list[dict], meta: dict) -> str:
     lines = ["## Results", "", f"Values are means over problems; brackets are {meta['confidence']:.0%} intervals.",
              "Degenerate = a repeated n-gram loop, an empty completion, or no parseable answer.", "", head,
              "|" + "---|" * (11 if ess else 10)]
+    shared = meta.get("estimator") == "importance"  # every condition reweights the same unsteered samples
     for r in rows:
         delta = r["condition"] != "none"
+        n_samples = f"{r['n_problems'] * meta['samples_per_problem']} shared" if shared else r["n_samples"]
         lines.append(
             f"| {r['set']} | {'-' if r['gamma'] is None else format(r['gamma'], 'g')} | "
             f"{acc(r['accuracy'])} [{acc(r['accuracy_lo'])}, {acc(r['accuracy_hi'])}] | "
@@ -353,7 +355,7 @@ def _results_table(rows: list[dict], meta: dict) -> str:
             + f"{length(r['length'])} [{length(r['length_lo'])}, {length(r['length_hi'])}] | "
             + (f"{length(r['length_delta'], True)} [{length(r['length_delta_lo'], True)}, "
                f"{length(r['length_delta_hi'], True)}] | " if delta else "- | ")
-            + f"{_pct(r['degenerate'])} | {r['n_problems']} | {r['n_seeds']} | {r['n_samples']} |"
+            + f"{_pct(r['degenerate'])} | {r['n_problems']} | {r['n_seeds']} | {n_samples} |"
             + (f" {r['ess']:.2f}{' (low)' if r.get('ess_flag') else ''} |" if "ess" in r else (" |" if ess else "")))
     return "\n".join(lines)
 

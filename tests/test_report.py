@@ -114,3 +114,5 @@ def test_report_of_the_importance_estimator(tiny_llama_dir, tmp_path):
     for expected in ("**4** unsteered samples per problem", "Estimator: **importance**", "| ESS |",
                      "matched to the target's activation frequencies"):
         assert expected in text, expected
+    ipg_rows = [line for line in text.splitlines() if line.startswith("| ipg |")]
+    assert len(ipg_rows) == 2 and all("| 8 shared |" in line for line in ipg_rows)  # 2 problems x 4 samples
