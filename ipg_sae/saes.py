@@ -115,7 +115,8 @@ def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | 
     if model is not None:
         sae = prepare_sae(sae, model, layer)
         if tokenizer is not None:
-            check_fit(sae, model, tokenizer, where)
+            ours = spec.path is not None and _trained_for(Path(spec.path), model, layer)
+            check_fit(sae, model, tokenizer, where, trained_here=ours)
     return sae
 
 
@@ -162,6 +163,19 @@ def export_for_transformer_lens(sae_dir: str | Path, out_dir: str | Path) -> Pat
     shutil.copyfile(sae_dir / "sae_weights.safetensors", out_dir / "sae_weights.safetensors")
     write_json(out_dir / "cfg.json", {**cfg, "metadata": meta})
     return out_dir
+
+
+def _trained_for(path: Path, model: nn.Module, layer: int) -> bool:
+    """Whether this project trained the SAE at ``path`` on this model's residual at ``layer`` (its sidecar says so)."""
+    from .io import read_json
+
+    try:
+        side = read_json(path / SIDECAR)
+    except (OSError, ValueError):
+        return False
+    ours = _short(getattr(model.config, "_name_or_path", None) or "")
+    names = {_short(n) for n in (side.get("model_name"), side.get("hub_id")) if n}
+    return bool(ours) and ours in names and side.get("layer") == layer
 
 
 def _check_sidecar(path: Path) -> None:
@@ -364,19 +378,32 @@ def explained_variance_on(sae, model: nn.Module, tokenizer, texts=CHECK_TEXTS) -
     return explained_variance(sums)
 
 
-def check_fit(sae, model: nn.Module, tokenizer, where: str) -> float:
-    """Measure the SAE on the model before use; warn, naming the likely causes, when it fits poorly."""
+def check_fit(sae, model: nn.Module, tokenizer, where: str, trained_here: bool = False) -> float:
+    """Measure the SAE on the model before use; warn, naming the likely causes, when it fits poorly.
+
+    ``trained_here``: this project trained the SAE on this model at this layer (its sidecar says so), which
+    rules out the wrong layer, model or basis; a low fit on the generic check texts then only says that it
+    was trained on a narrower distribution, so it is logged, not warned about. Attribution reports every
+    SAE's fit on the trajectories at hand either way.
+    """
+    import logging
+
     ev = explained_variance_on(sae, model, tokenizer)
     sae.ipg_explained_variance = ev
-    if not ev >= POOR_FIT:
-        meta = sae.cfg.metadata
-        msg = (f"SAE {where} explains only {ev:.2f} of the residual variance of this model at layer {sae_layer(sae)} "
-               f"(trained on {getattr(meta, 'model_name', None)!r}, hook {getattr(meta, 'hook_name', None)!r}): "
-               "likely the wrong layer, a different model or checkpoint, or a processed residual basis")
-        warnings.warn(msg, stacklevel=2)
-        import logging
-
-        logging.getLogger(__name__).warning(msg)
+    if ev >= POOR_FIT:
+        return ev
+    if trained_here:
+        logging.getLogger(__name__).info(
+            "SAE %s explains %.2f of the residual variance on generic check texts (prose, code, arithmetic): it was "
+            "trained here on a narrower distribution; attribution reports its fit on your trajectories", where, ev)
+        return ev
+    meta = sae.cfg.metadata
+    msg = (f"SAE {where} explains only {ev:.2f} of the residual variance of this model at layer {sae_layer(sae)} "
+           f"on generic check texts (trained on {getattr(meta, 'model_name', None)!r}, hook "
+           f"{getattr(meta, 'hook_name', None)!r}): likely the wrong layer, a different model or checkpoint, or a "
+           "processed residual basis (or an SAE trained on a narrow domain: attribution reports its fit on your data)")
+    warnings.warn(msg, stacklevel=2)
+    logging.getLogger(__name__).warning(msg)
     return ev
 
 

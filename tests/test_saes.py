@@ -426,6 +426,27 @@ def test_load_sae_measures_the_fit_and_warns_on_a_poor_one(llama, tmp_path):
     assert sae.ipg_explained_variance < 0.5
 
 
+def test_a_poor_generic_fit_of_an_sae_trained_here_for_this_model_is_no_alarm(llama, tmp_path, caplog):
+    """The demo's SAE, trained on arithmetic, explains 0.48 of generic prose: its sidecar rules out the wrong
+    layer, model or basis, so that is logged, not warned about; the same SAE recorded for another model warns."""
+    import logging
+    import warnings
+
+    from ipg_sae.saes import write_sae_sidecar
+
+    model, tok = llama
+    path = _saved_by_sae_lens(tmp_path, "model.layers.1", model_class_name="AutoModelForCausalLM")
+    write_sae_sidecar(path, model.config._name_or_path, layer=1)
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="ipg_sae.saes"):
+        warnings.simplefilter("error")  # any warning fails the test
+        sae = load_sae(path, model, tokenizer=tok)
+    assert sae.ipg_explained_variance < 0.5
+    assert "trained here on a narrower distribution" in caplog.text
+    write_sae_sidecar(path, "some-other-model", layer=1)
+    with pytest.warns(UserWarning, match="likely the wrong layer"):
+        load_sae(path, model, tokenizer=tok)
+
+
 def test_trained_saes_export_for_transformer_lens(tmp_path):
     from sae_lens import SAE
 
