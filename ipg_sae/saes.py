@@ -80,11 +80,12 @@ def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | 
     if isinstance(spec, (str, Path)):
         spec = SAESpec(path=str(spec))
     spec.validate()
+    sidecar = None  # what this project recorded when it trained the SAE (None: an SAE from elsewhere)
     if spec.path:
         path = Path(spec.path).expanduser()
         if not (path / "cfg.json").is_file():
             raise IPGError(f"{path} is not an SAE directory (no cfg.json); give a directory saved in sae-lens format")
-        _check_sidecar(path)
+        sidecar = _check_sidecar(path)
         try:
             sae = SAE.load_from_disk(str(path), device=str(device))
         except Exception as e:  # sae-lens raises many types; the user needs one line
@@ -115,8 +116,7 @@ def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | 
     if model is not None:
         sae = prepare_sae(sae, model, layer)
         if tokenizer is not None:
-            ours = spec.path is not None and _trained_for(Path(spec.path), model, layer)
-            check_fit(sae, model, tokenizer, where, trained_here=ours)
+            check_fit(sae, model, tokenizer, where, trained_here=_trained_for(sidecar, model, layer))
     return sae
 
 
@@ -165,35 +165,33 @@ def export_for_transformer_lens(sae_dir: str | Path, out_dir: str | Path) -> Pat
     return out_dir
 
 
-def _trained_for(path: Path, model: nn.Module, layer: int) -> bool:
-    """Whether this project trained the SAE at ``path`` on this model's residual at ``layer`` (its sidecar says so)."""
-    from .io import read_json
-
-    try:
-        side = read_json(path / SIDECAR)
-    except (OSError, ValueError):
+def _trained_for(side: dict | None, model: nn.Module, layer: int) -> bool:
+    """Whether the SAE's sidecar says this project trained it on this model's residual at ``layer``."""
+    if not side:
         return False
     ours = _short(getattr(model.config, "_name_or_path", None) or "")
     names = {_short(n) for n in (side.get("model_name"), side.get("hub_id")) if n}
     return bool(ours) and ours in names and side.get("layer") == layer
 
 
-def _check_sidecar(path: Path) -> None:
-    """An SAE this project wrote must still have the weights it was written with."""
+def _check_sidecar(path: Path) -> dict | None:
+    """An SAE this project wrote must still have the weights it was written with; returns its sidecar."""
     from .digest import file_digest
     from .io import read_json
 
-    side = path / SIDECAR
-    if not side.is_file():
-        return  # an SAE from elsewhere: nothing recorded to check against
+    side_path = path / SIDECAR
+    if not side_path.is_file():
+        return None  # an SAE from elsewhere: nothing recorded to check against
     try:
-        expected = read_json(side).get("weights_sha256")
+        side = read_json(side_path)
+        expected = side.get("weights_sha256")
     except (ValueError, AttributeError):
-        raise IPGError(f"{side} is corrupt; delete it (the SAE then loads unchecked) or retrain the SAE") from None
+        raise IPGError(f"{side_path} is corrupt; delete it (the SAE then loads unchecked) or retrain the SAE") from None
     weights = path / "sae_weights.safetensors"
     if expected and weights.is_file() and file_digest(weights) != expected:
         raise IPGError(f"{weights} is not the file that was trained (its sha256 differs from the one recorded in "
                        f"{SIDECAR}): it was changed or damaged; retrain the SAE or restore the file")
+    return side
 
 
 # TransformerLens's from_pretrained defaults; only center_writing_weights changes the residual stream
