@@ -441,6 +441,14 @@ def _fmt(reward: str, x: float, signed: bool = False) -> str:
     return fmt.format(x)
 
 
+def _method_color(cfg: StudyConfig, method: str) -> str:
+    """IPG in red on every plot; each other method its own colour, the same on the curves and the nulls."""
+    if method == "ipg":
+        return "C3"
+    others = [m for m in cfg.methods if m != "ipg"]
+    return [c for c in (f"C{i}" for i in range(10)) if c != "C3"][others.index(method) % 9]
+
+
 def plot_curves(cfg: StudyConfig, reward: str, res: dict, path: Path) -> Path:
     """Estimated reward against k, deletion (gamma 0) and insertion side by side, with the null's 5-95% band."""
     from .report import _pyplot, _save
@@ -461,7 +469,7 @@ def plot_curves(cfg: StudyConfig, reward: str, res: dict, path: Path) -> Path:
             y = np.array(c["values"])
             err = np.abs(np.array([c["lo"], c["hi"]]) - y)
             ax.errorbar(np.array(c["ks"]) * (1 + 0.04 * (j - len(cfg.methods) / 2)), y, yerr=err, marker="o", ms=4,
-                        capsize=2, lw=2 if method == "ipg" else 1, label=method, color="C3" if method == "ipg" else None)
+                        capsize=2, lw=2 if method == "ipg" else 1, label=method, color=_method_color(cfg, method))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("k (top latents of each method)")
         ax.set_ylabel(_METRIC.get(reward, ("reward",))[0] + " (off-policy estimate)")
@@ -482,9 +490,9 @@ def plot_null(cfg: StudyConfig, reward: str, res: dict, path: Path) -> Path:
     for ax, gamma in zip(axes[0], gammas):
         effects = np.array(res["null"][gamma]["effects"]) * scale_
         ax.hist(effects, bins=20, color="grey", alpha=0.6, label=f"{len(effects)} matched random sets")
-        for j, method in enumerate(cfg.methods):
+        for method in cfg.methods:
             e = res["methods"][method][gamma]["effect"] * scale_
-            ax.axvline(e, color="C3" if method == "ipg" else f"C{j}", lw=2 if method == "ipg" else 1, label=method)
+            ax.axvline(e, color=_method_color(cfg, method), lw=2 if method == "ipg" else 1, label=method)
         ax.set_xlabel(f"effect vs no steering ({unit})")
         ax.set_title(("deletion" if float(gamma) < 1 else "insertion") + f", k {cfg.k}, gamma {float(gamma):g}")
     axes[0][-1].legend(fontsize=7)

@@ -88,3 +88,18 @@ def test_spec_citations_point_at_real_files():
         for ref in cited.findall(path.read_text(encoding="utf-8")):
             target = (REPO / ref).resolve()
             assert target.is_relative_to(REPO) and target.is_file(), f"{name} cites {ref}, which is not in the repo"
+
+
+def test_readme_and_docs_links_point_at_real_files():
+    """Every relative link and image in README.md and docs/ (the study's plots among them) resolves."""
+    link = re.compile(r"!?\[[^\]]*\]\(([^)\s#]+)(?:#[^)]*)?\)")
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    checked = 0
+    for page in pages:
+        for ref in link.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", ref):  # http:, https:, mailto:
+                continue
+            target = (page.parent / ref).resolve()
+            assert target.exists(), f"{page.relative_to(REPO)} links to {ref}, which is not in the repo"
+            checked += 1
+    assert checked >= 5, "the link pattern found almost no links: check the regex"
