@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import logging
 import os
 import re
-import signal
-import sys
 from typing import Callable
 
-from .config import add_config_flags, load_config, overrides_from_args
-from .errors import IPGError
+from .command import run_job
+from .config import add_config_flags
 
 # Commands: name -> (help, config class loader, runner). Loaders import lazily so that
 # `ipg-sae --help` stays fast.
@@ -121,13 +118,13 @@ def _pipeline_run():
 
 
 def _explore_cfg():
-    from .explorer import ExploreJobConfig
+    from .jobs import ExploreJobConfig
 
     return ExploreJobConfig
 
 
 def _explore_run():
-    from .explorer import run_explore
+    from .jobs import run_explore
 
     return lambda cfg: print(f"explorer: {run_explore(cfg)} (open it in a browser; no server needed)")
 
@@ -195,58 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
         add_config_flags(p, cfg_cls())
     return parser
-
-
-def run_job(args: argparse.Namespace, cfg_cls, job) -> int:
-    """Load ``cfg_cls`` from ``args`` (YAML + flags) and run ``job(cfg)``: the shared body of every
-    command line here and in ``python -m sae_training``. User errors print one line, exit 2."""
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    _quiet_weight_loading()
-    previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM stops a run the way Ctrl-C does
-    try:
-        overrides = overrides_from_args(args)
-        if args.no_wandb:
-            overrides["wandb.enabled"] = False
-        job(load_config(cfg_cls, args.config, overrides))
-    except IPGError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # disk full, read-only directory, ...: the files already written are intact
-        if args.debug:
-            raise
-        where = f" {e.filename}" if e.filename else ""
-        print(f"error: cannot write or read{where}: {e.strerror or e}; free disk space or fix the permissions, then "
-              "rerun the same command to resume", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        kind = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"stopped: {kind}; finished work is saved, rerun the same command to resume", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
-
-
-def _quiet_weight_loading() -> None:
-    """transformers draws a progress bar for every model load (a fraction of a second here): noise on stderr."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so checkpoints and ``finally`` blocks run as for Ctrl-C."""
-
-
-def _terminated(_signum, _frame):
-    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:

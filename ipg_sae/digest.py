@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
-FORMAT_VERSION = "ipg-sae/2"
+FORMAT_VERSION = "ipg-sae/3"
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

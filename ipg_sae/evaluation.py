@@ -11,25 +11,22 @@ seed, we sample completions under these conditions (``docs/ipg-method.md`` §5):
 * the same gammas on every other named set (the baselines' sets).
 
 Every condition uses the same seeds, so conditions are compared on common random numbers.
-``gamma = 1`` is the clean model exactly, so it reuses the base cell.
+``gamma = 1`` is the clean model exactly, so it reuses the base cell
+(:func:`ipg_sae.cells.is_unsteered`).
 
 Statistics. For a condition, each problem's outcome is its mean over seeds and samples; the
-reported value is the mean over problems. Intervals are percentile bootstrap intervals over
-problems. A difference between two conditions (against ``none``, or target against random)
-is *paired*: each bootstrap replicate resamples problem indices once and uses the same
-resample for both. For the random control the draws are a second source of variation, so its
-replicates also resample draws (two-level bootstrap); with one draw this is the plain
-problem bootstrap. Degenerate outputs (a repeated n-gram loop, an empty completion, or no
+reported value is the mean over problems, with the paired (and, for random draws, two-level)
+percentile bootstrap of :func:`ipg_sae.stats.bootstrap`. The random control is a null of
+:mod:`ipg_sae.nulls` (``eval.null``). Degenerate outputs (a repeated n-gram loop, an empty completion, or no
 parseable answer) are counted per sample.
 
-Checkpointing. Each ``(set, gamma, seed)`` cell's trajectories are written atomically to
-``<out_dir>/cells/<cell>.jsonl`` as soon as the cell finishes; its first line records everything
-the cell depends on (the model's weights digest, the digests of the steered layers' SAEs, the
-set, gamma, seed, problems, prompts, sampling settings, reward, scope and the result format)
-and a digest of the rows below it. A rerun reuses a finished cell only when all of that
-matches and the rows are intact, and says so in the log; otherwise it recomputes the cell and
-says why. So a killed evaluation resumes, and a cell computed with another SAE or an edited
-cell file is never reused. The raw per-sample table (``samples.csv``) holds everything the
+Checkpointing. Each ``(set, gamma, seed)`` cell is stored in ``<out_dir>/cells/`` as soon as
+it finishes, keyed by everything it depends on (:mod:`ipg_sae.cells`: the model's weights
+digest, the digests of the steered layers' SAEs, the set, gamma, seed, problems, prompts,
+sampling settings, reward, scope and the result format). A rerun reuses a finished cell only
+when all of that matches and its rows are intact, and says so in the log; otherwise it
+computes the cell and says why. So a killed evaluation resumes, a cell computed with another
+SAE or an edited cell file is never reused, and cells of other settings stay on disk. The raw per-sample table (``samples.csv``) holds everything the
 summary is computed from (:func:`summarize_samples`).
 
 The harness is reward-agnostic: accuracy, generated length and mean reward are reported for
@@ -48,9 +45,8 @@ import json
 import logging
 import math
 import re
-from collections import Counter
-from io import StringIO
 from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -58,21 +54,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .cells import BASE, TRAJECTORIES, Cell, CellStore, Inputs, LogprobCells, is_unsteered, safe_label
 from .errors import IPGError
-from .digest import FORMAT_VERSION, module_digest, text_digest
 from .io import read_json, write_json, write_text
 from .models import model_fingerprint
+from .nulls import LatentPool, NullKind, draw_sets
 from .rewards import Reward, get_reward
-from .sampling import SamplingConfig, sample
+from .sampling import SamplingConfig, eos_ids, sample
 from .saes import as_layer_dict
+from .stats import bootstrap, predicted_direction
 from .steering import Selection, as_selection, check_selection, scale, steering
 from .tasks import Problem, TaskConfig
-from .trajectories import Trajectory
+from .trajectories import Trajectory, prompt_groups
 
 log = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("accuracy", "length", "reward")
-BASE = "none"  # the unsteered condition's set name
+Estimator = Literal["importance", "sampling"]
 _RANDOM_NAME = "random-draw{}"
 _RANDOM_RE = re.compile(r"^random-draw\d+$")
 
@@ -88,7 +86,10 @@ class EvalConfig:
     scope: Literal["all", "generated"] = "all"  # steer prompt and generated tokens, or generated only
     # importance: sample the unsteered policy once and score every (set, gamma) on those samples (off-policy,
     # cheap: many sets); sampling: sample every cell under its steering (on-policy: for confirmation)
-    estimator: Literal["importance", "sampling"] = "importance"
+    estimator: Estimator = "importance"
+    # the random sets' null (ipg_sae.nulls): None = frequency-matched for importance, uniform among the latents
+    # active in the attribution for sampling (the sampler has no activation frequencies of the held-out samples)
+    null: NullKind | None = None
     min_ess: float = 0.25  # importance: flag cells whose mean effective sample size is below this fraction of G
     problems_per_batch: int = 8  # importance: problems scored together (memory grows with it)
     # The held-out problems (the caller loads them): not the attribution's, so a different offset/seed.
@@ -133,11 +134,62 @@ class EvalConfig:
                                "eval.estimator: sampling")
             if not 0 < self.min_ess <= 1 or self.problems_per_batch < 1:
                 raise IPGError("eval.min_ess must be in (0, 1] and eval.problems_per_batch >= 1")
+        elif self.null == "frequency":
+            raise IPGError("eval.null frequency matches the held-out samples' activation frequencies, which only the "
+                           "importance estimator measures; use eval.null: uniform or eval.estimator: importance")
         if self.sampling.temperature == 0 and len(self.seeds) > 1:
             log.warning("eval: greedy decoding (temperature 0) gives the same samples for every seed; one seed is enough")
 
 
+    @property
+    def null_kind(self) -> NullKind:
+        return self.null or ("frequency" if self.estimator == "importance" else "uniform")
+
+
 # ---- the result ---------------------------------------------------------------------------
+
+
+@dataclass
+class EvalMeta:
+    """What was evaluated, and how: everything the summary and the report are computed from besides the samples."""
+
+    estimator: Estimator
+    null: NullKind | None  # the random sets' kind (None: no random control)
+    n_problems: int
+    problem_ids: list[str]
+    seeds: list[int]
+    gammas: list[float]
+    n_samples: int  # samples per problem and seed
+    samples_per_problem: int  # samples each problem's estimate rests on (every seed's)
+    target: str
+    sets: dict[str, list[list[int]]]  # name -> latents, random draws included
+    random_sets: list[str]
+    reward: str
+    primary_metric: str
+    primary_direction: int
+    scope: str
+    sampling: dict
+    task: dict
+    n_bootstrap: int
+    confidence: float
+    model: dict
+    degenerate_rule: dict
+    # importance only: effective sample sizes per cell, the flagged cells, the threshold, latents active per layer
+    ess: dict[str, dict] = field(default_factory=dict)
+    ess_flagged: list[str] = field(default_factory=list)
+    min_ess: float | None = None
+    activation_frequencies: dict[str, float] | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "summary.json") -> "EvalMeta":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in data and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)
+        if not isinstance(data, dict) or missing or set(data) - names:
+            raise IPGError(f"{where} was written by another version of ipg-sae (its meta lacks {missing or 'nothing'}"
+                           f", has {sorted(set(data) - names) or 'nothing'} extra); rerun the evaluation")
+        return cls(**data)
 
 
 @dataclass
@@ -145,23 +197,29 @@ class EvalResult:
     rows: list[dict]  # one per (set, gamma): values, intervals, deltas against `none`
     comparisons: list[dict]  # target against the random sets and each baseline, per gamma and metric
     samples: list[dict]  # the raw per-sample table
-    meta: dict  # what was evaluated: problems, seeds, gammas, sets, sampling, reward, bootstrap
+    meta: EvalMeta  # what was evaluated: problems, seeds, gammas, sets, sampling, reward, bootstrap
 
     def save(self, out_dir: str | Path) -> None:
         out_dir = Path(out_dir)
-        write_json(out_dir / "summary.json", {"meta": self.meta, "rows": self.rows, "comparisons": self.comparisons})
+        write_json(out_dir / "summary.json", {"meta": dataclasses.asdict(self.meta), "rows": self.rows,
+                                              "comparisons": self.comparisons})
         _write_csv(out_dir / "rows.csv", self.rows)
         _write_csv(out_dir / "comparisons.csv", self.comparisons)
         _write_csv(out_dir / "samples.csv", self.samples)
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "EvalResult":
+    def load(cls, out_dir: str | Path, with_samples: bool = True) -> "EvalResult":
+        """The evaluation saved in ``out_dir`` (without the per-sample table when ``with_samples`` is False)."""
         out_dir = Path(out_dir)
         if not (out_dir / "summary.json").is_file():
             raise IPGError(f"no evaluation in {out_dir} (summary.json missing); run the evaluation first")
         data = read_json(out_dir / "summary.json")
-        samples = _read_samples(out_dir / "samples.csv") if (out_dir / "samples.csv").is_file() else []
-        return cls(rows=data["rows"], comparisons=data["comparisons"], samples=samples, meta=data["meta"])
+        if not isinstance(data, dict) or not {"meta", "rows", "comparisons"} <= set(data):
+            raise IPGError(f"{out_dir / 'summary.json'} is not an evaluation summary; rerun the evaluation")
+        meta = EvalMeta.from_dict(data["meta"], where=str(out_dir / "summary.json"))
+        has_samples = with_samples and (out_dir / "samples.csv").is_file()
+        samples = _read_samples(out_dir / "samples.csv") if has_samples else []
+        return cls(rows=data["rows"], comparisons=data["comparisons"], samples=samples, meta=meta)
 
 
 _SAMPLE_TYPES = {"gamma": float, "seed": int, "sample_index": int, "correct": float, "reward": float, "length": float,
@@ -186,48 +244,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     buf = StringIO()
     csv.writer(buf).writerows(lines)
     write_text(path, buf.getvalue())
-
-
-# ---- statistics ---------------------------------------------------------------------------
-
-
-def bootstrap(x: np.ndarray, y: np.ndarray | None = None, n_boot: int = 2000, confidence: float = 0.95,
-              seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``x`` (minus mean of ``y``) over problems, with a percentile bootstrap interval.
-
-    ``x`` and ``y`` are per-problem outcomes ``[n_problems]``, or ``[n_draws, n_problems]`` when a
-    condition has several random draws (each replicate then also resamples draws). ``y`` is
-    paired with ``x``: both use the same resampled problem indices in every replicate.
-    """
-    x = np.atleast_2d(np.asarray(x, dtype=float))
-    n = x.shape[1]
-    if y is not None:
-        y = np.atleast_2d(np.asarray(y, dtype=float))
-        if y.shape[1] != n:
-            raise ValueError(f"paired bootstrap needs the same problems: {n} vs {y.shape[1]}")
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    # A resample of problem indices is the same as multinomial counts over problems.
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float) / n  # [B, n]
-    stat = _replicates(x, counts, rng)
-    point = float(x.mean())
-    if y is not None:
-        stat = stat - _replicates(y, counts, rng)
-        point -= float(y.mean())
-    alpha = (1.0 - confidence) / 2
-    lo, hi = np.quantile(stat, [alpha, 1.0 - alpha])
-    return point, float(lo), float(hi)
-
-
-def _replicates(x: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    draws = x.shape[0]
-    if draws == 1:
-        per_problem = np.broadcast_to(x[0], counts.shape)
-    else:  # resample draws too: weights = multinomial counts over draws
-        weights = rng.multinomial(draws, np.full(draws, 1.0 / draws), size=counts.shape[0]) / draws  # [B, D]
-        per_problem = weights @ x  # [B, n]
-    return (per_problem * counts).sum(axis=1)
 
 
 # ---- degenerate outputs -------------------------------------------------------------------
@@ -262,72 +278,7 @@ def degenerate_flags(t: Trajectory, cfg: EvalConfig, stops: set[int] = frozenset
             "degenerate": int(repetition or empty or not t.parsed)}
 
 
-# ---- random control sets --------------------------------------------------------------------
-
-
-def random_sets(template: Selection, saes, n: int, seed: int = 0, active: dict[int, Any] | None = None,
-                exclude_template: bool = True) -> list[Selection]:
-    """``n`` random sets with ``template``'s number of latents at each of its layers.
-
-    Latents are drawn uniformly without replacement among those marked in ``active[layer]``
-    (a boolean mask or per-latent counts/frequencies of length ``d_sae``; > 0 = active), or
-    among all latents of the layer's SAE when ``active`` is None; the template's own latents
-    are left out so the control does not contain the set it controls for.
-    """
-    saes = as_layer_dict(saes)
-    per_layer = Counter(layer for layer, _ in template)
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        draw: Selection = []
-        for layer, count in sorted(per_layer.items()):
-            pool = _pool(layer, saes, active, {i for l, i in template if l == layer} if exclude_template else set())
-            if len(pool) < count:
-                raise IPGError(f"layer {layer} has {len(pool)} candidate latents for a random set but the target "
-                               f"set has {count} there; lower k or give a wider `active` mask")
-            draw += [(layer, int(i)) for i in sorted(rng.choice(pool, size=count, replace=False))]
-        out.append(draw)
-    return out
-
-
-def _pool(layer: int, saes: dict, active: dict[int, Any] | None, exclude: set[int]) -> np.ndarray:
-    if layer not in saes:
-        raise IPGError(f"the target set has latents at layer {layer} but no SAE was given for it")
-    d_sae = saes[layer].cfg.d_sae
-    if active is None:
-        mask = np.ones(d_sae, dtype=bool)
-    else:
-        if layer not in active:
-            raise IPGError(f"`active` has no entry for layer {layer}; give a mask for every layer of the target set")
-        mask = np.asarray(_to_numpy(active[layer])).reshape(-1) > 0
-        if mask.shape[0] != d_sae:
-            raise IPGError(f"`active` for layer {layer} has {mask.shape[0]} entries but the SAE has {d_sae} latents")
-    mask[list(exclude)] = False
-    return np.flatnonzero(mask)
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-
-
 # ---- the evaluation ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cell:
-    set: str  # BASE for no steering
-    gamma: float | None
-    seed: int
-
-    @property
-    def name(self) -> str:
-        if self.set == BASE:
-            return f"{BASE}__s{self.seed}"
-        return f"{_safe(self.set)}__g{self.gamma:g}__s{self.seed}"
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
 def check_held_out(problems: list[Problem], attribution_prompt_ids: Iterable[str] | None) -> None:
@@ -355,7 +306,7 @@ def evaluate(model, tokenizer, saes, problems: list[Problem], prompts: list[str]
         cfg: gammas, seeds, random sets, sampling, bootstrap settings.
         out_dir: save ``summary.json``, ``rows.csv``, ``comparisons.csv``, ``samples.csv`` and the
             resumable per-cell files there.
-        active: per-layer masks of latents active on the data: random sets are drawn among them.
+        active: per-layer masks of latents active on the data: uniform random sets are drawn among them.
         attribution_prompt_ids: the prompts the sets were selected on (checked disjoint).
         reward: overrides ``cfg.reward`` (e.g. a callable).
         progress: show progress bars.
@@ -370,12 +321,12 @@ def evaluate(model, tokenizer, saes, problems: list[Problem], prompts: list[str]
         raise IPGError(f"{len(problems)} problems but {len(prompts)} prompts")
     saes = as_layer_dict(saes)
     reward = get_reward(reward if reward is not None else cfg.reward)
-    runner = _CellRunner(model, tokenizer, saes, problems, prompts, {}, cfg, reward, out_dir, progress)
+    harness = _Harness(model, tokenizer, saes, problems, prompts, cfg, reward, out_dir, progress)
     if cfg.estimator == "importance":
-        samples, all_sets, extra = _importance_cells(runner, sets, active, progress)
+        samples, all_sets, ess = _importance_cells(harness, sets, active, progress)
     else:
-        samples, all_sets, extra = _sampled_cells(runner, sets, active, progress), runner.sets, {}
-    meta = {**_meta(cfg, problems, all_sets, reward, runner.fingerprint), **extra}
+        samples, all_sets, ess = _sampled_cells(harness, sets, active, progress), harness.sets, None
+    meta = _meta(cfg, problems, all_sets, reward, harness.fingerprint, ess)
     rows, comparisons = summarize_samples(samples, meta)
     result = EvalResult(rows=rows, comparisons=comparisons, samples=samples, meta=meta)
     if out_dir is not None:
@@ -383,65 +334,99 @@ def evaluate(model, tokenizer, saes, problems: list[Problem], prompts: list[str]
     return result
 
 
-def _sampled_cells(runner: "_CellRunner", sets, active, progress: bool) -> list[dict]:
+class _Harness:
+    """The held-out problems, the model, and the store its cells are kept in."""
+
+    def __init__(self, model, tokenizer, saes, problems, prompts, cfg: EvalConfig, reward: Reward, out_dir, progress):
+        self.model, self.tokenizer, self.saes = model, tokenizer, saes
+        self.problems, self.prompts, self.cfg, self.reward = problems, prompts, cfg, reward
+        self.sets: dict[str, Selection] = {}
+        self.progress = progress
+        self.store = CellStore(Path(out_dir) / "cells" if out_dir is not None else None)
+        self.inputs = Inputs.of(model, saes)  # once per evaluation: every cell's key holds it
+        self.fingerprint = model_fingerprint(model, tokenizer)
+        self.stops = eos_ids(model, tokenizer)
+        self.prompts_sha = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+    def _sampling(self, cell: Cell) -> SamplingConfig:
+        return dataclasses.replace(self.cfg.sampling, seed=cell.seed)
+
+    def sampled(self, cell: Cell) -> list[Trajectory]:
+        """A cell's trajectories, sampled under its steering (or read back from the store)."""
+        latents = self.sets.get(cell.set, [])
+        key = {"estimator": "sampling", "set": cell.set, "latents": latents, "gamma": cell.gamma, "seed": cell.seed,
+               "problems": [p.id for p in self.problems], "prompts_sha": self.prompts_sha,
+               "sampling": dataclasses.asdict(self._sampling(cell)), "reward": self.reward.name,
+               "scope": self.cfg.scope, "model": self.fingerprint, **self.inputs.steered(latents)}
+
+        def compute() -> list[Trajectory]:
+            intervention = None
+            if cell.set != BASE:
+                intervention = steering(self.model, self.saes, scale(latents, cell.gamma), scope=self.cfg.scope)
+            return sample(self.model, self.tokenizer, self.problems, self.prompts, self._sampling(cell), self.reward,
+                          intervention=intervention, progress=self.progress, desc=cell.name)
+
+        return self.store.fetch(cell.name, key, compute, TRAJECTORIES)
+
+
+def _sampled_cells(harness: _Harness, sets, active, progress: bool) -> list[dict]:
     """On-policy: sample every (set, gamma, seed) cell under its steering."""
-    runner.sets = _prepare_sets(runner.model, runner.saes, sets, runner.cfg, active)
+    cfg = harness.cfg
+    harness.sets = _prepare_sets(harness.model, harness.saes, sets, cfg, LatentPool.of(harness.saes, active=active))
     # Only the per-sample rows are kept: a long evaluation's token ids would not fit in memory.
     done: dict[Cell, list[dict]] = {}
-    bar = tqdm(plan_cells(runner.sets, runner.cfg), desc="evaluate", unit="cell", disable=not progress)
+    bar = tqdm(plan_cells(harness.sets, cfg), desc="evaluate", unit="cell", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(cell.name)
-        if cell.set != BASE and cell.gamma == 1.0:  # gamma = 1 is the clean model exactly: reuse the base cell
+        if cell.set != BASE and is_unsteered(harness.sets[cell.set], cell.gamma):  # the base cell, relabelled
             base = done[Cell(BASE, None, cell.seed)]
-            done[cell] = [{**r, "cell": cell.name, "set": cell.set, "gamma": 1.0} for r in base]
+            done[cell] = [{**r, "cell": cell.name, "set": cell.set, "gamma": cell.gamma} for r in base]
         else:
-            done[cell] = cell_rows(cell, runner.run(cell), runner.cfg, runner.stops)
+            done[cell] = cell_rows(cell, harness.sampled(cell), cfg, harness.stops)
     bar.close()
     return [r for rows in done.values() for r in rows]
 
 
-def _importance_cells(runner: "_CellRunner", sets, active, progress: bool) -> tuple[list[dict], dict, dict]:
+_VALUES = ("correct", "length", "reward", "parsed", "repetition", "empty", "degenerate")
+
+
+def _importance_cells(harness: _Harness, sets, active, progress: bool) -> tuple[list[dict], dict, dict]:
     """Off-policy: sample the unsteered policy once (the base cells), then score every (set, gamma) on
     those samples (:mod:`ipg_sae.faithfulness`): one row per problem and cell, holding the
     self-normalised importance estimate of each metric."""
     from .faithfulness import TrajectoryScorer, estimate
 
-    cfg = runner.cfg
+    cfg = harness.cfg
     base_rows, pooled = [], []
     for seed in cfg.seeds:  # every seed's samples join one pool of G * len(seeds) per problem
         cell = Cell(BASE, None, seed)
-        trajectories = runner.run(cell)
-        base_rows += cell_rows(cell, trajectories, cfg, runner.stops)
+        trajectories = harness.sampled(cell)
+        base_rows += cell_rows(cell, trajectories, cfg, harness.stops)
         pooled += [dataclasses.replace(t, id=f"{t.id}@s{seed}", sample_index=t.sample_index + seed * 100_000)
                    for t in trajectories]
-    scorer = TrajectoryScorer(runner.model, pooled, cfg.sampling.temperature, saes=runner.saes,
+    scorer = TrajectoryScorer(harness.model, pooled, cfg.sampling.temperature, saes=harness.saes,
                               problems_per_batch=cfg.problems_per_batch, scope=cfg.scope)
-    frequencies = scorer.activation_frequencies() if cfg.n_random_sets else None
-    runner.sets = _prepare_sets(runner.model, runner.saes, sets, cfg, active, frequencies)
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(base_rows):
-        groups.setdefault(r["problem_id"], []).append(i)
-    order = [p.id for p in runner.problems]
+    cells = LogprobCells(harness.store, scorer, harness.inputs, pooled, cfg.sampling.temperature, cfg.scope)
+    frequencies = scorer.activation_frequencies() if cfg.n_random_sets and cfg.null_kind == "frequency" else None
+    harness.sets = _prepare_sets(harness.model, harness.saes, sets, cfg,
+                                 LatentPool.of(harness.saes, active=active, frequencies=frequencies))
+    order = [p.id for p in harness.problems]
+    groups = dict(zip(*prompt_groups([r["problem_id"] for r in base_rows])))
     index = [groups[pid] for pid in order]
-    values = {k: torch.tensor([float(r[k]) for r in base_rows], dtype=torch.float64)
-              for k in ("correct", "length", "reward", "parsed", "repetition", "empty", "degenerate")}
-    base_logp = runner.importance_logp(scorer, BASE, None, pooled, lambda: scorer.logprobs([]))
+    values = {k: torch.tensor([float(r[k]) for r in base_rows], dtype=torch.float64) for k in _VALUES}
+    base_logp = cells.logprobs([], 1.0, name=BASE)
     samples, ess = list(base_rows), {}
-    cells = [(name, float(g)) for name in runner.sets for g in cfg.gammas]
-    bar = tqdm(cells, desc="evaluate (importance)", unit="cell", disable=not progress)
-    for name, gamma in bar:
-        bar.set_postfix_str(f"{name} x{gamma:g}")
-        if gamma == 1.0:
-            logp = base_logp  # the clean model exactly: every weight is 1
-        else:
-            logp = runner.importance_logp(scorer, name, gamma, pooled,
-                                          lambda: scorer.logprobs(scale(runner.sets[name], gamma)))
+    plan = [Cell(name, float(g), -1) for name in harness.sets for g in cfg.gammas]
+    bar = tqdm(plan, desc="evaluate (importance)", unit="cell", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(f"{cell.set} x{cell.gamma:g}")
+        logp = cells.logprobs(harness.sets[cell.set], cell.gamma, name=cell.name)  # gamma 1: the base, weights 1
         estimates = {k: estimate(base_logp, logp, v, index) for k, v in values.items()}
         cell_ess = estimates["correct"].ess
-        ess[Cell(name, gamma, -1).name] = {"mean": float(cell_ess.mean()), "min": float(cell_ess.min()),
-                                           "log_ratio_sd": estimates["correct"].log_ratio_sd}
+        ess[cell.name] = {"mean": float(cell_ess.mean()), "min": float(cell_ess.min()),
+                          "log_ratio_sd": estimates["correct"].log_ratio_sd}
         for j, pid in enumerate(order):
-            samples.append({"cell": Cell(name, gamma, -1).name, "set": name, "gamma": gamma, "seed": -1,
+            samples.append({"cell": cell.name, "set": cell.set, "gamma": cell.gamma, "seed": -1,
                             "problem_id": pid, "sample_index": 0, "ess": float(cell_ess[j]),
                             **{k: float(est.per_prompt[j]) for k, est in estimates.items()}})
     bar.close()
@@ -450,20 +435,17 @@ def _importance_cells(runner: "_CellRunner", sets, active, progress: bool) -> tu
         log.warning("%d importance cells have a mean effective sample size below %.2f of G (%s); their estimates "
                     "rest on few samples: confirm them with eval.estimator: sampling", len(flagged), cfg.min_ess,
                     ", ".join(flagged[:4]))
-    extra = {"estimator": "importance", "samples_per_problem": len(pooled) // max(1, len(order)), "ess": ess,
-             "ess_flagged": flagged, "min_ess": cfg.min_ess,
-             "activation_frequencies": None if frequencies is None else
+    extra = {"samples_per_problem": len(pooled) // max(1, len(order)), "ess": ess, "ess_flagged": flagged,
+             "min_ess": cfg.min_ess, "activation_frequencies": None if frequencies is None else
              {str(layer): float((f > 0).mean()) for layer, f in frequencies.items()}}
-    return samples, runner.sets, extra
+    return samples, harness.sets, extra
 
 
-def _prepare_sets(model, saes, sets: dict[str, Selection], cfg: EvalConfig, active,
-                  frequencies: dict[int, np.ndarray] | None = None) -> dict[str, Selection]:
-    """The named sets (cut to ``k``) and the random control sets: matched to the target's activation
-    frequencies on the held-out data when ``frequencies`` are given, else uniform among ``active``."""
+def _prepare_sets(model, saes, sets: dict[str, Selection], cfg: EvalConfig, pool: LatentPool) -> dict[str, Selection]:
+    """The named sets (cut to ``k``) and the random control sets (``cfg.null_kind``, drawn from ``pool``)."""
     out: dict[str, Selection] = {}
     for name, sel in sets.items():
-        if name == BASE or _RANDOM_RE.match(name) or not _safe(name):
+        if name == BASE or _RANDOM_RE.match(name) or not safe_label(name):
             raise IPGError(f"set name {name!r} is reserved or empty; rename the set")
         sel = as_selection(sel, where=f"set {name!r}")
         if cfg.k is not None:
@@ -472,19 +454,13 @@ def _prepare_sets(model, saes, sets: dict[str, Selection], cfg: EvalConfig, acti
             sel = sel[:cfg.k]
         check_selection(model, saes, sel)
         out[name] = sel
-    if len({_safe(n) for n in out}) != len(out):
+    if len({safe_label(n) for n in out}) != len(out):
         raise IPGError(f"set names {sorted(out)} collide once made file-safe; rename them")
     if cfg.n_random_sets:
         if cfg.target not in out:
             raise IPGError(f"the target set {cfg.target!r} is not among the sets {sorted(out)}; set eval.target, or "
                            "eval.n_random_sets: 0 for no random control")
-        if frequencies is not None:
-            from .faithfulness import matched_random_sets
-
-            draws = matched_random_sets(out[cfg.target], frequencies, cfg.n_random_sets, cfg.random_seed)
-        else:
-            draws = random_sets(out[cfg.target], saes, cfg.n_random_sets, cfg.random_seed, active)
-        for d, draw in enumerate(draws):
+        for d, draw in enumerate(draw_sets(cfg.null_kind, out[cfg.target], cfg.n_random_sets, cfg.random_seed, pool)):
             out[_RANDOM_NAME.format(d)] = draw
     return out
 
@@ -497,103 +473,6 @@ def plan_cells(sets: dict[str, Selection], cfg: EvalConfig) -> list[Cell]:
     return cells
 
 
-class _CellRunner:
-    """Samples one cell, or loads it when a previous run finished it with the same settings."""
-
-    def __init__(self, model, tokenizer, saes, problems, prompts, sets, cfg, reward, out_dir, progress):
-        from .sampling import eos_ids
-
-        self.model, self.tokenizer, self.saes = model, tokenizer, saes
-        self.problems, self.prompts, self.sets, self.cfg, self.reward = problems, prompts, sets, cfg, reward
-        self.dir = Path(out_dir) / "cells" if out_dir is not None else None
-        self.progress = progress
-        self.fingerprint = model_fingerprint(model, tokenizer)
-        self.weights = module_digest(model)  # once per evaluation: every cell's key holds it
-        self.sae_digests = {layer: module_digest(sae) for layer, sae in saes.items()}
-        self.stops = eos_ids(model, tokenizer)
-        self.prompts_sha = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
-
-    def spec(self, cell: Cell) -> dict:
-        """Everything a cell's trajectories depend on; a saved cell is reused only if this matches."""
-        latents = self.sets.get(cell.set, [])
-        return {"set": cell.set, "latents": [list(p) for p in latents], "gamma": cell.gamma,
-                "seed": cell.seed, "problems": [p.id for p in self.problems], "prompts_sha": self.prompts_sha,
-                "sampling": dataclasses.asdict(self._sampling(cell)), "reward": self.reward.name,
-                "scope": self.cfg.scope, "model": self.fingerprint, "weights": self.weights,
-                "saes": {str(layer): self.sae_digests[layer] for layer in sorted({l for l, _ in latents})},
-                "format": FORMAT_VERSION}
-
-    def _sampling(self, cell: Cell) -> SamplingConfig:
-        return dataclasses.replace(self.cfg.sampling, seed=cell.seed)
-
-    def run(self, cell: Cell) -> list[Trajectory]:
-        path = self.dir / f"{cell.name}.jsonl" if self.dir is not None else None
-        spec = json.loads(json.dumps(self.spec(cell)))  # as it reads back from JSON
-        if path is not None and path.is_file():
-            saved = self._load(path, spec)
-            if saved is not None:
-                return saved
-        intervention = None
-        if cell.set != BASE:
-            intervention = steering(self.model, self.saes, scale(self.sets[cell.set], cell.gamma), scope=self.cfg.scope)
-        trajectories = sample(self.model, self.tokenizer, self.problems, self.prompts, self._sampling(cell),
-                              self.reward, intervention=intervention, progress=self.progress, desc=cell.name)
-        if path is not None:
-            body = [json.dumps(dataclasses.asdict(t)) for t in trajectories]
-            header = {"cell": spec, "sha256": text_digest("\n".join(body))}
-            write_text(path, "\n".join([json.dumps(header)] + body) + "\n")
-        return trajectories
-
-    def importance_logp(self, scorer, name: str, gamma: float | None, pooled: list[Trajectory], compute) -> torch.Tensor:
-        """A cell's log-probabilities of the pooled samples: loaded when a previous run saved them for
-        exactly this model, these SAEs, this set and these samples, else computed and saved."""
-        latents = self.sets.get(name, [])
-        spec = json.loads(json.dumps({
-            "estimator": "importance", "set": name, "latents": [list(p) for p in latents], "gamma": gamma,
-            "samples": text_digest(json.dumps([[t.id, t.prompt_ids, t.completion_ids] for t in pooled])),
-            "temperature": self.cfg.sampling.temperature, "scope": self.cfg.scope, "weights": self.weights,
-            "saes": {str(layer): self.sae_digests[layer] for layer in sorted({l for l, _ in latents})},
-            "format": FORMAT_VERSION}))
-        label = name if gamma is None else f"{_safe(name)}__g{gamma:g}"
-        path = self.dir / f"{label}__importance.json" if self.dir is not None else None
-        if path is not None and path.is_file():
-            try:
-                saved = read_json(path)
-            except (ValueError, UnicodeDecodeError):
-                saved = {}
-            ok = (saved.get("cell") == spec and saved.get("sha256") == text_digest(json.dumps(saved.get("logp"))))
-            if ok:
-                log.info("cell %s: reused (same model weights, SAEs, set, gamma and samples)", label)
-                return torch.tensor(saved["logp"], dtype=torch.float64)
-            log.warning("cell %s: the saved one does not match (other inputs, or edited); recomputing it", label)
-        logp = compute()
-        if path is not None:
-            values = logp.tolist()
-            write_json(path, {"cell": spec, "logp": values, "sha256": text_digest(json.dumps(values))})
-        return logp
-
-    def _load(self, path: Path, spec: dict) -> list[Trajectory] | None:
-        """The saved cell's trajectories, or None (and why, in the log) when it must be recomputed."""
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        try:
-            header = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError:
-            header = {}
-        saved = header.get("cell") if isinstance(header, dict) else None
-        if saved != spec:
-            differ = sorted(k for k in set(spec) | set(saved or {}) if (saved or {}).get(k) != spec.get(k))
-            log.warning("cell %s: the saved one was computed with other %s; recomputing it", path.stem,
-                        ", ".join(differ))
-            return None
-        if text_digest("\n".join(lines[1:])) != header.get("sha256"):
-            log.warning("cell %s: %s does not match its recorded digest (edited or damaged); recomputing it",
-                        path.stem, path)
-            return None
-        log.info("cell %s: reused (same model weights, SAEs, set, gamma, seed, problems and sampling)", path.stem)
-        names = {f.name for f in dataclasses.fields(Trajectory)}
-        return [Trajectory(**{k: v for k, v in json.loads(r).items() if k in names}) for r in lines[1:]]
-
-
 def cell_rows(cell: Cell, trajectories: list[Trajectory], cfg: EvalConfig, stops: set[int] = frozenset()) -> list[dict]:
     """A cell's rows of the raw per-sample table: one per (problem, sample)."""
     return [{"cell": cell.name, "set": cell.set, "gamma": cell.gamma, "seed": cell.seed, "problem_id": t.prompt_id,
@@ -602,19 +481,20 @@ def cell_rows(cell: Cell, trajectories: list[Trajectory], cfg: EvalConfig, stops
 
 
 def _meta(cfg: EvalConfig, problems: list[Problem], sets: dict[str, Selection], reward: Reward,
-          fingerprint: dict) -> dict:
+          fingerprint: dict, importance: dict | None) -> EvalMeta:
     metric, direction = primary_metric(reward.name)
-    return {
-        "n_problems": len(problems), "problem_ids": [p.id for p in problems], "seeds": list(cfg.seeds),
-        "gammas": [float(g) for g in cfg.gammas], "n_samples": cfg.sampling.n_samples, "target": cfg.target,
-        "sets": {name: [list(p) for p in sel] for name, sel in sets.items()},
-        "random_sets": [n for n in sets if _RANDOM_RE.match(n)], "reward": reward.name,
-        "primary_metric": metric, "primary_direction": direction, "scope": cfg.scope,
-        "sampling": dataclasses.asdict(cfg.sampling), "task": dataclasses.asdict(cfg.task),
-        "n_bootstrap": cfg.n_bootstrap, "confidence": cfg.confidence, "model": fingerprint,
-        "degenerate_rule": {"repeat_times": cfg.repeat_times, "repeat_min_span": cfg.repeat_min_span,
-                            "max_ngram": cfg.max_ngram},
-    }
+    randoms = [n for n in sets if _RANDOM_RE.match(n)]
+    return EvalMeta(
+        estimator=cfg.estimator, null=cfg.null_kind if randoms else None, n_problems=len(problems),
+        problem_ids=[p.id for p in problems], seeds=list(cfg.seeds), gammas=[float(g) for g in cfg.gammas],
+        n_samples=cfg.sampling.n_samples,
+        target=cfg.target, sets={name: [list(p) for p in sel] for name, sel in sets.items()}, random_sets=randoms,
+        reward=reward.name, primary_metric=metric, primary_direction=direction, scope=cfg.scope,
+        sampling=dataclasses.asdict(cfg.sampling), task=dataclasses.asdict(cfg.task), n_bootstrap=cfg.n_bootstrap,
+        confidence=cfg.confidence, model=fingerprint,
+        degenerate_rule={"repeat_times": cfg.repeat_times, "repeat_min_span": cfg.repeat_min_span,
+                         "max_ngram": cfg.max_ngram},
+        **{"samples_per_problem": cfg.sampling.n_samples * len(cfg.seeds), **(importance or {})})
 
 
 def primary_metric(reward_name: str) -> tuple[str, int]:
@@ -626,17 +506,17 @@ def primary_metric(reward_name: str) -> tuple[str, int]:
 # ---- summaries -----------------------------------------------------------------------------
 
 
-def summarize_samples(samples: list[dict], meta: dict) -> tuple[list[dict], list[dict]]:
+def summarize_samples(samples: list[dict], meta: EvalMeta) -> tuple[list[dict], list[dict]]:
     """Rows (one per set and gamma, plus the base and the mean of the random draws) and target comparisons."""
-    problem_ids = meta["problem_ids"]
-    boot = dict(n_boot=meta["n_bootstrap"], confidence=meta["confidence"])
+    problem_ids = meta.problem_ids
+    boot = dict(n_boot=meta.n_bootstrap, confidence=meta.confidence)
     table = _PerProblem(samples, problem_ids)
     base = {m: table.matrix(m, [BASE], None) for m in METRICS}
     rows = [_row(table, "none", BASE, [BASE], None, base, boot, meta)]
-    randoms = meta["random_sets"]
-    for gamma in meta["gammas"]:
-        for name in meta["sets"]:
-            condition = "random" if name in randoms else ("target" if name == meta["target"] else "baseline")
+    randoms = meta.random_sets
+    for gamma in meta.gammas:
+        for name in meta.sets:
+            condition = "random" if name in randoms else ("target" if name == meta.target else "baseline")
             rows.append(_row(table, condition, name, [name], gamma, base, boot, meta))
         if randoms:
             rows.append(_row(table, "random_mean", f"random (mean of {len(randoms)})", randoms, gamma, base, boot, meta))
@@ -673,11 +553,11 @@ class _PerProblem:
 
 
 def _row(table: _PerProblem, condition: str, name: str, names: list[str], gamma, base: dict, boot: dict,
-         meta: dict) -> dict:
+         meta: EvalMeta) -> dict:
     raw = table.rows(names, gamma)
     row = {"condition": condition, "set": name, "gamma": gamma,
-           "size": len(meta["sets"][names[0]]) if names[0] in meta["sets"] else 0,
-           "n_problems": len(meta["problem_ids"]), "n_seeds": len({r["seed"] for r in raw}),
+           "size": len(meta.sets[names[0]]) if names[0] in meta.sets else 0,
+           "n_problems": len(meta.problem_ids), "n_seeds": len({r["seed"] for r in raw}),
            "n_draws": len(names), "n_samples": len(raw)}
     for m in METRICS:
         x = table.matrix(m, names, gamma)
@@ -689,7 +569,7 @@ def _row(table: _PerProblem, condition: str, name: str, names: list[str], gamma,
     if raw and "ess" in raw[0] and raw[0].get("ess") not in (None, ""):
         ess = [float(r["ess"]) for r in raw]
         row["ess"], row["ess_min"] = sum(ess) / len(ess), min(ess)
-        row["ess_flag"] = row["ess"] < meta.get("min_ess", 0.0)
+        row["ess_flag"] = row["ess"] < (meta.min_ess or 0.0)
     row["unparseable"] = 1.0 - _share(raw, "parsed") if raw else math.nan
     return row
 
@@ -698,14 +578,14 @@ def _share(rows: list[dict], key: str) -> float:
     return sum(float(r[key]) for r in rows) / len(rows) if rows else math.nan
 
 
-def _comparisons(table: _PerProblem, meta: dict, boot: dict) -> list[dict]:
-    target, randoms = meta["target"], meta["random_sets"]
-    if target not in meta["sets"]:
+def _comparisons(table: _PerProblem, meta: EvalMeta, boot: dict) -> list[dict]:
+    target, randoms = meta.target, meta.random_sets
+    if target not in meta.sets:
         return []
     against = ([("random", randoms)] if randoms else []) + [
-        (n, [n]) for n in meta["sets"] if n != target and n not in randoms]
+        (n, [n]) for n in meta.sets if n != target and n not in randoms]
     out = []
-    for gamma in meta["gammas"]:
+    for gamma in meta.gammas:
         for label, names in against:
             for m in METRICS:
                 delta, lo, hi = bootstrap(table.matrix(m, [target], gamma), table.matrix(m, names, gamma), **boot)
@@ -715,12 +595,12 @@ def _comparisons(table: _PerProblem, meta: dict, boot: dict) -> list[dict]:
     return out
 
 
-def _verdict(metric: str, gamma: float, lo: float, hi: float, meta: dict) -> str:
+def _verdict(metric: str, gamma: float, lo: float, hi: float, meta: EvalMeta) -> str:
     """``stronger``/``weaker`` for the primary metric (moved more/less in the direction the reward predicts),
     ``higher``/``lower`` for the others, ``no detectable difference`` when the interval contains 0."""
     if not (lo > 0 or hi < 0):
         return "no detectable difference"
-    if metric == meta["primary_metric"] and gamma != 1.0:
-        expected = meta["primary_direction"] * (1 if gamma > 1 else -1)
+    expected = predicted_direction(gamma, meta.primary_direction)
+    if metric == meta.primary_metric and expected:
         return "stronger" if (lo > 0) == (expected > 0) else "weaker"
     return "higher" if lo > 0 else "lower"

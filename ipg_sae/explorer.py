@@ -50,7 +50,6 @@ import torch
 from .attribution import AttributionResult
 from .errors import IPGError
 from .io import read_json, write_json, write_text
-from .tracking import WandbConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,8 @@ def load(run_dir: str | Path) -> dict:
 
 
 def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectories=None,
-          cfg: ExplorerConfig | None = None, held_out_texts: list[str] | None = None, tracker=None) -> Path:
+          cfg: ExplorerConfig | None = None, held_out_texts: list[str] | None = None, tracker=None,
+          trust_remote_code: bool = False) -> Path:
     """Write ``explorer/index.html`` and ``explorer/data.json`` for the attribution run in ``run_dir``.
 
     Args:
@@ -97,6 +97,8 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
         held_out_texts: texts for held-out contexts (default: held-out arithmetic problems with their
             worked solutions when the run's task is arithmetic).
         tracker: a :class:`~ipg_sae.tracking.Tracker` to log the page to (``wandb.Html`` + artifact).
+        trust_remote_code: let the run's model run its own code when it is loaded here (the run's own
+            setting is never trusted: viewing a run someone sent you must not run their code).
 
     Returns:
         The path of ``index.html``.
@@ -108,7 +110,7 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
     run_dir = Path(run_dir)
     result = AttributionResult.load(run_dir)
     if model is None or tokenizer is None or saes is None:
-        model, tokenizer, saes = _load_run_model(run_dir, model, tokenizer, saes)
+        model, tokenizer, saes = _load_run_model(run_dir, model, tokenizer, saes, trust_remote_code)
     if trajectories is None:
         trajectories = load_trajectories(run_dir / "trajectories.jsonl")
     by_id = {t.id: t for t in trajectories}
@@ -154,20 +156,36 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
     return page
 
 
-def _load_run_model(run_dir: Path, model, tokenizer, saes):
-    from .config import load_config
-    from .jobs import AttributeJobConfig, load_saes
-    from .models import load_model
+def _load_run_model(run_dir: Path, model, tokenizer, saes, trust_remote_code: bool = False):
+    """The model and SAEs named in the run's ``attribute_config.yaml``. Viewing a run must never run code that
+    came with it: the run's own ``trust_remote_code`` is ignored unless the caller passes ``trust_remote_code``."""
+    import dataclasses
+
+    import yaml
+
+    from .config import from_dict
+    from .models import ModelConfig, load_model
+    from .saes import SAESpec, load_saes
 
     cfg_path = run_dir / "attribute_config.yaml"
     if not cfg_path.is_file():
         raise IPGError(f"{run_dir} has no attribute_config.yaml to find its model and SAEs; pass model, tokenizer "
                        "and saes to explorer.build, or run `ipg-sae attribute` into it")
-    cfg = load_config(AttributeJobConfig, cfg_path)
+    try:
+        data = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        model_cfg = from_dict(ModelConfig, data.get("model") or {}, where=str(cfg_path), prefix="model")
+        specs = [from_dict(SAESpec, s, where=str(cfg_path), prefix="saes") for s in data.get("saes") or []]
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError) as e:
+        raise IPGError(f"{cfg_path} is not a readable attribute config ({e}); pass model, tokenizer and saes to "
+                       "explorer.build") from None
+    if model_cfg.trust_remote_code and not trust_remote_code:
+        log.warning("%s asks for trust_remote_code; ignored (viewing a run never runs its code): pass "
+                    "--trust_remote_code if you trust this run's model", cfg_path)
+    model_cfg = dataclasses.replace(model_cfg, trust_remote_code=trust_remote_code)
     if model is None or tokenizer is None:
-        model, tokenizer = load_model(cfg.model)
+        model, tokenizer = load_model(model_cfg)
     if saes is None:
-        saes = load_saes(cfg.saes, model)
+        saes = load_saes(specs, model)
     return model, tokenizer, saes
 
 
@@ -459,13 +477,14 @@ def _trajectory_view(result, maps, by_id, pieces, n) -> list[dict]:
 
 def _steering_rows(run_dir: Path) -> list[dict]:
     """Evaluation rows of the run (sets with their latents), when an evaluation ran."""
-    path = run_dir / "eval" / "summary.json"
-    if not path.is_file():
+    from .evaluation import EvalResult
+
+    if not (run_dir / "eval" / "summary.json").is_file():
         return []
-    doc = read_json(path)
-    sets = doc.get("meta", {}).get("sets", {})
+    result = EvalResult.load(run_dir / "eval", with_samples=False)
+    sets = result.meta.sets
     out = []
-    for row in doc.get("rows", []):
+    for row in result.rows:
         if row.get("set") in sets:
             out.append({"set": row["set"], "gamma": row.get("gamma"), "latents": sets[row["set"]],
                         "accuracy": row.get("accuracy"), "accuracy_delta": row.get("accuracy_delta"),
@@ -493,219 +512,18 @@ def _run_info(run_dir: Path, result: AttributionResult, selection: dict, cfg: Ex
 # ---- the page ----------------------------------------------------------------------------------
 
 
+PAGE_TEMPLATE = "explorer.html"  # package data: the page with its styles and script, __TITLE__ and __DATA__ to fill
+# Characters that could end or confuse a <script> block (``</script>``, ``<!--``) or that JavaScript once read
+# as line ends (U+2028/9): written as JSON escapes, so the payload is valid JSON that reads back as the same data.
+_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
 def render(data: dict) -> str:
-    """The self-contained page: data inline as JSON (``</`` escaped), script and styles inline."""
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/").replace("<!--", "<\\!--")
+    """The self-contained page: the data inline as JSON (safe inside ``<script>``), script and styles inline."""
+    from importlib.resources import files
+
+    template = files("ipg_sae").joinpath(PAGE_TEMPLATE).read_text(encoding="utf-8")
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=True).translate(_SCRIPT_SAFE)
     title = html.escape(f"ipg-sae explorer: {data['run']['name']}")
-    return (_PAGE.replace("__TITLE__", title).replace("__CSS__", _CSS).replace("__JS__", _JS)
-            .replace("__DATA__", payload))
-
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title><style>__CSS__</style></head>
-<body data-ready="0">
-<header><h1 id="title"></h1><div id="runinfo"></div></header>
-<main>
-<section id="index"><h2>Latents</h2>
-<div class="filters">layer <select id="f-layer"><option value="">all</option></select>
-sign <select id="f-sign"><option value="">all</option><option value="pos">positive</option><option value="neg">negative</option></select>
-<label><input type="checkbox" id="f-selected"> selected only</label>
-<label><input type="checkbox" id="f-detail"> with panel only</label>
-latent <input id="f-id" size="6" placeholder="id">
-<span id="count"></span></div>
-<table id="latents"><thead><tr id="head"></tr></thead><tbody id="rows"></tbody></table>
-<div class="pager"><button id="prev">previous</button> <span id="page"></span> <button id="next">next</button></div>
-</section>
-<section id="panel"><h2 id="panel-title">Select a latent</h2><div id="panel-body"></div></section>
-<section id="trajectories"><h2>Trajectories</h2>
-<p class="note">Each token coloured by its total attribution (blue: raises the outcome's log-probability weight, red: lowers it). Click a token for the latents behind it.</p>
-<select id="traj-select"></select><div id="traj-tokens" class="tokens"></div><div id="traj-top"></div></section>
-<section id="plots"><h2>Steering evaluation</h2><div id="plot-list"></div></section>
-</main>
-<script id="data" type="application/json">__DATA__</script>
-<script>__JS__</script>
-</body></html>
-"""
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
-header{padding:10px 18px;background:#243b55;color:#fff}header h1{margin:0;font-size:20px}
-#runinfo{font-size:13px;opacity:.9;margin-top:4px}
-main{display:grid;grid-template-columns:minmax(560px,1fr) minmax(420px,1fr);gap:14px;padding:14px}
-section{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px;overflow:auto}
-#trajectories,#plots{grid-column:1 / span 2}
-h2{font-size:16px;margin:4px 0 8px}h3{font-size:14px;margin:12px 0 4px}
-table{border-collapse:collapse;font-size:12px;width:100%}
-th,td{padding:3px 6px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
-th{cursor:pointer;background:#f0f3f7;position:sticky;top:0}th.sorted{background:#dce6f3}
-td.l{text-align:left}tr.sel td{font-weight:600}tr.clickable{cursor:pointer}tr.clickable:hover{background:#f4f8ff}
-tr.active{background:#e3eefc}.filters{font-size:13px;margin-bottom:6px}.filters>*{margin-right:8px}
-.pager{margin-top:6px;font-size:13px}.note{font-size:12px;color:#555;margin:4px 0}
-.tokens{font-family:ui-monospace,monospace;font-size:12.5px;line-height:1.9;white-space:pre-wrap;word-break:break-all}
-.tok{border-radius:2px;padding:1px 0}.tok.max{outline:2px solid #c0392b}.tok.click{cursor:pointer}
-.ctx{border-bottom:1px dashed #eee;padding:3px 0}.src{font-size:11px;color:#777;margin-right:6px}
-.cols{display:grid;grid-template-columns:1fr 1fr;gap:10px}.logit{font-family:ui-monospace,monospace;font-size:12px}
-.bar{fill:#5b7db1}.pos{color:#1f5fa8}.neg{color:#b03a2e}.badge{font-size:11px;background:#eee;border-radius:3px;padding:1px 4px}
-"""
-
-_JS = r"""
-(function(){
-'use strict';
-window.onerror=function(msg){document.body.dataset.error=String(msg);};
-const D=JSON.parse(document.getElementById('data').textContent);
-const $=id=>document.getElementById(id);
-function el(tag,text,cls){const e=document.createElement(tag);if(text!==undefined&&text!==null)e.textContent=String(text);if(cls)e.className=cls;return e;}
-function fmt(x,d){if(x===null||x===undefined)return '-';if(typeof x!=='number')return String(x);if(x===0)return '0';const a=Math.abs(x);return (a>=1000||a<0.001)?x.toExponential(2):x.toFixed(d===undefined?4:d);}
-function shade(v,max,signed){if(!max||!v)return '';const a=Math.min(1,Math.abs(v)/max);if(!signed)return 'rgba(230,126,34,'+(0.12+0.78*a).toFixed(3)+')';return v>0?'rgba(41,98,255,'+(0.1+0.75*a).toFixed(3)+')':'rgba(214,48,49,'+(0.1+0.75*a).toFixed(3)+')';}
-function tokens(strings,values,opts){const box=el('div',undefined,'tokens');const max=Math.max(1e-12,...values.map(v=>Math.abs(v)));
- strings.forEach((s,i)=>{const t=el('span',s,'tok');const bg=shade(values[i],max,opts.signed);if(bg)t.style.background=bg;
- if(opts.maxIndex===i)t.classList.add('max');if(opts.prompt&&i<opts.prompt)t.style.opacity='0.55';t.title=fmt(values[i]);
- if(opts.onclick){t.classList.add('click');t.addEventListener('click',()=>opts.onclick(i));}box.appendChild(t);});return box;}
-const run=D.run;$('title').textContent='ipg-sae explorer: '+run.name;
-$('runinfo').textContent='model '+(run.model||'?')+' | method '+run.method+' | '+D.latents.length+' latents with a non-zero score | '+
- Object.keys(D.details).length+' with a panel | selected: '+run.selected.map(p=>'L'+p[0]+':'+p[1]).join(', ');
-const baselines=D.latents.length?Object.keys(D.latents[0].ranks):[];
-const cols=[['rank','rank'],['layer','layer'],['latent','latent'],['mean','IPG mean'],['ci','95% CI'],['t','t'],
- ['sign_consistency','sign cons.'],['selection_frequency','sel. freq.'],['activation_frequency','act. freq.']]
- .concat(baselines.map(b=>['rank:'+b,'rank '+b])).concat([['selected','sel.'],['neuronpedia','']]);
-let sortKey='rank',sortDir=1,page=0,shown=[];
-cols.forEach(([k,label])=>{const th=el('th',label);th.dataset.key=k;th.addEventListener('click',()=>{if(k==='ci'||k==='neuronpedia')return;
- sortDir=(sortKey===k)?-sortDir:(k==='rank'||k.startsWith('rank:')?1:-1);sortKey=k;page=0;draw();});$('head').appendChild(th);});
-const layers=[...new Set(D.latents.map(r=>r.layer))].sort((a,b)=>a-b);
-layers.forEach(l=>{const o=el('option','L'+l);o.value=String(l);$('f-layer').appendChild(o);});
-function value(r,k){if(k.startsWith('rank:'))return r.ranks[k.slice(5)];if(k==='selected')return r.selected?1:0;return r[k];}
-function filtered(){const L=$('f-layer').value,S=$('f-sign').value,sel=$('f-selected').checked,det=$('f-detail').checked,id=$('f-id').value.trim();
- return D.latents.filter(r=>(!L||String(r.layer)===L)&&(!S||(S==='pos'?r.mean>0:r.mean<0))&&(!sel||r.selected)&&(!det||r.detail)&&(!id||String(r.latent)===id));}
-function draw(){shown=filtered();shown.sort((a,b)=>{const x=value(a,sortKey),y=value(b,sortKey);
- if(x===y)return a.rank-b.rank;if(x===null||x===undefined)return 1;if(y===null||y===undefined)return -1;return (x<y?-1:1)*sortDir;});
- document.querySelectorAll('#head th').forEach(th=>th.classList.toggle('sorted',th.dataset.key===sortKey));
- const size=run.page_size,pages=Math.max(1,Math.ceil(shown.length/size));page=Math.min(page,pages-1);
- $('page').textContent='page '+(page+1)+' of '+pages;$('count').textContent=shown.length+' latents';
- const body=$('rows');body.replaceChildren();
- shown.slice(page*size,(page+1)*size).forEach(r=>{const tr=el('tr');tr.dataset.key=r.layer+':'+r.latent;
-  if(r.selected)tr.classList.add('sel');if(r.detail){tr.classList.add('clickable');tr.addEventListener('click',()=>openLatent(r.layer+':'+r.latent));}
-  const cells=[r.rank,'L'+r.layer,r.latent,fmt(r.mean),'['+fmt(r.lo)+', '+fmt(r.hi)+']',fmt(r.t,2),fmt(r.sign_consistency,2),
-   fmt(r.selection_frequency,2),fmt(r.activation_frequency,4)].concat(baselines.map(b=>r.ranks[b]||'-')).concat([r.selected?'yes':'']);
-  cells.forEach((c,i)=>tr.appendChild(el('td',c,i===1?'l':undefined)));
-  const np=el('td');if(r.neuronpedia){const a=el('a','neuronpedia');a.href=r.neuronpedia;a.target='_blank';a.rel='noopener';np.appendChild(a);}
-  tr.appendChild(np);body.appendChild(tr);});}
-['f-layer','f-sign','f-selected','f-detail'].forEach(id=>$(id).addEventListener('change',()=>{page=0;draw();}));
-$('f-id').addEventListener('input',()=>{page=0;draw();});
-$('prev').addEventListener('click',()=>{page=Math.max(0,page-1);draw();});
-$('next').addEventListener('click',()=>{page=page+1;draw();});
-function histogram(h){const svgNS='http://www.w3.org/2000/svg';const svg=document.createElementNS(svgNS,'svg');svg.setAttribute('width','360');svg.setAttribute('height','90');
- const max=Math.max(1,...h.counts);const w=360/Math.max(1,h.counts.length);
- h.counts.forEach((c,i)=>{const r=document.createElementNS(svgNS,'rect');r.setAttribute('x',String(i*w));r.setAttribute('width',String(Math.max(1,w-1)));
- const hh=80*c/max;r.setAttribute('y',String(85-hh));r.setAttribute('height',String(hh));r.setAttribute('class','bar');
- const title=document.createElementNS(svgNS,'title');title.textContent=fmt(h.edges[i],3)+'..'+fmt(h.edges[i+1],3)+': '+c;r.appendChild(title);svg.appendChild(r);});return svg;}
-function openLatent(key){const d=D.details[key];const row=D.latents.find(r=>r.layer+':'+r.latent===key);if(!d||!row)return;
- document.querySelectorAll('#rows tr').forEach(tr=>tr.classList.toggle('active',tr.dataset.key===key));
- $('panel-title').textContent='Latent L'+key.replace(':',':')+' (IPG rank '+row.rank+(row.selected?', selected':'')+')';
- const b=$('panel-body');b.replaceChildren();b.dataset.latent=key;
- b.appendChild(el('div','IPG mean '+fmt(row.mean)+' ['+fmt(row.lo)+', '+fmt(row.hi)+'], t '+fmt(row.t,2)+', sign consistency '+fmt(row.sign_consistency,2)+
-  ', bootstrap selection frequency '+fmt(row.selection_frequency,2)+', activation frequency '+fmt(row.activation_frequency,4),'note'));
- b.appendChild(el('h3','Top-activating contexts'));const ctx=el('div');ctx.className='contexts';
- d.contexts.forEach(c=>{const line=el('div',undefined,'ctx');line.appendChild(el('span',c.source+' (max '+fmt(c.max,3)+')','src'));
-  line.appendChild(tokens(c.strings,c.activations,{signed:false,maxIndex:c.max_index}));ctx.appendChild(line);});
- if(!d.contexts.length)ctx.appendChild(el('div','no activation in the mapped trajectories','note'));b.appendChild(ctx);
- if(d.logits){b.appendChild(el('h3','Direct logit effect (W_dec[i] after the final norm, through W_U)'));const g=el('div',undefined,'cols');
-  [['promoted','pos'],['suppressed','neg']].forEach(([side,cls])=>{const box=el('div');box.appendChild(el('div',side,'badge'));
-   d.logits[side].forEach(([id,s,v])=>{const line=el('div',undefined,'logit');line.appendChild(el('span',JSON.stringify(s)+' ',cls));line.appendChild(el('span',fmt(v,3)));box.appendChild(line);});g.appendChild(box);});b.appendChild(g);}
- b.appendChild(el('h3','Activation histogram (non-zero activations, attributed trajectories)'));
- if(d.histogram.counts.length)b.appendChild(histogram(d.histogram));else b.appendChild(el('div','no activations','note'));
- b.appendChild(el('h3','Per-token IPG contribution (where it matters most)'));const cols2=el('div',undefined,'cols');cols2.className='cols ipg-tokens';
- ['correct','incorrect'].forEach(side=>{const box=el('div');box.appendChild(el('div',side+' samples','badge'));
-  d.ipg_tokens[side].forEach(t=>{box.appendChild(el('div',t.id+' (reward '+fmt(t.reward,2)+', attribution '+fmt(t.total)+')','src'));
-   box.appendChild(tokens(t.strings,t.values,{signed:true,prompt:t.prompt_length}));});
-  if(!d.ipg_tokens[side].length)box.appendChild(el('div','no mapped '+side+' trajectory with this latent','note'));cols2.appendChild(box);});b.appendChild(cols2);
- b.appendChild(el('h3','Measured effect of steering sets that contain it'));
- if(d.steering.length){const t=el('table');const hr=el('tr');['set','gamma','accuracy','vs no steering [95% CI]','length'].forEach(h=>hr.appendChild(el('th',h)));t.appendChild(hr);
-  d.steering.forEach(r=>{const tr=el('tr');[r.set,r.gamma,fmt(r.accuracy,3),fmt(r.accuracy_delta,3)+' ['+fmt(r.accuracy_delta_lo,3)+', '+fmt(r.accuracy_delta_hi,3)+']',fmt(r.length,1)]
-   .forEach(c=>tr.appendChild(el('td',c)));t.appendChild(tr);});b.appendChild(t);}
- else b.appendChild(el('div','no evaluation of a set holding this latent in this run','note'));}
-const sel=$('traj-select');D.trajectories.forEach((t,i)=>{const o=el('option',t.id+(t.correct?' (correct)':' (incorrect)')+' reward '+fmt(t.reward,2));o.value=String(i);sel.appendChild(o);});
-function showTraj(i){const t=D.trajectories[i];if(!t)return;const box=$('traj-tokens');box.replaceChildren();$('traj-top').replaceChildren();
- box.appendChild(tokens(t.strings,t.total,{signed:true,prompt:t.prompt_length,onclick:pos=>{const top=$('traj-top');top.replaceChildren();
-  top.appendChild(el('div','token '+pos+' '+JSON.stringify(t.strings[pos])+': total '+fmt(t.total[pos]),'badge'));
-  t.top[pos].forEach(([l,i2,v])=>{const key=l+':'+i2;const line=el('div');const a=el('a','L'+l+':'+i2);a.href='#';
-   a.addEventListener('click',e=>{e.preventDefault();if(D.details[key])openLatent(key);});line.appendChild(a);line.appendChild(el('span',' '+fmt(v),v>0?'pos':'neg'));top.appendChild(line);});}}));}
-sel.addEventListener('change',()=>showTraj(Number(sel.value)));
-(run.plots||[]).forEach(p=>{const fig=el('figure');const img=el('img');img.src='data:image/png;base64,'+p.png;img.alt=p.name;
- img.style.maxWidth='100%';fig.appendChild(img);fig.appendChild(el('figcaption',p.name,'note'));$('plot-list').appendChild(fig);});
-if(!(run.plots||[]).length)$('plot-list').appendChild(el('div','no evaluation plots in this run','note'));
-draw();if(D.trajectories.length)showTraj(0);
-const first=D.latents.find(r=>r.detail);if(first)openLatent(first.layer+':'+first.latent);
-document.body.dataset.ready='1';
-})();
-"""
-
-
-# ---- the job -------------------------------------------------------------------------------------
-
-
-@dataclass
-class ExploreJobConfig:
-    run_dir: str = ""  # the attribution run to explore (a directory with attribution.safetensors)
-    explorer: ExplorerConfig = field(default_factory=ExplorerConfig)  # what the page shows
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-    def validate(self) -> None:
-        if not self.run_dir or not (Path(self.run_dir) / "attribution.json").is_file():
-            raise IPGError(f"{self.run_dir or '(no run_dir)'} is not an attribution run (no attribution.json); give "
-                           "the run directory of `ipg-sae attribute` or `ipg-sae pipeline`, e.g. runs/demo")
-
-
-def run_explore(cfg: ExploreJobConfig, group: str | None = None) -> Path:
-    """Build the explorer of ``cfg.run_dir`` and log it to W&B."""
-    from .io import run_lock
-    from .tracking import Tracker
-
-    run_dir = Path(cfg.run_dir)
-    with run_lock(run_dir), Tracker(cfg.wandb, run_dir, run_dir.name, "explore", group=group) as tracker:
-        return build(run_dir, cfg=cfg.explorer, tracker=tracker)
-
-
-# ---- looking at the page in a real browser -------------------------------------------------------
-
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--virtual-time-budget=5000"]
-
-
-def find_browser() -> str | None:
-    """A Chromium-family browser on this machine (``chromium``, ``chromium-browser``, ``google-chrome``)."""
-    import shutil
-
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-def _browse(page: Path, *flags: str, timeout: int = 120) -> str:
-    import subprocess
-    import tempfile
-
-    browser = find_browser()
-    if browser is None:
-        raise IPGError("no Chromium browser found; install one (Debian: apt-get install chromium)")
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run([browser, *BROWSER_FLAGS, f"--user-data-dir={profile}", *flags,
-                               Path(page).resolve().as_uri()], capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise IPGError(f"{browser} failed on {page}: {proc.stderr.strip()[-300:]}")
-    return proc.stdout
-
-
-def rendered_dom(page: str | Path) -> str:
-    """The page's DOM after its script ran, as headless Chromium serializes it."""
-    return _browse(Path(page), "--dump-dom")
-
-
-def screenshot(page: str | Path, png: str | Path, size: tuple[int, int] = (1400, 1000)) -> Path:
-    """A PNG of the page as headless Chromium draws it."""
-    png = Path(png).resolve()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    _browse(Path(page), f"--screenshot={png}", f"--window-size={size[0]},{size[1]}")
-    return png
+    head, tail = template.split("__DATA__")
+    return head.replace("__TITLE__", title) + payload + tail

@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,9 +45,9 @@ from torch import nn
 from .errors import IPGError
 from .models import ReplayedBlock, SkippedBlock, block_hidden, decoder_layers
 from .saes import as_layer_dict
+from .stats import effective_sample_size
 from .steering import Intervention, steer
 from .trajectories import Trajectory, group_by_prompt
-
 
 # ---- the prefix tree ------------------------------------------------------------------------
 
@@ -371,87 +370,6 @@ def estimate(logp_base: torch.Tensor, logp_cell: torch.Tensor, rewards: torch.Te
         w = torch.exp(lr - lr.max())  # the common factor cancels in both ratios
         r = rewards[idx].double()
         per_prompt.append(float((w * r).sum() / w.sum()))
-        ess.append(float(w.sum() ** 2 / (w * w).sum()) / len(idx))
+        ess.append(effective_sample_size(w) / len(idx))
     sd = float(log_ratio.std()) if log_ratio.numel() > 1 else 0.0
     return CellEstimate(np.array(per_prompt), np.array(ess), sd)
-
-
-def effective_sample_size(weights: np.ndarray) -> float:
-    """``(sum w)^2 / sum w^2`` of one group of importance weights."""
-    w = np.asarray(weights, dtype=float)
-    return float(w.sum() ** 2 / (w * w).sum()) if (w * w).sum() > 0 else math.nan
-
-
-# ---- a fair null: random sets with the evaluated set's activation-frequency profile ----------
-
-
-def frequency_bins(freq: np.ndarray, n_bins: int = 10) -> np.ndarray:
-    """Bin index of each latent by activation frequency: quantile bins over the active latents, -1 for dead ones."""
-    freq = np.asarray(freq, dtype=float)
-    bins = np.full(freq.shape, -1)
-    active = freq > 0
-    if not active.any():
-        return bins
-    edges = np.quantile(freq[active], np.linspace(0, 1, n_bins + 1)[1:-1])
-    bins[active] = np.searchsorted(edges, freq[active], side="right")
-    return bins
-
-
-def matched_random_sets(template: Sequence[tuple[int, int]], frequencies: dict[int, np.ndarray], n: int,
-                        seed: int = 0, n_bins: int = 10) -> list[list[tuple[int, int]]]:
-    """``n`` random sets, each latent drawn from the same layer and activation-frequency bin as one latent of
-    ``template`` (without replacement, never a template latent).
-
-    A set of dead or rare latents trivially does nothing; matching the frequency profile keeps the
-    comparison about *which* latents were chosen, not how often they fire. Active latents are
-    matched with active ones of the same frequency decile (the nearest deciles when one runs
-    out); a latent of the set that never fires on the data is matched with one that never fires.
-    """
-    rng = np.random.default_rng(seed)
-    bins = {layer: frequency_bins(f, n_bins) for layer, f in frequencies.items()}
-    chosen = {(layer, i) for layer, i in template}
-    for layer, _ in template:
-        if layer not in bins:
-            raise IPGError(f"no activation frequencies for layer {layer}; the null needs them for every layer of the set")
-    out = []
-    for _ in range(n):
-        taken: set[tuple[int, int]] = set()
-        draw = []
-        for layer, i in template:
-            target = int(bins[layer][i])
-            alive = bins[layer] >= 0 if target >= 0 else bins[layer] < 0
-            pool: np.ndarray = np.array([], dtype=int)
-            for width in range(n_bins):  # widen to neighbouring bins only when the bin is exhausted
-                near = np.abs(bins[layer] - target) <= width if target >= 0 else alive
-                cand = np.flatnonzero(near & alive)
-                pool = np.array([c for c in cand if (layer, int(c)) not in chosen and (layer, int(c)) not in taken])
-                if len(pool):
-                    break
-            if not len(pool):
-                raise IPGError(f"layer {layer} has too few active latents to draw a random set of this size")
-            pick = int(rng.choice(pool))
-            taken.add((layer, pick))
-            draw.append((layer, pick))
-        out.append(draw)
-    return out
-
-
-# ---- statistics over cells -------------------------------------------------------------------
-
-
-def null_percentile(effect: float, null: Sequence[float], direction: int) -> tuple[float, float]:
-    """The effect's percentile in the null (in the predicted ``direction``) and a one-sided permutation p-value.
-
-    ``direction`` +1: a larger effect is the predicted one; -1: a smaller one. The p-value counts null
-    sets at least as extreme, with the usual +1 (the set itself is one draw of the null hypothesis).
-    """
-    null = np.asarray(null, dtype=float) * direction
-    e = effect * direction
-    percentile = float((null < e).mean() * 100 + (null == e).mean() * 50)
-    p = float((1 + (null >= e).sum()) / (1 + len(null)))
-    return percentile, p
-
-
-def area_under_curve(values: Sequence[float], base: float) -> float:
-    """Mean of ``value - base`` over the curve's k values: the area under it, per step of the k list."""
-    return float(np.mean(np.asarray(values, dtype=float) - base))

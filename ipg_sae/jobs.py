@@ -18,14 +18,15 @@ from .attribution import AttributionConfig, Baseline
 from .config import JobConfig, dump_yaml, to_dict
 from .errors import IPGError
 from .evaluation import EvalConfig
+from .explorer import ExplorerConfig
 from .io import run_lock, write_json, write_text
 from .models import load_model
 from .rewards import get_reward
-from .saes import SAESpec, load_sae
+from .saes import SAESpec, load_saes
 from .selection import Normalize, RankBy
 from .sampling import SamplingConfig, sample
 from .tasks import TaskConfig, build_prompts, load_problems
-from .tracking import Tracker, artifact_name, attribution_files
+from .tracking import Tracker, WandbConfig, artifact_name, attribution_files
 from .trajectories import Trajectory, load_trajectories, save_trajectories
 
 log = logging.getLogger(__name__)
@@ -139,17 +140,6 @@ def check_baselines(names: list[str]) -> None:
         raise IPGError("`baselines` lists ipg, which always runs; list only the baselines")
     if len(set(names)) != len(names):
         raise IPGError(f"`baselines` {names} lists a baseline twice; list each once")
-
-
-def load_saes(specs: list[SAESpec], model, tokenizer=None) -> dict:
-    """One SAE per layer; with ``tokenizer``, each is measured on the model first (``saes.check_fit``)."""
-    saes = {}
-    for spec in specs:
-        sae = load_sae(spec, model, tokenizer=tokenizer)
-        if sae.ipg_layer in saes:
-            raise IPGError(f"two SAEs for layer {sae.ipg_layer}; give one SAE per layer")
-        saes[sae.ipg_layer] = sae
-    return saes
 
 
 def method_dir(run_dir: Path, method: str) -> Path:
@@ -304,3 +294,29 @@ def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | Non
             tracker.log({f"evaluate/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
         report = write_report(run_dir, result, scores=scores, tracker=tracker)
     return result, report
+
+
+# ---- explore ------------------------------------------------------------------------------
+
+
+@dataclass
+class ExploreJobConfig:
+    run_dir: str = ""  # the attribution run to explore (a directory with attribution.safetensors)
+    explorer: ExplorerConfig = field(default_factory=ExplorerConfig)  # what the page shows
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # let the run's model run its own code (the run's own trust_remote_code is never used: only for runs you trust)
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if not self.run_dir or not (Path(self.run_dir) / "attribution.json").is_file():
+            raise IPGError(f"{self.run_dir or '(no run_dir)'} is not an attribution run (no attribution.json); give "
+                           "the run directory of `ipg-sae attribute` or `ipg-sae pipeline`, e.g. runs/demo")
+
+
+def run_explore(cfg: ExploreJobConfig, group: str | None = None) -> Path:
+    """Build the explorer of ``cfg.run_dir`` and log it to W&B."""
+    from .explorer import build
+
+    run_dir = Path(cfg.run_dir)
+    with run_lock(run_dir), Tracker(cfg.wandb, run_dir, run_dir.name, "explore", group=group) as tracker:
+        return build(run_dir, cfg=cfg.explorer, tracker=tracker, trust_remote_code=cfg.trust_remote_code)

@@ -160,29 +160,16 @@ def offline_gguf_path(name: str) -> Path:
     return path
 
 
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cached_gguf(gguf: Path, expected_sha256: str | None) -> Path:
     """Dequantize ``gguf`` once into a safetensors model directory in the cache; return that directory."""
-    stat = gguf.stat()
-    stamp = f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-    marker_dir = cache_root() / "gguf-hashes"
-    marker = marker_dir / hashlib.sha1(stamp.encode()).hexdigest()
-    # Hashing 100 MB each load costs ~0.3 s; remember the hash of an unchanged file instead.
-    digest = marker.read_text().strip() if marker.is_file() else sha256_of(gguf)
+    from .digest import file_digest
+
+    digest = file_digest(gguf)  # remembered for an unchanged file (hashing 100 MB costs ~0.3 s)
     if expected_sha256 is not None and digest != expected_sha256:
         raise IPGError(
             f"{gguf} has sha256 {digest[:16]}..., expected {expected_sha256[:16]}...; "
             "the file is corrupt or a different version: reinstall its package"
         )
-    marker_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(digest)
     out = cache_root() / "models" / f"{gguf.stem}-{digest[:12]}"
     if (out / "config.json").is_file():
         return out

@@ -22,18 +22,21 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import IPGError
 from .io import write_text
 
+if TYPE_CHECKING:
+    from .evaluation import EvalMeta
+
 _CONTEXT_KEYS = ("context", "contexts", "example", "examples", "top_context", "example_contexts", "top_contexts")
 _COLORS = {"target": "C3", "random_mean": "C7", "random": "C7"}
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # no display needed; safe on headless machines
@@ -42,11 +45,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -58,7 +61,7 @@ _METRIC_LABELS = {"accuracy": "pass@1 accuracy", "length": "mean generated lengt
 
 def plot_gamma_sweep(rows: list[dict], metric: str, path: str | Path, title: str | None = None) -> Path:
     """``metric`` against gamma with intervals: target, random mean (draws faint), baselines, and no steering."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     base = next((r for r in rows if r["condition"] == "none"), None)
     if base is not None:
@@ -80,7 +83,7 @@ def plot_gamma_sweep(rows: list[dict], metric: str, path: str | Path, title: str
     ax.set_ylabel(_METRIC_LABELS.get(metric, metric))
     ax.set_title(title or f"{_METRIC_LABELS.get(metric, metric)} vs gamma")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _series(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
@@ -102,7 +105,7 @@ def _gamma_spacing(rows: list[dict]) -> float:
 def plot_score_histogram(scores: Any, path: str | Path, title: str = "attribution scores", bins: int = 60,
                          log: bool = True) -> Path:
     """Histogram of ``scores`` (an array of any shape, or ``{name: array}`` overlaid); non-finite values dropped."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = scores if isinstance(scores, dict) else {"scores": scores}
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for name, values in groups.items():
@@ -114,7 +117,7 @@ def plot_score_histogram(scores: Any, path: str | Path, title: str = "attributio
     ax.set_ylabel("latents" + (" (log)" if log else ""))
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _finite(values: Any) -> np.ndarray:
@@ -130,7 +133,7 @@ def plot_top_latents(features: list[dict], path: str | Path, n: int = 20, score_
         raise IPGError("no features to plot; the feature table is empty")
     if score_key not in features[0]:
         raise IPGError(f"feature table has no column {score_key!r}; columns: {', '.join(features[0])}")
-    plt = _pyplot()
+    plt = pyplot()
     top = _ranked(features)[:n]
     key = context_key or next((k for k in _CONTEXT_KEYS if k in top[0]), None)
     labels = [f"L{f['layer']}:{f['latent']}" + (f"  {_context_text(f.get(key))}" if key else "") for f in top]
@@ -142,7 +145,7 @@ def plot_top_latents(features: list[dict], path: str | Path, n: int = 20, score_
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_xlabel(score_key)
     ax.set_title(title or f"top {len(top)} latents by {score_key}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _ranked(features: list[dict]) -> list[dict]:
@@ -210,7 +213,7 @@ def _make_plots(run_dir: Path, result, features, scores) -> dict[str, Path]:
     out = run_dir / "plots"
     for metric in ("accuracy", "length"):
         plots[f"{metric}_vs_gamma"] = plot_gamma_sweep(result.rows, metric, out / f"{metric}_vs_gamma.png")
-    if result.meta.get("primary_metric") == "reward":
+    if result.meta.primary_metric == "reward":
         plots["reward_vs_gamma"] = plot_gamma_sweep(result.rows, "reward", out / "reward_vs_gamma.png")
     if scores is not None:
         plots["attribution_scores"] = plot_score_histogram(scores, out / "attribution_scores.png")
@@ -231,37 +234,41 @@ def _read_csv(path: Path) -> list[dict]:
 # ---- text ------------------------------------------------------------------------------------
 
 
-def _setup(meta: dict) -> str:
-    n, seeds, g = meta["n_problems"], meta["seeds"], meta["n_samples"]
-    sets = meta["sets"]
-    randoms = meta["random_sets"]
+def _setup(meta: EvalMeta) -> str:
+    n, seeds, g = meta.n_problems, meta.seeds, meta.n_samples
+    sets = meta.sets
+    randoms = meta.random_sets
     named = [s for s in sets if s not in randoms]
+    sampling = f"temperature {meta.sampling['temperature']}, at most {meta.sampling['max_new_tokens']} new tokens"
+    if meta.estimator == "importance":
+        samples = (f"- Held-out problems: **{n}** ({_ids(meta.problem_ids)}); **{meta.samples_per_problem}** "
+                   f"unsteered samples per problem ({sampling}), shared by every condition.")
+    else:
+        samples = (f"- Held-out problems: **{n}** ({_ids(meta.problem_ids)}); seeds {seeds} x {g} sample(s) each = "
+                   f"**{n * len(seeds) * g}** samples per condition ({sampling}).")
+    null = {"frequency": "matched to the target's activation frequencies on these samples",
+            "uniform": "drawn uniformly among the latents active in the attribution"}.get(meta.null or "", "")
     lines = ["## Setup", "",
-             f"- Model: `{meta['model'].get('name') or 'unnamed'}`; reward `{meta['reward']}` "
-             f"(primary metric: {meta['primary_metric']}).",
-             f"- Held-out problems: **{n}** ({_ids(meta['problem_ids'])}); seeds {seeds} x {g} sample(s) each = "
-             f"**{n * len(seeds) * g}** samples per condition (temperature {meta['sampling']['temperature']}, "
-             f"at most {meta['sampling']['max_new_tokens']} new tokens).",
-             f"- Steering: the set's latents scaled by gamma in {meta['gammas']} ({meta['scope']} positions, padding "
+             f"- Model: `{meta.model.get('name') or 'unnamed'}`; reward `{meta.reward}` "
+             f"(primary metric: {meta.primary_metric}).",
+             samples,
+             f"- Steering: the set's latents scaled by gamma in {meta.gammas} ({meta.scope} positions, padding "
              "and each row's first token excluded); gamma = 1 is the unsteered model.",
              "- Sets: " + "; ".join(f"`{s}` ({len(sets[s])} latents, layers {_layers(sets[s])})" for s in named)
-             + (f"; random control: {len(randoms)} draw(s) with the same size and layers as `{meta['target']}`."
+             + (f"; random control: {len(randoms)} draw(s) with the same size and layers as `{meta.target}`."
                 if randoms else "; no random control."),
-             f"- Intervals: {meta['confidence']:.0%} percentile bootstrap over problems ({meta['n_bootstrap']} "
+             f"- Intervals: {meta.confidence:.0%} percentile bootstrap over problems ({meta.n_bootstrap} "
              "replicates). Differences are paired (the same resampled problems for both conditions, common seeds); "
              "the random control's replicates also resample draws. No correction for the number of gammas and sets "
              "compared."]
-    if meta.get("estimator") == "importance":
-        flagged = meta.get("ess_flagged", [])
-        lines[3] = (f"- Held-out problems: **{n}** ({_ids(meta['problem_ids'])}); **{meta['samples_per_problem']}** "
-                    f"unsteered samples per problem (temperature {meta['sampling']['temperature']}, at most "
-                    f"{meta['sampling']['max_new_tokens']} new tokens), shared by every condition.")
+    if meta.estimator == "importance":
+        flagged = meta.ess_flagged
         lines.append("- Estimator: **importance** (off-policy). Every steered condition is scored on the unsteered "
                      "samples: each sample is weighted by how much more (or less) likely the steered policy makes it, "
                      "self-normalised per problem (`ipg_sae.faithfulness`). ESS is the effective sample size as a "
-                     f"fraction of the samples; {len(flagged)} condition(s) below {meta.get('min_ess', 0):.2f} are "
-                     "marked (low)" + (f": {', '.join(flagged[:6])}" if flagged else "") + ". Random sets are matched "
-                     "to the target's activation frequencies on these samples.")
+                     f"fraction of the samples; {len(flagged)} condition(s) below {meta.min_ess or 0:.2f} are "
+                     "marked (low)" + (f": {', '.join(flagged[:6])}" if flagged else "") + ". Random sets are "
+                     + null + ".")
     return "\n".join(lines)
 
 
@@ -275,22 +282,22 @@ def _layers(sel: list) -> str:
 
 def _verdict_section(result) -> str:
     meta = result.meta
-    metric, target = meta["primary_metric"], meta["target"]
+    metric, target = meta.primary_metric, meta.target
     comps = [c for c in result.comparisons if c["against"] == "random" and c["metric"] == metric]
     lines = ["## Does the target set beat random sets?", ""]
     if not comps:
         lines.append(f"No comparison with random sets was run (no `{target}` set or no random draws).")
         return "\n".join(lines)
     fmt = _formatter(metric)
-    lines.append(f"Paired difference in {metric} between `{target}` and the mean of {len(meta['random_sets'])} random "
-                 f"set(s), at each gamma ({meta['confidence']:.0%} interval):")
+    lines.append(f"Paired difference in {metric} between `{target}` and the mean of {len(meta.random_sets)} random "
+                 f"set(s), at each gamma ({meta.confidence:.0%} interval):")
     lines.append("")
     for c in sorted(comps, key=lambda c: c["gamma"]):
         lines.append(f"- gamma {c['gamma']:g}: {fmt(c['delta'], True)} [{fmt(c['lo'], True)}, {fmt(c['hi'], True)}]"
                      f" -> {_verdict_text(c['verdict'], metric)}")
     wins = [c["gamma"] for c in comps if c["verdict"] == "stronger"]
     losses = [c["gamma"] for c in comps if c["verdict"] == "weaker"]
-    scale = f"{meta['n_problems']} problems x {len(meta['seeds'])} seed(s)"
+    scale = f"{meta.n_problems} problems x {len(meta.seeds)} seed(s)"
     lines.append("")
     if wins:
         lines.append(f"**At this scale ({scale}), `{target}` beats random sets at gamma "
@@ -303,10 +310,10 @@ def _verdict_section(result) -> str:
     if losses:
         lines.append(f"At gamma {', '.join(f'{g:g}' for g in losses)} random sets move {metric} *more* than `{target}`.")
     if len(comps) > 1:
-        lines.append(f"With {len(comps)} gammas compared, each interval has a {1 - meta['confidence']:.0%} chance of "
+        lines.append(f"With {len(comps)} gammas compared, each interval has a {1 - meta.confidence:.0%} chance of "
                      "excluding 0 when there is no effect, so an isolated exclusion is weak evidence.")
-    if meta["n_problems"] < 30:
-        lines.append(f"Only {meta['n_problems']} problems: percentile bootstrap intervals are too narrow at this size; "
+    if meta.n_problems < 30:
+        lines.append(f"Only {meta.n_problems} problems: percentile bootstrap intervals are too narrow at this size; "
                      "read them as descriptive, not as evidence.")
     return "\n".join(lines)
 
@@ -317,10 +324,10 @@ def _verdict_text(verdict: str, metric: str) -> str:
             "higher": "target higher", "lower": "target lower"}.get(verdict, "no detectable difference")
 
 
-def _direction_text(meta: dict) -> str:
-    up = "higher" if meta["primary_direction"] > 0 else "lower"
-    down = "lower" if meta["primary_direction"] > 0 else "higher"
-    return f"{meta['primary_metric']} {up} for gamma > 1, {down} for gamma < 1"
+def _direction_text(meta: EvalMeta) -> str:
+    up = "higher" if meta.primary_direction > 0 else "lower"
+    down = "lower" if meta.primary_direction > 0 else "higher"
+    return f"{meta.primary_metric} {up} for gamma > 1, {down} for gamma < 1"
 
 
 def _formatter(metric: str):
@@ -333,20 +340,20 @@ def _formatter(metric: str):
     return fmt
 
 
-def _results_table(rows: list[dict], meta: dict) -> str:
+def _results_table(rows: list[dict], meta: EvalMeta) -> str:
     acc, length = _formatter("accuracy"), _formatter("length")
     head = ("| set | gamma | accuracy [CI] | Δ accuracy vs none [CI] | length [CI] | Δ length vs none [CI] | "
             "degenerate | problems | seeds | samples |")
     ess = any("ess" in r for r in rows)
     if ess:
         head += " ESS |"
-    lines = ["## Results", "", f"Values are means over problems; brackets are {meta['confidence']:.0%} intervals.",
+    lines = ["## Results", "", f"Values are means over problems; brackets are {meta.confidence:.0%} intervals.",
              "Degenerate = a repeated n-gram loop, an empty completion, or no parseable answer.", "", head,
              "|" + "---|" * (11 if ess else 10)]
-    shared = meta.get("estimator") == "importance"  # every condition reweights the same unsteered samples
+    shared = meta.estimator == "importance"  # every condition reweights the same unsteered samples
     for r in rows:
         delta = r["condition"] != "none"
-        n_samples = f"{r['n_problems'] * meta['samples_per_problem']} shared" if shared else r["n_samples"]
+        n_samples = f"{r['n_problems'] * meta.samples_per_problem} shared" if shared else r["n_samples"]
         lines.append(
             f"| {r['set']} | {'-' if r['gamma'] is None else format(r['gamma'], 'g')} | "
             f"{acc(r['accuracy'])} [{acc(r['accuracy_lo'])}, {acc(r['accuracy_hi'])}] | "

@@ -544,3 +544,14 @@ def gates_for(saes: dict[int, nn.Module], value: float = 1.0, device=None) -> di
     """A gate vector per layer filled with ``value``."""
     return {layer: torch.full((sae.cfg.d_sae,), float(value), device=device or sae.W_dec.device,
                               dtype=sae.W_dec.dtype) for layer, sae in saes.items()}
+
+
+def load_saes(specs: list[SAESpec], model, tokenizer=None) -> dict:
+    """One SAE per layer; with ``tokenizer``, each is measured on the model first (``saes.check_fit``)."""
+    saes = {}
+    for spec in specs:
+        sae = load_sae(spec, model, tokenizer=tokenizer)
+        if sae.ipg_layer in saes:
+            raise IPGError(f"two SAEs for layer {sae.ipg_layer}; give one SAE per layer")
+        saes[sae.ipg_layer] = sae
+    return saes

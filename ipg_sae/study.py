@@ -18,14 +18,15 @@ offline default model and SAE:
 
 Effects are differences from the unsteered policy on the same held-out samples, with 95%
 paired bootstrap intervals over problems; each method's headline effect is also placed in the
-null (percentile, one-sided permutation p-value). Stages are keyed like the pipeline's: a rerun
-reuses what is done, recomputes what changed.
+null (percentile, one-sided rank p-value: :func:`ipg_sae.stats.null_rank`). Stages run as in the
+pipeline (:mod:`ipg_sae.stages`): a rerun reuses what is done, recomputes what changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,22 +34,25 @@ import numpy as np
 import torch
 
 from .attribution import AttributionConfig, AttributionResult, Baseline
+from .cells import CellStore, Inputs, LogprobCells
 from .config import JobConfig, dump_yaml
-from .digest import FORMAT_VERSION, json_digest, text_digest
+from .digest import json_digest
 from .errors import IPGError
-from .evaluation import EvalConfig, bootstrap, evaluate
-from .faithfulness import TrajectoryScorer, area_under_curve, estimate, matched_random_sets, null_percentile
+from .evaluation import EvalConfig, evaluate
+from .faithfulness import TrajectoryScorer, estimate
 from .io import read_json, run_lock, write_json, write_text
 from .jobs import AttributeJobConfig, SelectionConfig, check_baselines, method_dir, run_attribute
 from .models import load_model
-from .pipeline import PipelineSAEConfig, Stage, run_stages
+from .nulls import LatentPool, draw_sets
+from .report import pyplot, save_figure
 from .rewards import get_reward
 from .sampling import SamplingConfig, sample
-from .saes import SAESpec
+from .saes import load_saes
 from .selection import select
-from .steering import scale
+from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_stages, sae_specs
+from .stats import area_under_curve, bootstrap, null_rank, predicted_direction
 from .tasks import TaskConfig, build_prompts, load_problems
-from .trajectories import Trajectory, load_trajectories, save_trajectories
+from .trajectories import Trajectory, load_trajectories, prompt_groups, save_trajectories
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ class StudyConfig(JobConfig):
     task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=96))  # the problems attributed on
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_samples=4, temperature=0.5,
                                                                             max_new_tokens=96, batch_size=32))
-    sae: PipelineSAEConfig = field(default_factory=PipelineSAEConfig)
+    sae: SAESourceConfig = field(default_factory=SAESourceConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     rewards: list[str] = field(default_factory=lambda: ["correctness", "length"])  # one study per reward
     methods: list[Baseline] = field(default_factory=lambda: ["ipg", "act", "grad_x_act", "reason_words",
@@ -108,20 +112,6 @@ def _reward_dir(cfg: StudyConfig, reward: str) -> Path:
     return cfg.run_dir / reward
 
 
-def _train_job(cfg: StudyConfig):
-    from .pipeline import PipelineConfig, _train_job as pipeline_train_job
-
-    return pipeline_train_job(PipelineConfig(name=cfg.name, runs_dir=cfg.runs_dir, model=cfg.model, sae=cfg.sae,
-                                             wandb=cfg.wandb))
-
-
-def _sae_specs(cfg: StudyConfig) -> list[SAESpec]:
-    if cfg.sae.load:
-        return cfg.sae.load
-    train = _train_job(cfg)
-    return [SAESpec(path=str(train.run_dir / "sae" / f"layer_{layer}")) for layer in train.layers]
-
-
 def _with_reward(trajectories: list[Trajectory], reward: str) -> list[Trajectory]:
     """The same samples scored with another reward."""
     fn = get_reward(reward)
@@ -143,10 +133,8 @@ def _sample_stage(cfg: StudyConfig, task: TaskConfig, sampling: SamplingConfig, 
     summary = {}
     for reward in cfg.rewards:
         scored = _with_reward(trajectories, reward)
-        groups: dict[str, list[float]] = {}
-        for t in scored:
-            groups.setdefault(t.prompt_id, []).append(t.reward)
-        mixed = [pid for pid, v in groups.items() if len(set(v)) > 1]
+        ids, groups = prompt_groups([t.prompt_id for t in scored])
+        mixed = [pid for pid, idx in zip(ids, groups) if len({scored[i].reward for i in idx}) > 1]
         if keep_mixed:
             keep = set(mixed[:keep_mixed])
             scored = [t for t in scored if t.prompt_id in keep]
@@ -161,16 +149,8 @@ def _sample_stage(cfg: StudyConfig, task: TaskConfig, sampling: SamplingConfig, 
     return summary
 
 
-def _run_train(cfg: StudyConfig) -> dict:
-    if cfg.sae.load:
-        return {"loaded": [dataclasses.asdict(s) for s in cfg.sae.load]}
-    from sae_training import train
-
-    return train(_train_job(cfg))
-
-
 def _attribute_job(cfg: StudyConfig, reward: str) -> AttributeJobConfig:
-    return AttributeJobConfig(name=reward, runs_dir=str(cfg.run_dir), model=cfg.model, saes=_sae_specs(cfg),
+    return AttributeJobConfig(name=reward, runs_dir=str(cfg.run_dir), model=cfg.model, saes=sae_specs(cfg),
                               attribution=cfg.attribution, baselines=[m for m in cfg.methods if m != "ipg"],
                               selection=SelectionConfig(k=max(cfg.ks), n_bootstrap=0, table_size=max(cfg.ks)),
                               wandb=cfg.wandb)
@@ -192,12 +172,10 @@ def _attribution_files(cfg: StudyConfig) -> list[Path]:
 
 
 STAGES = [
-    Stage("sample", lambda c: (c.model, c.task, c.sampling, c.rewards, c.attribute_prompts),
+    Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, c.rewards, c.attribute_prompts),
           lambda c: _sample_stage(c, c.task, c.sampling, "trajectories.jsonl", c.attribute_prompts),
           outputs=lambda c: [_reward_dir(c, r) / "trajectories.jsonl" for r in c.rewards]),
-    Stage("sae", lambda c: (c.sae, _train_job(c) if not c.sae.load else None), _run_train,
-          outputs=lambda c: [] if c.sae.load else [_train_job(c).run_dir / "sae"],
-          stale=lambda c: [] if c.sae.load else [_train_job(c).run_dir / p for p in ("checkpoints", "sae", "sae_eval.json")]),
+    SAE_STAGE,
     Stage("attribute", lambda c: (c.attribution, c.methods, c.ks), _run_attribute, outputs=_attribution_files),
     Stage("heldout", lambda c: (c.heldout, c.heldout_sampling, c.rewards),
           lambda c: _sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
@@ -222,43 +200,12 @@ def run_study(cfg: StudyConfig) -> dict:
 # ---- scoring: every cell, off-policy --------------------------------------------------------
 
 
-class _Cells:
+def _cells(cfg: StudyConfig, model, saes, heldout: list[Trajectory]) -> LogprobCells:
     """Off-policy cells on the held-out samples, each saved to ``study/cells/`` as it finishes."""
-
-    def __init__(self, cfg: StudyConfig, model, saes, heldout: list[Trajectory]):
-        from .digest import module_digest
-
-        self.dir = cfg.run_dir / "study" / "cells"
-        self.scorer = TrajectoryScorer(model, heldout, cfg.heldout_sampling.temperature, saes=saes,
-                                       problems_per_batch=cfg.problems_per_batch, scope=cfg.scope)
-        self.key = {"samples": text_digest(json_digest([[t.id, t.prompt_ids, t.completion_ids] for t in heldout])),
-                    "weights": module_digest(model), "saes": {str(l): module_digest(s) for l, s in saes.items()},
-                    "temperature": cfg.heldout_sampling.temperature, "scope": cfg.scope, "format": FORMAT_VERSION}
-        self.base = self.logp([], 1.0)
-
-    def logp(self, latents: list[tuple[int, int]], gamma: float) -> torch.Tensor:
-        if not latents or gamma == 1.0:
-            latents, gamma = [], 1.0  # no intervention: the unsteered policy
-        spec = {**self.key, "latents": sorted([list(p) for p in latents]), "gamma": gamma}
-        path = self.dir / f"{json_digest(spec)[:20]}.json"
-        if path.is_file():
-            try:
-                saved = read_json(path)
-                if saved.get("spec") == spec and saved.get("sha256") == json_digest(saved.get("logp")):
-                    return torch.tensor(saved["logp"], dtype=torch.float64)
-            except (ValueError, UnicodeDecodeError):
-                pass
-            log.warning("cell %s does not match its spec or digest; recomputing it", path.name)
-        values = self.scorer.logprobs(scale(latents, gamma) if latents else []).tolist()
-        write_json(path, {"spec": spec, "logp": values, "sha256": json_digest(values)})
-        return torch.tensor(values, dtype=torch.float64)
-
-
-def _groups(heldout: list[Trajectory]) -> tuple[list[str], list[list[int]]]:
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(heldout):
-        groups.setdefault(t.prompt_id, []).append(i)
-    return list(groups), list(groups.values())
+    scorer = TrajectoryScorer(model, heldout, cfg.heldout_sampling.temperature, saes=saes,
+                              problems_per_batch=cfg.problems_per_batch, scope=cfg.scope)
+    return LogprobCells(CellStore(cfg.run_dir / "study" / "cells"), scorer, Inputs.of(model, saes), heldout,
+                        cfg.heldout_sampling.temperature, cfg.scope)
 
 
 def _rankings(cfg: StudyConfig, reward: str) -> dict[str, list[tuple[int, int]]]:
@@ -273,15 +220,15 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
     """Estimate every cell of the study off-policy; write ``study/scores.json`` (per-problem estimates)."""
     from tqdm.auto import tqdm
 
-    from .jobs import load_saes
-
     model, _ = load_model(cfg.model)
-    saes = load_saes(_sae_specs(cfg), model)
+    saes = load_saes(sae_specs(cfg), model)
     heldout = {r: load_trajectories(_reward_dir(cfg, r) / "heldout.jsonl") for r in cfg.rewards}
     samples = heldout[cfg.rewards[0]]  # the same samples under every reward
-    cells = _Cells(cfg, model, saes, samples)
+    cells = _cells(cfg, model, saes, samples)
+    base_logp = cells.logprobs([], 1.0)
     frequencies = cells.scorer.activation_frequencies()
-    problem_ids, groups = _groups(samples)
+    pool = LatentPool.of(saes, frequencies=frequencies)
+    problem_ids, groups = prompt_groups([t.prompt_id for t in samples])
     values = {"accuracy": torch.tensor([float(t.correct) for t in samples], dtype=torch.float64),
               "length": torch.tensor([float(len(t.completion_ids)) for t in samples], dtype=torch.float64),
               **{f"reward:{r}": torch.tensor([t.reward for t in ts], dtype=torch.float64)
@@ -295,13 +242,13 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
         headline = cfg.null_sets if reward == cfg.rewards[0] else cfg.other_null_sets
         for k in cfg.ks:
             n = headline if k == cfg.k else cfg.curve_null_sets
-            for d, draw in enumerate(matched_random_sets(ranking["ipg"][:k], frequencies, n, cfg.null_seed + k)):
+            for d, draw in enumerate(draw_sets("frequency", ranking["ipg"][:k], n, cfg.null_seed + k, pool)):
                 plan += [(reward, f"null{d}|k{k}", draw, gamma) for gamma in cfg.gammas]
     estimates: dict = {}
     for reward, label, latents, gamma in tqdm(plan, desc="study cells", unit="cell", disable=not progress):
-        logp = cells.logp(latents, gamma)
+        logp = cells.logprobs(latents, gamma, name=f"{label} x{gamma:g}")
         metrics = {"accuracy": values["accuracy"], "length": values["length"], "reward": values[f"reward:{reward}"]}
-        est = {name: estimate(cells.base, logp, v, groups) for name, v in metrics.items()}
+        est = {name: estimate(base_logp, logp, v, groups) for name, v in metrics.items()}
         estimates.setdefault(reward, {}).setdefault(label, {})[str(gamma)] = {
             "latents": [list(p) for p in latents], "ess": est["reward"].ess.tolist(),
             "log_ratio_sd": est["reward"].log_ratio_sd, **{name: e.per_prompt.tolist() for name, e in est.items()}}
@@ -317,11 +264,6 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
 
 
 # ---- statistics ----------------------------------------------------------------------------
-
-
-def _direction(gamma: float) -> int:
-    """The predicted sign of a selected set's effect: removing it lowers the reward, amplifying it raises it."""
-    return -1 if gamma < 1 else 1
 
 
 def summarize(cfg: StudyConfig, scores: dict) -> dict:
@@ -355,7 +297,7 @@ def summarize(cfg: StudyConfig, scores: dict) -> dict:
                            "ess_mean": float(np.mean(cell["ess"])), "ess_min": float(np.min(cell["ess"])),
                            "ess_flag": float(np.mean(cell["ess"])) < cfg.min_ess, "latents": cell["latents"]}
                     if k == cfg.k:
-                        pct, p = null_percentile(effect, null_effects[k], _direction(float(gamma)))
+                        pct, p = null_rank(effect, null_effects[k], predicted_direction(float(gamma)))
                         vs, vs_lo, vs_hi = bootstrap(x, headline_draws, **boot)  # against the null's mean
                         row.update(null_percentile=pct, p_value=p, vs_null=vs, vs_null_lo=vs_lo, vs_null_hi=vs_hi)
                         entry[gamma] = row
@@ -375,7 +317,7 @@ def confirmation_cells(cfg: StudyConfig, summary: dict) -> list[dict]:
     reward = cfg.rewards[0]
     res = summary[reward]["methods"]
     cands = [(m, g, res[m][g]) for m in res for g in res[m]]
-    ranked = sorted(cands, key=lambda c: _direction(float(c[1])) * c[2]["effect"])
+    ranked = sorted(cands, key=lambda c: predicted_direction(float(c[1])) * c[2]["effect"])
     chosen = [ranked[-1], ranked[0]] + [c for c in cands if c[0] == "ipg"]
     out, seen = [], set()
     for method, gamma, row in chosen:
@@ -389,12 +331,10 @@ def confirmation_cells(cfg: StudyConfig, summary: dict) -> list[dict]:
 
 def confirm(cfg: StudyConfig) -> dict:
     """On-policy sampling of the confirmation cells; agreement with the off-policy estimates."""
-    from .jobs import load_saes
-
     scores = read_json(cfg.run_dir / "study" / "scores.json")
     summary = summarize(cfg, scores)
     model, tokenizer = load_model(cfg.model)
-    saes = load_saes(_sae_specs(cfg), model)
+    saes = load_saes(sae_specs(cfg), model)
     problems = load_problems(cfg.heldout)
     prompts = build_prompts(tokenizer, problems, cfg.heldout)
     sampling = dataclasses.replace(cfg.heldout_sampling, n_samples=cfg.confirm_samples)
@@ -429,8 +369,6 @@ _METRIC = {"correctness": ("accuracy", "{:.1%}", 100, "pts"), "length": ("mean l
 
 
 def _slug(name: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
@@ -451,9 +389,7 @@ def _method_color(cfg: StudyConfig, method: str) -> str:
 
 def plot_curves(cfg: StudyConfig, reward: str, res: dict, path: Path) -> Path:
     """Estimated reward against k, deletion (gamma 0) and insertion side by side, with the null's 5-95% band."""
-    from .report import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     gammas = [str(g) for g in cfg.gammas]
     fig, axes = plt.subplots(1, len(gammas), figsize=(5.2 * len(gammas), 4.0), squeeze=False)
     base = res["base"]["reward"]
@@ -476,14 +412,12 @@ def plot_curves(cfg: StudyConfig, reward: str, res: dict, path: Path) -> Path:
         ax.set_title(("deletion" if float(gamma) < 1 else "insertion") + f": gamma {float(gamma):g}")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{reward}: held-out estimate vs k", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_null(cfg: StudyConfig, reward: str, res: dict, path: Path) -> Path:
     """The null's effects at the headline k (histogram) with each method's effect marked."""
-    from .report import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     gammas = [str(g) for g in cfg.gammas]
     fig, axes = plt.subplots(1, len(gammas), figsize=(5.2 * len(gammas), 3.6), squeeze=False)
     _, _, scale_, unit = _METRIC.get(reward, ("reward", "", 1, ""))
@@ -496,7 +430,7 @@ def plot_null(cfg: StudyConfig, reward: str, res: dict, path: Path) -> Path:
         ax.set_xlabel(f"effect vs no steering ({unit})")
         ax.set_title(("deletion" if float(gamma) < 1 else "insertion") + f", k {cfg.k}, gamma {float(gamma):g}")
     axes[0][-1].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def report(cfg: StudyConfig) -> dict:
@@ -542,13 +476,13 @@ def answer(cfg: StudyConfig, reward: str, res: dict) -> str:
     for gamma in map(str, cfg.gammas):
         row = res["methods"]["ipg"][gamma]
         kind = "removing" if float(gamma) < 1 else f"amplifying (x{float(gamma):g})"
-        beats = row["p_value"] < 0.05 and _direction(float(gamma)) * row["effect"] > 0
+        beats = row["p_value"] < 0.05 and predicted_direction(float(gamma)) * row["effect"] > 0
         parts.append(f"{kind} IPG's top {cfg.k} latents changed {_METRIC.get(reward, ('reward',))[0]} by "
                      f"{_fmt(reward, row['effect'], True)} [{_fmt(reward, row['lo'], True)}, "
                      f"{_fmt(reward, row['hi'], True)}], {row['null_percentile']:.0f}th percentile of "
                      f"{res['null'][gamma]['n']} matched random sets (p = {row['p_value']:.2f}: "
                      f"{'beats' if beats else 'does not beat'} the null)")
-    best = max(cfg.methods, key=lambda m: sum(_direction(float(g)) * res["methods"][m][g]["effect"]
+    best = max(cfg.methods, key=lambda m: sum(predicted_direction(float(g)) * res["methods"][m][g]["effect"]
                                               for g in map(str, cfg.gammas)))
     return "; ".join(parts) + f". The method whose sets moved it most in the predicted directions: {best}."
 
@@ -560,7 +494,7 @@ def _markdown(cfg: StudyConfig, summary: dict, confirmation: list, doc: dict) ->
              "(self-normalised importance weights, `ipg_sae.faithfulness`). Effects are against no steering on the "
              "same samples, with 95% paired bootstrap intervals over problems. The null: random sets matched to "
              f"IPG's set in activation frequency on the held-out data ({cfg.null_sets} sets at k {cfg.k} for "
-             f"{cfg.rewards[0]}, {cfg.other_null_sets} for the other rewards, {cfg.curve_null_sets} at each other k). Percentile and one-sided permutation p-value are in the "
+             f"{cfg.rewards[0]}, {cfg.other_null_sets} for the other rewards, {cfg.curve_null_sets} at each other k). Percentile and one-sided rank p-value (among the random sets; not a permutation test) are in the "
              "predicted direction (removal lowers the reward, amplification raises it). Intervals are not "
              "corrected for the number of cells.", ""]
     for reward, res in summary.items():

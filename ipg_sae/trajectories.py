@@ -13,6 +13,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from .errors import IPGError
 from .io import read_jsonl, write_jsonl
@@ -67,6 +68,14 @@ def group_by_prompt(trajectories: list[Trajectory]) -> "OrderedDict[str, list[Tr
     for g in groups.values():
         g.sort(key=lambda t: t.sample_index)
     return groups
+
+
+def prompt_groups(prompt_ids: Sequence[str]) -> tuple[list[str], list[list[int]]]:
+    """The distinct prompt ids in first-seen order, and for each the positions where it occurs."""
+    groups: dict[str, list[int]] = {}
+    for i, pid in enumerate(prompt_ids):
+        groups.setdefault(pid, []).append(i)
+    return list(groups), list(groups.values())
 
 
 def check_rewards(trajectories: list[Trajectory]) -> None:

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from ipg_sae.cli import run_job
+from ipg_sae.command import run_job
 from ipg_sae.config import add_config_flags
 
 from .config import TrainSAEConfig

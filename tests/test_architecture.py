@@ -103,3 +103,44 @@ def test_readme_and_docs_links_point_at_real_files():
             assert target.exists(), f"{page.relative_to(REPO)} links to {ref}, which is not in the repo"
             checked += 1
     assert checked >= 5, "the link pattern found almost no links: check the regex"
+
+
+def test_no_module_is_over_700_lines():
+    long = {name: n for name, path in _modules().items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 700}
+    assert not long, f"split these modules by concept: {long}"
+
+
+def _private_imports() -> list[str]:
+    """``from <project module> import _name``: one module reaching into another's private names."""
+    modules = _modules()
+    found = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in PACKAGES):
+                found += [f"{name}: {a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+    return found
+
+
+def test_modules_use_each_others_public_names_only():
+    assert not _private_imports()
+
+
+def test_the_effect_machinery_has_one_home():
+    """Statistics, nulls, cells and the stage runner are defined once (the modules the docs name), and the
+    shared command-line glue lives below both packages (``sae_training`` never imports ``ipg_sae.cli``)."""
+    homes = {"bootstrap": "ipg_sae.stats", "null_rank": "ipg_sae.stats", "effective_sample_size": "ipg_sae.stats",
+             "area_under_curve": "ipg_sae.stats", "predicted_direction": "ipg_sae.stats",
+             "uniform_sets": "ipg_sae.nulls", "frequency_matched_sets": "ipg_sae.nulls", "frequency_bins": "ipg_sae.nulls",
+             "CellStore": "ipg_sae.cells", "is_unsteered": "ipg_sae.cells", "run_stages": "ipg_sae.stages",
+             "Stage": "ipg_sae.stages", "run_job": "ipg_sae.command", "load_saes": "ipg_sae.saes",
+             "file_digest": "ipg_sae.digest", "prompt_groups": "ipg_sae.trajectories"}
+    defined: dict[str, list[str]] = {}
+    for name, path in _modules().items():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in homes:
+                defined.setdefault(node.name, []).append(name)
+    assert {k: v for k, v in defined.items()} == {k: [v] for k, v in homes.items()}
+    graph = import_graph()
+    assert "ipg_sae.cli" not in graph["sae_training.__main__"]
+    assert not {"ipg_sae.jobs", "ipg_sae.pipeline"} & graph["ipg_sae.explorer"]

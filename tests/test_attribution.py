@@ -22,8 +22,8 @@ from ipg_sae.attribution import (
     IPGEngine,
     advantages,
     attribute,
-    attribute_from_config,
     quadrature,
+    run_attribution,
 )
 from ipg_sae.errors import IPGError
 from ipg_sae.models import capture_residuals, decoder_layers, load_model, model_fingerprint
@@ -626,14 +626,14 @@ def test_all_rewards_equal_is_refused_before_any_work(models, tmp_path):
     assert mixed.prompt("skipped").tolist() == [True, False] and mixed.meta["summary"]["n_skipped_prompts"] == 1
 
 
-def test_attribute_from_config_and_yaml(models, tmp_path):
+def test_run_attribution_from_a_yaml_config(models, tmp_path):
     from ipg_sae.config import load_config
 
     model, _ = models("llama")
     cfg = load_config(AttributionConfig, REPO / "configs" / "sections" / "attribution_tiny.yaml")
     assert cfg.n_steps == 4 and cfg.baseline == "ipg"
     trajs = make_trajs()
-    a = attribute_from_config(model, topk_saes((1,)), trajs, cfg, progress=False)
+    a = run_attribution(model, topk_saes((1,)), trajs, cfg, progress=False)
     b = attribute(model, topk_saes((1,)), trajs, n_steps=4, progress=False)
     assert torch.equal(a.attributions[1], b.attributions[1])
     with warnings.catch_warnings():

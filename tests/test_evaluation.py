@@ -15,16 +15,10 @@ import torch
 
 from ipg_sae.config import load_config
 from ipg_sae.errors import IPGError
-from ipg_sae.evaluation import (
-    EvalConfig,
-    EvalResult,
-    bootstrap,
-    evaluate,
-    is_repetitive,
-    random_sets,
-    summarize_samples,
-)
+from ipg_sae.evaluation import EvalConfig, EvalResult, evaluate, is_repetitive, summarize_samples
 from ipg_sae.models import hidden_size, load_model
+from ipg_sae.nulls import LatentPool, uniform_sets
+from ipg_sae.stats import bootstrap
 from ipg_sae.sampling import SamplingConfig
 from ipg_sae.tasks import TaskConfig, build_prompts, load_problems
 from tests.tiny import random_sae
@@ -83,14 +77,14 @@ def test_random_sets_match_layers_and_respect_active():
     saes = {1: random_sae("topk", 16, 1, d_sae=20), 3: random_sae("topk", 16, 3, d_sae=20)}
     template = [(1, 0), (1, 1), (3, 2)]
     active = {1: np.arange(20) < 10, 3: torch.arange(20) >= 15}
-    draws = random_sets(template, saes, 5, seed=0, active=active)
-    assert draws == random_sets(template, saes, 5, seed=0, active=active)  # deterministic: resumable
+    draws = uniform_sets(template, 5, 0, LatentPool.of(saes, active=active))
+    assert draws == uniform_sets(template, 5, 0, LatentPool.of(saes, active=active))  # deterministic: resumable
     for d in draws:
         assert sorted(l for l, _ in d) == [1, 1, 3]
         assert all(2 <= i < 10 for l, i in d if l == 1)  # active, and not the template's own latents
         assert all(i >= 15 for l, i in d if l == 3)
     with pytest.raises(IPGError, match="candidate latents"):
-        random_sets(template, saes, 1, active={1: np.arange(20) < 2, 3: np.ones(20)})
+        uniform_sets(template, 1, 0, LatentPool.of(saes, active={1: np.arange(20) < 2, 3: np.ones(20)}))
 
 
 def test_eval_config_loads_from_yaml(tmp_path):
@@ -157,7 +151,7 @@ def test_evaluate_rows_and_resume(setup, tmp_path, monkeypatch):
     again = evaluate(model, tok, saes, problems, prompts, SETS, _cfg(), out_dir=out, progress=False)
     assert len(calls) == 7 and again.rows == result.rows
     # a killed run: one cell missing -> only that one is sampled
-    (out / "cells" / "ipg__g2__s0.jsonl").unlink()
+    next((out / "cells").glob("ipg__g2__s0.*.jsonl")).unlink()
     evaluate(model, tok, saes, problems, prompts, SETS, _cfg(), out_dir=out, progress=False)
     assert len(calls) == 8
     # a new gamma adds cells; gamma = 1 reuses the base and samples nothing
@@ -168,8 +162,9 @@ def test_evaluate_rows_and_resume(setup, tmp_path, monkeypatch):
              _cfg(sampling=SamplingConfig(n_samples=1, temperature=0.7, max_new_tokens=6, batch_size=4)),
              out_dir=out, progress=False)
     assert len(calls) == 8 + 7
-    evaluate(model, tok, saes, problems, prompts, SETS, _cfg(), out_dir=out, progress=False)  # back: recomputed again
-    assert len(calls) == 8 + 14
+    # back to the first settings: their cells were kept beside the others (content-addressed), so nothing is sampled
+    evaluate(model, tok, saes, problems, prompts, SETS, _cfg(), out_dir=out, progress=False)
+    assert len(calls) == 8 + 7
 
     # the summary can be recomputed from the saved per-sample table
     loaded = EvalResult.load(out)
@@ -184,7 +179,7 @@ def test_a_cell_computed_with_another_sae_or_edited_is_recomputed(setup, tmp_pat
     calls = _counting(model, monkeypatch)
     out = tmp_path / "eval"
     cfg = _cfg(n_random_sets=0, gammas=[2.0])
-    with caplog.at_level(logging.INFO, logger="ipg_sae.evaluation"):
+    with caplog.at_level(logging.INFO, logger="ipg_sae"):
         evaluate(model, tok, saes, problems, prompts, {"ipg": SETS["ipg"]}, cfg, out_dir=out, progress=False)
         assert len(calls) == 2
         evaluate(model, tok, saes, problems, prompts, {"ipg": SETS["ipg"]}, cfg, out_dir=out, progress=False)
@@ -193,7 +188,7 @@ def test_a_cell_computed_with_another_sae_or_edited_is_recomputed(setup, tmp_pat
         evaluate(model, tok, other, problems, prompts, {"ipg": SETS["ipg"]}, cfg, out_dir=out, progress=False)
         assert len(calls) == 3  # the steered cell is recomputed; the unsteered one does not depend on the SAE
         assert "computed with other saes; recomputing" in caplog.text
-        cell = out / "cells" / "ipg__g2__s0.jsonl"
+        cell = max((out / "cells").glob("ipg__g2__s0.*.jsonl"), key=lambda p: p.stat().st_mtime_ns)  # the newest
         lines = cell.read_text().splitlines()
         cell.write_text("\n".join(lines[:-1]) + "\n")  # one row removed, header kept
         result = evaluate(model, tok, other, problems, prompts, {"ipg": SETS["ipg"]}, cfg, out_dir=out,
@@ -207,7 +202,7 @@ def test_length_reward_reports_length_and_accuracy(setup):
     model, tok, problems, prompts, saes = setup
     result = evaluate(model, tok, saes, problems, prompts, {"ipg": SETS["ipg"]},
                       _cfg(reward="length", gammas=[3.0], n_random_sets=1), progress=False)
-    assert result.meta["primary_metric"] == "length"
+    assert result.meta.primary_metric == "length"
     target = next(r for r in result.rows if r["set"] == "ipg")
     assert target["reward"] == pytest.approx(target["length"])  # the length reward is the generated length
     assert {"accuracy", "accuracy_delta", "length_delta"} <= set(target)
@@ -240,17 +235,17 @@ def test_importance_estimator_scores_every_cell_on_one_set_of_samples(setup, tmp
     result = evaluate(model, tok, saes, problems, prompts, SETS, cfg, out_dir=out, progress=False)
     assert len(calls) == 1  # only the unsteered samples: every other cell is scored on them
     assert len(scored) == 1 + 5 * 2  # the base, then (ipg, act, 3 random) x (gamma 0, 2); gamma 1 needs no pass
-    assert result.meta["estimator"] == "importance" and result.meta["samples_per_problem"] == 4
+    assert result.meta.estimator == "importance" and result.meta.samples_per_problem == 4
     rows = {(r["set"], r["gamma"]): r for r in result.rows}
     base = rows[("none", None)]
     one = rows[("ipg", 1.0)]
     assert one["accuracy"] == base["accuracy"] and one["length"] == base["length"] and one["ess"] == 1.0
     ipg = rows[("ipg", 2.0)]
     assert 0 < ipg["ess_min"] <= ipg["ess"] <= 1 and "ess_flag" in ipg
-    assert set(result.meta["ess"]) >= {"ipg__g2__s-1", "random-draw2__g0__s-1"}
+    assert set(result.meta.ess) >= {"ipg__g2__s-1", "random-draw2__g0__s-1"}
     # the random sets are frequency-matched: their latents fire on the held-out samples
-    for name in result.meta["random_sets"]:
-        assert len(result.meta["sets"][name]) == 2 and not set(map(tuple, result.meta["sets"][name])) & {(1, 3), (1, 5)}
+    for name in result.meta.random_sets:
+        assert len(result.meta.sets[name]) == 2 and not set(map(tuple, result.meta.sets[name])) & {(1, 3), (1, 5)}
     # a rerun reuses the saved cells; the summary is reproducible from samples.csv
     scored.clear()
     again = evaluate(model, tok, saes, problems, prompts, SETS, cfg, out_dir=out, progress=False)

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from ipg_sae.explorer import ExplorerConfig, build, find_browser, load, logit_effect, render, rendered_dom, screenshot
+from ipg_sae.explorer import ExplorerConfig, build, load, logit_effect, render
+from tests.browser import find_browser, rendered_dom, screenshot
 from tests.test_pipeline import text_length_mod_7  # noqa: F401  (the reward the run below uses)
 
 

@@ -11,16 +11,10 @@ import pytest
 import torch
 
 from ipg_sae.errors import IPGError
-from ipg_sae.faithfulness import (
-    TrajectoryScorer,
-    effective_sample_size,
-    estimate,
-    frequency_bins,
-    matched_random_sets,
-    null_percentile,
-    prefix_tree,
-)
+from ipg_sae.faithfulness import TrajectoryScorer, estimate, prefix_tree
 from ipg_sae.models import load_model
+from ipg_sae.nulls import LatentPool, frequency_bins, frequency_matched_sets
+from ipg_sae.stats import effective_sample_size, null_rank
 from ipg_sae.saes import prepare_sae
 from ipg_sae.steering import scale, steer
 from ipg_sae.trajectories import Trajectory
@@ -206,6 +200,10 @@ def test_effective_sample_size_on_hand_made_weights():
     assert math.isclose(est.ess[0], (6 ** 2 / 12) / 4) and math.isclose(est.per_prompt[0], 3 / 6)
 
 
+def matched_random_sets(template, freq, n, seed=0):
+    return frequency_matched_sets(template, n, seed, LatentPool({l: len(f) for l, f in freq.items()}, frequencies=freq))
+
+
 def test_matched_null_keeps_the_frequency_profile():
     rng = np.random.default_rng(0)
     freq = {7: np.concatenate([np.zeros(100), rng.uniform(1e-4, 0.5, 900)])}  # 100 dead latents
@@ -233,9 +231,9 @@ def test_matched_null_keeps_the_frequency_profile():
 
 def test_null_percentile_and_permutation_p_value():
     null = np.arange(100) / 100  # effects 0.00 .. 0.99
-    pct, p = null_percentile(0.995, null, direction=1)
+    pct, p = null_rank(0.995, null, direction=1)
     assert pct == 100.0 and math.isclose(p, 1 / 101)
-    pct, p = null_percentile(0.5, null, direction=1)
+    pct, p = null_rank(0.5, null, direction=1)
     assert 49 < pct < 51 and math.isclose(p, 51 / 101)
-    pct, p = null_percentile(-0.1, null, direction=-1)  # deletion: a lower value is the predicted effect
+    pct, p = null_rank(-0.1, null, direction=-1)  # deletion: a lower value is the predicted effect
     assert pct == 100.0 and math.isclose(p, 1 / 101)

@@ -48,13 +48,14 @@ def _synthetic_result(shift):
                 samples.append({"cell": f"{name}-{seed}", "set": name, "gamma": gamma, "seed": seed, "problem_id": pid,
                                 "sample_index": 0, "correct": correct, "reward": float(correct), "length": 20,
                                 "parsed": 1, "repetition": 0, "empty": 0, "degenerate": 0})
-    meta = {"problem_ids": ids, "n_problems": len(ids), "seeds": [0, 1], "gammas": [2.0], "n_samples": 1,
-            "target": "ipg", "sets": {"ipg": [[1, 3]], "random-draw0": [[1, 8]], "random-draw1": [[1, 9]]},
-            "random_sets": ["random-draw0", "random-draw1"], "reward": "correctness", "primary_metric": "accuracy",
-            "primary_direction": 1, "scope": "all", "sampling": {"temperature": 0.7, "max_new_tokens": 64},
-            "n_bootstrap": 500, "confidence": 0.95, "model": {"name": "synthetic"}}
-    from ipg_sae.evaluation import EvalResult
+    from ipg_sae.evaluation import EvalMeta, EvalResult
 
+    meta = EvalMeta(estimator="sampling", null="uniform", problem_ids=ids, n_problems=len(ids), seeds=[0, 1],
+                    gammas=[2.0], n_samples=1, samples_per_problem=2, target="ipg",
+                    sets={"ipg": [[1, 3]], "random-draw0": [[1, 8]], "random-draw1": [[1, 9]]},
+                    random_sets=["random-draw0", "random-draw1"], reward="correctness", primary_metric="accuracy",
+                    primary_direction=1, scope="all", sampling={"temperature": 0.7, "max_new_tokens": 64}, task={},
+                    n_bootstrap=500, confidence=0.95, model={"name": "synthetic"}, degenerate_rule={})
     rows, comparisons = summarize_samples(samples, meta)
     return EvalResult(rows, comparisons, samples, meta)
 

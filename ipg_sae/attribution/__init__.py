@@ -22,11 +22,11 @@ from .config import GRADIENT_METHODS, METHOD_NAMES, REASON_WORDS, AttributionCon
 from .engine import CleanPass, GroupAttribution, IPGEngine, NodeGrads
 from .path import ADVANTAGES, METHODS, Advantage, Method, advantages, quadrature
 from .result import RESULT_FILE, SIDECAR_FILE, AttributionResult
-from .run import IPGWarning, attribute, attribute_from_config, run_attribution
+from .run import IPGWarning, attribute, run_attribution
 
 __all__ = [
     "ADVANTAGES", "METHODS", "METHOD_NAMES", "GRADIENT_METHODS", "REASON_WORDS", "RESULT_FILE", "SIDECAR_FILE",
     "Advantage", "Baseline", "Method", "AttributionConfig", "AttributionResult", "CleanPass", "GroupAttribution",
-    "IPGEngine", "IPGWarning", "NodeGrads", "advantages", "attribute", "attribute_from_config", "quadrature",
+    "IPGEngine", "IPGWarning", "NodeGrads", "advantages", "attribute", "quadrature",
     "run_attribution",
 ]

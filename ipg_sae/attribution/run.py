@@ -240,11 +240,6 @@ def run_attribution(model: nn.Module, saes, trajectories: list[Trajectory], cfg:
     return AttributionResult.load(out_dir)
 
 
-def attribute_from_config(model, saes, trajectories, cfg: AttributionConfig, **runtime) -> AttributionResult:
-    """Same as :func:`run_attribution` (``runtime``: tokenizer, out_dir, checkpoint_path, progress, ...)."""
-    return run_attribution(model, saes, trajectories, cfg, **runtime)
-
-
 def _check_inputs(trajectories: list[Trajectory], cfg: AttributionConfig, tokenizer, vocab: int) -> None:
     if not trajectories:
         raise IPGError("no trajectories to attribute; sample some first (`ipg-sae sample`) or fix the path")

@@ -1,0 +1,67 @@
+"""Command-line glue shared by ``ipg-sae`` and ``python -m sae_training``: run one job from parsed arguments.
+
+User errors (:class:`~ipg_sae.errors.IPGError`) and file-system errors print one line and exit 2;
+SIGTERM stops a job the way Ctrl-C does, so checkpoints and ``finally`` blocks run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from .config import load_config, overrides_from_args
+from .errors import IPGError
+
+
+def run_job(args: argparse.Namespace, cfg_cls, job) -> int:
+    """Load ``cfg_cls`` from ``args`` (YAML + flags) and run ``job(cfg)``: the shared body of every
+    command line here and in ``python -m sae_training``. User errors print one line, exit 2."""
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_weight_loading()
+    previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM stops a run the way Ctrl-C does
+    try:
+        overrides = overrides_from_args(args)
+        if args.no_wandb:
+            overrides["wandb.enabled"] = False
+        job(load_config(cfg_cls, args.config, overrides))
+    except IPGError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # disk full, read-only directory, ...: the files already written are intact
+        if args.debug:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write or read{where}: {e.strerror or e}; free disk space or fix the permissions, then "
+              "rerun the same command to resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        kind = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"stopped: {kind}; finished work is saved, rerun the same command to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _quiet_weight_loading() -> None:
+    """transformers draws a progress bar for every model load (a fraction of a second here): noise on stderr."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so checkpoints and ``finally`` blocks run as for Ctrl-C."""
+
+
+def _terminated(_signum, _frame):
+    raise Terminated()
