@@ -157,6 +157,7 @@ COMMANDS: dict[str, Command] = {
     "explore": ("write a static page showing what each latent is and how it moves the outcome",
                 _explore_cfg, _explore_run),
 }
+STARTS_OVER = {"sample", "explore"}  # commands that keep no partial work when stopped
 RUN_DIR_COMMANDS = {"explore"}  # their positional argument is a run directory, not a config file
 
 
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("config", nargs="?", help="YAML config file (defaults are used when omitted)")
         p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
         p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        p.add_argument("--verify", action="store_true",
+                       help="hash every input and output file afresh (ignore the digest memo of unchanged files)")
         add_config_flags(p, cfg_cls())
     return parser
 
@@ -205,4 +208,4 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in RUN_DIR_COMMANDS:  # `ipg-sae explore runs/demo`: the run directory is a field
         setattr(args, "cfg:run_dir", args.config)
         args.config = None
-    return run_job(args, cfg_cls(), runner())
+    return run_job(args, cfg_cls(), runner(), resumes=args.command not in STARTS_OVER)

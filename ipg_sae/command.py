@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -15,13 +16,15 @@ from .config import load_config, overrides_from_args
 from .errors import IPGError
 
 
-def run_job(args: argparse.Namespace, cfg_cls, job) -> int:
+def run_job(args: argparse.Namespace, cfg_cls, job, resumes: bool = True) -> int:
     """Load ``cfg_cls`` from ``args`` (YAML + flags) and run ``job(cfg)``: the shared body of every
     command line here and in ``python -m sae_training``. User errors print one line, exit 2."""
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_weight_loading()
+    if getattr(args, "verify", False):
+        os.environ["IPG_SAE_VERIFY"] = "1"  # digest.file_digest hashes every file afresh
     previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM stops a run the way Ctrl-C does
     try:
         overrides = overrides_from_args(args)
@@ -42,7 +45,9 @@ def run_job(args: argparse.Namespace, cfg_cls, job) -> int:
         return 2
     except KeyboardInterrupt as e:
         kind = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"stopped: {kind}; finished work is saved, rerun the same command to resume", file=sys.stderr)
+        then = ("finished work is saved, rerun the same command to resume" if resumes else
+                "this command keeps no partial work, rerun it to start over")
+        print(f"stopped: {kind}; {then}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -4,8 +4,12 @@ output of its inputs.
 * :func:`tensors_digest` hashes named tensors (names, dtypes, shapes and bytes): a model's or an
   SAE's weights (:func:`module_digest`), or the tensors of a checkpoint or result file, which
   store it in their metadata and check it on read.
-* :func:`file_digest` hashes a file's bytes, remembered by (path, size, modification time) in the
-  user cache so an unchanged 500 MB model file is hashed once.
+* :func:`file_digest` hashes a file's bytes, remembered in the user cache by the file's identity
+  (path, inode, size, modification time and *change* time, in nanoseconds) so an unchanged 500 MB
+  model file is hashed once. Any write to a file, and any ``os.utime`` that puts its modification
+  time back, sets its change time to now: a file edited in place is always hashed again (only
+  someone who can set the system clock could forge it). ``IPG_SAE_VERIFY=1`` (``--verify`` on the
+  command line) ignores the memo and hashes every file.
 * :func:`text_digest` hashes text (a JSONL body, a canonical JSON dump).
 
 Every digest is a sha256 hex string. ``FORMAT_VERSION`` names the layout of this version's
@@ -49,28 +53,39 @@ def json_digest(obj: Any) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, remembered by (path, size, mtime) so unchanged files are hashed once."""
+    """sha256 of a file's bytes, remembered by the file's identity and times so unchanged files are hashed once."""
     from .io import cache_root
 
     path = Path(path)
     stat = path.stat()
-    stamp = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    stamp = f"{path.resolve()}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
     memo = cache_root() / "digests" / hashlib.sha1(stamp.encode()).hexdigest()
-    try:
-        return memo.read_text().strip()
-    except OSError:
-        pass
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    digest = h.hexdigest()
+    if not verify_all():
+        try:
+            return memo.read_text().strip()
+        except OSError:
+            pass
+    digest = file_sha256(path)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         memo.write_text(digest)
     except OSError:
         pass  # a read-only cache only costs the hash next time
     return digest
+
+
+def verify_all() -> bool:
+    """True when every file must be hashed afresh (``IPG_SAE_VERIFY=1``, or ``--verify`` on the command line)."""
+    return os.environ.get("IPG_SAE_VERIFY", "") not in ("", "0")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read now."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def tree_digest(paths: Iterable[str | os.PathLike]) -> dict[str, str]:

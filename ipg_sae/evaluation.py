@@ -356,7 +356,7 @@ class _Harness:
         latents = self.sets.get(cell.set, [])
         key = {"estimator": "sampling", "set": cell.set, "latents": latents, "gamma": cell.gamma, "seed": cell.seed,
                "problems": [p.id for p in self.problems], "prompts_sha": self.prompts_sha,
-               "sampling": dataclasses.asdict(self._sampling(cell)), "reward": self.reward.name,
+               "sampling": dataclasses.asdict(self._sampling(cell)), "reward": self.reward.identity,
                "scope": self.cfg.scope, "model": self.fingerprint, **self.inputs.steered(latents)}
 
         def compute() -> list[Trajectory]:

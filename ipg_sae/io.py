@@ -8,6 +8,7 @@ the old file or the new one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -28,17 +29,34 @@ _UMASK = _current_umask()
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_inside_run(path, "write")
+    make_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from e
     os.close(fd)
     try:
         yield Path(tmp)
         # mkstemp creates 0600; give the result the mode a plain open() would (shared run dirs)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as e:
+        raise _naming(e, path) from e
+    except Exception as e:  # a library's own error for a full disk (safetensors: SafetensorError) names no file
+        if "No space left on device" in str(e):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` with the file being written named in it (a write to a full disk names none)."""
+    if e.filename and not str(e.filename).endswith(".tmp"):
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -77,6 +95,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from the JSON this module writes (tuples as lists, keys as strings, arrays as lists)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
@@ -94,13 +117,59 @@ def cache_root() -> Path:
     return Path(root)
 
 
+def make_dir(path: str | os.PathLike) -> Path:
+    """``mkdir -p``, also when ``path`` is a symbolic link whose target does not exist yet (the target is made)."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        Path(os.path.realpath(path)).mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 # ---- one writer per run directory ----------------------------------------------------------
 
 _HELD: dict[str, tuple[int, int]] = {}  # resolved run dir -> (lock file descriptor, depth in this process)
+_ROOTS: dict[str, Path] = {}  # resolved run dir -> the run dir as the job named it (absolute, links kept)
+
+
+def check_inside_run(path: str | os.PathLike, action: str = "write") -> None:
+    """Refuse to write or delete through a symbolic link inside a run directory this process holds.
+
+    A folder inside ``runs/<name>/`` that is a link to elsewhere would make a rerun overwrite or
+    delete files outside the run (the run directory itself may be a link: that is where the user
+    put the run).
+    """
+    target = Path(os.path.abspath(path))
+    for root in list(_ROOTS.values()):
+        try:
+            inside = target.relative_to(root)
+        except ValueError:
+            continue
+        current = root
+        for part in inside.parts[:-1] if action == "write" else inside.parts:
+            current = current / part
+            if current.is_symlink():
+                from .errors import IPGError
+
+                raise IPGError(f"refusing to {action} {path}: {current} is a symbolic link inside the run directory "
+                               f"{root}, so the {action} would land outside the run; replace the link with a real "
+                               "folder (or move the whole run directory instead)")
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a file or a directory inside a run (never through a symbolic link inside it)."""
+    import shutil
+
+    path = Path(path)
+    check_inside_run(path, "delete")
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+def run_lock(run_dir: str | os.PathLike, lock_hint: bool = True) -> Iterator[None]:
     """Hold an advisory lock on ``run_dir`` (``.lock`` inside it) for the duration of the block.
 
     A second process that asks for the same directory gets an :class:`~ipg_sae.errors.IPGError`
@@ -108,14 +177,15 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     re-entrant within a process (the pipeline holds it while its stages take it again) and is
     released by the kernel when its holder dies, so a killed run never leaves a stale lock.
     Only the main process of a ``torchrun`` job takes it (the ranks share the directory).
+    ``lock_hint``: the busy message suggests ``--name`` (not for commands that take a run directory).
+    While held, writes and deletions inside it never go through a symbolic link (:func:`check_inside_run`).
     """
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
     import fcntl
 
-    path = Path(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
+    path = make_dir(run_dir)
     key = str(path.resolve())
     if key in _HELD:
         fd, depth = _HELD[key]
@@ -134,15 +204,17 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
         from .errors import IPGError
 
-        raise IPGError(f"run directory {path} is in use by {holder}; wait for it to finish, or give this run another "
-                       "name (--name)") from None
+        raise IPGError(f"run directory {path} is in use by {holder}; wait for it to finish"
+                       + (", or give this run another name (--name)" if lock_hint else "")) from None
     import sys
 
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"process {os.getpid()} ({' '.join(sys.argv)[:200]})".encode(), 0)
     _HELD[key] = (fd, 1)
+    _ROOTS[key] = Path(os.path.abspath(path))
     try:
         yield
     finally:
         _HELD.pop(key, None)
+        _ROOTS.pop(key, None)
         os.close(fd)  # closing the descriptor releases the lock

@@ -318,5 +318,5 @@ def run_explore(cfg: ExploreJobConfig, group: str | None = None) -> Path:
     from .explorer import build
 
     run_dir = Path(cfg.run_dir)
-    with run_lock(run_dir), Tracker(cfg.wandb, run_dir, run_dir.name, "explore", group=group) as tracker:
+    with run_lock(run_dir, lock_hint=False), Tracker(cfg.wandb, run_dir, run_dir.name, "explore", group=group) as tracker:
         return build(run_dir, cfg=cfg.explorer, tracker=tracker, trust_remote_code=cfg.trust_remote_code)

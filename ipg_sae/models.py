@@ -221,6 +221,20 @@ def _hub_files_only(repo_id: str, revision: str | None) -> bool:
                        "directory or .gguf file") from None
 
 
+def load_tokenizer_and_config(cfg: ModelConfig):
+    """The tokenizer and the model's config, without its weights (for checks before any work)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = _resolve_source(cfg.name)
+    local = isinstance(source, Path) or _hub_files_only(str(source), cfg.revision)
+    common = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, local_files_only=local)
+    try:
+        return AutoTokenizer.from_pretrained(source, **common), AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise IPGError(f"could not load model {cfg.name!r}: {first[:200]}; check model.name") from None
+
+
 def _load_pretrained(source: Path | str, cfg: ModelConfig, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -267,10 +281,11 @@ def hidden_size(model: nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[1])
 
 
-def context_length(model: nn.Module) -> int | None:
-    """The most positions the model takes (None when its config does not say)."""
+def context_length(model) -> int | None:
+    """The most positions the model (or a model config) takes (None when its config does not say)."""
+    config = getattr(model, "config", model)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(model.config, key, None)
+        v = getattr(config, key, None)
         if v:
             return int(v)
     return None

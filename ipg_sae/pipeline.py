@@ -28,7 +28,7 @@ from .io import run_lock, write_text
 from .jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, SampleJobConfig, SelectionConfig,
                    check_baselines, method_dir, run_attribute, run_evaluate, run_explore, run_sample)
 from .rewards import get_reward
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, check_fits_context
 from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_stages, sae_specs, train_job
 from .tasks import TaskConfig, load_problems
 from .tracking import attribution_files
@@ -103,7 +103,7 @@ def _attribution_outputs(c: PipelineConfig) -> list[Path]:
 
 
 STAGES = [
-    Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, c.reward),
+    Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, get_reward(c.reward).identity),
           lambda c: run_sample(_sample_job(c)), outputs=lambda c: [c.run_dir / "trajectories.jsonl"]),
     SAE_STAGE,
     Stage("attribute", lambda c: (c.attribution, c.baselines, c.selection),
@@ -123,6 +123,10 @@ def _run_explore(cfg: PipelineConfig) -> dict:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every stage not already finished with the same settings; return each stage's summary."""
+    evaluation = _evaluate_job(cfg).evaluation
+    check_fits_context(cfg.model, [(cfg.task, cfg.sampling.max_new_tokens, "sampling.max_new_tokens"),
+                                   (evaluation.task, evaluation.sampling.max_new_tokens,
+                                    "evaluation.sampling.max_new_tokens")])
     with run_lock(cfg.run_dir):
         write_text(cfg.run_dir / "pipeline_config.yaml", dump_yaml(cfg))
         return run_stages(cfg, STAGES)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import IPGError
-from .io import write_text
+from .io import atomic_path, write_text
 
 if TYPE_CHECKING:
     from .evaluation import EvalMeta
@@ -47,8 +47,8 @@ def pyplot():
 
 def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     pyplot().close(fig)
     return path
 

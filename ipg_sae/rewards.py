@@ -296,11 +296,21 @@ class Score:
 
 
 class Reward:
-    """A named reward; ``score`` also extracts and judges the answer for reporting."""
+    """A named reward; ``score`` also extracts and judges the answer for reporting.
 
-    def __init__(self, name: str, value: _ValueFn):
+    ``identity`` is what saved outputs that hold its values are keyed by: the name, and for a user
+    function the digest of its source and of its module's file, so that editing the function
+    makes every stage and cell that stored its rewards stale.
+    """
+
+    def __init__(self, name: str, value: _ValueFn, code: str | None = None):
         self.name = name
         self._value = value
+        self.code = code  # digest of a user function's code (None for a built-in)
+
+    @property
+    def identity(self) -> dict:
+        return {"name": self.name, "code": self.code}
 
     def score(self, prompt: str, completion: str, reference: str, n_generated_tokens: int) -> Score:
         answer = extract_answer(completion)
@@ -349,7 +359,30 @@ def _user_reward(name: str, fn: RewardFn) -> Reward:
     def value(prompt: str, completion: str, reference: str, n_tokens: int, correct: bool) -> float:
         return _check_reward_value(name, fn(prompt, completion, reference))
 
-    return Reward(name, value)
+    return Reward(name, value, code=code_digest(fn))
+
+
+def code_digest(fn: Callable) -> str:
+    """sha256 of a function's source and of its module's file (what it computes can depend on either); the
+    function's compiled code when its source cannot be read."""
+    import hashlib
+    import inspect
+    import sys
+
+    h = hashlib.sha256()
+    try:
+        h.update(inspect.getsource(fn).encode())
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        h.update(repr(code.co_code if code is not None else fn).encode())
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    path = getattr(module, "__file__", None)
+    if path:
+        try:
+            h.update(open(path, "rb").read())
+        except OSError:
+            pass
+    return h.hexdigest()
 
 
 def _check_reward_value(name: str, value: object) -> float:

@@ -185,10 +185,14 @@ def _check_sidecar(path: Path) -> dict | None:
     try:
         side = read_json(side_path)
         expected = side.get("weights_sha256")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, UnicodeDecodeError):
         raise IPGError(f"{side_path} is corrupt; delete it (the SAE then loads unchecked) or retrain the SAE") from None
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise IPGError(f"{side_path} records no weights_sha256 (it is empty or was stripped), so the SAE's weights "
+                       "cannot be checked; retrain the SAE, or delete the sidecar to load it unchecked as an SAE "
+                       "from elsewhere")
     weights = path / "sae_weights.safetensors"
-    if expected and weights.is_file() and file_digest(weights) != expected:
+    if weights.is_file() and file_digest(weights) != expected:
         raise IPGError(f"{weights} is not the file that was trained (its sha256 differs from the one recorded in "
                        f"{SIDECAR}): it was changed or damaged; retrain the SAE or restore the file")
     return side

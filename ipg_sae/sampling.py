@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import IPGError
 from .models import context_length, model_fingerprint
 from .rewards import Reward, get_reward
-from .tasks import Problem
+from .tasks import Problem, TaskConfig
 from .trajectories import Trajectory
 
 
@@ -94,7 +94,25 @@ def sample(model, tokenizer, problems: list[Problem], prompts: list[str], cfg: S
     return out
 
 
-def _check_context(model, tokenizer, problems: list[Problem], prompts: list[str], max_new_tokens: int) -> None:
+def check_fits_context(model_cfg, checks: list[tuple[TaskConfig, int, str]]) -> None:
+    """Before any stage of a job runs: each ``(task, max_new_tokens, field)`` leaves room in the model's context
+    (tokenizer and config only; tasks that need a download to list their problems are checked when sampled)."""
+    from .models import load_tokenizer_and_config
+    from .tasks import build_prompts, load_problems
+
+    cheap = [c for c in checks if c[0].name == "arithmetic" or c[0].path]
+    if not cheap:
+        return
+    tokenizer, config = load_tokenizer_and_config(model_cfg)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for task, max_new_tokens, field in cheap:
+        problems = load_problems(task)
+        _check_context(config, tokenizer, problems, build_prompts(tokenizer, problems, task), max_new_tokens, field)
+
+
+def _check_context(model, tokenizer, problems: list[Problem], prompts: list[str], max_new_tokens: int,
+                   field: str = "sampling.max_new_tokens") -> None:
     """Refuse prompts that cannot fit ``max_new_tokens`` more tokens in the model's context, before sampling."""
     limit = context_length(model)
     if not limit:
@@ -105,7 +123,7 @@ def _check_context(model, tokenizer, problems: list[Problem], prompts: list[str]
         shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in long[:3])
         raise IPGError(f"{len(long)} prompts do not leave room for max_new_tokens {max_new_tokens} in the model's "
                        f"context of {limit} tokens: {shown}{' ...' if len(long) > 3 else ''}; lower "
-                       "sampling.max_new_tokens or shorten the prompts (task.few_shot)")
+                       f"{field} or shorten the prompts (task.few_shot)")
 
 
 def _batch_seed(seed: int, batch_index: int) -> int:

@@ -27,6 +27,7 @@ one from a feature table, a hand-written list or an attribution result.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -303,8 +304,7 @@ def read_feature_table(path: str | Path) -> list[dict]:
         path = path / "features.csv"
     if not path.is_file():
         raise IPGError(f"feature table {path} not found; run `ipg-sae attribute` first or fix the path")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     if not rows or not {"layer", "latent"} <= set(rows[0]):
         raise IPGError(f"{path} is not a feature table: it needs columns `layer` and `latent` (and `rank`)")
     return rows
@@ -370,9 +370,14 @@ def _load_selection_path(path: Path, k: int | None) -> Selection:
         raise IPGError(f"selection file {path} not found; give a features.csv, a .json/.yaml/.txt list of "
                        "(layer, latent) pairs, or a run directory")
     suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        if path.name == "attribution.safetensors":
+            return _load_selection_path(path.parent, k)
+        raise IPGError(f"{path} is a tensor file, not a selection; give its attribution run directory, a "
+                       "features.csv, or a .json/.yaml/.txt list of (layer, latent) pairs")
     if suffix == ".csv":
         return _ranked(path)
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -381,7 +386,11 @@ def _load_selection_path(path: Path, k: int | None) -> Selection:
     elif suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise IPGError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file, e.g. "
+                           "[[12, 345], [12, 7]]") from None
     else:
         data = [line.split("#")[0].strip() for line in text.splitlines()]
         data = [line for line in data if line]
@@ -390,6 +399,14 @@ def _load_selection_path(path: Path, k: int | None) -> Selection:
     if not isinstance(data, list):
         raise IPGError(f"{path} does not hold a list of (layer, latent) pairs; write e.g. [[12, 345], [12, 7]]")
     return as_selection(data, where=str(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise IPGError(f"{path} is not UTF-8 text (is it a binary file?); give a features.csv or a "
+                       ".json/.yaml/.txt list of (layer, latent) pairs") from None
 
 
 def _ranked(path: Path) -> Selection:

@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Callable
 from .config import load_config
 from .digest import FORMAT_VERSION, json_digest, tree_digest
 from .errors import IPGError
-from .io import read_json, write_json
+from .io import jsonable, read_json, remove_tree, write_json
 from .models import source_digest
 from .saes import SAESpec
 
@@ -55,26 +54,27 @@ def run_stages(cfg, stages: list[Stage]) -> dict:
         marker = run_dir / "stages" / f"{stage.name}.json"
         done = _read_marker(marker)
         outputs = tree_digest(stage.outputs(cfg)) if done else {}
-        if done and done["hash"] == key and done.get("outputs") == outputs:
+        intact = done is not None and done.get("summary_sha256") == json_digest(done.get("summary"))
+        if done and done["hash"] == key and done.get("outputs") == outputs and intact:
             log.info("stage %s: already done with these settings and inputs (key %s) and its %d output files are "
                      "the ones it wrote: reused", stage.name, key, len(outputs))
             results[stage.name] = done.get("summary")
         else:
             if done:  # finished before, but its settings, inputs or outputs changed: partial outputs are stale
-                why = "settings or inputs changed" if done["hash"] != key else "its output files changed since"
+                why = ("settings or inputs changed" if done["hash"] != key else
+                       "its output files changed since" if done.get("outputs") != outputs else
+                       "its marker's summary was edited")
                 log.warning("stage %s: %s; rerunning it", stage.name, why)
                 for path in stage.stale(cfg):
                     log.info("stage %s: removing %s", stage.name, path)
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink(missing_ok=True)
+                    remove_tree(path)
             log.info("stage %s: running", stage.name)
             t0 = time.perf_counter()
-            summary = stage.run(cfg)
+            summary = jsonable(stage.run(cfg))
             seconds = round(time.perf_counter() - t0, 1)
             outputs = tree_digest(stage.outputs(cfg))
-            write_json(marker, {"hash": key, "seconds": seconds, "outputs": outputs, "summary": summary})
+            write_json(marker, {"hash": key, "seconds": seconds, "outputs": outputs, "summary": summary,
+                                "summary_sha256": json_digest(summary)})
             log.info("stage %s: done in %.0f s", stage.name, seconds)
             results[stage.name] = summary
         upstream = json_digest(outputs) + key

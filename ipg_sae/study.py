@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .attribution import AttributionConfig, AttributionResult, Baseline
+from .attribution.path import has_variance
 from .cells import CellStore, Inputs, LogprobCells
 from .config import JobConfig, dump_yaml
 from .digest import json_digest
@@ -46,7 +47,7 @@ from .models import load_model
 from .nulls import LatentPool, draw_sets
 from .report import pyplot, save_figure
 from .rewards import get_reward
-from .sampling import SamplingConfig, sample
+from .sampling import SamplingConfig, check_fits_context, sample
 from .saes import load_saes
 from .selection import select
 from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_stages, sae_specs
@@ -134,7 +135,12 @@ def _sample_stage(cfg: StudyConfig, task: TaskConfig, sampling: SamplingConfig, 
     for reward in cfg.rewards:
         scored = _with_reward(trajectories, reward)
         ids, groups = prompt_groups([t.prompt_id for t in scored])
-        mixed = [pid for pid, idx in zip(ids, groups) if len({scored[i].reward for i in idx}) > 1]
+        mixed = [pid for pid, idx in zip(ids, groups) if has_variance([scored[i].reward for i in idx])]
+        if keep_mixed and not mixed:
+            raise IPGError(f"study: no attribution prompt's samples got different {reward} rewards ({len(ids)} "
+                           f"prompts x {sampling.n_samples} samples), and attribution needs reward variance; sample "
+                           "more problems (task.n_problems) or more per problem (sampling.n_samples), or raise "
+                           "sampling.temperature")
         if keep_mixed:
             keep = set(mixed[:keep_mixed])
             scored = [t for t in scored if t.prompt_id in keep]
@@ -171,13 +177,18 @@ def _attribution_files(cfg: StudyConfig) -> list[Path]:
     return [f for r in cfg.rewards for m in cfg.methods for f in attribution_files(method_dir(_reward_dir(cfg, r), m))]
 
 
+def _reward_identities(cfg: StudyConfig) -> list[dict]:
+    """The rewards' names and, for user functions, the digests of their code: stored rewards go stale with them."""
+    return [get_reward(r).identity for r in cfg.rewards]
+
+
 STAGES = [
-    Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, c.rewards, c.attribute_prompts),
+    Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, _reward_identities(c), c.attribute_prompts),
           lambda c: _sample_stage(c, c.task, c.sampling, "trajectories.jsonl", c.attribute_prompts),
           outputs=lambda c: [_reward_dir(c, r) / "trajectories.jsonl" for r in c.rewards]),
     SAE_STAGE,
     Stage("attribute", lambda c: (c.attribution, c.methods, c.ks), _run_attribute, outputs=_attribution_files),
-    Stage("heldout", lambda c: (c.heldout, c.heldout_sampling, c.rewards),
+    Stage("heldout", lambda c: (c.heldout, c.heldout_sampling, _reward_identities(c)),
           lambda c: _sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
           outputs=lambda c: [_reward_dir(c, r) / "heldout.jsonl" for r in c.rewards]),
     Stage("score", lambda c: (c.k, c.ks, c.gammas, c.null_sets, c.other_null_sets, c.curve_null_sets, c.null_seed,
@@ -192,6 +203,9 @@ STAGES = [
 
 def run_study(cfg: StudyConfig) -> dict:
     """Run (or resume) every stage of the study; return each stage's summary."""
+    check_fits_context(cfg.model, [(cfg.task, cfg.sampling.max_new_tokens, "sampling.max_new_tokens"),
+                                   (cfg.heldout, cfg.heldout_sampling.max_new_tokens,
+                                    "heldout_sampling.max_new_tokens")])
     with run_lock(cfg.run_dir):
         write_text(cfg.run_dir / "study_config.yaml", dump_yaml(cfg))
         return run_stages(cfg, STAGES)

@@ -83,17 +83,24 @@ def logged_in() -> bool:
 
 
 def probe(timeout: float = 3.0) -> str | None:
-    """None when the W&B server accepts a TCP connection within ``timeout`` seconds, else why not."""
+    """None when the W&B server answers an HTTP request within ``timeout`` seconds (any status: it is there),
+    else why not. A server that accepts connections but never answers is unreachable too."""
     import socket
-    from urllib.parse import urlparse
+    import urllib.error
+    import urllib.request
 
-    url = urlparse(base_url())
-    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
+        with urllib.request.urlopen(urllib.request.Request(base_url(), method="HEAD"), timeout=timeout):
             return None
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
+    except urllib.error.HTTPError:
+        return None  # it answered (401, 404, ...): the server is there
+    except urllib.error.URLError as e:
+        reason = e.reason
+        return f"{type(reason).__name__}: {getattr(reason, 'strerror', None) or reason}"
+    except (socket.timeout, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
 
 
 class Tracker:
@@ -113,7 +120,16 @@ class Tracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         if self.mode == "online":
             self._check_reachable(run_dir)
-        self._guard(lambda: self._init(cfg, run_dir, name, job_type, config or {}, group))
+        start = lambda: self._init(cfg, run_dir, name, job_type, config or {}, group)  # noqa: E731
+        if self.mode == "online":
+            try:
+                start()
+                return
+            except Exception as e:  # the server went away, or refused the run: keep the logs, offline
+                log.warning("W&B could not start an online run (%s: %s); this process logs offline under %s",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "", run_dir / "wandb")
+                self.mode = "offline"
+        self._guard(start)
 
     def _check_reachable(self, run_dir: Path) -> None:
         global _unreachable

@@ -51,13 +51,35 @@ def load_trajectories(path: str | Path) -> list[Trajectory]:
     names = {f.name for f in dataclasses.fields(Trajectory)}
     out = []
     for i, row in enumerate(read_jsonl(path), 1):
+        if not isinstance(row, dict):
+            raise IPGError(f"{path}:{i}: a trajectory must be a JSON object, found {type(row).__name__}; was it "
+                           "written by `ipg-sae sample`?")
         missing = {"id", "prompt_id", "prompt_ids", "completion_ids", "reward"} - set(row)
         if missing:
             raise IPGError(f"{path}:{i}: trajectory lacks {sorted(missing)}; was it written by `ipg-sae sample`?")
+        _check_row(row, f"{path}:{i}")
         out.append(Trajectory(**{k: v for k, v in row.items() if k in names}))
     if not out:
         raise IPGError(f"{path} holds no trajectories; sample some first")
     return out
+
+
+def _check_row(row: dict, where: str) -> None:
+    """The fields every consumer indexes into have the types they need (one line naming the field if not)."""
+    for key in ("prompt_ids", "completion_ids"):
+        ids = row[key]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise IPGError(f"{where}: `{key}` must be a list of token ids, found {type(ids).__name__} {ids!r:.40}; "
+                           "resample (`ipg-sae sample`) or fix that line")
+    for key in ("id", "prompt_id"):
+        if not isinstance(row[key], str):
+            raise IPGError(f"{where}: `{key}` must be a string, found {row[key]!r:.40}; fix that line")
+    for key in ("prompt", "completion", "reference"):
+        if key in row and not isinstance(row[key], str):
+            raise IPGError(f"{where}: `{key}` must be a string, found {type(row[key]).__name__}; fix that line")
+    if not isinstance(row["reward"], (int, float)) or isinstance(row["reward"], bool):
+        raise IPGError(f"{where}: `reward` must be a number, found {row['reward']!r:.40}; fix the reward function "
+                       "and resample")
 
 
 def group_by_prompt(trajectories: list[Trajectory]) -> "OrderedDict[str, list[Trajectory]]":

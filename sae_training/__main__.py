@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", nargs="?", help="YAML config file (defaults are used when omitted)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--verify", action="store_true",
+                        help="hash every input and output file afresh (ignore the digest memo of unchanged files)")
     add_config_flags(parser, TrainSAEConfig)
     return parser
 

@@ -118,7 +118,8 @@ def test_steering_rows_and_ipg_token_maps(run):
 
 def test_special_characters_render_as_text(tmp_path):
     """Tokens are data: `|`, `<`, `&`, newlines and a closing script tag must come out as text."""
-    nasty = ["a|b", "<b>bold</b>", "&amp;", "\n", "</script><script>document.body.dataset.error='x'</script>", "é"]
+    nasty = ["a|b", "<b>bold</b>", "&amp;", "\n", "</script><script>document.body.dataset.error='x'</script>", "é",
+             "<!--", "x\u2028y"]
     data = {"run": {"name": "<i>run</i>", "method": "ipg", "model": "m", "saes": [], "summary": {}, "selected": [[1, 0]],
                     "n_bootstrap": 0, "page_size": 10, "plots": [], "policy": ""},
             "latents": [{"layer": 1, "latent": 0, "rank": 1, "mean": 0.5, "lo": 0.1, "hi": 0.9, "t": 2.0,
@@ -138,7 +139,7 @@ def test_special_characters_render_as_text(tmp_path):
     dom = rendered_dom(page)
     assert 'data-ready="1"' in dom and "data-error" not in dom
     assert "<b>bold</b>" not in dom and "&lt;b&gt;bold&lt;/b&gt;" in dom  # shown, not interpreted
-    assert "&lt;/script&gt;&lt;script&gt;" in dom and "a|b" in dom and "&lt;u&gt;" in dom
+    assert "&lt;/script&gt;&lt;script&gt;" in dom and "a|b" in dom and "&lt;u&gt;" in dom and "&lt;!--" in dom
     assert "<i>run</i>" not in dom
 
 

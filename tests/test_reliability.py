@@ -255,7 +255,8 @@ def test_sigterm_stops_with_the_resume_message(setup, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err[-500:]
     last = [line for line in err.strip().splitlines() if line.strip()][-1]
-    assert "stopped: terminated (SIGTERM)" in last and "rerun the same command to resume" in last
+    # sampling keeps no partial work: the message says so instead of promising a resume (issue 20, item 16)
+    assert "stopped: terminated (SIGTERM)" in last and "keeps no partial work, rerun it to start over" in last
 
 
 # ---- 10: W&B that cannot be reached ----------------------------------------------------------------

@@ -65,6 +65,19 @@ def quadrature(n_steps: int, method: Method = "gausslegendre") -> tuple[np.ndarr
     raise IPGError(f"unknown quadrature method {method!r}; use one of {', '.join(METHODS)}")
 
 
+VARIANCE_RTOL = 1e-9  # rewards closer than this, relative to their scale, are equal (float noise is no signal)
+
+
+def has_variance(rewards) -> bool:
+    """True when a group's rewards differ by more than float noise: a spread above ``VARIANCE_RTOL`` times
+    the rewards' scale (their largest magnitude, at least 1)."""
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    if r.numel() < 2:
+        return False
+    spread = float(r.max() - r.min())
+    return spread > VARIANCE_RTOL * max(1.0, float(r.abs().max()))
+
+
 def advantages(rewards: torch.Tensor, kind: Advantage = "rloo") -> torch.Tensor:
     """Per-sample advantages of one group of rewards.
 
@@ -84,7 +97,7 @@ def advantages(rewards: torch.Tensor, kind: Advantage = "rloo") -> torch.Tensor:
         return (r > 0).to(torch.float64)
     if kind not in ADVANTAGES:
         raise IPGError(f"unknown advantage {kind!r}; use one of {', '.join(ADVANTAGES)}")
-    if g < 2 or torch.all(r == r[0]):
+    if not has_variance(r):
         return torch.zeros_like(r)
     if kind == "rloo":
         return r - (r.sum() - r) / (g - 1)

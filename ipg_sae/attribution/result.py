@@ -293,9 +293,41 @@ class AttributionResult:
                            "after it was written; rerun `ipg-sae attribute` to rewrite it")
         meta = dict(meta)
         meta.pop("tensors_sha256", None)
-        method = meta.pop("method")
-        layers = [int(x) for x in meta.pop("layers")]
-        d_sae = {int(k): int(v) for k, v in meta.pop("d_sae").items()}
-        prompt_ids, traj_ids = meta.pop("prompt_ids"), meta.pop("trajectory_ids")
-        meta.pop("format", None)
+        method, layers, d_sae, prompt_ids, traj_ids = _check_sidecar(meta, tensors, js)
+        for key in ("method", "layers", "d_sae", "prompt_ids", "trajectory_ids", "format"):
+            meta.pop(key, None)
         return cls(method, layers, d_sae, prompt_ids, traj_ids, tensors, meta)
+
+
+def _check_sidecar(meta: dict, tensors: dict, js: Path) -> tuple:
+    """The sidecar's structural fields, checked once on read against the format (one line naming the field)."""
+    def bad(name: str, want: str) -> IPGError:
+        return IPGError(f"{js}: `{name}` must be {want}, found {meta.get(name)!r:.60}; the file was edited or "
+                        "damaged: rerun `ipg-sae attribute` to rewrite it")
+
+    def ints(values) -> list[int] | None:
+        try:
+            return [int(v) for v in values] if isinstance(values, list) else None
+        except (TypeError, ValueError):
+            return None
+
+    if not isinstance(meta.get("method"), str) or not meta["method"]:
+        raise bad("method", "the attribution method's name")
+    layers = ints(meta.get("layers"))
+    if not layers:
+        raise bad("layers", "a non-empty list of layer numbers")
+    d_sae_raw = meta.get("d_sae")
+    if not isinstance(d_sae_raw, dict) or ints(list(d_sae_raw)) is None or ints(list(d_sae_raw.values())) is None:
+        raise bad("d_sae", "a mapping of layer to SAE width")
+    d_sae = {int(k): int(v) for k, v in d_sae_raw.items()}
+    for name in ("prompt_ids", "trajectory_ids"):
+        values = meta.get(name)
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise bad(name, "a list of ids")
+    for layer in layers:
+        if layer not in d_sae:
+            raise bad("d_sae", f"a width for every layer (layer {layer} has none)")
+        if not any(k.startswith(f"L{layer}.") for k in tensors):
+            raise IPGError(f"{js} names layer {layer} but {RESULT_FILE} holds no tensors for it; rerun `ipg-sae "
+                           "attribute` to rewrite both")
+    return meta["method"], layers, d_sae, meta["prompt_ids"], meta["trajectory_ids"]
