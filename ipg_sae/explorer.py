@@ -10,15 +10,22 @@ as HTML, so tokens such as ``|``, ``<``, ``&`` or a newline render as themselves
 ``data.json`` holds:
 
 * ``run``: name, model, SAEs (with ``neuronpedia_id``), method summary, the selected set, the
-  bootstrap size, the policy below;
+  bootstrap size, the prompts (``n_prompts``, ``n_attributed``), ``notes``, the policy below;
 * ``latents``: one summary row per latent with a non-zero score under any method, ranked by IPG:
   ``layer``, ``latent``, ``rank``, ``mean``, ``lo``/``hi`` (mean +- 1.96 se over prompts), ``t``,
   ``sign_consistency``, ``selection_frequency`` (share of bootstrap resamples of prompts whose
   top-k contains it), ``activation_frequency`` (share of scored positions where it fires),
   ``ranks`` (its rank under each baseline), ``selected``, ``neuronpedia`` (a URL or ""),
   ``detail`` (whether it has a panel);
-* ``details``: ``"L:i" ->`` ``contexts`` (top-activating windows from the attributed trajectories
-  and from held-out text: ``source``, ``tokens`` (ids), ``strings``, ``activations``, ``max``),
+  Rows up to rank ``on_demand`` (and every panel latent) also carry ``ctx`` (their top contexts as
+  ``[text index, position, activation]`` into ``texts``), ``logits`` (``promoted``/``suppressed``:
+  ``[token, string, value]``) and ``near`` (``[layer, latent, cosine]`` of the nearest decoder
+  directions): the page builds a compact panel from them for any latent without a full one;
+* ``texts``: the token strings of every trajectory a ``ctx`` points into (``id``, ``strings``,
+  ``prompt_length``);
+* ``details``: ``"L:i" ->`` ``contexts`` (top-activating windows: from the attribution's own context
+  list, the same as ``features.csv`` (``trajectory``, ``position``), and from held-out text:
+  ``source``, ``tokens`` (ids), ``strings``, ``activations``, ``max``),
   ``logits`` (``promoted``/``suppressed``: ``[token, string, value]`` of ``W_dec[i] @ W_U`` after
   the final norm's scale), ``histogram`` (``edges``, ``counts`` of its non-zero activations),
   ``ipg_tokens`` (``correct``/``incorrect``: trajectories where its attribution is largest, with
@@ -27,13 +34,23 @@ as HTML, so tokens such as ``|``, ``<``, ``&`` or a newline render as themselves
   summed over latents) and ``top`` (per token: up to 5 ``[layer, latent, value]``), from token
   ``start`` on (the last 48 prompt tokens and the completion: the shared system prompt and worked
   example before them are left out; ``prompt_length`` counts the prompt tokens shown). The
-  ``ipg_tokens`` entries are cropped the same way.
+  ``ipg_tokens`` entries are cropped the same way. Without token maps in the result (the Python
+  API's default), the per-token IPG views and the trajectory view are empty and ``run.notes`` says
+  how to get them; every other panel is complete.
+
+``explorer/dashboard/layer_<L>.json`` exports the panel latents for other dashboards
+(:func:`export_dashboard`: SAEDashboard's Neuronpedia feature layout).
+
+Statistics over prompts (mean, interval, t, sign consistency, selection frequency) count the
+attributed prompts only (``run.n_attributed`` of ``run.n_prompts``; :mod:`ipg_sae.selection`).
 
 Policy (so a 2,304-latent SAE builds in seconds and the page stays small): full detail for the top
 ``detail`` latents by IPG, the selected set and each baseline's top 8; a summary row for every
-other latent with a non-zero score; the page shows summary rows ``page_size`` at a time, so a
-65k-latent SAE works too. Per-token maps come from the attribution (``token_maps: ["*"]``); held-out
-contexts are encoded when the model is at hand.
+other latent with a non-zero score; compact data for on-demand panels up to rank ``on_demand``;
+the page shows summary rows ``page_size`` at a time, so a 65k-latent SAE works too. Every
+attributed trajectory is encoded once (activation frequencies, histograms, the shading of the
+context windows); per-token IPG maps come from the attribution (``token_maps: ["*"]``); held-out
+contexts are encoded too. A latent's permalink is ``index.html#L<layer>:<latent>``.
 """
 
 from __future__ import annotations
@@ -50,6 +67,7 @@ import torch
 from .attribution import AttributionResult
 from .errors import IPGError
 from .io import read_json, write_json, write_text
+from .latents import Encoded, encode_trajectories, logit_effect, logit_effects, nearest_latents
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +86,8 @@ class ExplorerConfig:
     n_bootstrap: int = 100  # prompt resamples for the selection frequency
     page_size: int = 200  # summary rows per page
     n_trajectories: int = 24  # trajectories in the trajectory view
+    on_demand: int = 4096  # other latents (by IPG rank) whose panel the page builds on demand from compact data
+    nearest: int = 5  # nearest latents by decoder cosine shown in a panel
 
 
 def load(run_dir: str | Path) -> dict:
@@ -121,39 +141,86 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
     stats = latent_stats(result)
     pieces = _Pieces(tokenizer)
     maps = _maps(result, by_id)
-    freq, hist_values = _activation_frequency(result, maps)
-    rows = _summary_rows(result, stats, baselines, selected, freq, _selection_frequency(result, k, cfg.n_bootstrap))
-    detail = _detail_set(rows, cfg, selected, baselines)
+    acc = _accumulator_contexts(result, by_id)
+    prelim = _summary_rows(result, stats, baselines, selected, {}, {})
+    detail = _detail_set(prelim, cfg, selected, baselines)
+    encoded = encode_trajectories(model, saes, result, by_id, acc, detail)
+    rows = _summary_rows(result, stats, baselines, selected, encoded.frequency,
+                         _selection_frequency(result, k, cfg.n_bootstrap))
     for row in rows:
         row["detail"] = (row["layer"], row["latent"]) in detail
-    contexts = _contexts(result, detail, maps, by_id, pieces, cfg)
+    texts = _compact_latents(rows, by_id, saes, model, acc, pieces, cfg)
+    contexts = {key: [_trajectory_window(by_id[tid], encoded, key, pos, value, cfg, pieces) for tid, pos, value in found]
+                for key, found in acc.items() if key in detail}
     if saes and model is not None and cfg.held_out:
-        texts = held_out_texts if held_out_texts is not None else _held_out_texts(run_dir, cfg.held_out)
-        _add_held_out_contexts(contexts, model, tokenizer, saes, texts, detail, pieces, cfg)
+        held_texts = held_out_texts if held_out_texts is not None else _held_out_texts(run_dir, cfg.held_out)
+        _add_held_out_contexts(contexts, model, tokenizer, saes, held_texts, detail, pieces, cfg)
     steering = _steering_rows(run_dir)
     details = {}
     for layer, latent in sorted(detail):
         key = f"{layer}:{latent}"
         found = contexts.get((layer, latent), [])
         held = _distinct([c for c in found if c["source"] == "held-out text"], max(2, cfg.n_contexts // 3))
-        ctx = _distinct([c for c in found if c["source"] != "held-out text"], cfg.n_contexts) + held
+        ctx = [c for c in found if c["source"] != "held-out text"][:cfg.n_contexts] + held
         details[key] = {
             "contexts": ctx,
             "logits": _logit_effect(model, saes.get(layer), latent, pieces, cfg.logit_tokens) if saes else None,
-            "histogram": _histogram(hist_values.get((layer, latent), [])),
+            "histogram": _histogram(encoded.values.get((layer, latent), [])),
             "ipg_tokens": _ipg_tokens(result, layer, latent, maps, by_id, pieces, cfg.trajectories_per_side),
             "steering": [r for r in steering if [layer, latent] in r["latents"]],
         }
-    data = {"run": _run_info(run_dir, result, selection, cfg), "latents": rows, "details": details,
-            "trajectories": _trajectory_view(result, maps, by_id, pieces, cfg.n_trajectories)}
+    data = {"run": _run_info(run_dir, result, selection, cfg, bool(maps)), "latents": rows, "details": details,
+            "texts": texts, "trajectories": _trajectory_view(result, maps, by_id, pieces, cfg.n_trajectories)}
     out = run_dir / "explorer"
     write_json(out / DATA_FILE, data)
+    export_dashboard(data, out / "dashboard")
     page = out / PAGE_FILE
     write_text(page, render(data))
     if tracker is not None:
         tracker.html("explorer", page)
         tracker.artifact(f"{run_dir.name}-explorer", "explorer", out)
     return page
+
+
+def export_dashboard(data: dict, out_dir: str | Path) -> list[Path]:
+    """The panel latents in the feature layout of SAEDashboard's Neuronpedia output, one file per layer
+    (``layer_<L>.json``: ``{"layer", "model", "features": [...]}``), for dashboards that ingest it.
+
+    Each feature has ``feature_index``, ``activations`` (per context: ``tokens``, ``values``,
+    ``qualifying_token_index``, ``bin_min``/``bin_max``/``bin_contains`` set to the top bin),
+    ``pos_str``/``pos_values`` and ``neg_str``/``neg_values`` (direct logit effect),
+    ``frac_nonzero`` (activation frequency), ``freq_hist_data_bar_heights`` and
+    ``freq_hist_data_bar_values`` (counts and bin centres, parallel arrays), ``maxActApprox``,
+    ``topkCosSimIndices``/``topkCosSimValues`` (nearest latents by decoder cosine), and the
+    attribution statistics under ``ipg`` (``mean``, ``lo``, ``hi``, ``t``, ``rank``). The field
+    names follow SAEDashboard's ``NeuronpediaDashboardFeature``; no importer was run against the
+    files here (no network), so treat them as that layout, not as a validated upload.
+    """
+    rows = {(r["layer"], r["latent"]): r for r in data["latents"]}
+    per_layer: dict[int, list[dict]] = {}
+    for key, d in data["details"].items():
+        layer, latent = (int(x) for x in key.split(":"))
+        row = rows.get((layer, latent), {})
+        acts = [{"tokens": c["strings"], "values": c["activations"], "qualifying_token_index": c["max_index"],
+                 "bin_min": -1, "bin_max": -1, "bin_contains": -1} for c in d["contexts"]]
+        edges, counts = d["histogram"]["edges"], d["histogram"]["counts"]
+        logits = d.get("logits") or {"promoted": [], "suppressed": []}
+        per_layer.setdefault(layer, []).append({
+            "feature_index": latent, "activations": acts,
+            "pos_str": [s for _, s, _ in logits["promoted"]], "pos_values": [v for _, _, v in logits["promoted"]],
+            "neg_str": [s for _, s, _ in logits["suppressed"]], "neg_values": [v for _, _, v in logits["suppressed"]],
+            "frac_nonzero": row.get("activation_frequency", 0.0), "freq_hist_data_bar_heights": counts,
+            "freq_hist_data_bar_values": [round((a + b) / 2, 4) for a, b in zip(edges, edges[1:])],
+            "maxActApprox": max((c["max"] for c in d["contexts"]), default=0.0),
+            "topkCosSimIndices": [i for _, i, _ in row.get("near", [])],
+            "topkCosSimValues": [c for _, _, c in row.get("near", [])],
+            "ipg": {k: row.get(k) for k in ("mean", "lo", "hi", "t", "rank")}})
+    paths = []
+    for layer, features in sorted(per_layer.items()):
+        path = Path(out_dir) / f"layer_{layer}.json"
+        write_json(path, {"layer": layer, "model": data["run"].get("model"), "features": features})
+        paths.append(path)
+    return paths
 
 
 def _load_run_model(run_dir: Path, model, tokenizer, saes, trust_remote_code: bool = False):
@@ -222,38 +289,38 @@ def _maps(result: AttributionResult, by_id: dict) -> dict[str, dict]:
     return {tid: m for tid, m in result.token_maps.items() if tid in by_id}
 
 
-def _activation_frequency(result: AttributionResult, maps: dict) -> tuple[dict, dict]:
-    """Per latent: share of mapped positions where it fires; and its non-zero activation values."""
-    counts: dict[tuple[int, int], int] = {}
-    values: dict[tuple[int, int], list[float]] = {}
-    positions = 0
-    for m in maps.values():
-        positions += len(m["tokens"])
-        for layer in result.layers:
-            lat, act = m.get(f"L{layer}.latents"), m.get(f"L{layer}.activation")
-            if lat is None or act is None:
-                continue
-            on = act > 0
-            for i, v in zip(lat[on].tolist(), act[on].tolist()):
-                counts[(layer, i)] = counts.get((layer, i), 0) + 1
-                values.setdefault((layer, i), []).append(v)
-    return {key: c / max(1, positions) for key, c in counts.items()}, values
+def _accumulator_contexts(result: AttributionResult, by_id: dict) -> dict[tuple[int, int], list[tuple[str, int, float]]]:
+    """Every latent's top-activating ``(trajectory id, position, activation)`` as the attribution kept them
+    (the same list as ``features.csv``), strongest first."""
+    out: dict[tuple[int, int], list[tuple[str, int, float]]] = {}
+    for layer, (value, traj, pos) in result.contexts.items():
+        for latent, (vs, ts, ps) in enumerate(zip(value.tolist(), traj.tolist(), pos.tolist())):
+            found = []
+            for v, t, p in zip(vs, ts, ps):
+                tid = result.traj_ids[t] if 0 <= t < len(result.traj_ids) else None
+                if v < 0 or tid not in by_id or p >= len(by_id[tid].prompt_ids) + len(by_id[tid].completion_ids):
+                    continue
+                found.append((tid, int(p), float(v)))
+            if found:
+                out[(layer, latent)] = sorted(found, key=lambda c: -c[2])
+    return out
 
 
 def _selection_frequency(result: AttributionResult, k: int, n_boot: int) -> dict[tuple[int, int], float]:
     """Share of bootstrap resamples of prompts whose top-``k`` (by mean) holds each latent."""
-    from .selection import per_prompt
+    from .selection import attributed_prompts, per_prompt
 
     values = per_prompt(result)
     if values is None or n_boot < 1:
         return {}
     rng = np.random.default_rng(0)
-    n = result.n_prompts
+    pool = attributed_prompts(result).numpy()  # resample the prompts the statistics count
+    n = len(pool)
     counts: dict[tuple[int, int], int] = {}
     stacked = torch.cat([values[layer] for layer in result.layers], dim=1).numpy()
     owners = [(layer, i) for layer in result.layers for i in range(values[layer].shape[1])]
     for _ in range(n_boot):
-        mean = stacked[rng.integers(0, n, size=n)].mean(0)
+        mean = stacked[pool[rng.integers(0, n, size=n)]].mean(0)
         for j in np.argsort(-mean, kind="stable")[:k]:
             counts[owners[j]] = counts.get(owners[j], 0) + 1
     return {key: c / n_boot for key, c in counts.items()}
@@ -304,29 +371,60 @@ def _detail_set(rows, cfg: ExplorerConfig, selected, baselines) -> set[tuple[int
     return out
 
 
-def _window(ids, acts, pos, cfg: ExplorerConfig, pieces: _Pieces, source: str) -> dict:
+def _window(ids, acts, pos, cfg: ExplorerConfig, pieces: _Pieces, source: str, value: float | None = None,
+            trajectory: str | None = None) -> dict:
+    """Tokens around ``pos`` with the latent's activation at each (``value``: the recorded one at ``pos``)."""
     lo, hi = max(0, pos - cfg.window[0]), min(len(ids), pos + cfg.window[1] + 1)
     window_ids = [int(i) for i in ids[lo:hi]]
-    return {"source": source, "tokens": window_ids, "strings": pieces(window_ids),
-            "activations": [round(float(a), 4) for a in acts[lo:hi]], "max": round(float(acts[pos]), 4),
-            "max_index": pos - lo}
-
-
-def _contexts(result, detail, maps, by_id, pieces, cfg) -> dict:
-    """Top-activating windows of each detailed latent in the attributed trajectories."""
-    out: dict[tuple[int, int], list[dict]] = {}
-    for tid, m in maps.items():
-        for layer in result.layers:
-            lat, act = m.get(f"L{layer}.latents"), m.get(f"L{layer}.activation")
-            if lat is None or act is None:
-                continue
-            for (lay, i) in [d for d in detail if d[0] == layer]:
-                per_pos = (act * (lat == i)).sum(-1)
-                for pos in torch.argsort(-per_pos)[:3].tolist():  # a few peaks per trajectory
-                    if float(per_pos[pos]) > 0:
-                        out.setdefault((lay, i), []).append(_window(m["tokens"].tolist(), per_pos.tolist(), pos, cfg,
-                                                                    pieces, f"trajectory {tid}"))
+    out = {"source": source, "tokens": window_ids, "strings": pieces(window_ids),
+           "activations": [round(float(a), 4) for a in acts[lo:hi]],
+           "max": round(float(acts[pos] if value is None else value), 4), "max_index": pos - lo}
+    if trajectory is not None:
+        out.update(trajectory=trajectory, position=int(pos))
     return out
+
+
+def _trajectory_window(t, encoded: Encoded, key: tuple[int, int], pos: int, value: float, cfg: ExplorerConfig,
+                       pieces: _Pieces) -> dict:
+    """One of the attribution's top contexts as a window: shaded by the latent's activations where they were
+    encoded, else with only the activating token's recorded value."""
+    ids = list(t.prompt_ids) + list(t.completion_ids)
+    acts = encoded.windows.get((t.id, *key))
+    if acts is None:
+        acts = [0.0] * len(ids)
+        acts[pos] = value
+    return _window(ids, acts, pos, cfg, pieces, f"trajectory {t.id}", value=value, trajectory=t.id)
+
+
+def _compact_latents(rows: list[dict], by_id: dict, saes, model, acc, pieces: _Pieces,
+                     cfg: ExplorerConfig) -> list[dict]:
+    """For the first ``cfg.on_demand`` rows by rank (and every panel latent): the compact data the page builds
+    a panel from on demand (``ctx``: ``[text, position, activation]`` of its top contexts; ``logits``: its top
+    promoted / suppressed tokens; ``near``: its nearest latents by decoder cosine). Returns the token table
+    the contexts point into (``texts``: one entry per trajectory they use)."""
+    chosen = [r for r in rows if r["rank"] <= cfg.on_demand or r.get("detail")]
+    texts: dict[str, int] = {}
+    table: list[dict] = []
+    for row in chosen:
+        row["ctx"] = []
+        for tid, pos, value in acc.get((row["layer"], row["latent"]), [])[:cfg.n_contexts]:
+            if tid not in texts:
+                texts[tid] = len(table)
+                table.append({"id": tid})
+            row["ctx"].append([texts[tid], pos, round(value, 4)])
+    for layer in sorted({r["layer"] for r in chosen}):
+        sae = (saes or {}).get(layer)
+        latents = [r for r in chosen if r["layer"] == layer]
+        if sae is None or model is None:
+            continue
+        for r, effect in zip(latents, logit_effects(model, sae, [r["latent"] for r in latents], 5)):
+            r["logits"] = {side: [[i, pieces([i])[0], v] for i, v in pairs] for side, pairs in effect.items()}
+        for r, near in zip(latents, nearest_latents(sae, [r["latent"] for r in latents], cfg.nearest)):
+            r["near"] = [[layer, i, c] for i, c in near]
+    for entry in table:
+        t = by_id[entry["id"]]
+        entry.update(strings=pieces(list(t.prompt_ids) + list(t.completion_ids)), prompt_length=len(t.prompt_ids))
+    return table
 
 
 def _distinct(contexts: list[dict], n: int) -> list[dict]:
@@ -381,28 +479,6 @@ def _add_held_out_contexts(contexts, model, tokenizer, saes, texts, detail, piec
                                     "held-out text"))
     finally:
         tokenizer.padding_side = side
-
-
-def final_norm_scale(model) -> torch.Tensor | None:
-    """The elementwise scale of the final norm before the LM head (None where there is none)."""
-    base = model.base_model
-    norm = getattr(base, "norm", None) or getattr(base, "ln_f", None) or getattr(base, "final_layernorm", None)
-    weight = getattr(norm, "weight", None)
-    if weight is None:
-        return None
-    return (1.0 + weight) if "gemma" in type(norm).__name__.lower() else weight
-
-
-@torch.no_grad()
-def logit_effect(model, sae, latent: int) -> torch.Tensor:
-    """``(W_dec[i] * final-norm scale) @ W_U^T``: what the latent writes to each logit, directly."""
-    from .saes import decoder_matrix
-
-    direction = decoder_matrix(sae)[latent].to(model.get_output_embeddings().weight.dtype)
-    scale = final_norm_scale(model)
-    if scale is not None:
-        direction = direction * scale.to(direction)
-    return model.get_output_embeddings().weight @ direction
 
 
 def _logit_effect(model, sae, latent, pieces, n) -> dict | None:
@@ -493,8 +569,10 @@ def _steering_rows(run_dir: Path) -> list[dict]:
     return out
 
 
-def _run_info(run_dir: Path, result: AttributionResult, selection: dict, cfg: ExplorerConfig) -> dict:
+def _run_info(run_dir: Path, result: AttributionResult, selection: dict, cfg: ExplorerConfig, has_maps: bool) -> dict:
     import base64
+
+    from .selection import attributed_prompts
 
     summary = result.meta.get("summary", {})
     pngs = sorted((run_dir / "plots").glob("*.png")) + sorted((run_dir / "study").glob("*.png"))
@@ -505,8 +583,14 @@ def _run_info(run_dir: Path, result: AttributionResult, selection: dict, cfg: Ex
                                                              if isinstance(v, (int, float, str))},
             "selected": selection.get("selection", []), "n_bootstrap": cfg.n_bootstrap,
             "page_size": cfg.page_size, "plots": plots,
+            "n_prompts": result.n_prompts, "n_attributed": len(attributed_prompts(result)),
             "policy": (f"full detail for the top {cfg.detail} latents by IPG, the selected set and each baseline's "
-                       "top 8; a summary row for every other latent with a non-zero score")}
+                       f"top 8; a panel built on demand (contexts, logit effects, nearest latents) for the next ones "
+                       f"up to rank {cfg.on_demand}; a summary row for every other latent with a non-zero score"),
+            "notes": [] if has_maps else [
+                "This result has no token maps, so the per-token IPG views and the trajectory view are empty. "
+                "To get them, attribute with token maps: `attribution.token_maps: ['*']` in the config (as "
+                "configs/demo.yaml does), or attribute(..., token_maps=['*']) in Python."]}
 
 
 # ---- the page ----------------------------------------------------------------------------------

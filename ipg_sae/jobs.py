@@ -290,10 +290,44 @@ def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | Non
         _use_inputs(tracker, saes=cfg.saes, attribution_dirs=_set_dirs(cfg.sets))
         result = evaluate(model, tokenizer, saes, problems, prompts, sets, cfg.evaluation, out_dir=run_dir / "eval",
                           active=active, attribution_prompt_ids=prompt_ids, progress=progress)
-        for row in result.rows:
-            tracker.log({f"evaluate/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+        history, summary = evaluation_metrics(result)
+        tracker.log(history)
+        tracker.summary(summary)
         report = write_report(run_dir, result, scores=scores, tracker=tracker)
+        outputs = [run_dir / "eval" / f for f in ("summary.json", "rows.csv", "comparisons.csv", "samples.csv")]
+        tracker.artifact(artifact_name("evaluation", run_dir / "eval"), "evaluation", report, *outputs,
+                         *[p for p in [run_dir / "plots"] if p.is_dir()])
     return result, report
+
+
+_W_METRICS = ("accuracy", "length", "reward", "degenerate", "unparseable", "ess")
+
+
+def evaluation_metrics(result) -> tuple[dict, dict]:
+    """W&B keys of an evaluation, one per set, gamma and metric (``evaluate/<set>/g<gamma>/<metric>``, the
+    unsteered base as ``evaluate/none/<metric>``, with ``_delta``/``_lo``/``_hi`` against it), logged as one
+    step; and the run's summary: the same keys plus the headline, the target against the random sets at
+    each gamma on the primary metric (``evaluate/headline/g<gamma>/<metric>_vs_random``, its interval and
+    verdict). The runs table then shows the target's numbers, never a null's."""
+    meta = result.meta
+    history = {}
+    for row in result.rows:
+        name = "random_mean" if row["condition"] == "random_mean" else row["set"]
+        prefix = "evaluate/none" if row["gamma"] is None else f"evaluate/{name}/g{row['gamma']:g}"
+        for m in _W_METRICS:
+            for suffix in ("", "_delta", "_delta_lo", "_delta_hi", "_lo", "_hi"):
+                value = row.get(m + suffix)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    history[f"{prefix}/{m}{suffix}"] = value
+    summary = dict(history)
+    for c in result.comparisons:
+        if c["against"] == "random" and c["metric"] == meta.primary_metric:
+            key = f"evaluate/headline/g{c['gamma']:g}/{c['metric']}_vs_random"
+            summary.update({key: c["delta"], f"{key}_lo": c["lo"], f"{key}_hi": c["hi"],
+                            f"{key}_verdict": c["verdict"]})
+    summary["evaluate/target"] = meta.target
+    summary["evaluate/primary_metric"] = meta.primary_metric
+    return history, summary
 
 
 # ---- explore ------------------------------------------------------------------------------
@@ -319,4 +353,5 @@ def run_explore(cfg: ExploreJobConfig, group: str | None = None) -> Path:
 
     run_dir = Path(cfg.run_dir)
     with run_lock(run_dir, lock_hint=False), Tracker(cfg.wandb, run_dir, run_dir.name, "explore", group=group) as tracker:
+        _use_inputs(tracker, attribution_dirs=[run_dir])  # lineage: attribution -> explorer
         return build(run_dir, cfg=cfg.explorer, tracker=tracker, trust_remote_code=cfg.trust_remote_code)

@@ -9,6 +9,11 @@ For each latent ``i`` of layer ``l``, over the ``N`` prompts' values ``a_n = IPG
 * ``sign_consistency``: share of prompts with ``sign(a_n) = sign(mean)``;
 * ``active_frac``: share of prompts on which the latent is active at some in-scope position.
 
+``N`` counts the *attributed* prompts only (:func:`attributed_prompts`): a gradient method skips a
+prompt whose samples all got the same reward (every advantage is 0), and its all-zero row is
+not evidence about any latent, so counting it would pull every mean toward 0 and every sign
+consistency toward a coin flip. The feature table states ``N`` (``n_prompts``).
+
 Optionally each trajectory's attribution row is normalised before the per-prompt mean
 (``normalize="length"``: divided by its number of generated tokens; ``"l1"``: divided by the L1
 norm of its attributions over all spliced layers; rows with a zero norm stay zero).
@@ -48,7 +53,7 @@ Normalize = Literal["none", "length", "l1"]
 STAT_NAMES = ("mean", "mean_abs", "std", "se", "t", "sign_consistency", "active_frac")
 RANK_BY: tuple[str, ...] = get_args(RankBy)
 NORMALIZE: tuple[str, ...] = get_args(Normalize)
-TABLE_COLUMNS = ("layer", "latent", "rank", *STAT_NAMES, "score", "method", "contexts")
+TABLE_COLUMNS = ("layer", "latent", "rank", *STAT_NAMES, "n_prompts", "score", "method", "contexts")
 
 
 # ---- per-prompt values and statistics ---------------------------------------------------
@@ -101,15 +106,30 @@ def _stats(values: torch.Tensor | None, active: torch.Tensor) -> dict[str, torch
     return out
 
 
+def attributed_prompts(result: AttributionResult) -> torch.Tensor:
+    """Indices of the prompts whose statistics count: for a gradient method the prompts it attributed (those
+    with reward variance), for the other methods every prompt."""
+    if result.is_gradient_method:
+        attributed = torch.nonzero(~result.prompt("skipped").bool()).flatten()
+        if len(attributed):
+            return attributed
+    return torch.arange(result.n_prompts)
+
+
 def latent_stats(result: AttributionResult, normalize: str = "none",
                  prompts: np.ndarray | torch.Tensor | None = None) -> dict[int, dict[str, torch.Tensor]]:
     """Per layer, the statistics of section 4 as ``[d_sae]`` float64 tensors (NaN where undefined).
 
-    ``prompts`` (indices, repeats allowed) restricts or resamples the prompts; ``score`` is
-    included too (the method's natural score, recomputed on the resample where it can be).
+    ``prompts`` (indices, repeats allowed) restricts or resamples the prompts (default: the
+    attributed prompts, :func:`attributed_prompts`); ``score`` is included too (the method's
+    natural score, recomputed on a resample where it can be).
     """
     values = per_prompt(result, normalize)
-    sel = None if prompts is None else torch.as_tensor(np.asarray(prompts), dtype=torch.long)
+    if prompts is None:
+        attributed = attributed_prompts(result)
+        sel = None if len(attributed) == result.n_prompts else attributed
+    else:
+        sel = torch.as_tensor(np.asarray(prompts), dtype=torch.long)
     out = {}
     for layer in result.layers:
         v = None if values is None else values[layer]
@@ -118,7 +138,7 @@ def latent_stats(result: AttributionResult, normalize: str = "none",
             v = None if v is None else v[sel]
             active = active[sel]
         stats = _stats(v, active)
-        stats["score"] = _natural_score(result, layer, stats, sel)
+        stats["score"] = _natural_score(result, layer, stats, sel if prompts is not None else None)
         out[layer] = stats
     return out
 
@@ -200,10 +220,11 @@ def bootstrap_stability(result: AttributionResult, k: int, n_boot: int = 100, by
     values = per_prompt(result, normalize)  # computed once; resamples index into it
     reference = set(_rank(latent_stats(result, normalize), by, k, per_layer, True))
     rng = np.random.default_rng(seed)
-    n = result.n_prompts
+    pool = attributed_prompts(result)  # resample the prompts the statistics count
+    n = len(pool)
     scores = []
     for _ in range(n_boot):
-        sel = torch.as_tensor(rng.integers(0, n, size=n), dtype=torch.long)
+        sel = pool[torch.as_tensor(rng.integers(0, n, size=n), dtype=torch.long)]
         stats = {}
         for layer in result.layers:
             v = None if values is None else values[layer][sel]
@@ -233,6 +254,7 @@ def feature_table(result: AttributionResult, tokenizer, trajectories, k: int | N
     """
     by = by or default_rank_by(result)
     stats = latent_stats(result, normalize)
+    n_prompts = len(attributed_prompts(result))
     if latents is None:
         if k is None:
             k = sum(int(s["active_frac"].gt(0).sum()) for s in stats.values()) or 1
@@ -246,6 +268,7 @@ def feature_table(result: AttributionResult, tokenizer, trajectories, k: int | N
         row = {"layer": layer, "latent": latent, "rank": rank_in_layer[layer] if per_layer else i + 1}
         for name in STAT_NAMES:
             row[name] = float(s[name][latent])
+        row["n_prompts"] = n_prompts  # the statistics' denominator: the attributed prompts
         row["score"] = float(s["score"][latent])
         row["method"] = result.method_name
         row["contexts"] = " | ".join(_contexts(result, layer, latent, tokenizer, by_id, window))
@@ -456,7 +479,7 @@ def log_to_wandb(run, table_rows: list[dict], result: AttributionResult, prefix:
         log.warning("W&B logging of the attribution failed (%s: %s); local files are unaffected", type(e).__name__, e)
 
 
-__all__ = ["STAT_NAMES", "TABLE_COLUMNS", "per_prompt", "latent_stats", "select", "bootstrap_stability",
+__all__ = ["STAT_NAMES", "TABLE_COLUMNS", "attributed_prompts", "per_prompt", "latent_stats", "select", "bootstrap_stability",
            "feature_table", "write_feature_table", "read_feature_table", "load_selection", "log_to_wandb",
            "default_rank_by",
            "GRADIENT_METHODS"]

@@ -12,7 +12,10 @@ to sync later (a pipeline does not wait on the network at every stage).
 
 Lineage: each job logs what it made as an artifact (trajectories, SAE, attribution result)
 and declares what it used (:meth:`Tracker.use`), so W&B's lineage graph shows
-sample -> SAE -> attribution -> evaluation. A job that is killed and rerun continues its W&B
+sample -> SAE -> attribution -> evaluation (and attribution -> explorer). Offline artifacts
+reference their files where they are (no staged copies) by paths relative to the run
+directory, so a moved run directory syncs from inside it (``cd runs/<name> && wandb sync
+wandb/offline-run-*``). A job that is killed and rerun continues its W&B
 run (same id, ``resume="allow"``); the id lives in ``runs/<name>/wandb/run_ids.json`` until
 the job finishes.
 
@@ -25,6 +28,7 @@ files, so it parses the record log with wandb's own protobuf definitions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -202,19 +206,25 @@ class Tracker:
     def artifact(self, name: str, type: str, *paths: str | Path) -> None:
         """Log the files or directories ``paths`` as one artifact this job made."""
         if self.run is not None:
-            self._guard(lambda: self.run.log_artifact(_artifact(name, type, paths)))
+            self._guard(lambda: self.run.log_artifact(_artifact(name, type, paths, self._base())))
 
     def use(self, name: str, type: str, *paths: str | Path) -> None:
         """Declare that this job used the artifact made of ``paths`` (same content, same W&B version)."""
         if self.run is None or not paths or not all(Path(p).exists() for p in paths):
             return
-        art = _artifact(name, type, paths)
+        art = self._guard(lambda: _artifact(name, type, paths, self._base()))
+        if art is None:
+            return
         if self.mode == "online":
             self._guard(lambda: self.run.use_artifact(art))
         else:
             # wandb refuses use_artifact offline; for a draft artifact, use_artifact online is exactly this call,
             # which records the use in the run file so that `wandb sync` draws the lineage.
             self._guard(lambda: self.run._log_artifact(art, is_user_created=True, use_after_commit=True))
+
+    def _base(self) -> Path | None:
+        """Where offline artifacts reference their files from (None online: W&B stages copies and uploads them)."""
+        return self.run_dir if self.mode == "offline" else None
 
     def finish(self, completed: bool = True) -> None:
         """End the W&B run; a completed job forgets its run id, so the next run of it starts a new W&B run."""
@@ -263,13 +273,44 @@ def attribution_files(method_dir: str | Path) -> list[Path]:
     return [Path(method_dir) / f for f in ATTRIBUTION_FILES if (Path(method_dir) / f).is_file()]
 
 
-def _artifact(name: str, type: str, paths):
+def _artifact(name: str, type: str, paths, base: Path | None = None):
+    """A W&B artifact of ``paths``. With ``base`` (offline runs), files are referenced where they are, not copied
+    into a staging folder, and by their path relative to ``base`` where they lie inside it: the run directory
+    can then be moved and synced from inside it (``cd runs/<name> && wandb sync wandb/offline-run-*``)."""
     import wandb
 
     art = wandb.Artifact(name, type=type)
-    for path in paths:
-        (art.add_dir if Path(path).is_dir() else art.add_file)(str(path))
+    policy = "immutable" if base is not None else "mutable"
+    with _working_dir(base):
+        for path in paths:
+            local = _relative_to(Path(path), base)
+            if Path(local).is_dir():
+                art.add_dir(local, policy=policy)
+            else:
+                art.add_file(local, policy=policy)
     return art
+
+
+@contextlib.contextmanager
+def _working_dir(path: Path | None):
+    if path is None:
+        yield
+        return
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _relative_to(path: Path, base: Path | None) -> str:
+    if base is None:
+        return str(path)
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path.resolve())  # outside the run directory: referenced where it is
 
 
 def _ids_file(run_dir: Path) -> Path:
@@ -377,7 +418,8 @@ def read_offline_run(run_dir: str | Path, wait_s: float = 30.0) -> dict:
                 run_id = rec.run.run_id
             elif kind == "artifact":  # logged (made) or, with use_after_commit, used by the run
                 a = rec.artifact
-                artifacts.append({"name": a.name, "type": a.type, "digest": a.digest, "used": a.use_after_commit})
+                artifacts.append({"name": a.name, "type": a.type, "digest": a.digest, "used": a.use_after_commit,
+                                  "files": {e.path: e.local_path for e in a.manifest.contents}})
         runs.append({"file": str(f), "history": history, "summary": summary, "config": config, "id": run_id,
                      "made": [a for a in artifacts if not a["used"]], "used": [a for a in artifacts if a["used"]]})
     return {"runs": runs, **runs[-1]}

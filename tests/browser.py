@@ -22,21 +22,22 @@ def find_browser() -> str | None:
     return None
 
 
-def _browse(page: Path, *flags: str, timeout: int = 120) -> str:
+def _browse(page: Path, *flags: str, timeout: int = 120, fragment: str = "") -> str:
     browser = find_browser()
     if browser is None:
         raise RuntimeError("no Chromium browser found; install one (Debian: apt-get install chromium)")
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run([browser, *BROWSER_FLAGS, f"--user-data-dir={profile}", *flags,
-                               Path(page).resolve().as_uri()], capture_output=True, text=True, timeout=timeout)
+                               Path(page).resolve().as_uri() + fragment], capture_output=True, text=True,
+                              timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{browser} failed on {page}: {proc.stderr.strip()[-300:]}")
     return proc.stdout
 
 
-def rendered_dom(page: str | Path) -> str:
-    """The page's DOM after its script ran, as headless Chromium serializes it."""
-    return _browse(Path(page), "--dump-dom")
+def rendered_dom(page: str | Path, fragment: str = "") -> str:
+    """The page's DOM after its script ran, as headless Chromium serializes it (``fragment``: e.g. ``#L2:7``)."""
+    return _browse(Path(page), "--dump-dom", fragment=fragment)
 
 
 def screenshot(page: str | Path, png: str | Path, size: tuple[int, int] = (1400, 1000)) -> Path:

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from ipg_sae.explorer import ExplorerConfig, build, load, logit_effect, render
+from ipg_sae.explorer import ExplorerConfig, build, load, render
+from ipg_sae.latents import logit_effect
 from tests.browser import find_browser, rendered_dom, screenshot
 from tests.test_pipeline import text_length_mod_7  # noqa: F401  (the reward the run below uses)
 
@@ -187,3 +188,122 @@ def test_a_65k_latent_sae_pages_its_summary_rows(tmp_path):
     assert 'data-ready="1"' in dom and "data-error" not in dom
     body = re.search(r'<tbody id="rows">(.*?)</tbody>', dom, re.S).group(1)
     assert body.count("<tr") == 200 and "page 1 of 328" in dom
+
+
+# ---- what a researcher reads must be right (issue 22) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api_run(tmp_path_factory, tiny_llama_dir):
+    """An attribution made through the Python API (no token maps), on prompts of which only some have reward
+    variance, saved into a run directory with its trajectories."""
+    from ipg_sae.attribution import attribute
+    from ipg_sae.models import load_model
+    from ipg_sae.sampling import SamplingConfig, sample
+    from ipg_sae.tasks import TaskConfig, build_prompts, load_problems
+    from ipg_sae.trajectories import save_trajectories
+    from tests import tiny
+
+    model, tok = load_model(str(tiny_llama_dir))
+    task = TaskConfig(n_problems=4, few_shot=0)
+    problems = load_problems(task)
+    trajs = sample(model, tok, problems, build_prompts(tok, problems, task),
+                   SamplingConfig(n_samples=4, max_new_tokens=8), "tests.test_pipeline:text_length_mod_7",
+                   progress=False)
+    first = trajs[0].prompt_id  # only the first prompt keeps its varying reward
+    trajs = [t if t.prompt_id == first else type(t)(**{**t.__dict__, "reward": 1.0}) for t in trajs]
+    run_dir = tmp_path_factory.mktemp("api") / "run"
+    save_trajectories(run_dir / "trajectories.jsonl", trajs)
+    sae = tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3)
+    result = attribute(model, {2: sae}, trajs, n_steps=2, tokenizer=tok, out_dir=run_dir, n_contexts=12,
+                       progress=False)
+    page = build(run_dir, model=model, tokenizer=tok, saes={2: result and sae}, trajectories=trajs,
+                 cfg=ExplorerConfig(detail=64, n_contexts=12, held_out=0, page_size=25))
+    return run_dir, page, trajs
+
+
+def test_explorer_contexts_are_the_attributions_own_list(api_run):
+    """The page's trajectory contexts are exactly AttributionResult.contexts (the list features.csv shows),
+    including trajectories of prompts that were never attributed (no token map, no reward variance)."""
+    from ipg_sae.attribution import AttributionResult
+
+    run_dir, _, trajs = api_run
+    result = AttributionResult.load(run_dir)
+    assert result.prompt("skipped").any() and not result.prompt("skipped").all()
+    data = load(run_dir)
+    skipped_prompts = {pid for pid, s in zip(result.prompt_ids, result.prompt("skipped").tolist()) if s}
+    by_id = {t.id: t for t in trajs}
+    checked = from_skipped = 0
+    for key, detail in data["details"].items():
+        layer, latent = map(int, key.split(":"))
+        value, traj, pos = (x[latent] for x in result.contexts[layer])
+        want = sorted([(result.traj_ids[t], p, round(v, 4)) for v, t, p in zip(value.tolist(), traj.tolist(),
+                                                                              pos.tolist()) if v >= 0 and t >= 0],
+                      key=lambda c: -c[2])[:12]
+        got = [(c["trajectory"], c["position"], c["max"]) for c in detail["contexts"] if "trajectory" in c]
+        assert got == want, key
+        for c in detail["contexts"]:
+            if "trajectory" in c:  # the shading is the latent's real activation: the recorded one at its token
+                assert c["activations"][c["max_index"]] == pytest.approx(c["max"], rel=1e-3, abs=1e-3)
+        checked += len(got)
+        from_skipped += sum(by_id[t].prompt_id in skipped_prompts for t, _, _ in got)
+    assert checked and from_skipped  # contexts from prompts that were never attributed are there too
+
+
+def test_a_result_without_token_maps_says_so(api_run):
+    run_dir, page, _ = api_run
+    data = load(run_dir)
+    assert data["trajectories"] == [] and data["run"]["notes"] and "token_maps" in data["run"]["notes"][0]
+    assert any(d["contexts"] for d in data["details"].values())  # contexts do not need token maps
+    if not _browser_or_skip():
+        return
+    dom = rendered_dom(page)
+    assert 'data-ready="1"' in dom and "data-error" not in dom and "has no token maps" in dom
+
+
+def test_statistics_count_attributed_prompts_only(api_run, tiny_tokenizer):
+    """Sign consistency over the attributed prompts: a prompt that was never attributed is no evidence."""
+    from ipg_sae.attribution import AttributionResult
+    from ipg_sae.selection import attributed_prompts, feature_table, latent_stats, per_prompt
+
+    run_dir, _, trajs = api_run
+    result = AttributionResult.load(run_dir)
+    attributed = attributed_prompts(result)
+    assert 0 < len(attributed) < result.n_prompts
+    values = per_prompt(result)[2][attributed]
+    stats = latent_stats(result)[2]
+    mean = values.mean(0)
+    want = (torch.sign(values) == torch.sign(mean)[None]).double().mean(0)
+    assert torch.allclose(stats["sign_consistency"], want) and torch.allclose(stats["mean"], mean)
+    top = int(torch.argmax(mean))
+    assert float(stats["sign_consistency"][top]) == 1.0  # one attributed prompt: never a coin flip
+    assert {r["n_prompts"] for r in feature_table(result, tiny_tokenizer, trajs, k=3)} == {len(attributed)}
+    data = load(run_dir)
+    assert data["run"]["n_attributed"] == len(attributed) and data["run"]["n_prompts"] == result.n_prompts
+    row = next(r for r in data["latents"] if (r["layer"], r["latent"]) == (2, top))
+    assert row["sign_consistency"] == pytest.approx(1.0)
+
+
+def test_every_latent_has_a_panel_a_permalink_and_neighbours(api_run):
+    run_dir, page, _ = api_run
+    data = load(run_dir)
+    compact = [r for r in data["latents"] if not r["detail"] and r.get("ctx")]
+    assert all(len(r["near"]) == 5 and all(-1 <= c <= 1 for _, _, c in r["near"]) for r in data["latents"]
+               if "near" in r)
+    assert all(r["logits"]["promoted"] for r in data["latents"] if "logits" in r)
+    exported = json.loads((run_dir / "explorer" / "dashboard" / "layer_2.json").read_text())
+    feature = exported["features"][0]
+    assert {"feature_index", "activations", "pos_str", "pos_values", "neg_str", "neg_values", "frac_nonzero",
+            "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "topkCosSimIndices"} <= set(feature)
+    assert len(feature["freq_hist_data_bar_heights"]) == len(feature["freq_hist_data_bar_values"])
+    if not _browser_or_skip():
+        return
+    target = compact[0] if compact else data["latents"][-1]
+    key = f"{target['layer']}:{target['latent']}"
+    dom = rendered_dom(page, fragment=f"#L{key}")
+    assert 'data-ready="1"' in dom and "data-error" not in dom
+    assert f'data-latent="{key}"' in dom  # the permalink opened that latent's panel
+    assert "Nearest latents" in dom and "permalink" in dom
+    full = next(r for r in data["latents"] if r["detail"])
+    dom = rendered_dom(page, fragment=f"#L{full['layer']}:{full['latent']}")
+    assert "activation (non-zero values)" in dom and ">count<" in dom  # the histogram's axes are labelled

@@ -168,3 +168,6 @@ def test_wandb_lineage_of_the_stages(pipeline_cfg):
     by_digest = {(a["name"], a["digest"]) for r in runs.values() for a in r["made"]}
     assert all((a["name"], a["digest"]) in by_digest for r in runs.values() for a in r["used"]
                if a["name"] != "sae-sae")  # the same content: the same W&B version, one edge per use
+    explore = next(r for r in runs.values() if any(a["type"] == "explorer" for a in r["made"]))
+    assert "p-attribution" in {a["name"] for a in explore["used"]}  # attribution -> explorer
+    assert any(a["type"] == "evaluation" for r in runs.values() for a in r["made"])  # report.md and eval/

@@ -126,3 +126,57 @@ def test_lineage_records_made_and_used_artifacts(tmp_path, monkeypatch):
     used = read_offline_run(tmp_path / "b")["used"]
     assert [a["name"] for a in made] == [a["name"] for a in used] == ["demo-trajectories"]
     assert made[0]["digest"] == used[0]["digest"]  # same content: the same W&B version, one lineage edge
+
+
+def test_offline_artifacts_reference_their_files_relative_to_the_run_and_copy_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "runs" / "demo"
+    (run_dir / "sae" / "layer_1").mkdir(parents=True)
+    weights = run_dir / "sae" / "layer_1" / "sae_weights.safetensors"
+    weights.write_bytes(b"\x00" * 4096)
+    outside = tmp_path / "published.txt"
+    outside.write_text("x")
+    with Tracker(WandbConfig(project="t"), run_dir, "demo", "sae") as tr:
+        tr.artifact("demo-sae-layer_1", "model", run_dir / "sae" / "layer_1")
+    for job in ("attribute-ipg", "attribute-act", "evaluate"):  # used by several jobs: still never copied
+        with Tracker(WandbConfig(project="t"), run_dir, "demo", job) as tr:
+            tr.use("demo-sae-layer_1", "model", run_dir / "sae" / "layer_1")
+            tr.use("published", "model", outside)
+    runs = read_offline_run(run_dir)["runs"]
+    made = [a for r in runs for a in r["made"]]
+    assert made[0]["files"] == {"sae_weights.safetensors": "sae/layer_1/sae_weights.safetensors"}
+    used = [a for r in runs for a in r["used"] if a["name"] == "published"]
+    assert used and all(a["files"]["published.txt"] == str(outside.resolve()) for a in used)
+    staged = [p for p in (run_dir / "wandb-data").rglob("*") if p.is_file()] if (run_dir / "wandb-data").exists() else []
+    assert not staged, staged  # nothing staged: a 4 KB file used by four jobs costs no copies
+
+
+def test_the_evaluation_run_summary_holds_the_targets_numbers(tmp_path, monkeypatch, tiny_llama_dir):
+    from ipg_sae.config import load_config
+    from ipg_sae.jobs import EvaluateJobConfig, run_evaluate
+    from tests import tiny
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sae_dir = tmp_path / "sae"
+    tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
+    (tmp_path / "set.yaml").write_text("[[2, 3], [2, 5]]\n")
+    cfg = load_config(EvaluateJobConfig, None, {
+        "name": "e", "runs_dir": str(tmp_path / "runs"), "model.name": str(tiny_llama_dir),
+        "saes": [{"path": str(sae_dir)}], "sets": {"ipg": str(tmp_path / "set.yaml")}, "evaluation.k": 2,
+        "evaluation.gammas": [0.0, 2.0], "evaluation.seeds": [0], "evaluation.n_random_sets": 2,
+        "evaluation.estimator": "sampling", "evaluation.n_bootstrap": 100, "evaluation.task.n_problems": 3,
+        "evaluation.task.few_shot": 0, "evaluation.sampling.max_new_tokens": 5})
+    result, _ = run_evaluate(cfg, progress=False)
+    run = read_offline_run(cfg.run_dir)
+    target = next(r for r in result.rows if r["set"] == "ipg" and r["gamma"] == 2.0)
+    null = next(r for r in result.rows if r["condition"] == "random_mean" and r["gamma"] == 2.0)
+    assert run["summary"]["evaluate/ipg/g2/accuracy"] == target["accuracy"]
+    assert run["summary"]["evaluate/random_mean/g2/accuracy"] == null["accuracy"]
+    assert "evaluate/accuracy" not in run["summary"] and run["summary"]["evaluate/target"] == "ipg"
+    headline = next(c for c in result.comparisons if c["against"] == "random" and c["gamma"] == 2.0
+                    and c["metric"] == "accuracy")
+    assert run["summary"]["evaluate/headline/g2/accuracy_vs_random"] == headline["delta"]
+    steps = [h for h in run["history"] if any(k.startswith("evaluate/") for k in h)]
+    assert len(steps) == 1 and "evaluate/ipg/g0/accuracy" in steps[0]  # one step, each set and gamma its own key
+    files = {f for a in run["made"] if a["type"] == "evaluation" for f in a["files"]}
+    assert {"report.md", "summary.json", "samples.csv"} <= files
