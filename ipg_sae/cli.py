@@ -129,6 +129,27 @@ def _explore_run():
     return lambda cfg: print(f"explorer: {run_explore(cfg)} (open it in a browser; no server needed)")
 
 
+def _export_cfg():
+    from .jobs import ExportJobConfig
+
+    return ExportJobConfig
+
+
+def _export_run():
+    from .jobs import run_export
+
+    def run(cfg):
+        out = run_export(cfg)
+        print(f"exported: {out['exported']}")
+        if "residual" in out:
+            print(f"checked through sae-lens's SAETransformerBridge at {out['hook']}: residual max |diff| "
+                  f"{out['residual']:.3g}, activations max |diff| {out['activations']:.3g}")
+        print("load it: bridge = sae_lens.SAETransformerBridge.boot_transformers(MODEL, hf_model=model, "
+              f"tokenizer=tok); sae = sae_lens.SAE.load_from_disk({out['exported']!r}); "
+              "bridge.run_with_cache_with_saes(ids, saes=[sae])  (or ipg_sae.export.transformer_lens_bridge)")
+    return run
+
+
 def _study_cfg():
     from .study import StudyConfig
 
@@ -156,9 +177,13 @@ COMMANDS: dict[str, Command] = {
               _study_cfg, _study_run),
     "explore": ("write a static page showing what each latent is and how it moves the outcome",
                 _explore_cfg, _explore_run),
+    "export": ("copy an SAE for TransformerLens / sae-lens's SAETransformerBridge and check it loads exactly",
+               _export_cfg, _export_run),
 }
-STARTS_OVER = {"sample", "explore"}  # commands that keep no partial work when stopped
-RUN_DIR_COMMANDS = {"explore"}  # their positional argument is a run directory, not a config file
+STARTS_OVER = {"sample", "explore", "export"}  # commands that keep no partial work when stopped
+# Commands whose positional argument is a directory (a config field) rather than a config file.
+RUN_DIR_COMMANDS = {"explore": ("run_dir", "RUN_DIR", "the run directory (e.g. runs/demo)"),
+                    "export": ("sae", "SAE_DIR", "the SAE directory (e.g. runs/demo/sae/layer_15)")}  # their positional argument is a run directory, not a config file
 
 
 class Parser(argparse.ArgumentParser):
@@ -186,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, cfg_cls, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name in RUN_DIR_COMMANDS:
-            p.add_argument("config", metavar="RUN_DIR", help="the run directory (e.g. runs/demo)")
+            _, metavar, help_text = RUN_DIR_COMMANDS[name]
+            p.add_argument("config", metavar=metavar, help=help_text)
         else:
             p.add_argument("config", nargs="?", help="YAML config file (defaults are used when omitted)")
         p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
@@ -205,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _, cfg_cls, runner = COMMANDS[args.command]
-    if args.command in RUN_DIR_COMMANDS:  # `ipg-sae explore runs/demo`: the run directory is a field
-        setattr(args, "cfg:run_dir", args.config)
+    if args.command in RUN_DIR_COMMANDS:  # `ipg-sae explore runs/demo`: the directory is a field
+        setattr(args, f"cfg:{RUN_DIR_COMMANDS[args.command][0]}", args.config)
         args.config = None
     return run_job(args, cfg_cls(), runner(), resumes=args.command not in STARTS_OVER)

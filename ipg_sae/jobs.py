@@ -19,7 +19,7 @@ from .config import JobConfig, dump_yaml, to_dict
 from .errors import IPGError
 from .evaluation import EvalConfig
 from .explorer import ExplorerConfig
-from .io import run_lock, write_json, write_text
+from .io import read_json, run_lock, write_json, write_text
 from .models import load_model
 from .rewards import get_reward
 from .saes import SAESpec, load_saes
@@ -355,3 +355,38 @@ def run_explore(cfg: ExploreJobConfig, group: str | None = None) -> Path:
     with run_lock(run_dir, lock_hint=False), Tracker(cfg.wandb, run_dir, run_dir.name, "explore", group=group) as tracker:
         _use_inputs(tracker, attribution_dirs=[run_dir])  # lineage: attribution -> explorer
         return build(run_dir, cfg=cfg.explorer, tracker=tracker, trust_remote_code=cfg.trust_remote_code)
+
+
+# ---- export -------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportJobConfig:
+    sae: str = ""  # the SAE directory to export (one this project trained, e.g. runs/demo/sae/layer_15)
+    out_dir: str | None = None  # where the TransformerLens copy goes (default: <sae>_transformer_lens)
+    model: str | None = None  # the model it reads (default: the one named in the SAE's ipg_sae.json)
+    check: bool = True  # load the model and compare the bridge's residual and activations with this project's
+
+    def validate(self) -> None:
+        if not self.sae or not (Path(self.sae) / "cfg.json").is_file():
+            raise IPGError(f"{self.sae or '(no SAE)'} is not an SAE directory (no cfg.json); give one, e.g. "
+                           "runs/demo/sae/layer_15")
+
+
+def run_export(cfg: ExportJobConfig) -> dict:
+    """Write the TransformerLens copy of an SAE and, with ``check``, verify it through sae-lens's bridge."""
+    from .export import export_for_transformer_lens, round_trip
+    from .models import model_source
+    from .saes import SIDECAR
+
+    sae_dir = Path(cfg.sae)
+    out = export_for_transformer_lens(sae_dir, cfg.out_dir or f"{str(sae_dir).rstrip('/')}_transformer_lens")
+    summary: dict = {"exported": str(out)}
+    if cfg.check:
+        sidecar = sae_dir / SIDECAR
+        name = cfg.model or (read_json(sidecar).get("model_name") if sidecar.is_file() else None)
+        if not name:
+            raise IPGError(f"{sae_dir} does not name its model (no {SIDECAR}); pass --model NAME, or --check false")
+        model, tokenizer = load_model(name)
+        summary.update(round_trip(model, tokenizer, model_source(name), sae_dir, out))
+    return summary

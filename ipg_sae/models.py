@@ -126,6 +126,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 # ---- sources ----------------------------------------------------------------------------
 
 
+def model_source(name: str) -> str:
+    """Where a model loads from: a local directory (the offline default's dequantized copy included) or a hub id."""
+    return str(_resolve_source(name))
+
+
 def _resolve_source(name: str) -> Path | str:
     """Return a local directory to load from, or the hub id itself."""
     if name in OFFLINE_MODELS:
@@ -208,17 +213,27 @@ def _hub_files_only(repo_id: str, revision: str | None) -> bool:
     if constants.HF_HUB_OFFLINE:
         raise IPGError(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download "
                        "it on a machine with a network, or give a local model directory")
+    why = hub_unreachable()
+    if why:
+        raise IPGError(f"cannot reach the Hugging Face hub ({why}) to download model {repo_id!r}, which is not in the "
+                       "local cache; check your network, or give a local model directory or .gguf file")
+    return False
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """None when the Hugging Face hub accepts a connection within ``timeout`` seconds, else why not: one probe,
+    so that a missing network costs seconds instead of a minute of retries."""
     import socket
     from urllib.parse import urlparse
 
+    from huggingface_hub import constants
+
     url = urlparse(constants.ENDPOINT)
     try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3):
-            return False
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+            return None
     except OSError as e:
-        raise IPGError(f"cannot reach the Hugging Face hub ({url.hostname}: {e.strerror or e}) to download model "
-                       f"{repo_id!r}, which is not in the local cache; check your network, or give a local model "
-                       "directory or .gguf file") from None
+        return f"{url.hostname}: {e.strerror or e}"
 
 
 def load_tokenizer_and_config(cfg: ModelConfig):

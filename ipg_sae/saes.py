@@ -91,6 +91,7 @@ def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | 
         except Exception as e:  # sae-lens raises many types; the user needs one line
             raise IPGError(f"could not load SAE from {path}: {str(e).splitlines()[0][:200]}; is it a sae-lens SAE?") from None
     else:
+        _check_pretrained(spec.release, spec.sae_id)
         try:
             sae = SAE.from_pretrained(spec.release, spec.sae_id, device=str(device))
         except Exception as e:
@@ -134,37 +135,6 @@ def write_sae_sidecar(sae_dir: str | Path, model_name: str, layer: int) -> None:
                                    "model_name": model_name, "hub_id": hub_id(model_name), "layer": layer})
 
 
-def export_for_transformer_lens(sae_dir: str | Path, out_dir: str | Path) -> Path:
-    """A copy of an SAE this project trained, named the way TransformerLens tools expect.
-
-    The copy's ``hook_name`` is ``blocks.L.hook_resid_post`` (the same residual as the HF model's
-    block ``L`` output), ``model_class_name`` is ``HookedTransformer`` with the model's hub id,
-    and ``model_from_pretrained_kwargs`` turn off the weight processing that would change the
-    residual basis, so ``HookedSAETransformer`` and SAEDashboard load it where it was trained.
-    The weights are copied unchanged.
-    """
-    import json
-    import shutil
-
-    from .io import write_json
-    from .models import hub_id
-
-    sae_dir, out_dir = Path(sae_dir), Path(out_dir)
-    cfg = json.loads((sae_dir / "cfg.json").read_text(encoding="utf-8"))
-    meta = dict(cfg.get("metadata") or {})
-    layer = hook_layer(meta.get("hook_name"))
-    if layer is None:
-        raise IPGError(f"{sae_dir}/cfg.json does not say which layer the SAE reads (hook_name); cannot export it")
-    meta.update(hook_name=f"blocks.{layer}.hook_resid_post", model_class_name="HookedTransformer",
-                model_name=hub_id(meta.get("model_name") or "") or meta.get("model_name"),
-                model_from_pretrained_kwargs={"center_writing_weights": False, "center_unembed": False,
-                                              "fold_ln": False})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(sae_dir / "sae_weights.safetensors", out_dir / "sae_weights.safetensors")
-    write_json(out_dir / "cfg.json", {**cfg, "metadata": meta})
-    return out_dir
-
-
 def _trained_for(side: dict | None, model: nn.Module, layer: int) -> bool:
     """Whether the SAE's sidecar says this project trained it on this model's residual at ``layer``."""
     if not side:
@@ -172,6 +142,41 @@ def _trained_for(side: dict | None, model: nn.Module, layer: int) -> bool:
     ours = _short(getattr(model.config, "_name_or_path", None) or "")
     names = {_short(n) for n in (side.get("model_name"), side.get("hub_id")) if n}
     return bool(ours) and ours in names and side.get("layer") == layer
+
+
+def _check_pretrained(release: str, sae_id: str) -> None:
+    """A published SAE's release and id exist in sae-lens's registry (else the closest ones, in one line), and its
+    files are cached or the hub answers a probe (else an error in seconds instead of a minute of retries)."""
+    import difflib
+
+    from huggingface_hub import constants, scan_cache_dir
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from .models import hub_unreachable
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        close = difflib.get_close_matches(release, list(directory), n=5, cutoff=0.4)
+        raise IPGError(f"sae-lens has no SAE release {release!r}; closest: {close or 'none'} (all {len(directory)}: "
+                       "sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory())")
+    lookup = directory[release]
+    if sae_id not in lookup.saes_map:
+        ids = list(lookup.saes_map)
+        shown = ids if len(ids) <= 12 else difflib.get_close_matches(sae_id, ids, n=8, cutoff=0.0)
+        raise IPGError(f"release {release!r} has no SAE {sae_id!r}; {'its ids' if len(ids) <= 12 else 'closest'}: "
+                       f"{', '.join(shown)} ({len(ids)} in all: "
+                       f"get_pretrained_saes_directory()[{release!r}].saes_map)")
+    try:
+        cached = any(r.repo_id == lookup.repo_id for r in scan_cache_dir().repos)
+    except Exception:  # no cache directory yet
+        cached = False
+    if cached or constants.HF_HUB_OFFLINE:
+        return
+    why = hub_unreachable()
+    if why:
+        raise IPGError(f"cannot reach the Hugging Face hub ({why}) to download SAE {release}/{sae_id} "
+                       f"({lookup.repo_id}), which is not in the local cache; check your network, or give a local "
+                       "SAE directory (`path:`)")
 
 
 def _check_sidecar(path: Path) -> dict | None:

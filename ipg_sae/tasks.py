@@ -152,8 +152,19 @@ def _is_blank_text_file(file: Path, fmt: str) -> bool:
 
 def _load_hub(name: str, split: str):
     import datasets
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from .models import hub_unreachable
 
     repo, config = _HUB_DATASETS[name]
+    cached = isinstance(try_to_load_from_cache(repo, "README.md", repo_type="dataset"), str)
+    offline = constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
+    why = None if offline else hub_unreachable()
+    if why and not cached:
+        raise IPGError(f"cannot reach the Hugging Face hub ({why}) to download dataset {repo!r}, which is not in the "
+                       "local cache; check your network, or set task.path to a local .jsonl/.parquet file")
+    if why:  # cached: read the cache without a minute of retries
+        datasets.config.HF_HUB_OFFLINE = True
     try:
         return datasets.load_dataset(repo, config, split=split)
     except Exception as e:

@@ -82,7 +82,8 @@ def test_every_shipped_config_loads():
     from ipg_sae.study import StudyConfig
 
     kinds = {"sample_": SampleJobConfig, "attribute_": AttributeJobConfig, "evaluate_": EvaluateJobConfig,
-             "sae_": TrainSAEConfig, "demo": PipelineConfig, "pipeline_": PipelineConfig, "study_": StudyConfig}
+             "sae_": TrainSAEConfig, "demo": PipelineConfig, "quickstart": PipelineConfig, "pipeline_": PipelineConfig,
+             "study_": StudyConfig}
     loaded = 0
     for path in sorted(Path("configs").rglob("*.yaml")):
         if path.parent.name == "sections":

@@ -450,7 +450,8 @@ def test_a_poor_generic_fit_of_an_sae_trained_here_for_this_model_is_no_alarm(ll
 def test_trained_saes_export_for_transformer_lens(tmp_path):
     from sae_lens import SAE
 
-    from ipg_sae.saes import export_for_transformer_lens, write_sae_sidecar
+    from ipg_sae.export import export_for_transformer_lens
+    from ipg_sae.saes import write_sae_sidecar
 
     src = tmp_path / "sae"
     random_sae("topk", 64, layer=3).save_model(str(src))
