@@ -198,18 +198,10 @@ def api_run(tmp_path_factory, tiny_llama_dir):
     """An attribution made through the Python API (no token maps), on prompts of which only some have reward
     variance, saved into a run directory with its trajectories."""
     from ipg_sae.attribution import attribute
-    from ipg_sae.models import load_model
-    from ipg_sae.sampling import SamplingConfig, sample
-    from ipg_sae.tasks import TaskConfig, build_prompts, load_problems
     from ipg_sae.trajectories import save_trajectories
     from tests import tiny
 
-    model, tok = load_model(str(tiny_llama_dir))
-    task = TaskConfig(n_problems=4, few_shot=0)
-    problems = load_problems(task)
-    trajs = sample(model, tok, problems, build_prompts(tok, problems, task),
-                   SamplingConfig(n_samples=4, max_new_tokens=8), "tests.test_pipeline:text_length_mod_7",
-                   progress=False)
+    model, tok, trajs = tiny.sample_tiny(tiny_llama_dir, n_problems=4, n_samples=4, max_new_tokens=8)
     first = trajs[0].prompt_id  # only the first prompt keeps its varying reward
     trajs = [t if t.prompt_id == first else type(t)(**{**t.__dict__, "reward": 1.0}) for t in trajs]
     run_dir = tmp_path_factory.mktemp("api") / "run"

@@ -381,16 +381,9 @@ def test_the_cli_says_one_line_on_a_full_disk(full_disk, tiny_llama_dir):
 @pytest.fixture(scope="module")
 def attribution_dir(tmp_path_factory, tiny_llama_dir):
     from ipg_sae.attribution import attribute
-    from ipg_sae.models import hidden_size, load_model
-    from ipg_sae.sampling import SamplingConfig, sample
-    from ipg_sae.tasks import TaskConfig, build_prompts, load_problems
+    from ipg_sae.models import hidden_size
 
-    model, tok = load_model(str(tiny_llama_dir))
-    task = TaskConfig(n_problems=2, few_shot=0)
-    problems = load_problems(task)
-    trajs = sample(model, tok, problems, build_prompts(tok, problems, task),
-                   SamplingConfig(n_samples=3, max_new_tokens=5), "tests.test_pipeline:text_length_mod_7",
-                   progress=False)
+    model, tok, trajs = tiny.sample_tiny(tiny_llama_dir, n_problems=2, n_samples=3, max_new_tokens=5)
     out = tmp_path_factory.mktemp("attr")
     attribute(model, {1: tiny.random_sae("topk", hidden_size(model), 1, d_sae=32, k=4)}, trajs, n_steps=2,
               tokenizer=tok, out_dir=out, progress=False)
@@ -587,18 +580,10 @@ def test_explore_ignores_the_runs_own_trust_remote_code(attribution_dir, tiny_ll
     (evil / "config.json").write_text(json.dumps(config))
     run = tmp_path / "run"
     shutil.copytree(attribution_dir, run)
-    from ipg_sae.sampling import SamplingConfig, sample  # the run's trajectories, for the page
-    from ipg_sae.models import load_model
-    from ipg_sae.tasks import TaskConfig, build_prompts, load_problems
-
-    model, tok = load_model(str(tiny_llama_dir))
-    problems = load_problems(TaskConfig(n_problems=2, few_shot=0))
-    sample_cfg = SamplingConfig(n_samples=3, max_new_tokens=5)
     from ipg_sae.trajectories import save_trajectories
 
-    save_trajectories(run / "trajectories.jsonl", sample(model, tok, problems, build_prompts(
-        tok, problems, TaskConfig(n_problems=2, few_shot=0)), sample_cfg, "tests.test_pipeline:text_length_mod_7",
-        progress=False))
+    save_trajectories(run / "trajectories.jsonl",  # the run's trajectories, for the page
+                      tiny.sample_tiny(tiny_llama_dir, n_problems=2, n_samples=3, max_new_tokens=5)[2])
     sae_dir = tmp_path / "sae"
     tiny.random_sae("topk", 64, layer=1, d_sae=32, k=4).save_model(str(sae_dir))
     (run / "attribute_config.yaml").write_text(yaml.safe_dump(

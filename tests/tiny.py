@@ -120,3 +120,19 @@ def random_sae(arch: str, d_in: int, layer: int, d_sae: int = 96, k: int = 8, se
             else:
                 p.normal_(0, 1.0 / d_in**0.5)
     return sae
+
+
+def sample_tiny(model_dir, n_problems: int, n_samples: int, max_new_tokens: int,
+                reward: str = "tests.test_pipeline:text_length_mod_7"):
+    """``(model, tokenizer, trajectories)``: a tiny model loaded from ``model_dir`` and its samples of the first
+    ``n_problems`` arithmetic problems (no few-shot example)."""
+    from ipg_sae.models import load_model
+    from ipg_sae.sampling import SamplingConfig, sample
+    from ipg_sae.tasks import TaskConfig, build_prompts, load_problems
+
+    model, tok = load_model(str(model_dir))
+    task = TaskConfig(n_problems=n_problems, few_shot=0)
+    problems = load_problems(task)
+    trajs = sample(model, tok, problems, build_prompts(tok, problems, task),
+                   SamplingConfig(n_samples=n_samples, max_new_tokens=max_new_tokens), reward, progress=False)
+    return model, tok, trajs
