@@ -40,9 +40,9 @@ def rendered_dom(page: str | Path, fragment: str = "") -> str:
     return _browse(Path(page), "--dump-dom", fragment=fragment)
 
 
-def screenshot(page: str | Path, png: str | Path, size: tuple[int, int] = (1400, 1000)) -> Path:
-    """A PNG of the page as headless Chromium draws it."""
+def screenshot(page: str | Path, png: str | Path, size: tuple[int, int] = (1400, 1000), fragment: str = "") -> Path:
+    """A PNG of the page as headless Chromium draws it (``fragment``: e.g. ``#L2:7`` opens that latent)."""
     png = Path(png).resolve()
     png.parent.mkdir(parents=True, exist_ok=True)
-    _browse(Path(page), f"--screenshot={png}", f"--window-size={size[0]},{size[1]}")
+    _browse(Path(page), f"--screenshot={png}", f"--window-size={size[0]},{size[1]}", fragment=fragment)
     return png
