@@ -152,11 +152,11 @@ class CellStore:
                 raise ValueError("its header is not this cell's")
             if text_digest("\n".join(lines[1:])) != header.get("sha256"):
                 log.warning("cell %s: %s does not match its recorded digest (edited or damaged); recomputing it",
-                            path.name.split(".")[0], path)
+                            _label_of(path), path)
                 return None
             return codec.decode(lines[1:])
         except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as e:
-            log.warning("cell %s: %s is damaged (%s); recomputing it", path.name.split(".")[0], path, e)
+            log.warning("cell %s: %s is damaged (%s); recomputing it", _label_of(path), path, e)
             return None
 
     def _explain_miss(self, label: str, key: dict) -> None:
@@ -174,6 +174,11 @@ class CellStore:
                 log.warning("cell %s: the saved one was computed with other %s; recomputing it (the saved one is "
                             "kept)", label, ", ".join(differ))
                 return
+
+
+def _label_of(path: Path) -> str:
+    """A cell file's label (its name without ``.<digest>.jsonl``; labels may hold dots, as in ``g0.5``)."""
+    return path.name.rsplit(".", 2)[0]
 
 
 def _canonical(key: dict) -> dict:

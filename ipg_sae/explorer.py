@@ -142,13 +142,12 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
     pieces = _Pieces(tokenizer)
     maps = _maps(result, by_id)
     acc = _accumulator_contexts(result, by_id)
-    prelim = _summary_rows(result, stats, baselines, selected, {}, {})
-    detail = _detail_set(prelim, cfg, selected, baselines)
+    rows = _summary_rows(result, stats, baselines, selected, _selection_frequency(result, k, cfg.n_bootstrap))
+    detail = _detail_set(rows, cfg, selected, baselines)
     encoded = encode_trajectories(model, saes, result, by_id, acc, detail)
-    rows = _summary_rows(result, stats, baselines, selected, encoded.frequency,
-                         _selection_frequency(result, k, cfg.n_bootstrap))
     for row in rows:
         row["detail"] = (row["layer"], row["latent"]) in detail
+        row["activation_frequency"] = encoded.frequency.get((row["layer"], row["latent"]), 0.0)
     texts = _compact_latents(rows, by_id, saes, model, acc, pieces, cfg)
     contexts = {key: [_trajectory_window(by_id[tid], encoded, key, pos, value, cfg, pieces) for tid, pos, value in found]
                 for key, found in acc.items() if key in detail}
@@ -326,7 +325,7 @@ def _selection_frequency(result: AttributionResult, k: int, n_boot: int) -> dict
     return {key: c / n_boot for key, c in counts.items()}
 
 
-def _summary_rows(result, stats, baselines, selected, freq, sel_freq) -> list[dict]:
+def _summary_rows(result, stats, baselines, selected, sel_freq) -> list[dict]:
     ranks = {}
     for name, b in baselines.items():
         order = sorted(((float(s[i]), layer, i) for layer, s in b.score.items() for i in range(len(s))
@@ -343,7 +342,6 @@ def _summary_rows(result, stats, baselines, selected, freq, sel_freq) -> list[di
                      "hi": _num(mean + 1.96 * se), "t": _num(float(s["t"][i])),
                      "sign_consistency": _num(float(s["sign_consistency"][i])),
                      "selection_frequency": sel_freq.get((layer, i), 0.0),
-                     "activation_frequency": freq.get((layer, i), 0.0),
                      "ranks": {name: r.get((layer, i)) for name, r in ranks.items()},
                      "selected": (layer, i) in selected, "neuronpedia": _neuronpedia(result, layer, i)})
     rows.sort(key=lambda r: (-(r["mean"] if r["mean"] is not None else -np.inf), r["layer"], r["latent"]))
