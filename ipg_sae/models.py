@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from . import hub
 from .errors import IPGError
 from .io import cache_root
 
@@ -213,27 +214,11 @@ def _hub_files_only(repo_id: str, revision: str | None) -> bool:
     if constants.HF_HUB_OFFLINE:
         raise IPGError(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download "
                        "it on a machine with a network, or give a local model directory")
-    why = hub_unreachable()
+    why = hub.unreachable()
     if why:
         raise IPGError(f"cannot reach the Hugging Face hub ({why}) to download model {repo_id!r}, which is not in the "
                        "local cache; check your network, or give a local model directory or .gguf file")
     return False
-
-
-def hub_unreachable(timeout: float = 3.0) -> str | None:
-    """None when the Hugging Face hub accepts a connection within ``timeout`` seconds, else why not: one probe,
-    so that a missing network costs seconds instead of a minute of retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
-            return None
-    except OSError as e:
-        return f"{url.hostname}: {e.strerror or e}"
 
 
 def load_tokenizer_and_config(cfg: ModelConfig):

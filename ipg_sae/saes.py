@@ -152,7 +152,7 @@ def _check_pretrained(release: str, sae_id: str) -> None:
     from huggingface_hub import constants, scan_cache_dir
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-    from .models import hub_unreachable
+    from .hub import unreachable as hub_unreachable
 
     directory = get_pretrained_saes_directory()
     if release not in directory:

@@ -154,7 +154,7 @@ def _load_hub(name: str, split: str):
     import datasets
     from huggingface_hub import constants, try_to_load_from_cache
 
-    from .models import hub_unreachable
+    from .hub import unreachable as hub_unreachable
 
     repo, config = _HUB_DATASETS[name]
     cached = isinstance(try_to_load_from_cache(repo, "README.md", repo_type="dataset"), str)
