@@ -15,6 +15,18 @@ What is compared, for the same model, prompts, ``G`` samples per prompt and ``ma
   hooks (a TopK SAE at the middle layer, encoded in full at every step, and a selection of
   latents scaled to 0). ``steered / plain`` (tokens/s) is the price of the hooks (target: at
   least 0.9, i.e. overhead <= 10%).
+* ``floor``: the model's own matrix multiplications at the decode shape of the sampler's batch:
+  every ``nn.Linear`` of the decoder blocks and the LM head on a ``[B, d_in]`` input, no attention,
+  no Python around them, timed in the same run. ``B / (one step's time)`` tokens/s is what no
+  sampler of this batch size can beat on this machine; ``sampler/floor`` and ``steered/floor``
+  (useful tokens/s, cut after EOS) say how close the sampler gets (the sampler issue's target:
+  at least 0.5).
+
+``--real`` runs the contenders on the offline default model (SmolLM2-135M-Instruct, real
+weights) with the demo's settings instead of random weights: 24 level-1 arithmetic prompts
+with one worked example (about 150 tokens), G 4, temperature 0.5, 96 new tokens, batches of 32;
+real answers stop early (about 37 tokens), so there ``sampler/floor`` also counts the decode
+steps spent on rows that have already finished.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ def parse(argv=None):
     p.add_argument("--prompts", type=int, default=None)
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--real", action="store_true", help="the offline default model and the demo's prompts")
     args = common.finish_args(p.parse_args(argv))
     preset = PRESETS[args.shape]
     args.prompts = args.prompts or preset["prompts"]
@@ -58,8 +71,48 @@ def parse(argv=None):
     return args
 
 
+@torch.no_grad()
+def linear_floor(model, batch: int, device, repeats: int = 5) -> float:
+    """Tokens/s of the model's linear layers and head alone at one decode step of ``batch`` rows (the best of
+    ``repeats`` timings of the whole step)."""
+    head = model.get_output_embeddings()
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head] + [head]
+    dtype = head.weight.dtype
+    inputs = [torch.randn(batch, m.in_features, device=device, dtype=dtype) for m in layers]
+
+    def step():
+        for m, x in zip(layers, inputs):
+            m(x)
+
+    step()  # warm-up
+    best = min(common.timed(step, device) for _ in range(repeats))
+    return batch / best
+
+
+def real_setup(args):
+    """The default model, the demo's prompts and settings, and an SAE at layer 15 (the demo's when it exists)."""
+    from ipg_sae.models import load_model
+    from ipg_sae.saes import load_sae
+    from ipg_sae.tasks import TaskConfig, build_prompts, load_problems
+
+    model, tok = load_model("smollm2-135m-instruct")
+    task = TaskConfig(name="arithmetic", level=1, n_problems=24, seed=0, few_shot=1)
+    problems = load_problems(task)
+    demo_sae = common.REPO / "runs" / "demo" / "sae" / "layer_15"
+    if demo_sae.is_dir():
+        sae = load_sae(str(demo_sae), model)
+    else:
+        sys.path.insert(0, str(common.REPO))
+        from tests.tiny import random_sae
+
+        sae = random_sae("topk", 576, 15, d_sae=2304, k=32, seed=0)
+    return model, tok, problems, build_prompts(tok, problems, task), sae
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.real:
+        return main_real(args)
     from ipg_sae.sampling import SamplingConfig, eos_ids, sample
     from ipg_sae.steering import scale, steering
     from ipg_sae.tasks import Problem
@@ -118,6 +171,7 @@ def main(argv=None) -> dict:
             model.generate(**enc, **{**gen_kwargs, "max_new_tokens": 2})
     times = common.interleaved(fns, repeats=args.repeats, warmup=0, device=device)
     tps = {k: counts[k] / min(v) for k, v in times.items()}  # best of the repeats (see common.ratio)
+    floor = linear_floor(model, cfg.batch_size, device)
     result = {
         "config": {"model": shape.name, "prompts": args.prompts, "group_size": args.group_size,
                    "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.new_tokens,
@@ -130,11 +184,56 @@ def main(argv=None) -> dict:
             "sampler/generate_loop": round(tps["sampler"] / tps["generate_loop"], 4),
             "sampler/generate_batched": round(tps["sampler"] / tps["generate_batched"], 4),
             "steered/plain": round(tps["sampler_steered"] / tps["sampler"], 4),
+            "sampler/floor": round(tps["sampler"] / floor, 4),
+            "steered/floor": round(tps["sampler_steered"] / floor, 4),
         },
+        "floor_tokens_per_s": round(floor, 2),
     }
     result["ratios"]["steering_overhead"] = round(1 / result["ratios"]["steered/plain"] - 1, 4)
     print(json.dumps(result["tokens_per_s"]), json.dumps(result["ratios"]), flush=True)
     common.write_section(args, "sampling", result)
+    return result
+
+
+def main_real(args) -> dict:
+    """The sampler on the default model at the demo's settings, plain and steered, against the floor."""
+    from ipg_sae.sampling import SamplingConfig, sample
+    from ipg_sae.steering import scale, steering
+
+    model, tok, problems, prompts, sae = real_setup(args)
+    cfg = SamplingConfig(n_samples=4, temperature=0.5, max_new_tokens=96, batch_size=32, seed=0)
+    selection = [(15, i) for i in range(16)]
+    intervention = steering(model, {15: sae}, scale(selection, 0.0))
+    counts: dict[str, int] = {}
+
+    def run(name, **kw):
+        def fn():
+            trajs = sample(model, tok, problems, prompts, cfg, reward="correctness", progress=False, **kw)
+            counts[name] = sum(len(t.completion_ids) for t in trajs)
+        return fn
+
+    print(f"sampling (real): smollm2-135m-instruct, {len(problems)} prompts x G={cfg.n_samples}, batch "
+          f"{cfg.batch_size}, {cfg.max_new_tokens} new tokens, {torch.get_num_threads()} threads", flush=True)
+    times = common.interleaved({"sampler": run("sampler"), "sampler_steered": run("sampler_steered",
+                                                                                 intervention=intervention)},
+                               repeats=args.repeats or 2, warmup=0, device=args.device)
+    tps = {k: counts[k] / min(v) for k, v in times.items()}
+    floor = linear_floor(model, cfg.batch_size, args.device)
+    result = {
+        "config": {"model": "smollm2-135m-instruct", "prompts": len(problems), "group_size": cfg.n_samples,
+                   "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                   "prompt_tokens_mean": round(sum(len(tok(p, add_special_tokens=False)["input_ids"])
+                                                   for p in prompts) / len(prompts), 1),
+                   "steered_latents": len(selection), "repeats": args.repeats or 2},
+        "times": {k: common.summary(v) for k, v in times.items()},
+        "useful_tokens": counts, "useful_tokens_per_sample": round(counts["sampler"] / (len(problems) * cfg.n_samples), 1),
+        "tokens_per_s": {k: round(v, 2) for k, v in tps.items()}, "floor_tokens_per_s": round(floor, 2),
+        "ratios": {"sampler/floor": round(tps["sampler"] / floor, 4),
+                   "steered/floor": round(tps["sampler_steered"] / floor, 4),
+                   "steered/plain": round(tps["sampler_steered"] / tps["sampler"], 4)},
+    }
+    print(json.dumps(result["tokens_per_s"]), json.dumps(result["ratios"]), flush=True)
+    common.write_section(args, "sampling_real", result)
     return result
 
 
