@@ -12,6 +12,11 @@ samples, each prompt = a long shared prefix (system turn, worked example) + its 
 ``flat / tree`` (time) is what the prefix tree and the replay buy (target: > 3 at the study's
 shape); the two must agree (checked on every run). ``tokens`` reports the positions each runs
 through the model: the tree's are counted per segment.
+
+``scorer/floor`` = (floor time) / (tree time): the floor is the model's own matrix
+multiplications for the work the tree cannot avoid: every ``nn.Linear`` of the blocks above the
+steered layer on the tree's tokens, and the LM head on the scored positions, run on random
+inputs in chunks of 512 rows (no attention, no Python around them), timed in the same run.
 """
 
 from __future__ import annotations
@@ -88,6 +93,28 @@ def flat_logprobs(model, saes, trajs, interventions, temperature: float, batch: 
     return torch.tensor(out, dtype=torch.float64)
 
 
+@torch.no_grad()
+def scorer_floor(model, layer: int, tokens: int, scored: int, device, chunk: int = 512, repeats: int = 3) -> float:
+    """Seconds for the linear layers of the blocks above ``layer`` on ``tokens`` rows and the head on ``scored``
+    rows (the best of ``repeats``)."""
+    from ipg_sae.models import decoder_layers
+
+    head = model.get_output_embeddings()
+    upper = [m for block in list(decoder_layers(model))[layer + 1:] for m in block.modules()
+             if isinstance(m, torch.nn.Linear)]
+    dtype = head.weight.dtype
+    work = [(m, tokens) for m in upper] + [(head, scored)]
+    inputs = {m.in_features: torch.randn(chunk, m.in_features, device=device, dtype=dtype) for m, _ in work}
+
+    def run():
+        for m, rows in work:
+            for start in range(0, rows, chunk):
+                m(inputs[m.in_features][:min(chunk, rows - start)])
+
+    run()
+    return min(common.timed(run, device) for _ in range(repeats))
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     from ipg_sae.faithfulness import TrajectoryScorer
@@ -113,6 +140,8 @@ def main(argv=None) -> dict:
            "flat": lambda: flat_logprobs(model, saes, trajs, interventions, temperature, args.batch * args.group_size)}
     times = common.interleaved(fns, repeats=args.repeats, warmup=0, device=device)
     tree = scorer.tree
+    scored = sum(len(c) for cs in tree.completions for c in cs)
+    floor = scorer_floor(model, shape.layer, tree.n_tokens, scored, device)
     result = {
         "config": {"model": shape.name, "layer": shape.layer, "problems": args.problems, "group_size": args.group_size,
                    "prefix_tokens": args.prefix, "question_tokens": args.question,
@@ -121,8 +150,10 @@ def main(argv=None) -> dict:
         "tokens": {"tree": tree.n_tokens, "flat": tree.n_tokens_flat},
         "times": {k: common.summary(v) for k, v in times.items()},
         "agreement_rel": rel,
+        "floor_s": round(floor, 4),
         "ratios": {"flat/tree": common.ratio(times["flat"], times["tree"]),
-                   "tokens_flat/tree": round(tree.n_tokens_flat / tree.n_tokens, 3)},
+                   "tokens_flat/tree": round(tree.n_tokens_flat / tree.n_tokens, 3),
+                   "scorer/floor": round(floor / min(times["tree"]), 4)},
     }
     print(json.dumps(result["tokens"]), json.dumps(result["ratios"]), flush=True)
     common.write_section(args, "faithfulness", result)

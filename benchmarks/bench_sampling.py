@@ -22,11 +22,12 @@ What is compared, for the same model, prompts, ``G`` samples per prompt and ``ma
   (useful tokens/s, cut after EOS) say how close the sampler gets (the sampler issue's target:
   at least 0.5).
 
-``--real`` runs the contenders on the offline default model (SmolLM2-135M-Instruct, real
-weights) with the demo's settings instead of random weights: 24 level-1 arithmetic prompts
-with one worked example (about 150 tokens), G 4, temperature 0.5, 96 new tokens, batches of 32;
-real answers stop early (about 37 tokens), so there ``sampler/floor`` also counts the decode
-steps spent on rows that have already finished.
+``--real`` runs the sampler on the offline default model (SmolLM2-135M-Instruct, real weights)
+with the demo's settings instead of random weights: 24 level-1 arithmetic prompts with one
+worked example (about 156 tokens), G 4, temperature 0.5, 96 new tokens; the ``hf`` backend at
+the demo's batch of 32 and the ``loop`` backend (one random stream per sample, finished rows
+dropped) at 32 and at 96 rows, plain and steered. Real answers stop early (about 36 tokens),
+so ``sampler/floor`` also shows the decode steps ``hf`` spends on rows that have finished.
 """
 
 from __future__ import annotations
@@ -196,43 +197,57 @@ def main(argv=None) -> dict:
 
 
 def main_real(args) -> dict:
-    """The sampler on the default model at the demo's settings, plain and steered, against the floor."""
+    """The sampler on the default model at the demo's settings, plain and steered, against the floor: the hf
+    backend at the demo's batch of 32, and the loop backend (finished rows dropped) at 32 and at 96 rows."""
+    import dataclasses
+
     from ipg_sae.sampling import SamplingConfig, sample
     from ipg_sae.steering import scale, steering
 
     model, tok, problems, prompts, sae = real_setup(args)
-    cfg = SamplingConfig(n_samples=4, temperature=0.5, max_new_tokens=96, batch_size=32, seed=0)
+    base = SamplingConfig(n_samples=4, temperature=0.5, max_new_tokens=96, batch_size=32, seed=0)
+    variants = {"hf_b32": base, "loop_b32": dataclasses.replace(base, backend="loop"),
+                "loop_b96": dataclasses.replace(base, backend="loop", batch_size=96)}
     selection = [(15, i) for i in range(16)]
     intervention = steering(model, {15: sae}, scale(selection, 0.0))
     counts: dict[str, int] = {}
 
-    def run(name, **kw):
+    def run(name, cfg, **kw):
         def fn():
             trajs = sample(model, tok, problems, prompts, cfg, reward="correctness", progress=False, **kw)
             counts[name] = sum(len(t.completion_ids) for t in trajs)
         return fn
 
-    print(f"sampling (real): smollm2-135m-instruct, {len(problems)} prompts x G={cfg.n_samples}, batch "
-          f"{cfg.batch_size}, {cfg.max_new_tokens} new tokens, {torch.get_num_threads()} threads", flush=True)
-    times = common.interleaved({"sampler": run("sampler"), "sampler_steered": run("sampler_steered",
-                                                                                 intervention=intervention)},
-                               repeats=args.repeats or 2, warmup=0, device=args.device)
+    print(f"sampling (real): smollm2-135m-instruct, {len(problems)} prompts x G={base.n_samples}, "
+          f"{base.max_new_tokens} new tokens, {torch.get_num_threads()} threads", flush=True)
+    fns = {}
+    for name, cfg in variants.items():
+        fns[name] = run(name, cfg)
+        fns[name + "_steered"] = run(name + "_steered", cfg, intervention=intervention)
+    times = common.interleaved(fns, repeats=args.repeats or 2, warmup=0, device=args.device)
     tps = {k: counts[k] / min(v) for k, v in times.items()}
-    floor = linear_floor(model, cfg.batch_size, args.device)
+    floors = {b: linear_floor(model, b, args.device) for b in sorted({c.batch_size for c in variants.values()})}
+    ratios = {}
+    for name, cfg in variants.items():
+        for suffix in ("", "_steered"):
+            ratios[f"{name}{suffix}/floor"] = round(tps[name + suffix] / floors[cfg.batch_size], 4)
+        ratios[f"{name}: steered/plain"] = round(tps[name + "_steered"] / tps[name], 4)
+    ratios["loop_b32/hf_b32"] = round(tps["loop_b32"] / tps["hf_b32"], 4)
+    ratios["loop_b96/hf_b32"] = round(tps["loop_b96"] / tps["hf_b32"], 4)
     result = {
-        "config": {"model": "smollm2-135m-instruct", "prompts": len(problems), "group_size": cfg.n_samples,
-                   "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+        "config": {"model": "smollm2-135m-instruct", "prompts": len(problems), "group_size": base.n_samples,
+                   "max_new_tokens": base.max_new_tokens, "temperature": base.temperature,
+                   "variants": {k: {"backend": c.backend, "batch_size": c.batch_size} for k, c in variants.items()},
                    "prompt_tokens_mean": round(sum(len(tok(p, add_special_tokens=False)["input_ids"])
                                                    for p in prompts) / len(prompts), 1),
                    "steered_latents": len(selection), "repeats": args.repeats or 2},
         "times": {k: common.summary(v) for k, v in times.items()},
-        "useful_tokens": counts, "useful_tokens_per_sample": round(counts["sampler"] / (len(problems) * cfg.n_samples), 1),
-        "tokens_per_s": {k: round(v, 2) for k, v in tps.items()}, "floor_tokens_per_s": round(floor, 2),
-        "ratios": {"sampler/floor": round(tps["sampler"] / floor, 4),
-                   "steered/floor": round(tps["sampler_steered"] / floor, 4),
-                   "steered/plain": round(tps["sampler_steered"] / tps["sampler"], 4)},
+        "useful_tokens": counts,
+        "tokens_per_s": {k: round(v, 2) for k, v in tps.items()},
+        "floor_tokens_per_s": {str(b): round(f, 2) for b, f in floors.items()},
+        "ratios": ratios,
     }
-    print(json.dumps(result["tokens_per_s"]), json.dumps(result["ratios"]), flush=True)
+    print(json.dumps(result["tokens_per_s"]), json.dumps(ratios), flush=True)
     common.write_section(args, "sampling_real", result)
     return result
 

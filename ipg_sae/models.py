@@ -105,6 +105,7 @@ def load_model(cfg: ModelConfig | str, **kwargs: Any):
     model.to(device).eval()
     model.requires_grad_(False)
     model.config._name_or_path = cfg.name  # the name the user gave, for provenance
+    model.config._ipg_source = str(source)  # where it loads from (a directory or a hub id), for other engines
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

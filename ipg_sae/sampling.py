@@ -35,7 +35,11 @@ class SamplingConfig:
     max_new_tokens: int = 128  # generated tokens per completion at most
     batch_size: int = 16  # sequences per generate call (prompts per call = batch_size // n_samples)
     seed: int = 0  # each batch reseeds from (seed, batch index)
-    backend: Literal["hf"] = "hf"  # transformers generate()
+    # hf: transformers generate() (one random stream per batch). loop: our decode loop, one random stream per
+    # sample (seeded by seed, problem id and sample index) and finished rows dropped from the batch, so a
+    # sample's tokens do not depend on the batch it is in (the same distribution as hf, not the same draws)
+    # vllm: vLLM's engine (GPU, unsteered only; pip install vllm), one stream per batch like hf
+    backend: Literal["hf", "loop", "vllm"] = "hf"
 
     def validate(self) -> None:
         if self.n_samples < 1:
@@ -80,9 +84,18 @@ def sample(model, tokenizer, problems: list[Problem], prompts: list[str], cfg: S
     with tqdm(total=len(problems) * cfg.n_samples, desc=desc, unit="seq", disable=not progress, leave=False) as bar:
         for batch_index, start in enumerate(range(0, len(problems), per_call)):
             batch = list(range(start, min(start + per_call, len(problems))))
-            prompt_ids, completions = _generate(model, tokenizer, [prompts[i] for i in batch], cfg,
-                                                seed=_batch_seed(cfg.seed, batch_index), stops=stops,
-                                                intervention=intervention)
+            if cfg.backend == "vllm":
+                prompt_ids, completions = _generate_vllm(model, tokenizer, [prompts[i] for i in batch], cfg,
+                                                         seed=_batch_seed(cfg.seed, batch_index), stops=stops,
+                                                         intervention=intervention)
+            elif cfg.backend == "loop":
+                seeds = [row_seed(cfg.seed, problems[i].id, g) for i in batch for g in range(cfg.n_samples)]
+                prompt_ids, completions, _ = decode_loop(model, tokenizer, [prompts[i] for i in batch], cfg, seeds,
+                                                         stops, intervention)
+            else:
+                prompt_ids, completions = _generate(model, tokenizer, [prompts[i] for i in batch], cfg,
+                                                    seed=_batch_seed(cfg.seed, batch_index), stops=stops,
+                                                    intervention=intervention)
             for j, i in enumerate(batch):
                 for g in range(cfg.n_samples):
                     ids = completions[j * cfg.n_samples + g]
@@ -159,6 +172,127 @@ def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: i
         cut = next((i + 1 for i, tok in enumerate(row) if tok in stops), len(row))
         completions.append(row[:cut])
     return prompt_ids, completions
+
+
+_VLLM_ENGINES: dict = {}  # model source -> vllm.LLM, built once per process
+
+
+def _generate_vllm(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: int, stops: set[int],
+                   intervention=None) -> tuple[list[list[int]], list[list[int]]]:
+    """The batch through vLLM (prompts as token ids, so the tokens are exactly the ones other backends see).
+    Steering needs the model's own forward hooks, which vLLM does not run: refused."""
+    if intervention is not None:
+        raise IPGError("sampling.backend vllm samples the unsteered model only (steering hooks run in the HF model); "
+                       "use backend hf or loop for steered sampling")
+    try:
+        import vllm
+    except ImportError:
+        raise IPGError("sampling.backend vllm needs vLLM and a GPU (pip install vllm); use backend hf or loop "
+                       "here") from None
+    source = getattr(model.config, "_ipg_source", None) or model.config._name_or_path
+    engine = _VLLM_ENGINES.get(source)
+    if engine is None:
+        engine = _VLLM_ENGINES[source] = vllm.LLM(model=source, tokenizer=source, seed=0,
+                                                  dtype=str(model.dtype).replace("torch.", ""))
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    params = vllm.SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 max_tokens=cfg.max_new_tokens, seed=seed, stop_token_ids=sorted(stops))
+    results = engine.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
+    completions = []
+    for result in results:
+        for sample in result.outputs:
+            ids = list(sample.token_ids)
+            cut = next((i + 1 for i, tok in enumerate(ids) if tok in stops), len(ids))
+            completions.append(ids[:cut])
+    return encoded, completions
+
+
+def row_seed(seed: int, problem_id: str, sample_index: int) -> int:
+    """The random stream of one sample under ``backend: loop``: a function of the seed, the problem and the sample
+    index only, so the same sample is drawn in any batch, at any batch size."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{problem_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def decode_loop(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seeds: list[int], stops: set[int],
+                intervention=None, drop_finished: bool = True) -> tuple[list[list[int]], list[list[int]], list[float]]:
+    """``cfg.n_samples`` completions of each prompt with a KV cache, one random stream per sample (``seeds``,
+    prompt-major), and each row dropped from the batch once it has produced a stop token.
+
+    Positions follow ``generate``'s convention for left padding (position ids from the attention
+    mask). Returns the prompts' token ids, the completions (cut after their first stop token,
+    which is kept) and each completion's log-probability under the sampling distribution
+    (``softmax(logits / T)``, full vocabulary): what :class:`ipg_sae.faithfulness.TrajectoryScorer`
+    computes for the same tokens.
+    """
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    g = cfg.n_samples
+    ids = enc["input_ids"].repeat_interleave(g, dim=0).to(device)
+    mask = enc["attention_mask"].repeat_interleave(g, dim=0).to(device)
+    rows = len(seeds)
+    if rows != ids.shape[0]:
+        raise IPGError(f"decode_loop got {rows} seeds for {ids.shape[0]} rows")
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    out: list[list[int]] = [[] for _ in range(rows)]
+    logp = [0.0] * rows
+    finished = [False] * rows
+    active = torch.arange(rows)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    ctx = intervention() if intervention is not None else contextlib.nullcontext()
+    with ctx as handle:
+        result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, logits = result.past_key_values, result.logits[:, -1].float()
+        next_pos = positions[:, -1] + 1
+        for step in range(cfg.max_new_tokens):
+            tokens, token_logp = _draw(logits, cfg, [generators[int(r)] for r in active])
+            done = torch.zeros(len(active), dtype=torch.bool)
+            for j, r in enumerate(active.tolist()):
+                if finished[r]:  # kept in the batch past its stop (drop_finished=False): nothing more counts
+                    done[j] = True
+                    continue
+                out[r].append(int(tokens[j]))
+                logp[r] += float(token_logp[j])
+                done[j] = finished[r] = int(tokens[j]) in stops
+            if step == cfg.max_new_tokens - 1 or bool(done.all()):
+                break
+            keep = torch.nonzero(~done).flatten() if drop_finished else torch.arange(len(active))
+            if len(keep) < len(active):
+                cache.batch_select_indices(keep.to(device))
+                mask, next_pos, tokens, active = mask[keep.to(device)], next_pos[keep.to(device)], tokens[keep], active[keep]
+                if handle is not None and hasattr(handle, "select_rows"):
+                    handle.select_rows(keep)
+            mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype, device=device)], dim=1)
+            result = model(input_ids=tokens[:, None].to(device), attention_mask=mask, position_ids=next_pos[:, None],
+                           past_key_values=cache, use_cache=True)
+            cache, logits = result.past_key_values, result.logits[:, -1].float()
+            next_pos = next_pos + 1
+    prompt_ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+    return prompt_ids, out, logp
+
+
+def _draw(logits: torch.Tensor, cfg: SamplingConfig, generators: list[torch.Generator]):
+    """One token per row (greedy at temperature 0), each row from its own generator; and its log-probability under
+    ``softmax(logits / T)`` (0 when greedy)."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1).cpu(), torch.zeros(logits.shape[0])
+    logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1).cpu()
+    probs = logprobs.exp()
+    if cfg.top_p < 1:  # nucleus: the smallest set of top tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > cfg.top_p
+        sorted_p[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    tokens = torch.stack([torch.multinomial(probs[j], 1, generator=gen)[0] for j, gen in enumerate(generators)])
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
 
 
 def _trajectory(problem: Problem, prompt: str, prompt_ids: list[int], ids: list[int], g: int, tokenizer,

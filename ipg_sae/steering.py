@@ -41,6 +41,7 @@ applied to model B).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -179,6 +180,15 @@ class _Positions:
         pos = torch.arange(start, start + length, device=ref.device)
         self.index = pos[None, :] - self.first.to(ref.device)[:, None]
         return None
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` of the current pass: for a sampler that drops finished rows from its batch (the
+        next decoding step then has ``len(rows)`` rows, in this order)."""
+        if self.first is not None:
+            self.first = self.first[rows.to(self.first.device)]
+        if self.scope is not None and self.fixed is None and self.scope.prompt_mask is not None:
+            self.scope = dataclasses.replace(self.scope,
+                                             prompt_mask=self.scope.prompt_mask[rows.to(self.scope.prompt_mask.device)])
 
     def current(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keep is None or self.keep.shape != (batch, length):

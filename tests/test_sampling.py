@@ -84,3 +84,127 @@ def test_bad_config_and_empty():
         SamplingConfig(temperature=0, n_samples=2).validate()
     with pytest.raises(IPGError, match="empty dataset"):
         sample(None, None, [], [], SamplingConfig())
+
+
+# ---- backend: loop (one random stream per sample, finished rows dropped) ----------------------------
+
+
+def _loop_cfg(**kw):
+    return SamplingConfig(**{"n_samples": 3, "max_new_tokens": 12, "batch_size": 9, "temperature": 0.8,
+                             "backend": "loop", **kw})
+
+
+def _frequent_stops(setup):
+    """Stop tokens common enough that rows of a random tiny model finish at different steps."""
+    model, tok, _, prompts = setup
+    ids = tok(prompts[:1], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        top = model(input_ids=ids).logits[0, -1].topk(12).indices.tolist()
+    return set(top)
+
+
+def test_dropping_finished_rows_never_changes_a_rows_tokens(setup):
+    from ipg_sae.sampling import decode_loop, row_seed
+
+    model, tok, problems, prompts = setup
+    cfg = _loop_cfg()
+    stops = _frequent_stops(setup)
+    seeds = [row_seed(0, p.id, g) for p in problems for g in range(cfg.n_samples)]
+    _, dropped, logp_a = decode_loop(model, tok, prompts, cfg, seeds, stops, drop_finished=True)
+    _, kept, logp_b = decode_loop(model, tok, prompts, cfg, seeds, stops, drop_finished=False)
+    lengths = {len(c) for c in dropped}
+    assert len(lengths) > 1 and min(lengths) < cfg.max_new_tokens  # rows did finish at different steps
+    assert dropped == kept
+    assert logp_a == pytest.approx(logp_b, abs=1e-4)
+
+
+def test_a_samples_tokens_do_not_depend_on_its_batch(setup):
+    model, tok, problems, prompts = setup
+    one = sample(model, tok, problems, prompts, _loop_cfg(batch_size=3), progress=False)  # a prompt per batch
+    all_ = sample(model, tok, problems, prompts, _loop_cfg(batch_size=9), progress=False)
+    assert [t.completion_ids for t in one] == [t.completion_ids for t in all_]
+    again = sample(model, tok, problems[1:], prompts[1:], _loop_cfg(batch_size=9), progress=False)
+    assert [t.completion_ids for t in again] == [t.completion_ids for t in all_[3:]]  # without the first problem
+
+
+def test_the_loops_log_probabilities_are_the_scorers_plain_and_steered(setup):
+    """The loop samples from softmax(logits / T) under the steering hooks: the off-policy scorer, which scores
+    a trajectory teacher-forced under the same hooks, gives the same log-probability."""
+    from ipg_sae.faithfulness import TrajectoryScorer
+    from ipg_sae.models import hidden_size
+    from ipg_sae.sampling import decode_loop, row_seed
+    from ipg_sae.steering import scale, steering
+    from ipg_sae.trajectories import Trajectory
+    from tests.tiny import random_sae
+
+    model, tok, problems, prompts = setup
+    cfg = _loop_cfg(temperature=0.7)
+    stops = _frequent_stops(setup)
+    sae = random_sae("topk", hidden_size(model), 1, d_sae=32, k=8)
+    with torch.no_grad():  # latents that fire on these prompts, so that prompt steering matters
+        from ipg_sae.models import capture_residuals
+
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        f = sae.encode(capture_residuals(model, enc["input_ids"], enc["attention_mask"], [1])[1])
+    firing = [(1, int(i)) for i in (f[:, 1:] > 0).sum((0, 1)).topk(4).indices]
+    seeds = [row_seed(0, p.id, g) for p in problems for g in range(cfg.n_samples)]
+    for interventions in ([], scale(firing, 0.0), scale(firing, 3.0)):
+        steer_fn = steering(model, {1: sae}, interventions) if interventions else None
+        prompt_ids, completions, logp = decode_loop(model, tok, prompts, cfg, seeds, stops, steer_fn)
+        trajs = [Trajectory(id=f"{problems[r // 3].id}/s{r % 3}", prompt_id=problems[r // 3].id, sample_index=r % 3,
+                            prompt=prompts[r // 3], completion="", reference="", prompt_ids=prompt_ids[r // 3],
+                            completion_ids=c, reward=0.0) for r, c in enumerate(completions)]
+        scorer = TrajectoryScorer(model, trajs, cfg.temperature, saes={1: sae})
+        scored = scorer.logprobs(interventions)
+        assert scored.tolist() == pytest.approx(logp, abs=2e-3), interventions
+
+
+# ---- backend: vllm (GPU only; here its adapter is tested against a stand-in engine) ---------------------
+
+
+def test_vllm_backend_refuses_steering_and_a_missing_install(setup, monkeypatch):
+    import sys
+
+    model, tok, problems, prompts = setup
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
+    with pytest.raises(IPGError, match="needs vLLM and a GPU"):
+        sample(model, tok, problems, prompts, SamplingConfig(backend="vllm", n_samples=2), progress=False)
+    with pytest.raises(IPGError, match="unsteered model only"):
+        sample(model, tok, problems, prompts, SamplingConfig(backend="vllm", n_samples=2), progress=False,
+               intervention=lambda: None)
+
+
+def test_vllm_backend_feeds_token_ids_and_cuts_at_stops(setup, monkeypatch):
+    """A stand-in with vLLM's interface: the adapter passes exact prompt token ids and the sampling settings,
+    and turns the engine's outputs into trajectories cut after their first stop token."""
+    import sys
+    import types
+
+    import ipg_sae.sampling as sampling
+
+    model, tok, problems, prompts = setup
+    seen = {}
+
+    class Params:
+        def __init__(self, **kw):
+            seen["params"] = kw
+
+    class LLM:
+        def __init__(self, **kw):
+            seen["engine"] = kw
+
+        def generate(self, requests, params, use_tqdm=False):
+            seen["requests"] = requests
+            stop = seen["params"]["stop_token_ids"][0]
+            outputs = [types.SimpleNamespace(token_ids=[5, 6, stop, 7]) for _ in range(seen["params"]["n"])]
+            return [types.SimpleNamespace(outputs=outputs) for _ in requests]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=Params))
+    monkeypatch.setattr(sampling, "_VLLM_ENGINES", {})
+    cfg = SamplingConfig(backend="vllm", n_samples=2, temperature=0.5, max_new_tokens=7, batch_size=8)
+    trajs = sample(model, tok, problems, prompts, cfg, progress=False)
+    assert [r["prompt_token_ids"] for r in seen["requests"]] == [tok(p, add_special_tokens=False)["input_ids"]
+                                                                 for p in prompts]
+    assert seen["params"]["n"] == 2 and seen["params"]["temperature"] == 0.5 and seen["params"]["max_tokens"] == 7
+    assert seen["engine"]["model"] == model.config._ipg_source  # the directory the model loaded from
+    assert len(trajs) == 6 and all(len(t.completion_ids) == 3 for t in trajs)
