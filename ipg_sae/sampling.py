@@ -220,7 +220,8 @@ def row_seed(seed: int, problem_id: str, sample_index: int) -> int:
 def decode_loop(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seeds: list[int], stops: set[int],
                 intervention=None, drop_finished: bool = True) -> tuple[list[list[int]], list[list[int]], list[float]]:
     """``cfg.n_samples`` completions of each prompt with a KV cache, one random stream per sample (``seeds``,
-    prompt-major), and each row dropped from the batch once it has produced a stop token.
+    prompt-major), each prompt's prefill run once and shared by its samples, and each row dropped from
+    the batch once it has produced a stop token.
 
     Positions follow ``generate``'s convention for left padding (position ids from the attention
     mask). Returns the prompts' token ids, the completions (cut after their first stop token,
@@ -236,11 +237,10 @@ def decode_loop(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seeds
         tokenizer.padding_side = side
     device = next(model.parameters()).device
     g = cfg.n_samples
-    ids = enc["input_ids"].repeat_interleave(g, dim=0).to(device)
-    mask = enc["attention_mask"].repeat_interleave(g, dim=0).to(device)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     rows = len(seeds)
-    if rows != ids.shape[0]:
-        raise IPGError(f"decode_loop got {rows} seeds for {ids.shape[0]} rows")
+    if rows != ids.shape[0] * g:
+        raise IPGError(f"decode_loop got {rows} seeds for {ids.shape[0] * g} rows")
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     out: list[list[int]] = [[] for _ in range(rows)]
     logp = [0.0] * rows
@@ -249,8 +249,19 @@ def decode_loop(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seeds
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     ctx = intervention() if intervention is not None else contextlib.nullcontext()
     with ctx as handle:
-        result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, logits = result.past_key_values, result.logits[:, -1].float()
+        # Each prompt once; its KV cache is then repeated for its G samples (the prompt's forward pass is the
+        # same for all of them, steered or not).
+        from .kv_cache import preallocated_cache
+
+        cache = preallocated_cache(model, ids.shape[1] + cfg.max_new_tokens)
+        result = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True)
+        cache = result.past_key_values
+        cache.batch_repeat_interleave(g)
+        logits = result.logits[:, -1].float().repeat_interleave(g, dim=0)
+        mask, positions = mask.repeat_interleave(g, dim=0), positions.repeat_interleave(g, dim=0)
+        if handle is not None and hasattr(handle, "select_rows"):
+            handle.select_rows(torch.arange(ids.shape[0]).repeat_interleave(g))
         next_pos = positions[:, -1] + 1
         for step in range(cfg.max_new_tokens):
             tokens, token_logp = _draw(logits, cfg, [generators[int(r)] for r in active])
@@ -291,7 +302,12 @@ def _draw(logits: torch.Tensor, cfg: SamplingConfig, generators: list[torch.Gene
         outside = sorted_p.cumsum(-1) - sorted_p > cfg.top_p
         sorted_p[outside] = 0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    tokens = torch.stack([torch.multinomial(probs[j], 1, generator=gen)[0] for j, gen in enumerate(generators)])
+    # Inverse-CDF sampling: one uniform draw per row from that row's own generator (an exact draw from probs;
+    # torch.multinomial would spend a random number on every one of the vocabulary's entries).
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.stack([torch.rand((), dtype=torch.float64, generator=gen) for gen in generators]) * cdf[:, -1]
+    tokens = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+    # (a zero-probability entry is never chosen: its cdf step is empty, so no u lands on it)
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
 
 

@@ -208,3 +208,25 @@ def test_vllm_backend_feeds_token_ids_and_cuts_at_stops(setup, monkeypatch):
     assert seen["params"]["n"] == 2 and seen["params"]["temperature"] == 0.5 and seen["params"]["max_tokens"] == 7
     assert seen["engine"]["model"] == model.config._ipg_source  # the directory the model loaded from
     assert len(trajs) == 6 and all(len(t.completion_ids) == 3 for t in trajs)
+
+
+def test_the_loops_draws_follow_the_temperature_softmax():
+    """20,000 draws from one row's distribution (its own generator) match softmax(logits / T) and top_p's
+    renormalised nucleus; a zero-probability token is never drawn."""
+    from ipg_sae.sampling import _draw
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -30.0]])
+    for cfg, want in [(SamplingConfig(temperature=0.7), torch.softmax(logits[0] / 0.7, -1)),
+                      (SamplingConfig(temperature=1.0, top_p=0.8), None)]:
+        gen = torch.Generator().manual_seed(0)
+        counts = torch.zeros(5)
+        for _ in range(20_000):
+            token, _ = _draw(logits, cfg, [gen])
+            counts[int(token[0])] += 1
+        freq = counts / counts.sum()
+        if want is None:  # top_p 0.8 keeps the two largest (0.59 + 0.22 >= 0.8), renormalised
+            p = torch.softmax(logits[0], -1)
+            want = torch.zeros(5)
+            want[:2] = p[:2] / p[:2].sum()
+        assert torch.allclose(freq, want.float(), atol=0.012), (freq, want)
+        assert counts[4] == 0
