@@ -143,17 +143,21 @@ def _batch_seed(seed: int, batch_index: int) -> int:
     return (seed * 1_000_003 + batch_index) % (2**63)
 
 
-def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: int, stops: set[int], intervention):
-    """Return each prompt's token ids and each sample's generated ids (cut after EOS)."""
+def left_padded(tokenizer, prompts: list[str]) -> dict:
+    """``input_ids`` and ``attention_mask`` of ``prompts``, padded on the left (generation appends on the right).
+    Chat templates already contain their special tokens: no other BOS is added."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        # Chat templates already contain their special tokens: do not add another BOS.
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return dict(tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False))
     finally:
         tokenizer.padding_side = side
+
+
+def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: int, stops: set[int], intervention):
+    """Return each prompt's token ids and each sample's generated ids (cut after EOS)."""
     device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
+    enc = {k: v.to(device) for k, v in left_padded(tokenizer, prompts).items()}
     torch.manual_seed(seed)
     sampling = cfg.temperature > 0
     kwargs = dict(do_sample=sampling, max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n_samples,
@@ -229,12 +233,7 @@ def decode_loop(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seeds
     (``softmax(logits / T)``, full vocabulary): what :class:`ipg_sae.faithfulness.TrajectoryScorer`
     computes for the same tokens.
     """
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    enc = left_padded(tokenizer, prompts)
     device = next(model.parameters()).device
     g = cfg.n_samples
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
