@@ -35,7 +35,8 @@ import torch
 
 from .digest import FORMAT_VERSION, json_digest, module_digest, text_digest
 from .io import write_text
-from .trajectories import Trajectory
+from .errors import IPGError
+from .trajectories import Trajectory, trajectory_from_row
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,7 @@ class Codec(Generic[T]):
 
 
 def _decode_trajectories(lines: list[str]) -> list[Trajectory]:
-    names = {f.name for f in dataclasses.fields(Trajectory)}
-    return [Trajectory(**{k: v for k, v in json.loads(r).items() if k in names}) for r in lines]
+    return [trajectory_from_row(json.loads(r), f"cell row {i}") for i, r in enumerate(lines, 1)]
 
 
 def _decode_logprobs(lines: list[str]) -> torch.Tensor:
@@ -155,7 +155,7 @@ class CellStore:
                             _label_of(path), path)
                 return None
             return codec.decode(lines[1:])
-        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, IPGError) as e:
             log.warning("cell %s: %s is damaged (%s); recomputing it", _label_of(path), path, e)
             return None
 

@@ -136,12 +136,12 @@ def _sample_stage(cfg: StudyConfig, task: TaskConfig, sampling: SamplingConfig, 
         scored = _with_reward(trajectories, reward)
         ids, groups = prompt_groups([t.prompt_id for t in scored])
         mixed = [pid for pid, idx in zip(ids, groups) if has_variance([scored[i].reward for i in idx])]
-        if keep_mixed and not mixed:
-            raise IPGError(f"study: no attribution prompt's samples got different {reward} rewards ({len(ids)} "
-                           f"prompts x {sampling.n_samples} samples), and attribution needs reward variance; sample "
-                           "more problems (task.n_problems) or more per problem (sampling.n_samples), or raise "
-                           "sampling.temperature")
         if keep_mixed:
+            if not mixed:
+                raise IPGError(f"study: no attribution prompt's samples got different {reward} rewards ({len(ids)} "
+                               f"prompts x {sampling.n_samples} samples), and attribution needs reward variance; "
+                               "sample more problems (task.n_problems) or more per problem (sampling.n_samples), or "
+                               "raise sampling.temperature")
             keep = set(mixed[:keep_mixed])
             scored = [t for t in scored if t.prompt_id in keep]
             if len(keep) < keep_mixed:

@@ -40,6 +40,9 @@ class Trajectory:
         return len(self.prompt_ids) + len(self.completion_ids)
 
 
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Trajectory))
+
+
 def save_trajectories(path: str | Path, trajectories: list[Trajectory]) -> None:
     write_jsonl(path, (dataclasses.asdict(t) for t in trajectories))
 
@@ -48,20 +51,23 @@ def load_trajectories(path: str | Path) -> list[Trajectory]:
     path = Path(path)
     if not path.is_file():
         raise IPGError(f"trajectories file {path} not found; run `ipg-sae sample` first or fix the path")
-    names = {f.name for f in dataclasses.fields(Trajectory)}
-    out = []
-    for i, row in enumerate(read_jsonl(path), 1):
-        if not isinstance(row, dict):
-            raise IPGError(f"{path}:{i}: a trajectory must be a JSON object, found {type(row).__name__}; was it "
-                           "written by `ipg-sae sample`?")
-        missing = {"id", "prompt_id", "prompt_ids", "completion_ids", "reward"} - set(row)
-        if missing:
-            raise IPGError(f"{path}:{i}: trajectory lacks {sorted(missing)}; was it written by `ipg-sae sample`?")
-        _check_row(row, f"{path}:{i}")
-        out.append(Trajectory(**{k: v for k, v in row.items() if k in names}))
+    out = [trajectory_from_row(row, f"{path}:{i}") for i, row in enumerate(read_jsonl(path), 1)]
     if not out:
         raise IPGError(f"{path} holds no trajectories; sample some first")
     return out
+
+
+def trajectory_from_row(row, where: str) -> Trajectory:
+    """A :class:`Trajectory` from one decoded JSON row (unknown fields ignored), checked field by field; an
+    :class:`~ipg_sae.errors.IPGError` naming ``where`` and the field when the row is not one."""
+    if not isinstance(row, dict):
+        raise IPGError(f"{where}: a trajectory must be a JSON object, found {type(row).__name__}; was it "
+                       "written by `ipg-sae sample`?")
+    missing = {"id", "prompt_id", "prompt_ids", "completion_ids", "reward"} - set(row)
+    if missing:
+        raise IPGError(f"{where}: trajectory lacks {sorted(missing)}; was it written by `ipg-sae sample`?")
+    _check_row(row, where)
+    return Trajectory(**{k: v for k, v in row.items() if k in _FIELDS})
 
 
 def _check_row(row: dict, where: str) -> None:
