@@ -23,11 +23,13 @@ What is compared, for the same model, prompts, ``G`` samples per prompt and ``ma
   at least 0.5).
 
 ``--real`` runs the sampler on the offline default model (SmolLM2-135M-Instruct, real weights)
-with the demo's settings instead of random weights: 24 level-1 arithmetic prompts with one
-worked example (about 156 tokens), G 4, temperature 0.5, 96 new tokens; the ``hf`` backend at
-the demo's batch of 32 and the ``loop`` backend (one random stream per sample, finished rows
-dropped) at 32 and at 96 rows, plain and steered. Real answers stop early (about 36 tokens),
-so ``sampler/floor`` also shows the decode steps ``hf`` spends on rows that have finished.
+with the demo's settings instead of random weights: 96 level-1 arithmetic prompts with one
+worked example (about 156 tokens; the demo's held-out sampling), G 4, temperature 0.5, 96 new
+tokens; the ``hf`` backend at the demo's batch of 32 and the ``loop`` backend (one random stream
+per sample, continuous batching, the shared prompt prefix read once) at 96 and 128 rows, plain
+and steered. ``--group-size 16 --prompts 24`` is the studies' on-policy setting. Real answers
+stop early (about 37 tokens), so ``sampler/floor`` also shows the decode steps a sampler spends
+on rows that have finished.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ def parse(argv=None):
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--real", action="store_true", help="the offline default model and the demo's prompts")
     args = common.finish_args(p.parse_args(argv))
+    if args.real:  # the demo's settings unless overridden (the presets are for random-weight shapes)
+        args.prompts, args.group_size = args.prompts or 96, args.group_size or 4
+        args.repeats = args.repeats or 1
+        return args
     preset = PRESETS[args.shape]
     args.prompts = args.prompts or preset["prompts"]
     args.group_size = args.group_size or preset["group"]
@@ -97,7 +103,7 @@ def real_setup(args):
     from ipg_sae.tasks import TaskConfig, build_prompts, load_problems
 
     model, tok = load_model("smollm2-135m-instruct")
-    task = TaskConfig(name="arithmetic", level=1, n_problems=24, seed=0, few_shot=1)
+    task = TaskConfig(name="arithmetic", level=1, n_problems=args.prompts, seed=0, few_shot=1)
     problems = load_problems(task)
     demo_sae = common.REPO / "runs" / "demo" / "sae" / "layer_15"
     if demo_sae.is_dir():
@@ -197,17 +203,18 @@ def main(argv=None) -> dict:
 
 
 def main_real(args) -> dict:
-    """The sampler on the default model at the demo's settings, plain and steered, against the floor: the hf
-    backend at the demo's batch of 32, and the loop backend (finished rows dropped) at 32 and at 96 rows."""
+    """The sampler on the default model at the demo's settings (96 prompts x G 4: the demo's held-out sampling;
+    ``--group-size 16 --prompts 24``: the studies' on-policy cells), plain and steered, against the floor: the hf
+    backend at the demo's batch of 32, and the loop backend (continuous batching) at 96 and 128 rows."""
     import dataclasses
 
     from ipg_sae.sampling import SamplingConfig, sample
     from ipg_sae.steering import scale, steering
 
     model, tok, problems, prompts, sae = real_setup(args)
-    base = SamplingConfig(n_samples=4, temperature=0.5, max_new_tokens=96, batch_size=32, seed=0)
-    variants = {"hf_b32": base, "loop_b32": dataclasses.replace(base, backend="loop"),
-                "loop_b96": dataclasses.replace(base, backend="loop", batch_size=96)}
+    base = SamplingConfig(n_samples=args.group_size, temperature=0.5, max_new_tokens=96, batch_size=32, seed=0)
+    variants = {"hf_b32": base, "loop_b96": dataclasses.replace(base, backend="loop", batch_size=96),
+                "loop_b128": dataclasses.replace(base, backend="loop", batch_size=128)}
     selection = [(15, i) for i in range(16)]
     intervention = steering(model, {15: sae}, scale(selection, 0.0))
     counts: dict[str, int] = {}
@@ -224,7 +231,7 @@ def main_real(args) -> dict:
     for name, cfg in variants.items():
         fns[name] = run(name, cfg)
         fns[name + "_steered"] = run(name + "_steered", cfg, intervention=intervention)
-    times = common.interleaved(fns, repeats=args.repeats or 2, warmup=0, device=args.device)
+    times = common.interleaved(fns, repeats=args.repeats, warmup=0, device=args.device)
     tps = {k: counts[k] / min(v) for k, v in times.items()}
     floors = {b: linear_floor(model, b, args.device) for b in sorted({c.batch_size for c in variants.values()})}
     ratios = {}
@@ -232,15 +239,16 @@ def main_real(args) -> dict:
         for suffix in ("", "_steered"):
             ratios[f"{name}{suffix}/floor"] = round(tps[name + suffix] / floors[cfg.batch_size], 4)
         ratios[f"{name}: steered/plain"] = round(tps[name + "_steered"] / tps[name], 4)
-    ratios["loop_b32/hf_b32"] = round(tps["loop_b32"] / tps["hf_b32"], 4)
-    ratios["loop_b96/hf_b32"] = round(tps["loop_b96"] / tps["hf_b32"], 4)
+    for name in variants:
+        if name != "hf_b32":
+            ratios[f"{name}/hf_b32"] = round(tps[name] / tps["hf_b32"], 4)
     result = {
         "config": {"model": "smollm2-135m-instruct", "prompts": len(problems), "group_size": base.n_samples,
                    "max_new_tokens": base.max_new_tokens, "temperature": base.temperature,
                    "variants": {k: {"backend": c.backend, "batch_size": c.batch_size} for k, c in variants.items()},
                    "prompt_tokens_mean": round(sum(len(tok(p, add_special_tokens=False)["input_ids"])
                                                    for p in prompts) / len(prompts), 1),
-                   "steered_latents": len(selection), "repeats": args.repeats or 2},
+                   "steered_latents": len(selection), "repeats": args.repeats},
         "times": {k: common.summary(v) for k, v in times.items()},
         "useful_tokens": counts,
         "tokens_per_s": {k: round(v, 2) for k, v in tps.items()},
@@ -248,7 +256,7 @@ def main_real(args) -> dict:
         "ratios": ratios,
     }
     print(json.dumps(result["tokens_per_s"]), json.dumps(ratios), flush=True)
-    common.write_section(args, "sampling_real", result)
+    common.write_section(args, "sampling_real" if base.n_samples == 4 else f"sampling_real_g{base.n_samples}", result)
     return result
 
 

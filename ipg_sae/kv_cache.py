@@ -1,13 +1,20 @@
-"""A KV cache that appends in place, for :func:`ipg_sae.sampling.decode_loop`.
+"""A KV cache of fixed rows (slots), for :func:`ipg_sae.sampling.decode_loop`.
 
 transformers' default cache concatenates at every decoding step, copying every layer's whole
-cache each time (a quarter of a 96-token decode of the default model, profiled). Here each layer
-owns a ``[batch, heads, capacity, dim]`` buffer: a step writes its keys and values in place and
-the layer's ``keys``/``values`` are views of the filled part. Dropping finished rows and
-repeating a prompt's cache for its samples index the buffers.
+cache each time (a quarter of a 96-token decode of the default model, profiled). Here each
+layer owns a ``[slots, heads, capacity, dim]`` buffer: a decoding step writes one column for
+every slot in place, and the layer's ``keys``/``values`` are views of the filled columns.
+
+Rows come and go without copying the cache: a finished sample frees its slot and a new
+sample's prompt (prefilled elsewhere) is written into it, right-aligned so that it ends at the
+current column. Which columns each slot may attend to is the caller's mask (a slot's columns
+before its prompt are stale). When the columns run out, :meth:`SlotLayer.shift` drops the
+oldest ones that no slot still reads.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from transformers import DynamicCache
@@ -16,21 +23,26 @@ from transformers.cache_utils import DynamicLayer
 from .errors import IPGError
 
 
-class PreallocatedLayer(DynamicLayer):
-    """A full-attention cache layer over a buffer with room for ``capacity`` positions."""
+class SlotLayer(DynamicLayer):
+    """A full-attention cache layer over a buffer of ``slots`` rows and ``capacity`` columns, filled up to
+    ``length`` (every slot shares the column a step writes)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, slots: int, capacity: int, length: int = 0):
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.slots, self.capacity, self.length = slots, capacity, length
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
+            self.lazy_initialization(keys, values)
         if self.buffers is None:
-            batch, heads, _, dim = key_states.shape
-            self.buffers = tuple(x.new_empty(batch, heads, self.capacity, dim) for x in (key_states, value_states))
+            self.buffers = tuple(x.new_zeros(self.slots, x.shape[1], self.capacity, x.shape[3]) for x in (keys, values))
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self._allocate(key_states, value_states)
+        n = key_states.shape[-2]
+        if key_states.shape[0] != self.slots:
+            raise IPGError(f"the slot cache has {self.slots} rows; a call with {key_states.shape[0]} came")
         if self.length + n > self.capacity:
             raise IPGError(f"the KV cache holds {self.capacity} positions; {self.length + n} were asked for")
         self.buffers[0][..., self.length:self.length + n, :] = key_states
@@ -38,29 +50,70 @@ class PreallocatedLayer(DynamicLayer):
         self.length += n
         return self._views()
 
+    def insert(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``keys``/``values`` (``[len(slots), heads, width, dim]``) into ``slots``, ending at the current
+        column (the next step's token follows them)."""
+        self._allocate(keys, values)
+        width = keys.shape[-2]
+        if width > self.length:
+            raise IPGError(f"a prompt of {width} positions does not fit before column {self.length}")
+        self.buffers[0][slots, :, self.length - width:self.length] = keys
+        self.buffers[1][slots, :, self.length - width:self.length] = values
+        self._views()
+
+    def shift(self, n: int) -> None:
+        """Drop the first ``n`` columns (no slot reads them any more)."""
+        if self.buffers is not None and n > 0:
+            for b in self.buffers:
+                b[..., :self.length - n, :] = b[..., n:self.length, :].clone()
+        self.length -= n
+        self._views()
+
     def _views(self):
-        self.keys, self.values = (b[..., :self.length, :] for b in self.buffers)
+        if self.buffers is not None:
+            self.keys, self.values = (b[..., :self.length, :] for b in self.buffers)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.length
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.buffers is not None:
-            self.buffers = tuple(b.repeat_interleave(repeats, dim=0) for b in self.buffers)
-            self._views()
-
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.slots = len(indices)
         if self.buffers is not None:
             self.buffers = tuple(b[indices] for b in self.buffers)
             self._views()
 
 
-def preallocated_cache(model, capacity: int) -> DynamicCache | None:
-    """A cache of :class:`PreallocatedLayer` s for ``model``, or None (the model's own cache) when its layers are
-    not all plain full-attention ones (sliding windows, linear attention)."""
+def slot_cache(model, slots: int, capacity: int, length: int) -> DynamicCache | None:
+    """A cache of :class:`SlotLayer` s for ``model``, or None when its layers are not all plain full-attention
+    ones (sliding windows, linear attention)."""
     cache = DynamicCache(config=model.config)
     if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
-    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    cache.layers = [SlotLayer(slots, capacity, length) for _ in cache.layers]
     return cache
+
+
+def repeated(cache: DynamicCache, n: int) -> DynamicCache:
+    """A copy of ``cache`` with each row repeated ``n`` times (a shared prefix's cache for ``n`` continuations)."""
+    out = copy.deepcopy(cache)
+    if n > 1:
+        out.batch_repeat_interleave(n)
+    return out
+
+
+def layer_states(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's ``(keys, values)`` of a cache (``[batch, heads, length, dim]``)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def attention_mask(key_real: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[rows, 1, q_len, kv_len]``: a query sees the real keys up to itself (and itself, so padding stays finite)."""
+    rows, kv = key_real.shape
+    past = kv - q_len
+    q_pos = past + torch.arange(q_len, device=key_real.device)
+    k_pos = torch.arange(kv, device=key_real.device)
+    causal = k_pos[None, :] <= q_pos[:, None]
+    allowed = causal[None] & (key_real[:, None, :] | (k_pos[None, None, :] == q_pos[None, :, None]))
+    mask = torch.zeros(rows, 1, q_len, kv, dtype=dtype, device=key_real.device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)

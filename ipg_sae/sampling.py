@@ -20,6 +20,7 @@ from typing import Callable, Literal
 import torch
 from tqdm.auto import tqdm
 
+from .decode import decode_loop
 from .errors import IPGError
 from .models import context_length, model_fingerprint
 from .rewards import Reward, get_reward
@@ -35,9 +36,10 @@ class SamplingConfig:
     max_new_tokens: int = 128  # generated tokens per completion at most
     batch_size: int = 16  # sequences per generate call (prompts per call = batch_size // n_samples)
     seed: int = 0  # each batch reseeds from (seed, batch index)
-    # hf: transformers generate() (one random stream per batch). loop: our decode loop, one random stream per
-    # sample (seeded by seed, problem id and sample index) and finished rows dropped from the batch, so a
-    # sample's tokens do not depend on the batch it is in (the same distribution as hf, not the same draws)
+    # hf: transformers generate() (one random stream per batch). loop: our decode loop (ipg_sae/decode.py), one
+    # random stream per sample (seeded by seed, problem id and sample index), batch_size rows decoding at once and
+    # a finished row refilled by the next sample, so a sample's tokens do not depend on the batch it is in (the
+    # same distribution as hf, not the same draws)
     # vllm: vLLM's engine (GPU, unsteered only; pip install vllm), one stream per batch like hf
     backend: Literal["hf", "loop", "vllm"] = "hf"
 
@@ -79,6 +81,9 @@ def sample(model, tokenizer, problems: list[Problem], prompts: list[str], cfg: S
     fingerprint = model_fingerprint(model, tokenizer)
     per_call = max(1, cfg.batch_size // cfg.n_samples)
     stops = eos_ids(model, tokenizer)
+    if cfg.backend == "loop":
+        return _sample_loop(model, tokenizer, problems, prompts, cfg, reward, intervention, progress, desc,
+                            fingerprint, stops)
     out: list[Trajectory] = []
     n_generated, t0 = 0, time.perf_counter()
     with tqdm(total=len(problems) * cfg.n_samples, desc=desc, unit="seq", disable=not progress, leave=False) as bar:
@@ -88,10 +93,6 @@ def sample(model, tokenizer, problems: list[Problem], prompts: list[str], cfg: S
                 prompt_ids, completions = _generate_vllm(model, tokenizer, [prompts[i] for i in batch], cfg,
                                                          seed=_batch_seed(cfg.seed, batch_index), stops=stops,
                                                          intervention=intervention)
-            elif cfg.backend == "loop":
-                seeds = [row_seed(cfg.seed, problems[i].id, g) for i in batch for g in range(cfg.n_samples)]
-                prompt_ids, completions, _ = decode_loop(model, tokenizer, [prompts[i] for i in batch], cfg, seeds,
-                                                         stops, intervention)
             else:
                 prompt_ids, completions = _generate(model, tokenizer, [prompts[i] for i in batch], cfg,
                                                     seed=_batch_seed(cfg.seed, batch_index), stops=stops,
@@ -105,6 +106,18 @@ def sample(model, tokenizer, problems: list[Problem], prompts: list[str], cfg: S
             bar.update(len(batch) * cfg.n_samples)
             bar.set_postfix(tok_s=f"{n_generated / (time.perf_counter() - t0):.1f}")
     return out
+
+
+def _sample_loop(model, tokenizer, problems, prompts, cfg: SamplingConfig, reward: Reward, intervention, progress,
+                 desc, fingerprint, stops) -> list[Trajectory]:
+    """All prompts through one continuous-batching decode loop (``cfg.batch_size`` rows at a time)."""
+    g = cfg.n_samples
+    seeds = [row_seed(cfg.seed, p.id, i) for p in problems for i in range(g)]
+    with tqdm(total=len(seeds), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
+        prompt_ids, completions, _ = decode_loop(model, tokenizer, prompts, cfg, seeds, stops, intervention,
+                                                 on_finish=lambda _sample: bar.update(1))
+    return [_trajectory(problems[r // g], prompts[r // g], prompt_ids[r // g], ids, r % g, tokenizer, reward,
+                        fingerprint) for r, ids in enumerate(completions)]
 
 
 def check_fits_context(model_cfg, checks: list[tuple[TaskConfig, int, str]]) -> None:
@@ -218,96 +231,6 @@ def row_seed(seed: int, problem_id: str, sample_index: int) -> int:
 
     digest = hashlib.sha256(f"{seed}:{problem_id}:{sample_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-@torch.no_grad()
-def decode_loop(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seeds: list[int], stops: set[int],
-                intervention=None, drop_finished: bool = True) -> tuple[list[list[int]], list[list[int]], list[float]]:
-    """``cfg.n_samples`` completions of each prompt with a KV cache, one random stream per sample (``seeds``,
-    prompt-major), each prompt's prefill run once and shared by its samples, and each row dropped from
-    the batch once it has produced a stop token.
-
-    Positions follow ``generate``'s convention for left padding (position ids from the attention
-    mask). Returns the prompts' token ids, the completions (cut after their first stop token,
-    which is kept) and each completion's log-probability under the sampling distribution
-    (``softmax(logits / T)``, full vocabulary): what :class:`ipg_sae.faithfulness.TrajectoryScorer`
-    computes for the same tokens.
-    """
-    enc = left_padded(tokenizer, prompts)
-    device = next(model.parameters()).device
-    g = cfg.n_samples
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    rows = len(seeds)
-    if rows != ids.shape[0] * g:
-        raise IPGError(f"decode_loop got {rows} seeds for {ids.shape[0] * g} rows")
-    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    out: list[list[int]] = [[] for _ in range(rows)]
-    logp = [0.0] * rows
-    finished = [False] * rows
-    active = torch.arange(rows)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    ctx = intervention() if intervention is not None else contextlib.nullcontext()
-    with ctx as handle:
-        # Each prompt once; its KV cache is then repeated for its G samples (the prompt's forward pass is the
-        # same for all of them, steered or not).
-        from .kv_cache import preallocated_cache
-
-        cache = preallocated_cache(model, ids.shape[1] + cfg.max_new_tokens)
-        result = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True)
-        cache = result.past_key_values
-        cache.batch_repeat_interleave(g)
-        logits = result.logits[:, -1].float().repeat_interleave(g, dim=0)
-        mask, positions = mask.repeat_interleave(g, dim=0), positions.repeat_interleave(g, dim=0)
-        if handle is not None and hasattr(handle, "select_rows"):
-            handle.select_rows(torch.arange(ids.shape[0]).repeat_interleave(g))
-        next_pos = positions[:, -1] + 1
-        for step in range(cfg.max_new_tokens):
-            tokens, token_logp = _draw(logits, cfg, [generators[int(r)] for r in active])
-            done = torch.zeros(len(active), dtype=torch.bool)
-            for j, r in enumerate(active.tolist()):
-                if finished[r]:  # kept in the batch past its stop (drop_finished=False): nothing more counts
-                    done[j] = True
-                    continue
-                out[r].append(int(tokens[j]))
-                logp[r] += float(token_logp[j])
-                done[j] = finished[r] = int(tokens[j]) in stops
-            if step == cfg.max_new_tokens - 1 or bool(done.all()):
-                break
-            keep = torch.nonzero(~done).flatten() if drop_finished else torch.arange(len(active))
-            if len(keep) < len(active):
-                cache.batch_select_indices(keep.to(device))
-                mask, next_pos, tokens, active = mask[keep.to(device)], next_pos[keep.to(device)], tokens[keep], active[keep]
-                if handle is not None and hasattr(handle, "select_rows"):
-                    handle.select_rows(keep)
-            mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype, device=device)], dim=1)
-            result = model(input_ids=tokens[:, None].to(device), attention_mask=mask, position_ids=next_pos[:, None],
-                           past_key_values=cache, use_cache=True)
-            cache, logits = result.past_key_values, result.logits[:, -1].float()
-            next_pos = next_pos + 1
-    prompt_ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
-    return prompt_ids, out, logp
-
-
-def _draw(logits: torch.Tensor, cfg: SamplingConfig, generators: list[torch.Generator]):
-    """One token per row (greedy at temperature 0), each row from its own generator; and its log-probability under
-    ``softmax(logits / T)`` (0 when greedy)."""
-    if cfg.temperature == 0:
-        return logits.argmax(dim=-1).cpu(), torch.zeros(logits.shape[0])
-    logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1).cpu()
-    probs = logprobs.exp()
-    if cfg.top_p < 1:  # nucleus: the smallest set of top tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > cfg.top_p
-        sorted_p[outside] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    # Inverse-CDF sampling: one uniform draw per row from that row's own generator (an exact draw from probs;
-    # torch.multinomial would spend a random number on every one of the vocabulary's entries).
-    cdf = probs.double().cumsum(dim=-1)
-    u = torch.stack([torch.rand((), dtype=torch.float64, generator=gen) for gen in generators]) * cdf[:, -1]
-    tokens = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
-    # (a zero-probability entry is never chosen: its cdf step is empty, so no u lands on it)
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
 
 
 def _trajectory(problem: Problem, prompt: str, prompt_ids: list[int], ids: list[int], g: int, tokenizer,

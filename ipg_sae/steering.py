@@ -181,14 +181,18 @@ class _Positions:
         self.index = pos[None, :] - self.first.to(ref.device)[:, None]
         return None
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` of the current pass: for a sampler that drops finished rows from its batch (the
-        next decoding step then has ``len(rows)`` rows, in this order)."""
-        if self.first is not None:
-            self.first = self.first[rows.to(self.first.device)]
-        if self.scope is not None and self.fixed is None and self.scope.prompt_mask is not None:
-            self.scope = dataclasses.replace(self.scope,
-                                             prompt_mask=self.scope.prompt_mask[rows.to(self.scope.prompt_mask.device)])
+    def prompt_keep(self, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Which prompt tokens this scope steers, given their real-token ``positions`` and which are ``real`` (not
+        padding): for callers that feed prompts in segments through :meth:`next_call`."""
+        if self.fixed is not None:
+            raise IPGError("a fixed PositionScope names absolute positions of one pass; a sampler that feeds "
+                           "prompts in segments needs scope 'all' or 'generated'")
+        if self.kind == "generated":
+            return torch.zeros_like(real, dtype=torch.bool)
+        keep = real.bool().clone()
+        if self.exclude_first:
+            keep &= positions != 0
+        return keep
 
     def current(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keep is None or self.keep.shape != (batch, length):

@@ -86,7 +86,7 @@ def test_bad_config_and_empty():
         sample(None, None, [], [], SamplingConfig())
 
 
-# ---- backend: loop (one random stream per sample, finished rows dropped) ----------------------------
+# ---- backend: loop (one random stream per sample, continuous batching) ----------------------------
 
 
 def _loop_cfg(**kw):
@@ -103,19 +103,34 @@ def _frequent_stops(setup):
     return set(top)
 
 
-def test_dropping_finished_rows_never_changes_a_rows_tokens(setup):
-    from ipg_sae.sampling import decode_loop, row_seed
+def test_a_samples_tokens_do_not_depend_on_rows_refills_or_column_shifts(setup, monkeypatch):
+    """Continuous batching: whether a sample decodes alone, beside its prompt's other samples, in a row freed by
+    another prompt's sample mid-batch, or after the cache dropped old columns, it draws the same tokens."""
+    import ipg_sae.decode as decode
+    from ipg_sae.sampling import row_seed
 
     model, tok, problems, prompts = setup
     cfg = _loop_cfg()
     stops = _frequent_stops(setup)
     seeds = [row_seed(0, p.id, g) for p in problems for g in range(cfg.n_samples)]
-    _, dropped, logp_a = decode_loop(model, tok, prompts, cfg, seeds, stops, drop_finished=True)
-    _, kept, logp_b = decode_loop(model, tok, prompts, cfg, seeds, stops, drop_finished=False)
-    lengths = {len(c) for c in dropped}
+    finished = []
+    _, together, logp_a = decode.decode_loop(model, tok, prompts, cfg, seeds, stops, rows=9,
+                                             on_finish=finished.append)
+    lengths = {len(c) for c in together}
     assert len(lengths) > 1 and min(lengths) < cfg.max_new_tokens  # rows did finish at different steps
-    assert dropped == kept
-    assert logp_a == pytest.approx(logp_b, abs=1e-4)
+    assert sorted(finished) == list(range(9))  # every sample reported once
+    for rows in (1, 2, 3, 4):  # one at a time; fewer rows than samples per prompt; one prompt; refills mid-prompt
+        _, alone, logp_b = decode.decode_loop(model, tok, prompts, cfg, seeds, stops, rows=rows)
+        assert alone == together, rows
+        assert logp_b == pytest.approx(logp_a, abs=1e-4)
+    monkeypatch.setattr(decode, "_SLACK", 0)  # the cache runs out of columns and shifts while rows still read it
+    from ipg_sae.kv_cache import SlotLayer
+
+    shifts, shift = [], SlotLayer.shift
+    monkeypatch.setattr(SlotLayer, "shift", lambda self, n: (shifts.append(n), shift(self, n))[1])
+    _, shifted, _ = decode.decode_loop(model, tok, prompts, cfg, seeds, stops, rows=2)
+    assert shifted == together
+    assert any(n > 0 for n in shifts)
 
 
 def test_a_samples_tokens_do_not_depend_on_its_batch(setup):
@@ -132,7 +147,8 @@ def test_the_loops_log_probabilities_are_the_scorers_plain_and_steered(setup):
     a trajectory teacher-forced under the same hooks, gives the same log-probability."""
     from ipg_sae.faithfulness import TrajectoryScorer
     from ipg_sae.models import hidden_size
-    from ipg_sae.sampling import decode_loop, row_seed
+    from ipg_sae.decode import decode_loop
+    from ipg_sae.sampling import row_seed
     from ipg_sae.steering import scale, steering
     from ipg_sae.trajectories import Trajectory
     from tests.tiny import random_sae
@@ -213,16 +229,20 @@ def test_vllm_backend_feeds_token_ids_and_cuts_at_stops(setup, monkeypatch):
 def test_the_loops_draws_follow_the_temperature_softmax():
     """20,000 draws from one row's distribution (its own generator) match softmax(logits / T) and top_p's
     renormalised nucleus; a zero-probability token is never drawn."""
-    from ipg_sae.sampling import _draw
+    from ipg_sae.decode import draw_tokens
 
-    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -30.0]])
-    for cfg, want in [(SamplingConfig(temperature=0.7), torch.softmax(logits[0] / 0.7, -1)),
-                      (SamplingConfig(temperature=1.0, top_p=0.8), None)]:
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -float("inf")]])
+    hot = SamplingConfig(temperature=0.7)
+    for cfg, want, block in [(hot, torch.softmax(logits[0] / 0.7, -1), 256), (hot, torch.softmax(logits[0] / 0.7, -1), 2),
+                             (SamplingConfig(temperature=1.0, top_p=0.8), None, 256)]:
         gen = torch.Generator().manual_seed(0)
         counts = torch.zeros(5)
-        for _ in range(20_000):
-            token, _ = _draw(logits, cfg, [gen])
+        for _ in range(20_000):  # block 2: the two-level CDF crosses blocks (and pads the last one)
+            token, logp = draw_tokens(logits.clone(), cfg, [gen], block=block)  # (it works in place)
             counts[int(token[0])] += 1
+            if cfg.top_p == 1:
+                assert float(logp[0]) == pytest.approx(float(torch.log_softmax(logits[0] / 0.7, -1)[token[0]]),
+                                                       abs=1e-5)
         freq = counts / counts.sum()
         if want is None:  # top_p 0.8 keeps the two largest (0.59 + 0.22 >= 0.8), renormalised
             p = torch.softmax(logits[0], -1)
