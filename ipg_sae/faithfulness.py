@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .errors import IPGError
+from .kv_cache import attention_mask, repeated
 from .models import ReplayedBlock, SkippedBlock, block_hidden, decoder_layers
 from .saes import as_layer_dict
 from .stats import effective_sample_size
@@ -134,7 +135,7 @@ class TrajectoryScorer:
         self.param = next(model.parameters())
         self._replay_cache: dict[int, list[torch.Tensor]] = {}  # layer -> its clean output, segment by segment
         self._tuple_blocks = False  # whether the decoder blocks return tuples (seen in the clean pass)
-        self._segments: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._segments: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
 
     # -- public ---------------------------------------------------------------------------
 
@@ -162,12 +163,33 @@ class TrajectoryScorer:
                 self._replay_cache[layer] = self._capture(layer)
             counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
             total = 0.0
-            for x, (keep, weight) in zip(self._replay_cache[layer], self._segments):
+            for x, (keep, weight, _) in zip(self._replay_cache[layer], self._segments):
                 f = sae.encode(x[keep].to(sae.W_dec.dtype))
                 w = weight[keep].double()
                 counts += ((f > 0).double() * w[:, None]).sum(0).cpu()
                 total += float(w.sum())
             out[layer] = (counts / max(total, 1.0)).numpy()
+        return out
+
+    @torch.no_grad()
+    def latent_push(self) -> dict[int, np.ndarray]:
+        """Per SAE layer, each latent's *push* on the scored completions: the mean over their tokens of
+        ``|f_i| * ||W_dec[i]||``, how far switching the latent off moves the residual stream where the policy
+        acts (0 where it does not fire). What :func:`ipg_sae.nulls.push_matched_sets` matches on."""
+        from .saes import decoder_matrix
+
+        out = {}
+        for layer, sae in self.saes.items():
+            if layer not in self._replay_cache:
+                self._replay_cache[layer] = self._capture(layer)
+            total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+            n = 0.0
+            for x, (keep, _, completion) in zip(self._replay_cache[layer], self._segments):
+                if completion:
+                    total += sae.encode(x[keep].to(sae.W_dec.dtype)).abs().double().sum(0).cpu()
+                    n += float(keep.sum())
+            norms = decoder_matrix(sae).detach().double().norm(dim=-1).cpu()
+            out[layer] = (total / max(n, 1.0) * norms).numpy()
         return out
 
     def _capture(self, layer: int) -> list[torch.Tensor]:
@@ -179,7 +201,7 @@ class TrajectoryScorer:
             captured.append(block_hidden(out))
 
         handle = self.blocks[layer].register_forward_hook(hook)
-        self._segments = []  # (positions that count, how many trajectories each stands for), per segment
+        self._segments = []  # (positions that count, how many trajectories each stands for, completion?), per segment
         try:
             self._pass(None, [], record=self._segments)
         finally:
@@ -190,14 +212,14 @@ class TrajectoryScorer:
         out = torch.zeros(self.n, dtype=torch.float64)
         segments = iter(self._replay_cache[replay_layer]) if replay_layer is not None else None
         with self._replaying(replay_layer) as replay, self._steering(interventions) as control:
-            def run(ids, mask2d, positions, cache, keep, weight):
+            def run(ids, mask2d, positions, cache, keep, weight, completion=False):
                 if record is not None:
-                    record.append((self._counted(positions, mask2d[:, -ids.shape[1]:]), weight))
+                    record.append((self._counted(positions, mask2d[:, -ids.shape[1]:]), weight, completion))
                 if replay is not None:
                     replay.x = next(segments)
                 if control is not None:
                     control.next_call(keep, positions)  # no left padding: a position is its real-token index
-                mask = _additive_mask(mask2d, ids.shape[1], self.param.dtype)
+                mask = attention_mask(mask2d, ids.shape[1], self.param.dtype)
                 return self.base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                  use_cache=True).last_hidden_state
 
@@ -227,7 +249,7 @@ class TrajectoryScorer:
         # the questions, right-padded, on the prefix cache
         q_ids, q_real = _pad([tree.questions[i] for i in problems], device)
         L = q_ids.shape[1]
-        cache = _repeat(prefix_cache, b)
+        cache = repeated(prefix_cache, b)
         mask = torch.cat([torch.ones(b, P, dtype=torch.bool, device=device), q_real], dim=1)
         positions = P + torch.arange(L, device=device)[None].expand(b, L)
         samples = torch.tensor([len(tree.completions[i]) for i in problems], dtype=torch.float64, device=device)
@@ -247,7 +269,7 @@ class TrajectoryScorer:
             mask = torch.cat([torch.ones(len(chunk), P, dtype=torch.bool, device=device), q_real[owner], c_real], dim=1)
             positions = (P + q_real.sum(1)[owner])[:, None] + torch.arange(M, device=device)[None]
             hidden = run(c_ids, mask, positions, _select_rows(cache, owner), self._keep(positions, c_real, prompt=False),
-                         torch.ones(c_ids.shape, dtype=torch.float64, device=device))
+                         torch.ones(c_ids.shape, dtype=torch.float64, device=device), completion=True)
             # token 0 from the question's last position, token t from completion position t - 1
             lp = torch.zeros(len(chunk), M, dtype=torch.float64, device=device)
             lp[:, 0] = self._token_logprobs(first_h[owner], c_ids[:, 0])
@@ -317,25 +339,6 @@ def _pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, :len(s)] = torch.tensor(s)
         real[i, :len(s)] = True
     return ids.to(device), real.to(device)
-
-
-def _additive_mask(key_real: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[rows, 1, q_len, kv_len]``: a query sees the real keys up to itself (and itself, so padding stays finite)."""
-    rows, kv = key_real.shape
-    past = kv - q_len
-    q_pos = past + torch.arange(q_len, device=key_real.device)
-    k_pos = torch.arange(kv, device=key_real.device)
-    causal = k_pos[None, :] <= q_pos[:, None]
-    allowed = causal[None] & (key_real[:, None, :] | (k_pos[None, None, :] == q_pos[None, :, None]))
-    mask = torch.zeros(rows, 1, q_len, kv, dtype=dtype, device=key_real.device)
-    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-
-
-def _repeat(cache, n: int):
-    out = copy.deepcopy(cache)
-    if n > 1:
-        out.batch_repeat_interleave(n)
-    return out
 
 
 def _select_rows(cache, rows: torch.Tensor):

@@ -12,6 +12,18 @@ resumed run draws the same sets).
 * ``frequency`` (:func:`frequency_matched_sets`) — each latent drawn from the same layer and
   activation-frequency decile as one latent of the template. Controls for size, layers and how
   often the latents fire: a set of rare or dead latents trivially does nothing.
+* ``push`` (:func:`push_matched_sets`) — each latent drawn from its ten nearest neighbours (same
+  layer) in *push*: the mean over the held-out completion tokens of ``|f_i| * ||W_dec[i]||``,
+  how far switching the latent off moves the residual stream where the policy acts (0 where it
+  does not fire). Controls for size, layers and how hard the set pushes the policy, which
+  frequency does not: frequency is counted mostly on prompt tokens and ignores activation size
+  and decoder norm. A set that beats this null moved the outcome by *which* direction it
+  pushed, not by how far. (The study reports the realised push of every cell, mean ``|log
+  pi'/pi|`` and ESS, beside the evaluated set's, so the match can be checked where it counts.)
+
+Not a random draw, so not in :data:`NULLS`: the reward-permutation null
+(:func:`ipg_sae.selection.permuted_rankings`), IPG's own selection rerun with each prompt's
+rewards shuffled. It controls for everything the selection does except the reward.
 
 A new kind of null: a function with this signature, a name in :data:`NullKind` and
 :data:`NULLS`, anything it matches on as a field of :class:`LatentPool`, and a test that the
@@ -29,7 +41,7 @@ import numpy as np
 from .errors import IPGError
 
 Selection = list[tuple[int, int]]
-NullKind = Literal["uniform", "frequency"]
+NullKind = Literal["uniform", "frequency", "push"]
 
 
 @dataclass
@@ -39,11 +51,12 @@ class LatentPool:
     d_sae: dict[int, int]  # the SAE's width at each layer
     active: dict[int, Any] | None = None  # per-layer mask (or counts) of latents active on the data; > 0 = active
     frequencies: dict[int, np.ndarray] | None = None  # per-layer activation frequency of every latent
+    push: dict[int, np.ndarray] | None = None  # per-layer mean |f_i| * ||W_dec[i]|| on completion tokens
 
     @classmethod
-    def of(cls, saes: dict, active: dict[int, Any] | None = None,
-           frequencies: dict[int, np.ndarray] | None = None) -> "LatentPool":
-        return cls({layer: int(sae.cfg.d_sae) for layer, sae in saes.items()}, active, frequencies)
+    def of(cls, saes: dict, active: dict[int, Any] | None = None, frequencies: dict[int, np.ndarray] | None = None,
+           push: dict[int, np.ndarray] | None = None) -> "LatentPool":
+        return cls({layer: int(sae.cfg.d_sae) for layer, sae in saes.items()}, active, frequencies, push)
 
 
 def uniform_sets(template: Sequence[tuple[int, int]], n: int, seed: int, pool: LatentPool) -> list[Selection]:
@@ -85,7 +98,8 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def frequency_bins(freq: np.ndarray, n_bins: int = 10) -> np.ndarray:
-    """Bin index of each latent by activation frequency: quantile bins over the active latents, -1 for dead ones."""
+    """Bin index of each latent by a non-negative measure (activation frequency, push): quantile bins over the
+    latents where it is positive, -1 where it is zero."""
     freq = np.asarray(freq, dtype=float)
     bins = np.full(freq.shape, -1)
     active = freq > 0
@@ -107,12 +121,57 @@ def frequency_matched_sets(template: Sequence[tuple[int, int]], n: int, seed: in
     """
     if pool.frequencies is None:
         raise IPGError("a frequency-matched null needs the latents' activation frequencies on the data")
+    return matched_sets(template, n, seed, pool.frequencies, n_bins, "activation frequencies")
+
+
+def push_matched_sets(template: Sequence[tuple[int, int]], n: int, seed: int, pool: LatentPool,
+                      n_near: int = 10) -> list[Selection]:
+    """``n`` sets, each latent drawn from the ``n_near`` latents of the same layer nearest in push (mean
+    ``|f_i| * ||W_dec[i]||`` over the held-out completion tokens) to one latent of ``template``, never a template
+    latent or one already drawn; latents that never fire there are matched with latents that never fire there.
+
+    Nearest neighbours rather than quantile bins: pushes are heavy-tailed, and a gradient-ranked set
+    sits in the tail, where one bin spans a factor of ten.
+    """
+    if pool.push is None:
+        raise IPGError("a push-matched null needs each latent's push on the held-out completions (LatentPool.push)")
     rng = np.random.default_rng(seed)
-    bins = {layer: frequency_bins(f, n_bins) for layer, f in pool.frequencies.items()}
+    chosen = set(map(tuple, template))
+    for layer, _ in template:
+        if layer not in pool.push:
+            raise IPGError(f"no push values for layer {layer}; the null needs them for every layer of the set")
+    out = []
+    for _ in range(n):
+        taken: set[tuple[int, int]] = set()
+        draw = []
+        for layer, i in template:
+            push = np.asarray(pool.push[layer], dtype=float)
+            free = np.array([(layer, j) not in chosen and (layer, j) not in taken for j in range(len(push))])
+            if push[i] <= 0:
+                candidates = np.flatnonzero(free & (push <= 0))
+            else:
+                alive = np.flatnonzero(free & (push > 0))
+                distance = np.abs(np.log(push[alive]) - np.log(push[i]))
+                candidates = alive[np.argsort(distance, kind="stable")[:n_near]]
+            if not len(candidates):
+                raise IPGError(f"layer {layer} has too few latents to draw a push-matched set of this size")
+            pick = int(rng.choice(candidates))
+            taken.add((layer, pick))
+            draw.append((layer, pick))
+        out.append(draw)
+    return out
+
+
+def matched_sets(template: Sequence[tuple[int, int]], n: int, seed: int, measure: dict[int, np.ndarray],
+                 n_bins: int, what: str) -> list[Selection]:
+    """``n`` sets matched to ``template`` latent by latent on a per-latent ``measure``: quantile bins over the
+    latents where it is positive (the nearest bins when one runs out), zero matched with zero."""
+    rng = np.random.default_rng(seed)
+    bins = {layer: frequency_bins(m, n_bins) for layer, m in measure.items()}
     chosen = {(layer, i) for layer, i in template}
     for layer, _ in template:
         if layer not in bins:
-            raise IPGError(f"no activation frequencies for layer {layer}; the null needs them for every layer of the set")
+            raise IPGError(f"no {what} for layer {layer}; the null needs them for every layer of the set")
     out = []
     for _ in range(n):
         taken: set[tuple[int, int]] = set()
@@ -139,6 +198,7 @@ def frequency_matched_sets(template: Sequence[tuple[int, int]], n: int, seed: in
 NULLS: dict[str, Callable[[Sequence[tuple[int, int]], int, int, LatentPool], list[Selection]]] = {
     "uniform": uniform_sets,
     "frequency": frequency_matched_sets,
+    "push": push_matched_sets,
 }
 
 

@@ -193,7 +193,7 @@ def _rank(stats: dict[int, dict[str, torch.Tensor]], by: str, k: int, per_layer:
 
 
 def select(result: AttributionResult, k: int, by: str | None = None, per_layer: bool = False,
-           normalize: str = "none", active_only: bool = True) -> list[tuple[int, int]]:
+           normalize: str = "none", active_only: bool = True, bottom: bool = False) -> list[tuple[int, int]]:
     """The top-``k`` latents of an attribution result, best first.
 
     Args:
@@ -205,12 +205,81 @@ def select(result: AttributionResult, k: int, by: str | None = None, per_layer: 
         normalize: ``none`` | ``length`` | ``l1``: per-trajectory normalisation before aggregating.
         active_only: only latents active on at least one prompt are candidates (fewer than ``k``
             may come back).
+        bottom: the ``k`` lowest instead (most negative first): the sign control, whose removal
+            should raise the reward where the top set's lowers it.
 
     Returns:
         A list of ``(layer, latent)`` pairs, ties broken by (layer, latent).
     """
     by = by or default_rank_by(result)
-    return _rank(latent_stats(result, normalize), by, k, per_layer, active_only)
+    stats = latent_stats(result, normalize)
+    if bottom:
+        stats = {layer: {**s, by: -s[by]} for layer, s in stats.items()}
+    return _rank(stats, by, k, per_layer, active_only)
+
+
+def permuted_rankings(result: AttributionResult, k: int, n: int, seed: int = 0) -> list[list[tuple[int, int]]]:
+    """The reward-permutation null: ``n`` top-``k`` sets IPG would select had each attributed prompt's rewards been
+    shuffled among its samples (:func:`reward_permutations`, :func:`permuted_ranking`).
+
+    The sets come from the same gradients and the same selection (``mean`` over the attributed
+    prompts, active latents only) with the reward information removed, so a set that beats them
+    was picked *because of the reward*, not for how hard it pushes the policy.
+    """
+    if n < 1:
+        raise IPGError(f"the reward-permutation null needs at least one permutation (got {n})")
+    return [permuted_ranking(result, order, k) for order in reward_permutations(result, n, seed)]
+
+
+def reward_permutations(result: AttributionResult, n: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` orders of the trajectories (``[M]`` indices): trajectory ``t`` takes the reward (and so the advantage)
+    of ``order[t]``, a random shuffle within each attributed prompt's group (groups stay mixed)."""
+    owner_prompt = result.traj("prompt").long()
+    groups = [torch.nonzero(owner_prompt == p).flatten() for p in attributed_prompts(result).tolist()]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        order = torch.arange(len(result.traj_ids))
+        for idx in groups:
+            order[idx] = idx[torch.as_tensor(rng.permutation(len(idx)))]
+        out.append(order)
+    return out
+
+
+def permuted_ranking(result: AttributionResult, order: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """IPG's top ``k`` had trajectory ``t`` got the advantage of trajectory ``order[t]`` (same prompt).
+
+    IPG is linear in the advantages (``a_{g,i} = A_g * u_{g,i}``, ``u`` the path integral of
+    ``d log pi(tau_g) / d c_i`` times the activation), so each stored per-trajectory row gives
+    ``u_{g,i} = a_{g,i} / A_g`` and the permuted per-prompt scores are ``sum_g A_{order(g)} u_{g,i} / G``:
+    no model pass. Exact for the quadrature nodes the attribution used; a recomputation on
+    shuffled rewards under adaptive quadrature may refine other nodes (equal within its tolerance).
+    """
+    if result.method_name != "ipg":
+        raise IPGError(f"the reward-permutation null re-weights IPG's per-trajectory rows; got a {result.method_name} "
+                       "result")
+    advantage, owner_prompt = result.traj("advantage").double(), result.traj("prompt").long()
+    attributed = attributed_prompts(result)
+    in_groups = torch.isin(owner_prompt, attributed)
+    zero = torch.nonzero(in_groups & (advantage == 0)).flatten()
+    if len(zero):
+        raise IPGError(f"trajectory {result.traj_ids[int(zero[0])]} of an attributed prompt has advantage 0, so its "
+                       "stored row cannot be rescaled; the reward-permutation null from stored rows needs non-zero "
+                       "advantages (true for 0/1 rewards with rloo, mean or grpo advantages); recompute the "
+                       "attribution on shuffled rewards instead")
+    if bool((owner_prompt[order] != owner_prompt).any()):
+        raise IPGError("a reward permutation may only move rewards within a prompt's group")
+    shuffled = advantage[order]
+    size = torch.bincount(owner_prompt, minlength=result.n_prompts).double()
+    stats = {}
+    for layer in result.layers:
+        owner, latent, value = result.trajectory_entries(layer)
+        d = result.d_sae[layer]
+        flat = torch.zeros(result.n_prompts * d, dtype=torch.float64)
+        weight = shuffled[owner] / advantage[owner] / size[owner_prompt[owner]]
+        flat.index_add_(0, owner_prompt[owner] * d + latent, value.double() * weight)
+        stats[layer] = _stats(flat.view(result.n_prompts, d)[attributed], result.layer(layer, "active")[attributed])
+    return _rank(stats, "mean", k, False, True)
 
 
 def bootstrap_stability(result: AttributionResult, k: int, n_boot: int = 100, by: str | None = None,

@@ -35,23 +35,23 @@ import torch
 
 from .attribution import AttributionConfig, AttributionResult, Baseline
 from .attribution.path import has_variance
-from .cells import CellStore, Inputs, LogprobCells
+from .cells import BASE, CellStore, Inputs, LogprobCells
 from .config import JobConfig, dump_yaml
 from .digest import json_digest
 from .errors import IPGError
-from .evaluation import EvalConfig, evaluate
+from .evaluation import EvalConfig, degenerate_flags, evaluate
 from .faithfulness import TrajectoryScorer, estimate
 from .io import read_json, run_lock, write_json, write_text
 from .jobs import AttributeJobConfig, SelectionConfig, check_baselines, method_dir, run_attribute
 from .models import load_model
 from .nulls import LatentPool, draw_sets
-from .report import pyplot, save_figure
 from .rewards import get_reward
-from .sampling import SamplingConfig, check_fits_context, sample
+from .sampling import SamplingConfig, check_fits_context, eos_ids, sample
 from .saes import load_saes
-from .selection import select
+from .selection import permuted_rankings, select
 from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_stages, sae_specs
 from .stats import area_under_curve, bootstrap, null_rank, predicted_direction
+from .study_report import answer, markdown, plot_curves, plot_null, slug
 from .tasks import TaskConfig, build_prompts, load_problems
 from .trajectories import Trajectory, load_trajectories, prompt_groups, save_trajectories
 
@@ -79,8 +79,13 @@ class StudyConfig(JobConfig):
     null_sets: int = 50  # random sets at the headline k, per gamma, for the first reward
     other_null_sets: int = 20  # the same for the other rewards (each reward's null matches its own IPG set)
     curve_null_sets: int = 3  # random sets at every other k, per gamma (the null's band on the curves)
+    push_null_sets: int = 20  # push-matched random sets at the headline k, per gamma and reward (nulls.push_matched_sets)
+    permutation_sets: int = 50  # reward-permutation null sets at k, per gamma (first reward; other_null_sets after)
+    sign_control: bool = True  # IPG's bottom k (most negative scores) beside its top k
     null_seed: int = 0
-    confirm_samples: int = 4  # on-policy samples per problem for the confirmation cells
+    confirm_samples: int = 4  # on-policy samples per problem and seed for the confirmation cells
+    confirm_seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # x confirm_samples = 16 per problem
+    confirm_null_sets: int = 5  # sets of each new null (push, permutation) confirmed on-policy, per gamma
     n_bootstrap: int = 2000
     min_ess: float = 0.25
     problems_per_batch: int = 8
@@ -104,6 +109,8 @@ class StudyConfig(JobConfig):
                            "sampler with full support)")
         if self.null_sets < 1 or self.other_null_sets < 1 or self.curve_null_sets < 0:
             raise IPGError("study.null_sets and study.other_null_sets must be >= 1, study.curve_null_sets >= 0")
+        if self.push_null_sets < 0 or self.permutation_sets < 0:
+            raise IPGError("study.push_null_sets and study.permutation_sets must be >= 0 (0: that null is not drawn)")
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -192,9 +199,10 @@ STAGES = [
           lambda c: _sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
           outputs=lambda c: [_reward_dir(c, r) / "heldout.jsonl" for r in c.rewards]),
     Stage("score", lambda c: (c.k, c.ks, c.gammas, c.null_sets, c.other_null_sets, c.curve_null_sets, c.null_seed,
-                              c.n_bootstrap, c.min_ess, c.scope), lambda c: score(c),
+                              c.n_bootstrap, c.min_ess, c.scope, c.push_null_sets, c.permutation_sets, c.sign_control),
+          lambda c: score(c),
           outputs=lambda c: [c.run_dir / "study" / "scores.json"]),
-    Stage("confirm", lambda c: (c.confirm_samples,), lambda c: confirm(c),
+    Stage("confirm", lambda c: (c.confirm_samples, c.confirm_seeds, c.confirm_null_sets), lambda c: confirm(c),
           outputs=lambda c: [c.run_dir / "study" / "confirm.json"]),
     Stage("report", lambda c: (), lambda c: report(c),
           outputs=lambda c: [c.run_dir / "study" / f for f in ("report.md", "summary.json")]),
@@ -222,6 +230,28 @@ def _cells(cfg: StudyConfig, model, saes, heldout: list[Trajectory]) -> LogprobC
                         cfg.heldout_sampling.temperature, cfg.scope)
 
 
+def _control_sets(cfg: StudyConfig, reward: str, ranking: dict, pool: LatentPool,
+                  n_permutations: int) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The controls at the headline k: IPG's bottom k (the sign control), push-matched random sets and the
+    reward-permutation null (IPG's selection on shuffled rewards)."""
+    out = []
+    ipg = AttributionResult.load(method_dir(_reward_dir(cfg, reward), "ipg"))
+    if cfg.sign_control:
+        out.append((f"ipg_bottom|k{cfg.k}", select(ipg, cfg.k, bottom=True)))
+    if cfg.push_null_sets:
+        draws = draw_sets("push", ranking["ipg"][:cfg.k], cfg.push_null_sets, cfg.null_seed + 7919, pool)
+        out += [(f"push{d}|k{cfg.k}", draw) for d, draw in enumerate(draws)]
+    n = min(cfg.permutation_sets, n_permutations) if reward != cfg.rewards[0] else cfg.permutation_sets
+    if n:
+        try:
+            draws = permuted_rankings(ipg, cfg.k, n, seed=cfg.null_seed)
+        except IPGError as e:  # e.g. a trajectory at exactly its group's baseline (a non-binary reward)
+            log.warning("study: no reward-permutation null for %s: %s", reward, e)
+            draws = []
+        out += [(f"perm{d}|k{cfg.k}", draw) for d, draw in enumerate(draws)]
+    return out
+
+
 def _rankings(cfg: StudyConfig, reward: str) -> dict[str, list[tuple[int, int]]]:
     out = {}
     for method in cfg.methods:
@@ -234,17 +264,22 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
     """Estimate every cell of the study off-policy; write ``study/scores.json`` (per-problem estimates)."""
     from tqdm.auto import tqdm
 
-    model, _ = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model)
     saes = load_saes(sae_specs(cfg), model)
     heldout = {r: load_trajectories(_reward_dir(cfg, r) / "heldout.jsonl") for r in cfg.rewards}
     samples = heldout[cfg.rewards[0]]  # the same samples under every reward
     cells = _cells(cfg, model, saes, samples)
     base_logp = cells.logprobs([], 1.0)
     frequencies = cells.scorer.activation_frequencies()
-    pool = LatentPool.of(saes, frequencies=frequencies)
+    pool = LatentPool.of(saes, frequencies=frequencies, push=cells.scorer.latent_push())
     problem_ids, groups = prompt_groups([t.prompt_id for t in samples])
+    stops = eos_ids(model, tokenizer)
+    flags = [degenerate_flags(t, EvalConfig(), stops) for t in samples]
     values = {"accuracy": torch.tensor([float(t.correct) for t in samples], dtype=torch.float64),
               "length": torch.tensor([float(len(t.completion_ids)) for t in samples], dtype=torch.float64),
+              # formatting, as evaluate counts it: unparsed, and degenerate (repetitive, empty or unparsed)
+              **{flag: torch.tensor([float(f[flag]) for f in flags], dtype=torch.float64)
+                 for flag in ("parsed", "degenerate")},
               **{f"reward:{r}": torch.tensor([t.reward for t in ts], dtype=torch.float64)
                  for r, ts in heldout.items()}}
     plan = []  # (reward, label, latents, gamma): what to estimate
@@ -258,14 +293,20 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
             n = headline if k == cfg.k else cfg.curve_null_sets
             for d, draw in enumerate(draw_sets("frequency", ranking["ipg"][:k], n, cfg.null_seed + k, pool)):
                 plan += [(reward, f"null{d}|k{k}", draw, gamma) for gamma in cfg.gammas]
+        plan += [(reward, label, latents, gamma) for label, latents in _control_sets(cfg, reward, ranking, pool,
+                                                                                     headline) for gamma in cfg.gammas]
     estimates: dict = {}
     for reward, label, latents, gamma in tqdm(plan, desc="study cells", unit="cell", disable=not progress):
         logp = cells.logprobs(latents, gamma, name=f"{label} x{gamma:g}")
         metrics = {"accuracy": values["accuracy"], "length": values["length"], "reward": values[f"reward:{reward}"]}
+        metrics.update(parsed=values["parsed"], degenerate=values["degenerate"])
         est = {name: estimate(base_logp, logp, v, groups) for name, v in metrics.items()}
+        shift = (logp - base_logp).abs()  # how far the set moves each sample's log-probability: the realised push
         estimates.setdefault(reward, {}).setdefault(label, {})[str(gamma)] = {
             "latents": [list(p) for p in latents], "ess": est["reward"].ess.tolist(),
-            "log_ratio_sd": est["reward"].log_ratio_sd, **{name: e.per_prompt.tolist() for name, e in est.items()}}
+            "log_ratio_sd": est["reward"].log_ratio_sd, "abs_log_ratio": float(shift.mean()),
+            "abs_log_ratio_per_token": float((shift / values["length"].clamp(min=1)).mean()),
+            **{name: e.per_prompt.tolist() for name, e in est.items()}}
     base = {reward: {"accuracy": [float(values["accuracy"][g].mean()) for g in groups],
                      "length": [float(values["length"][g].mean()) for g in groups],
                      "reward": [float(values[f"reward:{reward}"][g].mean()) for g in groups]}
@@ -280,14 +321,38 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
 # ---- statistics ----------------------------------------------------------------------------
 
 
+NULL_KINDS = {"frequency": "null", "push": "push", "permutation": "perm"}  # kind -> cell label prefix
+
+
+def _null_draws(cells: dict, kind: str, k: int) -> list[dict]:
+    """The cells of one null at ``k`` (every gamma each)."""
+    pattern = re.compile(rf"{NULL_KINDS[kind]}\d+\|k{k}")
+    return [cells[label] for label in cells if pattern.fullmatch(label)]
+
+
+def _effect_row(cfg: StudyConfig, cell: dict, base: np.ndarray) -> dict:
+    """A cell's effect against no steering (paired bootstrap over problems) and what it did besides."""
+    x = np.array(cell["reward"])
+    effect, lo, hi = bootstrap(x, base, n_boot=cfg.n_bootstrap, confidence=0.95)
+    return {"value": float(x.mean()), "effect": effect, "lo": lo, "hi": hi,
+            "accuracy": float(np.mean(cell["accuracy"])), "length": float(np.mean(cell["length"])),
+            "parsed": float(np.mean(cell["parsed"])) if "parsed" in cell else None,
+            "degenerate": float(np.mean(cell["degenerate"])) if "degenerate" in cell else None,
+            "abs_log_ratio": cell.get("abs_log_ratio"), "abs_log_ratio_per_token": cell.get("abs_log_ratio_per_token"),
+            "ess_mean": float(np.mean(cell["ess"])), "ess_min": float(np.min(cell["ess"])),
+            "ess_flag": float(np.mean(cell["ess"])) < cfg.min_ess, "latents": cell["latents"]}
+
+
 def summarize(cfg: StudyConfig, scores: dict) -> dict:
-    """Effects with paired intervals, the null, percentiles, p-values and curve areas, per reward."""
+    """Effects with paired intervals, the nulls, percentiles, p-values and curve areas, per reward."""
     boot = dict(n_boot=cfg.n_bootstrap, confidence=0.95)
     out = {}
     for reward, cells in scores["cells"].items():
         base = {m: np.array(v) for m, v in scores["base"][reward].items()}
-        res = {"base": {m: float(v.mean()) for m, v in base.items()}, "methods": {}, "null": {}, "curves": {}}
+        res = {"base": {m: float(v.mean()) for m, v in base.items()}, "methods": {}, "null": {}, "curves": {},
+               "nulls": {}, "sign_control": {}}
         for gamma in map(str, cfg.gammas):
+            direction = predicted_direction(float(gamma))
             null_effects = {}
             for k in cfg.ks:
                 draws = [cells[label][gamma] for label in cells if label.startswith("null") and label.endswith(f"|k{k}")]
@@ -299,21 +364,33 @@ def summarize(cfg: StudyConfig, scores: dict) -> dict:
                                            if e else None for k, e in null_effects.items()},
                                   "mean_ess": float(np.mean([cells[label][gamma]["ess"] for label in cells
                                                              if label.startswith("null")]))}
+            res["nulls"][gamma] = {}
+            for kind in NULL_KINDS:
+                draws = [d[gamma] for d in _null_draws(cells, kind, cfg.k)]
+                if draws:
+                    res["nulls"][gamma][kind] = {
+                        "n": len(draws), "effects": [float(np.mean(d["reward"]) - base["reward"].mean()) for d in draws],
+                        "mean_ess": float(np.mean([np.mean(d["ess"]) for d in draws])),
+                        **{m: float(np.mean([np.mean(d[m]) for d in draws])) if all(m in d for d in draws) else None
+                           for m in ("abs_log_ratio", "abs_log_ratio_per_token", "parsed", "degenerate")}}
+            control = cells.get(f"ipg_bottom|k{cfg.k}", {}).get(gamma)
+            if control is not None:
+                row = _effect_row(cfg, control, base["reward"])
+                row["as_predicted"] = bool(-direction * row["effect"] > 0)  # the opposite of the top set's
+                res["sign_control"][gamma] = row
             for method in cfg.methods:
                 entry = res["methods"].setdefault(method, {})
                 curve = []
                 for k in cfg.ks:
                     cell = cells[f"{method}|k{k}"][gamma]
-                    x = np.array(cell["reward"])
-                    effect, lo, hi = bootstrap(x, base["reward"], **boot)
-                    row = {"value": float(x.mean()), "effect": effect, "lo": lo, "hi": hi,
-                           "accuracy": float(np.mean(cell["accuracy"])), "length": float(np.mean(cell["length"])),
-                           "ess_mean": float(np.mean(cell["ess"])), "ess_min": float(np.min(cell["ess"])),
-                           "ess_flag": float(np.mean(cell["ess"])) < cfg.min_ess, "latents": cell["latents"]}
+                    row = _effect_row(cfg, cell, base["reward"])
                     if k == cfg.k:
-                        pct, p = null_rank(effect, null_effects[k], predicted_direction(float(gamma)))
-                        vs, vs_lo, vs_hi = bootstrap(x, headline_draws, **boot)  # against the null's mean
+                        pct, p = null_rank(row["effect"], null_effects[k], direction)
+                        vs, vs_lo, vs_hi = bootstrap(np.array(cell["reward"]), headline_draws, **boot)
                         row.update(null_percentile=pct, p_value=p, vs_null=vs, vs_null_lo=vs_lo, vs_null_hi=vs_hi)
+                        row["nulls"] = {kind: dict(zip(("percentile", "p_value"),
+                                                       null_rank(row["effect"], null["effects"], direction)))
+                                        for kind, null in res["nulls"][gamma].items()}
                         entry[gamma] = row
                     curve.append(row)
                 res["curves"].setdefault(method, {})[gamma] = {
@@ -325,26 +402,40 @@ def summarize(cfg: StudyConfig, scores: dict) -> dict:
     return out
 
 
-def confirmation_cells(cfg: StudyConfig, summary: dict) -> list[dict]:
-    """The best and the worst headline cells of the first reward (by effect in the predicted direction), and
-    IPG's headline cells at every gamma: the cells sampled on-policy to check the estimator."""
+def confirmation_cells(cfg: StudyConfig, summary: dict, scores: dict) -> list[dict]:
+    """The cells sampled on-policy (first reward), at every gamma: IPG's headline set, the best baseline's,
+    the sign control and the first ``confirm_null_sets`` sets of the push and permutation nulls; each with
+    its off-policy estimate, per problem."""
     reward = cfg.rewards[0]
-    res = summary[reward]["methods"]
-    cands = [(m, g, res[m][g]) for m in res for g in res[m]]
-    ranked = sorted(cands, key=lambda c: predicted_direction(float(c[1])) * c[2]["effect"])
-    chosen = [ranked[-1], ranked[0]] + [c for c in cands if c[0] == "ipg"]
-    out, seen = [], set()
-    for method, gamma, row in chosen:
-        if (method, gamma) not in seen:
-            seen.add((method, gamma))
-            out.append({"reward": reward, "method": method, "gamma": float(gamma), "latents": row["latents"],
-                        "why": "best" if (method, gamma) == ranked[-1][:2] else
-                        "worst" if (method, gamma) == ranked[0][:2] else "ipg headline"})
+    res, cells = summary[reward], scores["cells"][reward]
+    base = np.array(scores["base"][reward]["reward"])
+    out = []
+    for gamma in map(str, cfg.gammas):
+        chosen = [("ipg", f"ipg|k{cfg.k}", "ipg headline")]
+        baselines = [m for m in res["methods"] if m != "ipg"]
+        if baselines:
+            best = max(baselines, key=lambda m: predicted_direction(float(gamma)) * res["methods"][m][gamma]["effect"])
+            chosen.append((best, f"{best}|k{cfg.k}", "best baseline"))
+        if f"ipg_bottom|k{cfg.k}" in cells:
+            chosen.append(("ipg_bottom", f"ipg_bottom|k{cfg.k}", "sign control"))
+        for kind in ("push", "permutation"):
+            pattern = re.compile(rf"{NULL_KINDS[kind]}(\d+)\|k{cfg.k}")
+            labels = sorted((label for label in cells if pattern.fullmatch(label)),
+                            key=lambda label: int(pattern.fullmatch(label).group(1)))
+            chosen += [(label.split("|")[0], label, f"{kind} null") for label in labels[:cfg.confirm_null_sets]]
+        for name, label, why in chosen:
+            off = np.array(cells[label][gamma]["reward"])
+            out.append({"reward": reward, "set": f"{name}-k{cfg.k}", "gamma": float(gamma), "why": why,
+                        "latents": cells[label][gamma]["latents"], "off_policy_effect": float(off.mean() - base.mean()),
+                        "off_policy_per_problem": (off - base).tolist()})
     return out
 
 
 def confirm(cfg: StudyConfig) -> dict:
-    """On-policy sampling of the confirmation cells; agreement with the off-policy estimates."""
+    """On-policy effects of the confirmation cells: each sampled under its steering with the same seeds as an
+    unsteered run (``confirm_seeds`` x ``confirm_samples`` per problem), the effect paired by problem (and,
+    with the loop sampler, by each sample's random stream); beside each, its off-policy estimate and the
+    calibration across cells (on-policy effect against off-policy effect)."""
     scores = read_json(cfg.run_dir / "study" / "scores.json")
     summary = summarize(cfg, scores)
     model, tokenizer = load_model(cfg.model)
@@ -352,100 +443,63 @@ def confirm(cfg: StudyConfig) -> dict:
     problems = load_problems(cfg.heldout)
     prompts = build_prompts(tokenizer, problems, cfg.heldout)
     sampling = dataclasses.replace(cfg.heldout_sampling, n_samples=cfg.confirm_samples)
+    cells = confirmation_cells(cfg, summary, scores)
+    boot = dict(n_boot=cfg.n_bootstrap, confidence=0.95)
+    order = {pid: i for i, pid in enumerate(scores["problem_ids"])}
+    reward = cells[0]["reward"]
+    sets = {c["set"]: [tuple(p) for p in c["latents"]] for c in cells}  # a null's sets serve every gamma
+    ev = EvalConfig(estimator="sampling", gammas=sorted({c["gamma"] for c in cells}), seeds=list(cfg.confirm_seeds),
+                    k=None, target=cells[0]["set"], n_random_sets=0, sampling=sampling, reward=reward,
+                    task=cfg.heldout, n_bootstrap=cfg.n_bootstrap)
+    result = evaluate(model, tokenizer, saes, problems, prompts, sets, ev, progress=True,
+                      out_dir=cfg.run_dir / "study" / "confirm" / slug(reward))
+    base = _per_problem([r for r in result.samples if r["set"] == BASE], order)
+    unsteered = {m: float(v.mean()) for m, v in base.items()}
     results = []
-    for cell in confirmation_cells(cfg, summary):
-        name = f"{cell['method']}-k{cfg.k}"
-        ev = EvalConfig(estimator="sampling", gammas=[cell["gamma"]], seeds=[1], k=None, target=name,
-                        n_random_sets=0, sampling=sampling, reward=cell["reward"], task=cfg.heldout,
-                        n_bootstrap=cfg.n_bootstrap)
-        result = evaluate(model, tokenizer, saes, problems, prompts, {name: [tuple(p) for p in cell["latents"]]}, ev,
-                          out_dir=cfg.run_dir / "study" / "confirm" / cell["reward"], progress=True)
-        on = {r["problem_id"]: [] for r in result.samples if r["set"] == name}
-        for r in result.samples:
-            if r["set"] == name:
-                on[r["problem_id"]].append(float(r["reward"]))
-        on_policy = np.array([np.mean(on[pid]) for pid in scores["problem_ids"]])
-        off = np.array(scores["cells"][cell["reward"]][f"{cell['method']}|k{cfg.k}"][str(cell["gamma"])]["reward"])
-        boot = dict(n_boot=cfg.n_bootstrap, confidence=0.95)
-        diff, lo, hi = bootstrap(off, on_policy, **boot)  # paired by problem
-        results.append({**cell, "on_policy": list(bootstrap(on_policy, **boot)), "off_policy": list(bootstrap(off, **boot)),
-                        "off_minus_on": [diff, lo, hi], "agree": bool(lo <= 0 <= hi),
-                        "on_policy_samples": int(sum(map(len, on.values())))})
-        log.info("confirm %s x%g (%s): off-policy %.3f, on-policy %.3f, difference %.3f [%.3f, %.3f]",
-                 name, cell["gamma"], cell["why"], off.mean(), on_policy.mean(), diff, lo, hi)
-    write_json(cfg.run_dir / "study" / "confirm.json", {"cells": results})
-    return {"cells": len(results), "agree": sum(r["agree"] for r in results)}
+    for c in cells:
+        on = _per_problem([r for r in result.samples if r["set"] == c["set"] and r["gamma"] == c["gamma"]], order)
+        effect = bootstrap(on["reward"], base["reward"], **boot)
+        gap = bootstrap(on["reward"] - base["reward"], np.array(c.pop("off_policy_per_problem")), **boot)
+        results.append({**c, "on_policy_effect": list(effect), "on_minus_off": list(gap),
+                        "agree": bool(gap[1] <= 0 <= gap[2]), "on_policy_value": float(on["reward"].mean()),
+                        "accuracy": float(on["correct"].mean()), "length": float(on["length"].mean()),
+                        "parsed": float(on["parsed"].mean()), "degenerate": float(on["degenerate"].mean()),
+                        "samples": int(on["n"].sum())})
+        log.info("confirm %s x%g (%s): on-policy effect %.3f [%.3f, %.3f], off-policy %.3f", c["set"], c["gamma"],
+                 c["why"], *effect, c["off_policy_effect"])
+    doc = {"cells": results, "unsteered": unsteered, "calibration": calibration(results),
+           "seeds": list(cfg.confirm_seeds), "samples_per_problem": cfg.confirm_samples * len(cfg.confirm_seeds)}
+    write_json(cfg.run_dir / "study" / "confirm.json", doc)
+    return {"cells": len(results), "agree": sum(r["agree"] for r in results), **doc["calibration"]}
+
+
+def _per_problem(samples: list[dict], order: dict[str, int]) -> dict[str, np.ndarray]:
+    """Each metric's mean per problem (in ``order``) over the rows' seeds and samples; ``n``: samples."""
+    keys = ("reward", "correct", "length", "parsed", "degenerate")
+    if not samples:
+        raise IPGError("the on-policy confirmation produced no samples for a cell; rerun the confirm stage")
+    out = {**{k: np.zeros(len(order)) for k in keys}, "n": np.zeros(len(order))}
+    for r in samples:
+        i = order[r["problem_id"]]
+        for k in keys:
+            out[k][i] += float(r[k])
+        out["n"][i] += 1
+    return {k: (v / np.maximum(out["n"], 1) if k != "n" else v) for k, v in out.items()}
+
+
+def calibration(results: list[dict]) -> dict:
+    """Across the confirmed cells: the on-policy effect regressed on the off-policy one (slope, intercept) and
+    their correlation (None with fewer than three cells)."""
+    off = np.array([r["off_policy_effect"] for r in results])
+    on = np.array([r["on_policy_effect"][0] for r in results])
+    if len(results) < 3 or off.std() == 0 or on.std() == 0:
+        return {"slope": None, "intercept": None, "correlation": None, "cells": len(results)}
+    slope, intercept = np.polyfit(off, on, 1)
+    return {"slope": float(slope), "intercept": float(intercept), "correlation": float(np.corrcoef(off, on)[0, 1]),
+            "cells": len(results)}
 
 
 # ---- the report ----------------------------------------------------------------------------
-
-_METRIC = {"correctness": ("accuracy", "{:.1%}", 100, "pts"), "length": ("mean length", "{:.1f}", 1, "tokens")}
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
-def _fmt(reward: str, x: float, signed: bool = False) -> str:
-    name, fmt, scale_, unit = _METRIC.get(reward, ("reward", "{:.3f}", 1, ""))
-    if signed:
-        return f"{x * scale_:+.1f} {unit}".strip()
-    return fmt.format(x)
-
-
-def _method_color(cfg: StudyConfig, method: str) -> str:
-    """IPG in red on every plot; each other method its own colour, the same on the curves and the nulls."""
-    if method == "ipg":
-        return "C3"
-    others = [m for m in cfg.methods if m != "ipg"]
-    return [c for c in (f"C{i}" for i in range(10)) if c != "C3"][others.index(method) % 9]
-
-
-def plot_curves(cfg: StudyConfig, reward: str, res: dict, path: Path) -> Path:
-    """Estimated reward against k, deletion (gamma 0) and insertion side by side, with the null's 5-95% band."""
-    plt = pyplot()
-    gammas = [str(g) for g in cfg.gammas]
-    fig, axes = plt.subplots(1, len(gammas), figsize=(5.2 * len(gammas), 4.0), squeeze=False)
-    base = res["base"]["reward"]
-    for ax, gamma in zip(axes[0], gammas):
-        band = res["null"][gamma]["band"]
-        ks = [k for k in cfg.ks if band.get(str(k))]
-        if ks:
-            ax.fill_between(ks, [base + band[str(k)][0] for k in ks], [base + band[str(k)][1] for k in ks],
-                            color="grey", alpha=0.25, label="matched random sets (5-95%)")
-        ax.axhline(base, color="black", lw=1, label="no steering")
-        for j, method in enumerate(cfg.methods):
-            c = res["curves"][method][gamma]
-            y = np.array(c["values"])
-            err = np.abs(np.array([c["lo"], c["hi"]]) - y)
-            ax.errorbar(np.array(c["ks"]) * (1 + 0.04 * (j - len(cfg.methods) / 2)), y, yerr=err, marker="o", ms=4,
-                        capsize=2, lw=2 if method == "ipg" else 1, label=method, color=_method_color(cfg, method))
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k (top latents of each method)")
-        ax.set_ylabel(_METRIC.get(reward, ("reward",))[0] + " (off-policy estimate)")
-        ax.set_title(("deletion" if float(gamma) < 1 else "insertion") + f": gamma {float(gamma):g}")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{reward}: held-out estimate vs k", fontsize=10)
-    return save_figure(fig, path)
-
-
-def plot_null(cfg: StudyConfig, reward: str, res: dict, path: Path) -> Path:
-    """The null's effects at the headline k (histogram) with each method's effect marked."""
-    plt = pyplot()
-    gammas = [str(g) for g in cfg.gammas]
-    fig, axes = plt.subplots(1, len(gammas), figsize=(5.2 * len(gammas), 3.6), squeeze=False)
-    _, _, scale_, unit = _METRIC.get(reward, ("reward", "", 1, ""))
-    for ax, gamma in zip(axes[0], gammas):
-        effects = np.array(res["null"][gamma]["effects"]) * scale_
-        ax.hist(effects, bins=20, color="grey", alpha=0.6, label=f"{len(effects)} matched random sets")
-        for method in cfg.methods:
-            e = res["methods"][method][gamma]["effect"] * scale_
-            ax.axvline(e, color=_method_color(cfg, method), lw=2 if method == "ipg" else 1, label=method)
-        ax.set_xlabel(f"effect vs no steering ({unit})")
-        ax.set_title(("deletion" if float(gamma) < 1 else "insertion") + f", k {cfg.k}, gamma {float(gamma):g}")
-    axes[0][-1].legend(fontsize=7)
-    return save_figure(fig, path)
-
 
 def report(cfg: StudyConfig) -> dict:
     """``study/report.md``, ``study/summary.json`` and the plots; logged to W&B."""
@@ -454,23 +508,28 @@ def report(cfg: StudyConfig) -> dict:
     out = cfg.run_dir / "study"
     scores = read_json(out / "scores.json")
     summary = summarize(cfg, scores)
-    confirmation = read_json(out / "confirm.json")["cells"] if (out / "confirm.json").is_file() else []
+    confirmed = read_json(out / "confirm.json") if (out / "confirm.json").is_file() else {}
+    confirmation = confirmed.get("cells", [])
     plots = {}
     for reward, res in summary.items():
-        plots[f"curves_{_slug(reward)}"] = plot_curves(cfg, reward, res, out / f"curves_{_slug(reward)}.png")
-        plots[f"null_{_slug(reward)}"] = plot_null(cfg, reward, res, out / f"null_{_slug(reward)}.png")
+        plots[f"curves_{slug(reward)}"] = plot_curves(cfg, reward, res, out / f"curves_{slug(reward)}.png")
+        plots[f"null_{slug(reward)}"] = plot_null(cfg, reward, res, out / f"null_{slug(reward)}.png")
     compact = {reward: {"base": res["base"], "null_size": {g: n["n"] for g, n in res["null"].items()},
                         "null_mean_ess": {g: n["mean_ess"] for g, n in res["null"].items()},
                         "methods": {m: {g: {k: v for k, v in row.items() if k != "latents"} for g, row in rows.items()}
                                     for m, rows in res["methods"].items()},
+                        "nulls": res["nulls"],
+                        "sign_control": {g: {k: v for k, v in row.items() if k != "latents"}
+                                         for g, row in res["sign_control"].items()},
                         "auc": {m: {g: c["auc"] for g, c in curves.items()} for m, curves in res["curves"].items()}}
                for reward, res in summary.items()}
     doc = {"k": cfg.k, "ks": cfg.ks, "gammas": cfg.gammas, "problems": len(scores["problem_ids"]),
            "samples_per_problem": scores["samples_per_problem"], "null_sets": cfg.null_sets,
            "curve_null_sets": cfg.curve_null_sets, "rewards": compact, "confirmation": confirmation,
-           "answer": {reward: answer(cfg, reward, summary[reward]) for reward in summary}}
+           "answer": {reward: answer(cfg, reward, summary[reward]) for reward in summary},
+           "calibration": confirmed.get("calibration"), "confirm_samples_per_problem": confirmed.get("samples_per_problem")}
     write_json(out / "summary.json", doc)
-    write_text(out / "report.md", _markdown(cfg, summary, confirmation, doc))
+    write_text(out / "report.md", markdown(cfg, summary, confirmation, doc))
     with Tracker(cfg.wandb, cfg.run_dir, cfg.name, "study") as tracker:
         for key, path in plots.items():
             tracker.image(f"study/{key}", path)
@@ -484,65 +543,3 @@ def report(cfg: StudyConfig) -> dict:
     return {"answer": doc["answer"], "report": str(out / "report.md")}
 
 
-def answer(cfg: StudyConfig, reward: str, res: dict) -> str:
-    """One sentence: does IPG's set beat the matched null, with the interval, and which method did best."""
-    parts = []
-    for gamma in map(str, cfg.gammas):
-        row = res["methods"]["ipg"][gamma]
-        kind = "removing" if float(gamma) < 1 else f"amplifying (x{float(gamma):g})"
-        beats = row["p_value"] < 0.05 and predicted_direction(float(gamma)) * row["effect"] > 0
-        parts.append(f"{kind} IPG's top {cfg.k} latents changed {_METRIC.get(reward, ('reward',))[0]} by "
-                     f"{_fmt(reward, row['effect'], True)} [{_fmt(reward, row['lo'], True)}, "
-                     f"{_fmt(reward, row['hi'], True)}], {row['null_percentile']:.0f}th percentile of "
-                     f"{res['null'][gamma]['n']} matched random sets (p = {row['p_value']:.2f}: "
-                     f"{'beats' if beats else 'does not beat'} the null)")
-    best = max(cfg.methods, key=lambda m: sum(predicted_direction(float(g)) * res["methods"][m][g]["effect"]
-                                              for g in map(str, cfg.gammas)))
-    return "; ".join(parts) + f". The method whose sets moved it most in the predicted directions: {best}."
-
-
-def _markdown(cfg: StudyConfig, summary: dict, confirmation: list, doc: dict) -> str:
-    lines = [f"# Faithfulness study: `{cfg.name}`", "",
-             f"Held-out problems: {doc['problems']} x {doc['samples_per_problem']} unsteered samples (temperature "
-             f"{cfg.heldout_sampling.temperature}); every cell is an off-policy estimate on those samples "
-             "(self-normalised importance weights, `ipg_sae.faithfulness`). Effects are against no steering on the "
-             "same samples, with 95% paired bootstrap intervals over problems. The null: random sets matched to "
-             f"IPG's set in activation frequency on the held-out data ({cfg.null_sets} sets at k {cfg.k} for "
-             f"{cfg.rewards[0]}, {cfg.other_null_sets} for the other rewards, {cfg.curve_null_sets} at each other k). Percentile and one-sided rank p-value (among the random sets; not a permutation test) are in the "
-             "predicted direction (removal lowers the reward, amplification raises it). Intervals are not "
-             "corrected for the number of cells.", ""]
-    for reward, res in summary.items():
-        lines += [f"## Reward: {reward}", "", f"**{doc['answer'][reward]}**", "",
-                  f"No steering: {_METRIC.get(reward, ('reward',))[0]} {_fmt(reward, res['base']['reward'])} "
-                  f"(accuracy {res['base']['accuracy']:.1%}, mean length {res['base']['length']:.1f}).", "",
-                  "| method | gamma | effect [95% CI] | vs null mean [95% CI] | null percentile | p | ESS (mean, min) |",
-                  "|---|---|---|---|---|---|---|"]
-        for method, rows in res["methods"].items():
-            for gamma, r in rows.items():
-                flag = " (low)" if r["ess_flag"] else ""
-                lines.append(f"| {method} | {float(gamma):g} | {_fmt(reward, r['effect'], True)} "
-                             f"[{_fmt(reward, r['lo'], True)}, {_fmt(reward, r['hi'], True)}] | "
-                             f"{_fmt(reward, r['vs_null'], True)} [{_fmt(reward, r['vs_null_lo'], True)}, "
-                             f"{_fmt(reward, r['vs_null_hi'], True)}] | {r['null_percentile']:.0f} | "
-                             f"{r['p_value']:.3f} | {r['ess_mean']:.2f}, {r['ess_min']:.2f}{flag} |")
-        lines += ["", "Area under the curve (mean effect over k = " + ", ".join(map(str, cfg.ks)) + "):", "",
-                  "| method | " + " | ".join(("deletion" if g < 1 else f"insertion x{g:g}") for g in cfg.gammas) + " |",
-                  "|---|" + "---|" * len(cfg.gammas)]
-        for method, curves in res["curves"].items():
-            lines.append(f"| {method} | " + " | ".join(_fmt(reward, curves[str(g)]["auc"], True) for g in cfg.gammas)
-                         + " |")
-        lines += ["", f"![curves](curves_{_slug(reward)}.png)", "", f"![null](null_{_slug(reward)}.png)", ""]
-    if confirmation:
-        lines += ["## On-policy confirmation", "",
-                  "The same cells sampled under their steering (a fresh seed), against the off-policy estimate:", "",
-                  "| cell | why | off-policy [95% CI] | on-policy [95% CI] | off - on [95% CI] | agree |",
-                  "|---|---|---|---|---|---|"]
-        for c in confirmation:
-            r = c["reward"]
-            off, on, d = c["off_policy"], c["on_policy"], c["off_minus_on"]
-            lines.append(f"| {c['method']} k{cfg.k} x{c['gamma']:g} ({r}) | {c['why']} | {_fmt(r, off[0])} "
-                         f"[{_fmt(r, off[1])}, {_fmt(r, off[2])}] | {_fmt(r, on[0])} [{_fmt(r, on[1])}, "
-                         f"{_fmt(r, on[2])}] | {_fmt(r, d[0], True)} [{_fmt(r, d[1], True)}, {_fmt(r, d[2], True)}] "
-                         f"| {'yes' if c['agree'] else 'no'} |")
-        lines.append("")
-    return "\n".join(lines)

@@ -12,8 +12,13 @@ from ipg_sae.study import StudyConfig, run_study
 
 
 def text_length_mod_3(prompt, completion, reference):
-    """A second reward that varies between samples of a random model."""
+    """A reward that varies between samples of a random model."""
     return float(len(completion) % 3)
+
+
+def text_length_is_even(prompt, completion, reference):
+    """A 0/1 reward (the reward-permutation null needs non-zero advantages: 0/1 rewards in mixed groups)."""
+    return float(len(completion) % 2 == 0)
 
 
 @pytest.fixture
@@ -28,10 +33,11 @@ def study_cfg(tiny_llama_dir, tmp_path, monkeypatch):
         "name": "s", "runs_dir": str(tmp_path / "runs"), "model.name": str(tiny_llama_dir), "task": task,
         "sampling.n_samples": 3, "sampling.max_new_tokens": 6, "sae.load": [{"path": str(sae_dir)}],
         "attribution.delta_tol": 0.05, "attribution.max_nodes": 9,
-        "rewards": ["tests.test_pipeline:text_length_mod_7", "tests.test_study:text_length_mod_3"],
+        "rewards": ["tests.test_pipeline:text_length_mod_7", "tests.test_study:text_length_is_even"],
         "methods": ["ipg", "act"],
         "heldout": {**task, "offset": 500}, "heldout_sampling.n_samples": 3, "heldout_sampling.max_new_tokens": 6,
         "k": 2, "ks": [1, 2], "null_sets": 4, "other_null_sets": 3, "curve_null_sets": 2, "confirm_samples": 2, "n_bootstrap": 200,
+        "push_null_sets": 3, "permutation_sets": 5,
     }
     return load_config(StudyConfig, None, overrides)
 
@@ -47,15 +53,37 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
     summary = json.loads((out / "summary.json").read_text())
     length = summary["rewards"]["tests.test_pipeline:text_length_mod_7"]
     assert length["null_size"] == {"0.0": 4, "2.0": 4}
-    assert summary["rewards"]["tests.test_study:text_length_mod_3"]["null_size"] == {"0.0": 3, "2.0": 3}
+    binary = summary["rewards"]["tests.test_study:text_length_is_even"]
+    assert binary["null_size"] == {"0.0": 3, "2.0": 3}
+    for gamma in ("0.0", "2.0"):  # the controls: push-matched sets, the reward-permutation null, the sign control
+        assert binary["nulls"][gamma]["push"]["n"] == 3 and binary["nulls"][gamma]["permutation"]["n"] == 3
+        for null in binary["nulls"][gamma].values():
+            assert null["abs_log_ratio"] >= 0 and 0 <= null["parsed"] <= 1 and 0 <= null["degenerate"] <= 1
+        ranks = binary["methods"]["ipg"][gamma]["nulls"]
+        assert set(ranks) == {"frequency", "push", "permutation"} and all(0 < r["p_value"] <= 1 for r in ranks.values())
+        control = binary["sign_control"][gamma]
+        assert control["lo"] <= control["effect"] <= control["hi"] and isinstance(control["as_predicted"], bool)
+    report = (out / "report.md").read_text()
+    assert "Controls at k 2" in report and "sign control" in report and "permutation null" in report
     ipg = length["methods"]["ipg"]["2.0"]
     assert ipg["lo"] <= ipg["effect"] <= ipg["hi"] and 0 <= ipg["null_percentile"] <= 100 and 0 < ipg["p_value"] <= 1
     assert set(length["auc"]) == {"ipg", "act"}
     answer = summary["answer"]["tests.test_pipeline:text_length_mod_7"]
     assert "IPG's top 2 latents" in answer and "matched random sets" in answer
-    cells = summary["confirmation"]
-    assert {c["why"] for c in cells} >= {"best", "worst"} and all(len(c["off_minus_on"]) == 3 for c in cells)
-    assert "## On-policy confirmation" in (out / "report.md").read_text()
+    cells = summary["confirmation"]  # on-policy effects, paired with an unsteered run of the same seeds
+    assert {c["why"] for c in cells} >= {"ipg headline", "best baseline", "sign control", "push null"}
+    assert {c["gamma"] for c in cells} == {0.0, 2.0}
+    assert sum(c["why"] == "push null" for c in cells) == 2 * 3  # confirm_null_sets (5) capped by the 3 drawn
+    for c in cells:
+        effect, gap = c["on_policy_effect"], c["on_minus_off"]
+        assert effect[1] <= effect[0] <= effect[2] and gap[1] <= gap[0] <= gap[2]
+        assert c["samples"] == 3 * 2 * 4  # problems x confirm_samples x the 4 confirm_seeds
+        assert 0 <= c["parsed"] <= 1 and 0 <= c["degenerate"] <= 1
+    assert set(summary["calibration"]) == {"slope", "intercept", "correlation", "cells"}
+    assert summary["calibration"]["cells"] == len(cells)
+    rows = (out / "confirm" / "tests.test_pipeline_text_length_mod_7" / "samples.csv").read_text().splitlines()
+    assert len(rows) - 1 >= 3 * 2 * 4 * (1 + len({(c["set"], c["gamma"]) for c in cells}))  # every cell's rows kept
+    assert "## On-policy effects" in (out / "report.md").read_text()
     assert results["report"]["answer"] == summary["answer"]
     # a rerun reuses every stage
     caplog.set_level(logging.INFO)

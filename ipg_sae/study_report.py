@@ -1,0 +1,198 @@
+"""The faithfulness study's report: its plots, its Markdown and its one-sentence answers.
+
+Pure rendering of :func:`ipg_sae.study.summarize`'s numbers (``cfg`` is the study's config);
+:func:`ipg_sae.study.report` reads the stage outputs, calls these and logs to W&B.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .report import pyplot, save_figure
+from .stats import predicted_direction
+
+METRIC = {"correctness": ("accuracy", "{:.1%}", 100, "pts"), "length": ("mean length", "{:.1f}", 1, "tokens")}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def fmt(reward: str, x: float, signed: bool = False) -> str:
+    name, fmt, scale_, unit = METRIC.get(reward, ("reward", "{:.3f}", 1, ""))
+    if signed:
+        return f"{x * scale_:+.1f} {unit}".strip()
+    return fmt.format(x)
+
+
+def method_color(cfg, method: str) -> str:
+    """IPG in red on every plot; each other method its own colour, the same on the curves and the nulls."""
+    if method == "ipg":
+        return "C3"
+    others = [m for m in cfg.methods if m != "ipg"]
+    return [c for c in (f"C{i}" for i in range(10)) if c != "C3"][others.index(method) % 9]
+
+
+def plot_curves(cfg, reward: str, res: dict, path: Path) -> Path:
+    """Estimated reward against k, deletion (gamma 0) and insertion side by side, with the null's 5-95% band."""
+    plt = pyplot()
+    gammas = [str(g) for g in cfg.gammas]
+    fig, axes = plt.subplots(1, len(gammas), figsize=(5.2 * len(gammas), 4.0), squeeze=False)
+    base = res["base"]["reward"]
+    for ax, gamma in zip(axes[0], gammas):
+        band = res["null"][gamma]["band"]
+        ks = [k for k in cfg.ks if band.get(str(k))]
+        if ks:
+            ax.fill_between(ks, [base + band[str(k)][0] for k in ks], [base + band[str(k)][1] for k in ks],
+                            color="grey", alpha=0.25, label="matched random sets (5-95%)")
+        ax.axhline(base, color="black", lw=1, label="no steering")
+        for j, method in enumerate(cfg.methods):
+            c = res["curves"][method][gamma]
+            y = np.array(c["values"])
+            err = np.abs(np.array([c["lo"], c["hi"]]) - y)
+            ax.errorbar(np.array(c["ks"]) * (1 + 0.04 * (j - len(cfg.methods) / 2)), y, yerr=err, marker="o", ms=4,
+                        capsize=2, lw=2 if method == "ipg" else 1, label=method, color=method_color(cfg, method))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k (top latents of each method)")
+        ax.set_ylabel(METRIC.get(reward, ("reward",))[0] + " (off-policy estimate)")
+        ax.set_title(("deletion" if float(gamma) < 1 else "insertion") + f": gamma {float(gamma):g}")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{reward}: held-out estimate vs k", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_null(cfg, reward: str, res: dict, path: Path) -> Path:
+    """The null's effects at the headline k (histogram) with each method's effect marked."""
+    plt = pyplot()
+    gammas = [str(g) for g in cfg.gammas]
+    fig, axes = plt.subplots(1, len(gammas), figsize=(5.2 * len(gammas), 3.6), squeeze=False)
+    _, _, scale_, unit = METRIC.get(reward, ("reward", "", 1, ""))
+    for ax, gamma in zip(axes[0], gammas):
+        effects = np.array(res["null"][gamma]["effects"]) * scale_
+        ax.hist(effects, bins=20, color="grey", alpha=0.6, label=f"{len(effects)} matched random sets")
+        for method in cfg.methods:
+            e = res["methods"][method][gamma]["effect"] * scale_
+            ax.axvline(e, color=method_color(cfg, method), lw=2 if method == "ipg" else 1, label=method)
+        ax.set_xlabel(f"effect vs no steering ({unit})")
+        ax.set_title(("deletion" if float(gamma) < 1 else "insertion") + f", k {cfg.k}, gamma {float(gamma):g}")
+    axes[0][-1].legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def answer(cfg, reward: str, res: dict) -> str:
+    """One sentence: does IPG's set beat the matched null, with the interval, and which method did best."""
+    parts = []
+    for gamma in map(str, cfg.gammas):
+        row = res["methods"]["ipg"][gamma]
+        kind = "removing" if float(gamma) < 1 else f"amplifying (x{float(gamma):g})"
+        beats = row["p_value"] < 0.05 and predicted_direction(float(gamma)) * row["effect"] > 0
+        parts.append(f"{kind} IPG's top {cfg.k} latents changed {METRIC.get(reward, ('reward',))[0]} by "
+                     f"{fmt(reward, row['effect'], True)} [{fmt(reward, row['lo'], True)}, "
+                     f"{fmt(reward, row['hi'], True)}], {row['null_percentile']:.0f}th percentile of "
+                     f"{res['null'][gamma]['n']} matched random sets (p = {row['p_value']:.2f}: "
+                     f"{'beats' if beats else 'does not beat'} the null)")
+        for kind, name in (("push", "push-matched random sets"), ("permutation", "sets IPG picks on shuffled rewards")):
+            if kind in row.get("nulls", {}):
+                rank = row["nulls"][kind]
+                parts[-1] += (f"; against {res['nulls'][gamma][kind]['n']} {name}: {rank['percentile']:.0f}th "
+                              f"percentile (p = {rank['p_value']:.2f})")
+    best = max(cfg.methods, key=lambda m: sum(predicted_direction(float(g)) * res["methods"][m][g]["effect"]
+                                              for g in map(str, cfg.gammas)))
+    return "; ".join(parts) + f". The method whose sets moved it most in the predicted directions: {best}."
+
+
+def share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def controls_markdown(cfg, reward: str, res: dict) -> list[str]:
+    """IPG's headline set against each null, with how hard each pushed the policy, and the sign control."""
+    lines = ["", f"Controls at k {cfg.k}: what each null holds fixed is in `ipg_sae/nulls.py`; the push columns "
+             "show how far each set moves the samples' log-probabilities (mean |log pi'/pi| per sample and per "
+             "token) and the ESS, so a reader can see whether the null pushed as hard as IPG's set; parsed and "
+             "degenerate (repetitive, empty or unparsed, as `evaluate` counts it) are weighted estimates, so a "
+             "fall in the reward can be told from broken output.", "",
+             "| set | gamma | n | effect (null: mean) | IPG percentile | p | mean abs log ratio (per token) | ESS "
+             "| parsed | degenerate |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for gamma in map(str, cfg.gammas):
+        ipg = res["methods"]["ipg"][gamma]
+        lines.append(f"| IPG top {cfg.k} | {float(gamma):g} | 1 | {fmt(reward, ipg['effect'], True)} | | | "
+                     f"{num(ipg['abs_log_ratio'])} ({num(ipg['abs_log_ratio_per_token'], 4)}) | "
+                     f"{ipg['ess_mean']:.2f} | {share(ipg['parsed'])} | {share(ipg['degenerate'])} |")
+        for kind, null in res["nulls"][gamma].items():
+            rank = ipg["nulls"][kind]
+            lines.append(f"| {kind} null | {float(gamma):g} | {null['n']} | {fmt(reward, float(np.mean(null['effects'])), True)} "
+                         f"| {rank['percentile']:.0f} | {rank['p_value']:.3f} | {num(null['abs_log_ratio'])} "
+                         f"({num(null['abs_log_ratio_per_token'], 4)}) | {null['mean_ess']:.2f} | "
+                         f"{share(null['parsed'])} | {share(null['degenerate'])} |")
+        control = res["sign_control"].get(gamma)
+        if control:
+            lines.append(f"| IPG bottom {cfg.k} (sign control) | {float(gamma):g} | 1 | "
+                         f"{fmt(reward, control['effect'], True)} [{fmt(reward, control['lo'], True)}, "
+                         f"{fmt(reward, control['hi'], True)}] ({'opposite sign, as predicted' if control['as_predicted'] else 'not the opposite sign'}) | | | "
+                         f"{num(control['abs_log_ratio'])} ({num(control['abs_log_ratio_per_token'], 4)}) | "
+                         f"{control['ess_mean']:.2f} | {share(control['parsed'])} | {share(control['degenerate'])} |")
+    return lines + [""]
+
+
+def num(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(cfg, summary: dict, confirmation: list, doc: dict) -> str:
+    lines = [f"# Faithfulness study: `{cfg.name}`", "",
+             f"Held-out problems: {doc['problems']} x {doc['samples_per_problem']} unsteered samples (temperature "
+             f"{cfg.heldout_sampling.temperature}); every cell is an off-policy estimate on those samples "
+             "(self-normalised importance weights, `ipg_sae.faithfulness`). Effects are against no steering on the "
+             "same samples, with 95% paired bootstrap intervals over problems. The null: random sets matched to "
+             f"IPG's set in activation frequency on the held-out data ({cfg.null_sets} sets at k {cfg.k} for "
+             f"{cfg.rewards[0]}, {cfg.other_null_sets} for the other rewards, {cfg.curve_null_sets} at each other k). Percentile and one-sided rank p-value (among the random sets; not a permutation test) are in the "
+             "predicted direction (removal lowers the reward, amplification raises it). Intervals are not "
+             "corrected for the number of cells.", ""]
+    for reward, res in summary.items():
+        lines += [f"## Reward: {reward}", "", f"**{doc['answer'][reward]}**", "",
+                  f"No steering: {METRIC.get(reward, ('reward',))[0]} {fmt(reward, res['base']['reward'])} "
+                  f"(accuracy {res['base']['accuracy']:.1%}, mean length {res['base']['length']:.1f}).", "",
+                  "| method | gamma | effect [95% CI] | vs null mean [95% CI] | null percentile | p | ESS (mean, min) |",
+                  "|---|---|---|---|---|---|---|"]
+        for method, rows in res["methods"].items():
+            for gamma, r in rows.items():
+                flag = " (low)" if r["ess_flag"] else ""
+                lines.append(f"| {method} | {float(gamma):g} | {fmt(reward, r['effect'], True)} "
+                             f"[{fmt(reward, r['lo'], True)}, {fmt(reward, r['hi'], True)}] | "
+                             f"{fmt(reward, r['vs_null'], True)} [{fmt(reward, r['vs_null_lo'], True)}, "
+                             f"{fmt(reward, r['vs_null_hi'], True)}] | {r['null_percentile']:.0f} | "
+                             f"{r['p_value']:.3f} | {r['ess_mean']:.2f}, {r['ess_min']:.2f}{flag} |")
+        lines += ["", "Area under the curve (mean effect over k = " + ", ".join(map(str, cfg.ks)) + "):", "",
+                  "| method | " + " | ".join(("deletion" if g < 1 else f"insertion x{g:g}") for g in cfg.gammas) + " |",
+                  "|---|" + "---|" * len(cfg.gammas)]
+        for method, curves in res["curves"].items():
+            lines.append(f"| {method} | " + " | ".join(fmt(reward, curves[str(g)]["auc"], True) for g in cfg.gammas)
+                         + " |")
+        lines += controls_markdown(cfg, reward, res)
+        lines += ["", f"![curves](curves_{slug(reward)}.png)", "", f"![null](null_{slug(reward)}.png)", ""]
+    if confirmation:
+        cal = doc.get("calibration") or {}
+        lines += ["## On-policy effects", "",
+                  f"Each cell sampled under its steering at {doc.get('confirm_samples_per_problem', '?')} samples per "
+                  "problem (seeds x samples), paired by problem and seed with an unsteered run of the same seeds; the "
+                  "effect is steered minus unsteered, with a 95% paired bootstrap interval over problems. Beside it, "
+                  "the off-policy estimate of the same effect and the difference (paired by problem).", "",
+                  "| cell | gamma | why | on-policy effect [95% CI] | off-policy effect | on - off [95% CI] | parsed "
+                  "| degenerate |", "|---|---|---|---|---|---|---|---|"]
+        for c in confirmation:
+            r = c["reward"]
+            e, d = c["on_policy_effect"], c["on_minus_off"]
+            lines.append(f"| {c['set']} | {c['gamma']:g} | {c['why']} | {fmt(r, e[0], True)} [{fmt(r, e[1], True)}, "
+                         f"{fmt(r, e[2], True)}] | {fmt(r, c['off_policy_effect'], True)} | {fmt(r, d[0], True)} "
+                         f"[{fmt(r, d[1], True)}, {fmt(r, d[2], True)}] | {share(c['parsed'])} | "
+                         f"{share(c['degenerate'])} |")
+        if cal.get("slope") is not None:
+            r = confirmation[0]["reward"]
+            lines += ["", f"Calibration over the {cal['cells']} cells: on-policy effect = {cal['slope']:.2f} x off-policy "
+                      f"effect {fmt(r, cal['intercept'], True)} (correlation {cal['correlation']:.2f})."]
+        lines.append("")
+    return "\n".join(lines)
