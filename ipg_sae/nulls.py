@@ -121,7 +121,21 @@ def frequency_matched_sets(template: Sequence[tuple[int, int]], n: int, seed: in
     """
     if pool.frequencies is None:
         raise IPGError("a frequency-matched null needs the latents' activation frequencies on the data")
-    return matched_sets(template, n, seed, pool.frequencies, n_bins, "activation frequencies")
+    _check_layers(template, pool.frequencies, "activation frequencies")
+    bins = {layer: frequency_bins(f, n_bins) for layer, f in pool.frequencies.items()}
+
+    def candidates(layer: int, i: int, excluded: set) -> np.ndarray:
+        target = int(bins[layer][i])
+        alive = bins[layer] >= 0 if target >= 0 else bins[layer] < 0
+        found = np.array([], dtype=int)
+        for width in range(n_bins):  # widen to neighbouring bins only when the bin is exhausted
+            near = np.abs(bins[layer] - target) <= width if target >= 0 else alive
+            found = np.array([c for c in np.flatnonzero(near & alive) if (layer, int(c)) not in excluded], dtype=int)
+            if len(found):
+                break
+        return found
+
+    return _latent_by_latent(template, n, seed, candidates)
 
 
 def push_matched_sets(template: Sequence[tuple[int, int]], n: int, seed: int, pool: LatentPool,
@@ -135,60 +149,41 @@ def push_matched_sets(template: Sequence[tuple[int, int]], n: int, seed: int, po
     """
     if pool.push is None:
         raise IPGError("a push-matched null needs each latent's push on the held-out completions (LatentPool.push)")
-    rng = np.random.default_rng(seed)
-    chosen = set(map(tuple, template))
-    for layer, _ in template:
-        if layer not in pool.push:
-            raise IPGError(f"no push values for layer {layer}; the null needs them for every layer of the set")
-    out = []
-    for _ in range(n):
-        taken: set[tuple[int, int]] = set()
-        draw = []
-        for layer, i in template:
-            push = np.asarray(pool.push[layer], dtype=float)
-            free = np.array([(layer, j) not in chosen and (layer, j) not in taken for j in range(len(push))])
-            if push[i] <= 0:
-                candidates = np.flatnonzero(free & (push <= 0))
-            else:
-                alive = np.flatnonzero(free & (push > 0))
-                distance = np.abs(np.log(push[alive]) - np.log(push[i]))
-                candidates = alive[np.argsort(distance, kind="stable")[:n_near]]
-            if not len(candidates):
-                raise IPGError(f"layer {layer} has too few latents to draw a push-matched set of this size")
-            pick = int(rng.choice(candidates))
-            taken.add((layer, pick))
-            draw.append((layer, pick))
-        out.append(draw)
-    return out
+    _check_layers(template, pool.push, "push values")
+
+    def candidates(layer: int, i: int, excluded: set) -> np.ndarray:
+        push = np.asarray(pool.push[layer], dtype=float)
+        free = np.array([(layer, j) not in excluded for j in range(len(push))])
+        if push[i] <= 0:
+            return np.flatnonzero(free & (push <= 0))
+        alive = np.flatnonzero(free & (push > 0))
+        distance = np.abs(np.log(push[alive]) - np.log(push[i]))
+        return alive[np.argsort(distance, kind="stable")[:n_near]]
+
+    return _latent_by_latent(template, n, seed, candidates)
 
 
-def matched_sets(template: Sequence[tuple[int, int]], n: int, seed: int, measure: dict[int, np.ndarray],
-                 n_bins: int, what: str) -> list[Selection]:
-    """``n`` sets matched to ``template`` latent by latent on a per-latent ``measure``: quantile bins over the
-    latents where it is positive (the nearest bins when one runs out), zero matched with zero."""
-    rng = np.random.default_rng(seed)
-    bins = {layer: frequency_bins(m, n_bins) for layer, m in measure.items()}
-    chosen = {(layer, i) for layer, i in template}
+def _check_layers(template: Sequence[tuple[int, int]], measure: dict, what: str) -> None:
     for layer, _ in template:
-        if layer not in bins:
+        if layer not in measure:
             raise IPGError(f"no {what} for layer {layer}; the null needs them for every layer of the set")
+
+
+def _latent_by_latent(template: Sequence[tuple[int, int]], n: int, seed: int,
+                      candidates: Callable[[int, int, set], np.ndarray]) -> list[Selection]:
+    """``n`` sets, each drawing one latent per template latent among ``candidates(layer, latent, excluded)``
+    (``excluded``: the template and the latents this set already holds)."""
+    rng = np.random.default_rng(seed)
+    chosen = {(layer, i) for layer, i in template}
     out = []
     for _ in range(n):
         taken: set[tuple[int, int]] = set()
         draw = []
         for layer, i in template:
-            target = int(bins[layer][i])
-            alive = bins[layer] >= 0 if target >= 0 else bins[layer] < 0
-            candidates: np.ndarray = np.array([], dtype=int)
-            for width in range(n_bins):  # widen to neighbouring bins only when the bin is exhausted
-                near = np.abs(bins[layer] - target) <= width if target >= 0 else alive
-                cand = np.flatnonzero(near & alive)
-                candidates = np.array([c for c in cand if (layer, int(c)) not in chosen and (layer, int(c)) not in taken])
-                if len(candidates):
-                    break
-            if not len(candidates):
-                raise IPGError(f"layer {layer} has too few active latents to draw a random set of this size")
-            pick = int(rng.choice(candidates))
+            found = candidates(layer, i, chosen | taken)
+            if not len(found):
+                raise IPGError(f"layer {layer} has too few active latents to draw a matched random set of this size")
+            pick = int(rng.choice(found))
             taken.add((layer, pick))
             draw.append((layer, pick))
         out.append(draw)
