@@ -11,7 +11,11 @@ prefill and at every decoding step under ``generate``; the SAE error term is nev
 * ``add`` (steering-vector style, no encoding needed): ``x_t' = x_t + coef * W_dec[i]``,
   optionally only from a position on.
 
-All three go through one interface, ``steer(model, saes, [Intervention(layer, latent, kind,
+A fourth kind needs no SAE: :class:`VectorIntervention` (:func:`add_vector`) adds ``coef * v``
+for any residual direction ``v`` (a DiffMean vector, a user's steering vector) at the positions in
+scope, at a layer with or without an SAE.
+
+All of them go through one interface, ``steer(model, saes, [Intervention(layer, latent, kind,
 value), ...])``, a context manager that always removes its hooks. Several layers are steered
 at once; each layer encodes its (already steered-below) residual, as the splice does.
 
@@ -70,6 +74,22 @@ class Intervention:
     start: int = 0  # first real-token index (0 = each row's first prompt token) it applies from
 
 
+@dataclass(frozen=True, eq=False)
+class VectorIntervention:
+    """Add ``coef * vector`` to the residual after block ``layer`` (no SAE involved): a steering vector such as
+    DiffMean, or any direction a user brings. ``vector`` is ``[d_model]``; ``start`` as for :class:`Intervention`."""
+
+    layer: int
+    vector: torch.Tensor
+    coef: float = 1.0
+    start: int = 0
+
+
+def add_vector(layer: int, vector, coef: float = 1.0, start: int = 0) -> VectorIntervention:
+    """Add ``coef * vector`` at ``layer`` from real-token index ``start`` on."""
+    return VectorIntervention(int(layer), torch.as_tensor(vector).detach().flatten(), float(coef), int(start))
+
+
 def scale(selection: Iterable[tuple[int, int]], gamma: float) -> list[Intervention]:
     """Scale every latent of ``selection`` by ``gamma`` (IPG's control)."""
     return [Intervention(int(l), int(i), "scale", float(gamma)) for l, i in selection]
@@ -98,6 +118,12 @@ def check_selection(model: nn.Module, saes, selection: Iterable[tuple[int, int]]
     saes = as_layer_dict(saes)
     d_model = hidden_size(model)
     for item in selection:
+        if isinstance(item, VectorIntervention):
+            check_layer(model, item.layer, what="steering vector layer")
+            if item.vector.shape != (d_model,) or not bool(torch.isfinite(item.vector).all()):
+                raise IPGError(f"the steering vector at layer {item.layer} has shape {tuple(item.vector.shape)}; it must "
+                               f"be a finite [{d_model}] vector (the model's hidden size)")
+            continue
         layer, latent = (item.layer, item.latent) if isinstance(item, Intervention) else item
         check_layer(model, int(layer), what="selected layer")
         if layer not in saes:
@@ -115,6 +141,8 @@ def check_selection(model: nn.Module, saes, selection: Iterable[tuple[int, int]]
 def _check_interventions(interventions: Sequence[Intervention]) -> None:
     seen: dict[tuple[int, int], str] = {}
     for iv in interventions:
+        if isinstance(iv, VectorIntervention):
+            continue
         if iv.kind not in KINDS:
             raise IPGError(f"intervention kind {iv.kind!r} is unknown; use one of {', '.join(KINDS)}")
         if iv.kind == "add":
@@ -261,8 +289,14 @@ def _elementwise(sae) -> bool:
 class _SteerHook:
     """Forward hook on one decoder block applying that layer's interventions."""
 
-    def __init__(self, sae, interventions: list[Intervention], positions: _Positions):
+    def __init__(self, sae, interventions: list, positions: _Positions):
         self.positions = positions
+        vectors = [iv for iv in interventions if isinstance(iv, VectorIntervention)]
+        self.vectors = [(iv.vector, iv.coef, iv.start) for iv in vectors]
+        interventions = [iv for iv in interventions if not isinstance(iv, VectorIntervention)]
+        self.has_latents = bool(interventions)
+        if not self.has_latents:
+            return
         device = sae.W_dec.device
         latents = [iv.latent for iv in interventions]
         kinds = [iv.kind for iv in interventions]
@@ -279,6 +313,11 @@ class _SteerHook:
         x = block_hidden(output)
         batch, length = x.shape[:2]
         keep, index = self.positions.current(batch, length, x.device)
+        for vector, coef, start in self.vectors:  # (x itself is kept for the latents' encoding below)
+            applies = (keep & (index >= start)).to(x.dtype)[..., None]
+            output = replace_block_hidden(output, block_hidden(output) + coef * applies * vector.to(x))
+        if not self.has_latents:
+            return output
         dtype = self.w_rows.dtype
         f = torch.zeros(batch, length, len(self.value), dtype=dtype, device=x.device)
         if self.encoder is not None:
@@ -287,7 +326,7 @@ class _SteerHook:
                            torch.where(self.is_clamp, self.value - f, self.value.expand_as(f)))
         applies = keep[..., None] & (index[..., None] >= self.start)
         delta = (coef * applies.to(dtype)) @ self.w_rows
-        return replace_block_hidden(output, x + delta.to(x.dtype))
+        return replace_block_hidden(output, block_hidden(output) + delta.to(x.dtype))
 
 
 @contextlib.contextmanager
@@ -323,7 +362,7 @@ def steer(model: nn.Module, saes, interventions: Sequence[Intervention], scope: 
     try:
         handles.append(_base_module(model).register_forward_pre_hook(positions.pre_hook, with_kwargs=True))
         for layer, ivs in sorted(by_layer.items()):
-            handles.append(blocks[layer].register_forward_hook(_SteerHook(saes[layer], ivs, positions)))
+            handles.append(blocks[layer].register_forward_hook(_SteerHook(saes.get(layer), ivs, positions)))
         yield positions
     finally:
         for h in handles:

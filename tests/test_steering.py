@@ -272,3 +272,59 @@ def test_load_selection_sources(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ipg_sae.selection, "select", lambda result, k=None, **kw: result.top[:k])
     assert load_selection(types.SimpleNamespace(top=[(1, 1), (2, 2), (3, 3)]), k=2) == [(1, 1), (2, 2)]
+
+
+# ---- steering vectors (no SAE): DiffMean and user-given directions ------------------------------
+
+
+def test_a_vector_changes_exactly_the_steered_positions_residual_by_that_vector(llama):
+    from ipg_sae.steering import add_vector
+
+    model, tok = llama
+    ids, mask = _batch(tok)
+    layer = 1
+    vector = torch.randn(hidden_size(model), generator=torch.Generator().manual_seed(0))
+    completion = torch.zeros_like(mask, dtype=torch.bool)
+    completion[:, -3:] = True  # the last three positions play the completion
+    seen = []  # the next block's input: the residual after block `layer`, steering included
+    handle = decoder_layers(model)[layer + 1].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+            with steer(model, {}, [add_vector(layer, vector, coef=0.5)], scope=PositionScope(mask=completion)):
+                model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    clean, steered = seen
+    diff = steered - clean
+    torch.testing.assert_close(diff[completion], (0.5 * vector).expand(int(completion.sum()), -1), rtol=1e-5,
+                               atol=1e-5)
+    assert float(diff[~completion].abs().max()) == 0.0
+    with pytest.raises(IPGError, match="hidden size"):
+        check_selection(model, {}, [add_vector(layer, torch.zeros(3))])
+
+
+def test_sampling_under_a_vector_has_the_scorers_log_probabilities(llama):
+    from ipg_sae.decode import decode_loop
+    from ipg_sae.faithfulness import TrajectoryScorer
+    from ipg_sae.sampling import row_seed
+    from ipg_sae.steering import add_vector
+    from ipg_sae.trajectories import Trajectory
+
+    model, tok = llama
+    task = TaskConfig(n_problems=2, few_shot=0)
+    problems = load_problems(task)
+    prompts = build_prompts(tok, problems, task)
+    cfg = SamplingConfig(n_samples=2, temperature=0.8, max_new_tokens=6, batch_size=4, backend="loop")
+    seeds = [row_seed(0, p.id, g) for p in problems for g in range(2)]
+    vector = [add_vector(1, 3.0 * torch.randn(hidden_size(model), generator=torch.Generator().manual_seed(1)))]
+    for scope in ("all", "generated"):
+        prompt_ids, completions, logp = decode_loop(model, tok, prompts, cfg, seeds, set(),
+                                                    steering(model, {}, vector, scope=scope))
+        trajs = [Trajectory(id=f"{problems[r // 2].id}/s{r % 2}", prompt_id=problems[r // 2].id, sample_index=r % 2,
+                            prompt=prompts[r // 2], completion="", reference="", prompt_ids=prompt_ids[r // 2],
+                            completion_ids=c, reward=0.0) for r, c in enumerate(completions)]
+        scored = TrajectoryScorer(model, trajs, cfg.temperature, scope=scope).logprobs(vector)
+        plain = TrajectoryScorer(model, trajs, cfg.temperature).logprobs([])
+        assert scored.tolist() == pytest.approx(logp, abs=2e-3), scope
+        assert float((scored - plain).abs().max()) > 1e-2  # the vector did change the policy
