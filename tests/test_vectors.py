@@ -1,0 +1,72 @@
+"""Steering recipes from trajectories: DiffMean (the vector baseline) and the IPG-weighted step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipg_sae.attribution import attribute
+from ipg_sae.errors import IPGError
+from ipg_sae.models import capture_residuals
+from ipg_sae.steering import steer
+from ipg_sae.trajectories import Trajectory
+from ipg_sae.vectors import diffmean, ipg_weighted_step
+from tests.test_attribution import calibrated_sae, model_dirs, models  # noqa: F401
+from tests.test_permutation_null import make_trajs
+
+pytestmark = pytest.mark.filterwarnings("ignore:the SAE at layer")  # hand-made SAEs: reconstruction is not the point
+
+
+def _traj(p, g, prompt, completion, reward):
+    return Trajectory(id=f"p{p}/s{g}", prompt_id=f"p{p}", sample_index=g, prompt="", completion="", reference="",
+                      prompt_ids=prompt, completion_ids=completion, reward=float(reward))
+
+
+def test_diffmean_of_one_group_is_high_minus_low_and_recovers_a_planted_direction(models):
+    model, _ = models("llama")
+    A, B = 77, 78
+    u = torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u /= u.norm()
+    with torch.no_grad():  # token A is token B plus a large planted direction in the embedding
+        emb = model.get_input_embeddings().weight
+        emb[A] = emb[B] + 50.0 * u
+    try:
+        prompt = [5, 9, 13, 40, 41]
+        trajs = [_traj(0, g, prompt, [20 + g, 30, A if g % 2 == 0 else B, 31], g % 2 == 0) for g in range(6)]
+        dm = diffmean(model, trajs, layer=0)
+        means = [capture_residuals(model, torch.tensor([t.prompt_ids + t.completion_ids]), None, [0])[0][0, 5:]
+                 .double().mean(0) for t in trajs]
+        want = torch.stack(means[0::2]).mean(0) - torch.stack(means[1::2]).mean(0)
+        torch.testing.assert_close(dm.vector.double(), want, rtol=1e-5, atol=1e-6)
+        cos = float(dm.vector.double() @ u / dm.vector.double().norm())
+        assert cos > 0.95, cos
+        assert dm.residual_norm > 0 and dm.n_trajectories == 6
+    finally:
+        with torch.no_grad():
+            emb[A] -= 50.0 * u  # leave the shared model as it was
+    with pytest.raises(IPGError, match="different rewards"):
+        diffmean(model, [_traj(0, g, prompt, [20, 30], 1.0) for g in range(3)], layer=0)
+
+
+def test_the_ipg_weighted_step_at_eta_0_is_the_clean_model_and_scales_by_score(models):
+    model, _ = models("llama")
+    trajs = make_trajs([[1, 0, 0, 1], [0, 1, 1, 1], [1, 1, 0, 0]], seed=6)
+    sae = calibrated_sae(model, 2, trajs, d_sae=48)
+    result = attribute(model, {2: sae}, trajs, n_steps=4, progress=False)
+    ids = torch.tensor([trajs[0].prompt_ids + trajs[0].completion_ids])
+    with torch.no_grad():
+        clean = model(ids).logits
+        with steer(model, {2: sae}, ipg_weighted_step(result, 0.0)):
+            same = model(ids).logits
+        step = ipg_weighted_step(result, 0.5)
+        with steer(model, {2: sae}, step):
+            moved = model(ids).logits
+    assert torch.equal(clean, same)  # eta 0: every c_i is 1, the splice is exact
+    assert float((moved - clean).abs().max()) > 1e-6
+    gammas = {iv.latent: iv.value for iv in step}
+    scores = result.attributions[2].double()[~result.prompt("skipped").bool()].mean(0)
+    top = int(scores.abs().argmax())
+    assert gammas[top] == pytest.approx(1 + 0.5 * float(torch.sign(scores[top])), abs=1e-6)
+    assert all(g >= 0 for g in gammas.values()) and len(step) == int((scores != 0).sum())
+    with pytest.raises(IPGError, match="eta"):
+        ipg_weighted_step(result, -1.0)
