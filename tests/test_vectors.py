@@ -70,3 +70,26 @@ def test_the_ipg_weighted_step_at_eta_0_is_the_clean_model_and_scales_by_score(m
     assert all(g >= 0 for g in gammas.values()) and len(step) == int((scores != 0).sum())
     with pytest.raises(IPGError, match="eta"):
         ipg_weighted_step(result, -1.0)
+
+
+def test_capability_cost_is_zero_unsteered_and_measures_a_push(tiny_llama_dir):
+    from ipg_sae.capability import capability_cost
+    from ipg_sae.models import hidden_size, load_model
+    from ipg_sae.steering import add_vector, scale
+    from tests.tiny import random_sae
+
+    model, tok = load_model(str(tiny_llama_dir))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    texts = ["The river ran past the old mill and into the town.", "Prices rose again this spring.", "   "]
+    none = capability_cost(model, tok, {}, [], texts)
+    assert none.kl == 0.0 and none.nll_clean == none.nll_steered and none.ppl_ratio == 1.0 and none.n_tokens > 5
+    sae = random_sae("topk", hidden_size(model), 1, d_sae=32, k=4)
+    identity = capability_cost(model, tok, {1: sae}, scale([(1, i) for i in range(32)], 1.0), texts)
+    assert identity.kl == 0.0 and identity.ppl_ratio == 1.0  # gamma 1 is the model itself
+    vector = torch.randn(hidden_size(model), generator=torch.Generator().manual_seed(0))
+    small = capability_cost(model, tok, {}, [add_vector(1, vector, 0.5)], texts)
+    big = capability_cost(model, tok, {}, [add_vector(1, vector, 20.0)], texts)
+    assert 0 < small.kl < big.kl and big.ppl_ratio > 1.0
+    with pytest.raises(IPGError, match="neutral text"):
+        capability_cost(model, tok, {}, [], ["", " "])
