@@ -1,0 +1,36 @@
+"""Disjoint problem splits: attribution, dev, test and transfer sets that never share a problem.
+
+A steering recipe is chosen on one split and judged on another; a problem in both would leak
+the answer into the choice. :func:`disjoint_splits` loads every split and refuses any problem
+that appears in two of them, matched by id and by its question text (two task configs can
+name the same problem differently: another offset of the same generator, a JSONL copy).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import IPGError
+from .tasks import Problem, TaskConfig, load_problems
+
+
+def disjoint_splits(tasks: dict[str, TaskConfig]) -> dict[str, list[Problem]]:
+    """Each split's problems (``{name: task}``, in order), after checking no problem is in two splits."""
+    loaded = {name: load_problems(task) for name, task in tasks.items()}
+    owner: dict[str, tuple[str, str]] = {}  # key -> (split, problem id)
+    for name, problems in loaded.items():
+        if not problems:
+            raise IPGError(f"the {name} split has no problems; check its task.n_problems and offset")
+        for p in problems:
+            for key in (f"id:{p.id}", f"question:{_normal(p.question)}"):
+                if key in owner and owner[key][0] != name:
+                    other, other_id = owner[key]
+                    raise IPGError(f"problem {p.id} of the {name} split is also in the {other} split (as {other_id}); "
+                                   "give the splits disjoint windows (task.offset, task.n_problems) or another "
+                                   "task.seed")
+                owner.setdefault(key, (name, p.id))
+    return loaded
+
+
+def _normal(question: str) -> str:
+    return re.sub(r"\s+", " ", question.strip().lower())
