@@ -12,6 +12,10 @@ several groups each group's difference is weighted by how mixed it is. It is app
 :func:`ipg_sae.steering.add_vector` at a coefficient ``alpha * residual_norm``, the mean residual
 norm over the same tokens, so ``alpha`` means the same thing at every layer.
 
+**DiffMean projected on the SAE** (:func:`project_on_latents`): the least-squares part of ``v`` in the
+span of the selected latents' decoder rows, and the share of ``||v||^2`` it carries: how much of
+what separates high- from low-reward reasoning the selected features hold.
+
 **IPG-weighted step**: every latent with a score, scaled by ``c_i = 1 + eta * score_i / max|score|``
 (a policy-gradient step in feature scalings, no top-k cut; clipped at 0, where a latent is
 removed). ``eta = 0`` is the clean model exactly.
@@ -83,3 +87,26 @@ def ipg_weighted_step(result: AttributionResult, eta: float) -> list[Interventio
             gamma = max(0.0, 1.0 + eta * float(score[latent]) / peak)
             out.append(Intervention(int(layer), int(latent), "scale", gamma))
     return out
+
+
+@dataclass
+class Projection:
+    vector: torch.Tensor  # [d_model]: the part of the vector in the span of the latents' decoder rows
+    coefficients: torch.Tensor  # [k]: per latent, in the order given
+    captured: float  # ||projection||^2 / ||vector||^2, in [0, 1]
+
+
+def project_on_latents(vector: torch.Tensor, sae, latents: Sequence[int]) -> Projection:
+    """The least-squares reconstruction of ``vector`` from the decoder rows of ``latents`` (one SAE)."""
+    from .saes import decoder_matrix
+
+    if not latents:
+        raise IPGError("project_on_latents needs at least one latent")
+    rows = decoder_matrix(sae)[torch.as_tensor(list(latents))].detach().double()  # [k, d_model]
+    v = torch.as_tensor(vector).detach().double().flatten()
+    if rows.shape[1] != v.shape[0]:
+        raise IPGError(f"the vector has {v.shape[0]} entries but the SAE's decoder rows have {rows.shape[1]}")
+    coef = torch.linalg.lstsq(rows.T, v[:, None]).solution[:, 0]
+    projected = rows.T @ coef
+    norm = float(v @ v)
+    return Projection(projected.float(), coef.float(), float(projected @ projected) / norm if norm else 0.0)

@@ -93,3 +93,24 @@ def test_capability_cost_is_zero_unsteered_and_measures_a_push(tiny_llama_dir):
     assert 0 < small.kl < big.kl and big.ppl_ratio > 1.0
     with pytest.raises(IPGError, match="neutral text"):
         capability_cost(model, tok, {}, [], ["", " "])
+
+
+def test_projection_on_latents_recovers_a_vector_in_their_span_and_nothing_orthogonal():
+    from ipg_sae.vectors import project_on_latents
+    from tests.tiny import random_sae
+
+    sae = random_sae("topk", 64, 1, d_sae=32, k=4, seed=2)
+    rows = sae.W_dec.detach().double()
+    inside = 2.0 * rows[3] - 0.5 * rows[7]
+    p = project_on_latents(inside, sae, [3, 7, 11])
+    torch.testing.assert_close(p.vector.double(), inside, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p.coefficients.double(), torch.tensor([2.0, -0.5, 0.0], dtype=torch.float64),
+                               rtol=1e-4, atol=1e-4)
+    assert p.captured == pytest.approx(1.0, abs=1e-6)
+    basis = rows[[3, 7, 11]].T  # a vector orthogonal to the three rows: nothing of it is carried
+    q, _ = torch.linalg.qr(basis)
+    outside = torch.randn(64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    outside -= q @ (q.T @ outside)
+    assert project_on_latents(outside, sae, [3, 7, 11]).captured < 1e-10
+    half = project_on_latents(inside / inside.norm() + outside / outside.norm(), sae, [3, 7, 11])
+    assert half.captured == pytest.approx(0.5, abs=1e-6)
