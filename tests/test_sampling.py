@@ -250,3 +250,27 @@ def test_the_loops_draws_follow_the_temperature_softmax():
             want[:2] = p[:2] / p[:2].sum()
         assert torch.allclose(freq, want.float(), atol=0.012), (freq, want)
         assert counts[4] == 0
+
+
+def test_the_loop_runs_every_tiny_architecture_with_the_scorers_log_probabilities(tiny_model_dir):
+    """Llama, Qwen2 (grouped key/value heads) and GPT-2 (absolute positions, no grouping): the loop's shared-prefix
+    attention and slot cache give each sample the log-probability the scorer gives it."""
+    from ipg_sae.decode import decode_loop
+    from ipg_sae.faithfulness import TrajectoryScorer
+    from ipg_sae.sampling import row_seed
+    from ipg_sae.trajectories import Trajectory
+
+    model, tok = load_model(str(tiny_model_dir))
+    task = TaskConfig(n_problems=3, few_shot=1)
+    problems = load_problems(task)
+    prompts = build_prompts(tok, problems, task)
+    cfg = _loop_cfg(n_samples=2, batch_size=3)  # fewer rows than samples: rows are refilled
+    seeds = [row_seed(0, p.id, g) for p in problems for g in range(2)]
+    prompt_ids, completions, logp = decode_loop(model, tok, prompts, cfg, seeds, set())
+    trajs = [Trajectory(id=f"{problems[r // 2].id}/s{r % 2}", prompt_id=problems[r // 2].id, sample_index=r % 2,
+                        prompt=prompts[r // 2], completion="", reference="", prompt_ids=prompt_ids[r // 2],
+                        completion_ids=c, reward=0.0) for r, c in enumerate(completions)]
+    scored = TrajectoryScorer(model, trajs, cfg.temperature).logprobs([])
+    assert scored.tolist() == pytest.approx(logp, abs=2e-3)
+    _, again, _ = decode_loop(model, tok, prompts, cfg, seeds, set(), rows=6)
+    assert again == completions
