@@ -510,7 +510,7 @@ def summarize_samples(samples: list[dict], meta: EvalMeta) -> tuple[list[dict], 
     """Rows (one per set and gamma, plus the base and the mean of the random draws) and target comparisons."""
     problem_ids = meta.problem_ids
     boot = dict(n_boot=meta.n_bootstrap, confidence=meta.confidence)
-    table = _PerProblem(samples, problem_ids)
+    table = PerProblem(samples, problem_ids)
     base = {m: table.matrix(m, [BASE], None) for m in METRICS}
     rows = [_row(table, "none", BASE, [BASE], None, base, boot, meta)]
     randoms = meta.random_sets
@@ -523,7 +523,7 @@ def summarize_samples(samples: list[dict], meta: EvalMeta) -> tuple[list[dict], 
     return rows, _comparisons(table, meta, boot)
 
 
-class _PerProblem:
+class PerProblem:
     """Per-problem means of each metric for each (set, gamma), over seeds and samples."""
 
     def __init__(self, samples: list[dict], problem_ids: list[str]):
@@ -552,7 +552,7 @@ class _PerProblem:
         return [r for n in names for r in self.groups.get((n, gamma), [])]
 
 
-def _row(table: _PerProblem, condition: str, name: str, names: list[str], gamma, base: dict, boot: dict,
+def _row(table: PerProblem, condition: str, name: str, names: list[str], gamma, base: dict, boot: dict,
          meta: EvalMeta) -> dict:
     raw = table.rows(names, gamma)
     row = {"condition": condition, "set": name, "gamma": gamma,
@@ -578,7 +578,7 @@ def _share(rows: list[dict], key: str) -> float:
     return sum(float(r[key]) for r in rows) / len(rows) if rows else math.nan
 
 
-def _comparisons(table: _PerProblem, meta: EvalMeta, boot: dict) -> list[dict]:
+def _comparisons(table: PerProblem, meta: EvalMeta, boot: dict) -> list[dict]:
     target, randoms = meta.target, meta.random_sets
     if target not in meta.sets:
         return []

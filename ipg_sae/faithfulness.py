@@ -47,7 +47,7 @@ from .kv_cache import attention_mask, repeated
 from .models import ReplayedBlock, SkippedBlock, block_hidden, decoder_layers
 from .saes import as_layer_dict
 from .stats import effective_sample_size
-from .steering import Intervention, steer
+from .steering import Intervention, steer, steered_positions
 from .trajectories import Trajectory, group_by_prompt
 
 # ---- the prefix tree ------------------------------------------------------------------------
@@ -159,11 +159,9 @@ class TrajectoryScorer:
         out as steering leaves it out) where the latent is active."""
         out = {}
         for layer, sae in self.saes.items():
-            if layer not in self._replay_cache:
-                self._replay_cache[layer] = self._capture(layer)
             counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
             total = 0.0
-            for x, (keep, weight, _) in zip(self._replay_cache[layer], self._segments):
+            for x, (keep, weight, _) in self._clean_segments(layer):
                 f = sae.encode(x[keep].to(sae.W_dec.dtype))
                 w = weight[keep].double()
                 counts += ((f > 0).double() * w[:, None]).sum(0).cpu()
@@ -180,17 +178,22 @@ class TrajectoryScorer:
 
         out = {}
         for layer, sae in self.saes.items():
-            if layer not in self._replay_cache:
-                self._replay_cache[layer] = self._capture(layer)
             total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
             n = 0.0
-            for x, (keep, _, completion) in zip(self._replay_cache[layer], self._segments):
+            for x, (keep, _, completion) in self._clean_segments(layer):
                 if completion:
                     total += sae.encode(x[keep].to(sae.W_dec.dtype)).abs().double().sum(0).cpu()
                     n += float(keep.sum())
             norms = decoder_matrix(sae).detach().double().norm(dim=-1).cpu()
             out[layer] = (total / max(n, 1.0) * norms).numpy()
         return out
+
+    def _clean_segments(self, layer: int):
+        """Block ``layer``'s clean output for every segment of the tree, each with (positions that count, how many
+        trajectories each stands for, whether it is a completion); captured once per layer."""
+        if layer not in self._replay_cache:
+            self._replay_cache[layer] = self._capture(layer)
+        return zip(self._replay_cache[layer], self._segments)
 
     def _capture(self, layer: int) -> list[torch.Tensor]:
         """The clean output of block ``layer`` for every segment of the tree, in pass order."""
@@ -280,15 +283,11 @@ class TrajectoryScorer:
 
     def _keep(self, positions: torch.Tensor, real: torch.Tensor, prompt: bool) -> torch.Tensor:
         """The positions of a segment that steering acts on."""
-        if prompt and self.scope == "generated":
-            return torch.zeros_like(real)
-        return self._counted(positions, real)
+        return steered_positions(self.scope if prompt else "all", self.exclude_first, positions, real)
 
     def _counted(self, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        keep = real.clone()
-        if self.exclude_first:
-            keep &= positions != 0
-        return keep
+        """The positions of a segment that count for activation statistics: those steering can act on."""
+        return steered_positions("all", self.exclude_first, positions, real)
 
     def _token_logprobs(self, h: torch.Tensor, targets: torch.Tensor, chunk: int = 512) -> torch.Tensor:
         """``log_softmax(logits / T)[target]`` per row, as ``z_target - logsumexp(z)`` (no [rows, vocab] log-softmax

@@ -1,4 +1,4 @@
-"""A KV cache of fixed rows (slots), for :func:`ipg_sae.sampling.decode_loop`.
+"""A KV cache of fixed rows (slots), for :func:`ipg_sae.decode.decode_loop`.
 
 transformers' default cache concatenates at every decoding step, copying every layer's whole
 cache each time (a quarter of a 96-token decode of the default model, profiled). Here each

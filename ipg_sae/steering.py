@@ -45,7 +45,6 @@ applied to model B).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -157,6 +156,18 @@ def _check_interventions(interventions: Sequence[Intervention]) -> None:
 # ---- positions ---------------------------------------------------------------------------
 
 
+def steered_positions(scope: str, exclude_first: bool, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Which tokens of a prompt segment a scope steers, from their real-token ``positions`` and which are ``real``
+    (not padding): none under ``generated``; under ``all`` every real token but, with ``exclude_first``, each
+    sequence's first. (Generated tokens are steered under both: pass ``all`` for them.)"""
+    if scope == "generated":
+        return torch.zeros_like(real, dtype=torch.bool)
+    keep = real.bool().clone()
+    if exclude_first:
+        keep &= positions != 0
+    return keep
+
+
 class _Positions:
     """Which positions of the current forward call are steered, shared by all layer hooks.
 
@@ -215,12 +226,7 @@ class _Positions:
         if self.fixed is not None:
             raise IPGError("a fixed PositionScope names absolute positions of one pass; a sampler that feeds "
                            "prompts in segments needs scope 'all' or 'generated'")
-        if self.kind == "generated":
-            return torch.zeros_like(real, dtype=torch.bool)
-        keep = real.bool().clone()
-        if self.exclude_first:
-            keep &= positions != 0
-        return keep
+        return steered_positions(self.kind, self.exclude_first, positions, real)
 
     def current(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keep is None or self.keep.shape != (batch, length):

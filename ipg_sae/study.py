@@ -39,7 +39,7 @@ from .cells import BASE, CellStore, Inputs, LogprobCells
 from .config import JobConfig, dump_yaml
 from .digest import json_digest
 from .errors import IPGError
-from .evaluation import EvalConfig, degenerate_flags, evaluate
+from .evaluation import EvalConfig, PerProblem, degenerate_flags, evaluate
 from .faithfulness import TrajectoryScorer, estimate
 from .io import read_json, run_lock, write_json, write_text
 from .jobs import AttributeJobConfig, SelectionConfig, check_baselines, method_dir, run_attribute
@@ -324,10 +324,10 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
 NULL_KINDS = {"frequency": "null", "push": "push", "permutation": "perm"}  # kind -> cell label prefix
 
 
-def _null_draws(cells: dict, kind: str, k: int) -> list[dict]:
-    """The cells of one null at ``k`` (every gamma each)."""
-    pattern = re.compile(rf"{NULL_KINDS[kind]}\d+\|k{k}")
-    return [cells[label] for label in cells if pattern.fullmatch(label)]
+def _null_labels(cells: dict, kind: str, k: int | None) -> list[str]:
+    """The labels of one null's cells at ``k`` (at every k when None), in draw order (the order they were scored)."""
+    pattern = re.compile(rf"{NULL_KINDS[kind]}\d+\|k{k if k is not None else '[0-9]+'}")
+    return [label for label in cells if pattern.fullmatch(label)]
 
 
 def _effect_row(cfg: StudyConfig, cell: dict, base: np.ndarray) -> dict:
@@ -355,18 +355,18 @@ def summarize(cfg: StudyConfig, scores: dict) -> dict:
             direction = predicted_direction(float(gamma))
             null_effects = {}
             for k in cfg.ks:
-                draws = [cells[label][gamma] for label in cells if label.startswith("null") and label.endswith(f"|k{k}")]
+                draws = [cells[label][gamma] for label in _null_labels(cells, "frequency", k)]
                 null_effects[k] = [float(np.mean(d["reward"]) - base["reward"].mean()) for d in draws]
-            headline_draws = np.array([cells[label][gamma]["reward"] for label in cells
-                                       if label.startswith("null") and label.endswith(f"|k{cfg.k}")])
+            headline_draws = np.array([cells[label][gamma]["reward"]
+                                       for label in _null_labels(cells, "frequency", cfg.k)])
             res["null"][gamma] = {"k": cfg.k, "n": len(null_effects[cfg.k]), "effects": null_effects[cfg.k],
                                   "band": {str(k): [float(np.quantile(e, 0.05)), float(np.quantile(e, 0.95))]
                                            if e else None for k, e in null_effects.items()},
-                                  "mean_ess": float(np.mean([cells[label][gamma]["ess"] for label in cells
-                                                             if label.startswith("null")]))}
+                                  "mean_ess": float(np.mean([cells[label][gamma]["ess"]
+                                                             for label in _null_labels(cells, "frequency", None)]))}
             res["nulls"][gamma] = {}
             for kind in NULL_KINDS:
-                draws = [d[gamma] for d in _null_draws(cells, kind, cfg.k)]
+                draws = [cells[label][gamma] for label in _null_labels(cells, kind, cfg.k)]
                 if draws:
                     res["nulls"][gamma][kind] = {
                         "n": len(draws), "effects": [float(np.mean(d["reward"]) - base["reward"].mean()) for d in draws],
@@ -419,10 +419,8 @@ def confirmation_cells(cfg: StudyConfig, summary: dict, scores: dict) -> list[di
         if f"ipg_bottom|k{cfg.k}" in cells:
             chosen.append(("ipg_bottom", f"ipg_bottom|k{cfg.k}", "sign control"))
         for kind in ("push", "permutation"):
-            pattern = re.compile(rf"{NULL_KINDS[kind]}(\d+)\|k{cfg.k}")
-            labels = sorted((label for label in cells if pattern.fullmatch(label)),
-                            key=lambda label: int(pattern.fullmatch(label).group(1)))
-            chosen += [(label.split("|")[0], label, f"{kind} null") for label in labels[:cfg.confirm_null_sets]]
+            labels = _null_labels(cells, kind, cfg.k)[:cfg.confirm_null_sets]
+            chosen += [(label.split("|")[0], label, f"{kind} null") for label in labels]
         for name, label, why in chosen:
             off = np.array(cells[label][gamma]["reward"])
             out.append({"reward": reward, "set": f"{name}-k{cfg.k}", "gamma": float(gamma), "why": why,
@@ -445,7 +443,6 @@ def confirm(cfg: StudyConfig) -> dict:
     sampling = dataclasses.replace(cfg.heldout_sampling, n_samples=cfg.confirm_samples)
     cells = confirmation_cells(cfg, summary, scores)
     boot = dict(n_boot=cfg.n_bootstrap, confidence=0.95)
-    order = {pid: i for i, pid in enumerate(scores["problem_ids"])}
     reward = cells[0]["reward"]
     sets = {c["set"]: [tuple(p) for p in c["latents"]] for c in cells}  # a null's sets serve every gamma
     ev = EvalConfig(estimator="sampling", gammas=sorted({c["gamma"] for c in cells}), seeds=list(cfg.confirm_seeds),
@@ -453,11 +450,12 @@ def confirm(cfg: StudyConfig) -> dict:
                     task=cfg.heldout, n_bootstrap=cfg.n_bootstrap)
     result = evaluate(model, tokenizer, saes, problems, prompts, sets, ev, progress=True,
                       out_dir=cfg.run_dir / "study" / "confirm" / slug(reward))
-    base = _per_problem([r for r in result.samples if r["set"] == BASE], order)
+    table = PerProblem(result.samples, scores["problem_ids"])
+    base = _per_problem(table, BASE, None)
     unsteered = {m: float(v.mean()) for m, v in base.items()}
     results = []
     for c in cells:
-        on = _per_problem([r for r in result.samples if r["set"] == c["set"] and r["gamma"] == c["gamma"]], order)
+        on = _per_problem(table, c["set"], c["gamma"])
         effect = bootstrap(on["reward"], base["reward"], **boot)
         gap = bootstrap(on["reward"] - base["reward"], np.array(c.pop("off_policy_per_problem")), **boot)
         results.append({**c, "on_policy_effect": list(effect), "on_minus_off": list(gap),
@@ -473,18 +471,14 @@ def confirm(cfg: StudyConfig) -> dict:
     return {"cells": len(results), "agree": sum(r["agree"] for r in results), **doc["calibration"]}
 
 
-def _per_problem(samples: list[dict], order: dict[str, int]) -> dict[str, np.ndarray]:
-    """Each metric's mean per problem (in ``order``) over the rows' seeds and samples; ``n``: samples."""
-    keys = ("reward", "correct", "length", "parsed", "degenerate")
-    if not samples:
+def _per_problem(table: PerProblem, name: str, gamma: float | None) -> dict[str, np.ndarray]:
+    """One cell's per-problem means of the confirmation's metrics; ``n``: its samples per problem."""
+    rows = table.rows([name], gamma)
+    if not rows:
         raise IPGError("the on-policy confirmation produced no samples for a cell; rerun the confirm stage")
-    out = {**{k: np.zeros(len(order)) for k in keys}, "n": np.zeros(len(order))}
-    for r in samples:
-        i = order[r["problem_id"]]
-        for k in keys:
-            out[k][i] += float(r[k])
-        out["n"][i] += 1
-    return {k: (v / np.maximum(out["n"], 1) if k != "n" else v) for k, v in out.items()}
+    out = {k: table.matrix(k, [name], gamma)[0] for k in ("reward", "correct", "length", "parsed", "degenerate")}
+    out["n"] = np.bincount([table.index[r["problem_id"]] for r in rows], minlength=len(table.index)).astype(float)
+    return out
 
 
 def calibration(results: list[dict]) -> dict:

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from .attribution import AttributionResult
+from .attribution import AttributionResult, advantages
 from .errors import IPGError
 from .models import capture_residuals
 from .selection import latent_stats
@@ -61,7 +61,7 @@ def diffmean(model, trajectories: Sequence[Trajectory], layer: int) -> DiffMean:
         raise IPGError("a trajectory's reward is NaN or infinite; DiffMean needs finite rewards")
     advantage = torch.zeros_like(rewards)
     for idx in groups:
-        advantage[idx] = rewards[idx] - rewards[idx].mean()
+        advantage[idx] = advantages(rewards[idx], "mean")
     if not bool((advantage != 0).any()):
         raise IPGError(f"no prompt's samples got different rewards ({len(ids)} prompts): DiffMean needs high- and "
                        "low-reward trajectories of the same prompt; sample more per prompt or more prompts")

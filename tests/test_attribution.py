@@ -266,11 +266,10 @@ def test_attribution_predicts_single_latent_ablation(models, kind, layer):
     assert abs(float(attr.sum()) - float(result.expected.sum()) / 4) < 1e-6
 
 
-def test_planted_latent_is_ranked_first_by_ipg_not_by_act(models):
-    """One latent alone decides whether the correct answer token comes out; another fires
-    five times as strongly everywhere but has no effect. IPG finds the first, ``act`` the second."""
-    model, tok = models("llama")
-    layer, correct_tok, P, D = 3, 77, 5, 9
+def planted_answer_latent(model, layer: int = 3, correct_tok: int = 77, P: int = 5, distractor: int | None = None):
+    """4 prompts x 4 samples whose reward is whether the last token is ``correct_tok``, and an SAE at ``layer``
+    where latent ``P`` alone, active at every position, pushes that token; ``distractor`` (if given) fires five
+    times as strongly everywhere and has no effect at all."""
     rng = random.Random(3)
     trajs = []
     for p in range(4):
@@ -286,14 +285,25 @@ def test_planted_latent_is_ranked_first_by_ipg_not_by_act(models):
     ids = torch.tensor([t.prompt_ids + t.completion_ids for t in trajs])
     x = capture_residuals(model, ids, None, [layer])[layer]
     head = model.get_output_embeddings().weight.double()
+    planted = [(P, 1.0)] + ([(distractor, 5.0)] if distractor is not None else [])
     with torch.no_grad():
         noise_max = float(torch.relu(x @ sae.W_enc + sae.b_enc).max())
-        for i, bias in ((P, 1.0), (D, 5.0)):
+        for i, bias in planted:
             sae.W_enc[:, i] = 0.0
             sae.b_enc[i] = bias * max(noise_max, 1.0)  # active at every position
         direction = head[correct_tok] - head.mean(0)
         sae.W_dec[P] = 4 * x.norm(dim=-1).mean() * direction / direction.norm() / sae.b_enc[P]
-        sae.W_dec[D] = 0.0  # no effect at all
+        if distractor is not None:
+            sae.W_dec[distractor] = 0.0  # no effect at all
+    return trajs, sae
+
+
+def test_planted_latent_is_ranked_first_by_ipg_not_by_act(models):
+    """One latent alone decides whether the correct answer token comes out; another fires
+    five times as strongly everywhere but has no effect. IPG finds the first, ``act`` the second."""
+    model, tok = models("llama")
+    layer, P, D = 3, 5, 9
+    trajs, sae = planted_answer_latent(model, layer, P=P, distractor=D)
     ipg = attribute(model, {layer: sae}, trajs, n_steps=16, progress=False)
     act = attribute(model, {layer: sae}, trajs, baseline="act", progress=False)
     from ipg_sae.selection import select

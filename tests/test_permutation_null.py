@@ -11,12 +11,11 @@ import torch
 
 from ipg_sae.attribution import attribute
 from ipg_sae.errors import IPGError
-from ipg_sae.models import capture_residuals
 from ipg_sae.selection import permuted_ranking, permuted_rankings, reward_permutations, select
 from ipg_sae.trajectories import Trajectory
 pytestmark = pytest.mark.filterwarnings("ignore:the SAE at layer")  # hand-made SAEs: reconstruction is not the point
 
-from tests.test_attribution import VOCAB, calibrated_sae, model_dirs, models, real_F  # noqa: F401
+from tests.test_attribution import VOCAB, calibrated_sae, model_dirs, models, planted_answer_latent, real_F  # noqa: F401
 
 
 def make_trajs(rewards, seed=0, prompt_len=8, comp_len=6) -> list[Trajectory]:
@@ -62,32 +61,12 @@ def test_a_zero_advantage_is_refused_with_the_fix(models):
 
 
 def test_the_planted_latent_beats_the_permutation_null_and_a_shuffled_set_does_not(models):
-    """One latent alone decides whether the answer token comes out (as in test_attribution). IPG ranks it first;
-    removing IPG's top set lowers the real objective more than removing any set picked on shuffled rewards, and
-    a set picked on shuffled rewards sits inside the null."""
+    """One latent alone decides whether the answer token comes out (test_attribution's planted model). IPG ranks
+    it first; of the sets picked on shuffled rewards only those that happen to hold it come as close as IPG's set
+    to lowering the real objective when removed, and a shuffled pick without it sits inside the null."""
     model, _ = models("llama")
-    layer, correct_tok, P = 3, 77, 5
-    rng = random.Random(3)
-    trajs = []
-    for p in range(4):
-        prompt = [rng.randint(5, VOCAB) for _ in range(8)]
-        prefix = [rng.randint(5, VOCAB) for _ in range(5)]
-        for g in range(4):
-            ok = g % 2 == 0
-            last = correct_tok if ok else rng.choice([t for t in range(5, VOCAB) if t != correct_tok])
-            trajs.append(Trajectory(
-                id=f"q{p}/s{g}", prompt_id=f"q{p}", sample_index=g, prompt="", completion="", reference="",
-                prompt_ids=prompt, completion_ids=prefix + [last], reward=1.0 if ok else 0.0))
-    sae = calibrated_sae(model, layer, trajs, d_sae=32, quantile=0.8)
-    ids = torch.tensor([t.prompt_ids + t.completion_ids for t in trajs])
-    x = capture_residuals(model, ids, None, [layer])[layer]
-    head = model.get_output_embeddings().weight.double()
-    with torch.no_grad():
-        noise_max = float(torch.relu(x @ sae.W_enc + sae.b_enc).max())
-        sae.W_enc[:, P] = 0.0
-        sae.b_enc[P] = max(noise_max, 1.0)  # active at every position
-        direction = head[correct_tok] - head.mean(0)
-        sae.W_dec[P] = 4 * x.norm(dim=-1).mean() * direction / direction.norm() / sae.b_enc[P]
+    layer, P = 3, 5
+    trajs, sae = planted_answer_latent(model, layer, P=P)
     result = attribute(model, {layer: sae}, trajs, n_steps=16, progress=False)
     k = 2
     ipg_set = select(result, k)
