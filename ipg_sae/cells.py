@@ -205,16 +205,23 @@ class LogprobCells:
         self.context = {"estimator": "importance", "samples": samples_digest(samples), "temperature": temperature,
                         "scope": scope}
 
-    def logprobs(self, latents: Sequence[Sequence[int]], gamma: float, name: str | None = None) -> torch.Tensor:
+    def logprobs(self, latents: Sequence[Sequence[int]], gamma: float, name: str | None = None,
+                 origin: dict[tuple[int, int], float] | None = None) -> torch.Tensor:
         """``log pi'(tau)`` of every sample with ``latents`` scaled by ``gamma`` (the unsteered model when that is
-        no change), read back from the store when saved."""
-        from .steering import scale
+        no change), read back from the store when saved. With ``origin``, each latent is scaled about its origin
+        value (:func:`ipg_sae.steering.scale_about`: ``gamma = 0`` sets it there); the key then holds those values."""
+        from .steering import scale_about
 
         if is_unsteered(latents, gamma):
             latents, gamma = [], 1.0
         steer_by = [(int(l), int(i)) for l, i in latents]  # in the caller's order (the sum's order)
+        about = {p: float(origin[p]) for p in steer_by if origin and float(origin.get(p, 0.0)) != 0.0}
         key = {**self.context, "latents": sorted(map(list, steer_by)), "gamma": float(gamma),
                **self.inputs.steered(steer_by)}
+        if about:  # absent otherwise, so cells scaled about zero keep the keys they always had
+            key["origin"] = sorted([l, i, v] for (l, i), v in about.items())
         label = BASE if not steer_by else f"logp_g{gamma:g}_{json_digest(key['latents'])[:8]}"
-        compute = lambda: self.scorer.logprobs(scale(steer_by, gamma) if steer_by else [])  # noqa: E731
+        if about:
+            label += f"_o{json_digest(key['origin'])[:6]}"
+        compute = lambda: self.scorer.logprobs(scale_about(steer_by, gamma, about) if steer_by else [])  # noqa: E731
         return self.store.fetch(label, key, compute, LOGPROBS, name=name)

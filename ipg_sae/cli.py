@@ -167,6 +167,22 @@ def _study_run():
     return run
 
 
+def _paths_cfg():
+    from .paths import PathsConfig
+
+    return PathsConfig
+
+
+def _paths_run():
+    from .paths import run_paths
+
+    def run(cfg):
+        results = run_paths(cfg)
+        print(results["report"]["answer"])
+        print(f"report: {results['report']['report']}")
+    return run
+
+
 COMMANDS: dict[str, Command] = {
     "sample": ("sample completions of a task and score them", _sample_cfg, _sample_run),
     "train-sae": ("train SAEs on a model's residual stream", _train_cfg, _train_run),
@@ -175,6 +191,8 @@ COMMANDS: dict[str, Command] = {
     "pipeline": ("sample -> SAE -> attribute -> select -> evaluate -> report", _pipeline_cfg, _pipeline_run),
     "study": ("does the selection matter? every method and a matched null, off-policy, on held-out samples",
               _study_cfg, _study_run),
+    "paths": ("where IPG's path starts: zero vs mean origin, integrated vs local, against single-latent removals",
+              _paths_cfg, _paths_run),
     "explore": ("write a static page showing what each latent is and how it moves the outcome",
                 _explore_cfg, _explore_run),
     "export": ("copy an SAE for TransformerLens / sae-lens's SAETransformerBridge and check it loads exactly",

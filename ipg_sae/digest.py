@@ -18,6 +18,8 @@ saved results and is part of every cache key: a new layout never reuses an old f
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -99,3 +101,22 @@ def tree_digest(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
         else:
             out[str(p)] = file_digest(p) if p.is_file() else "missing"
     return out
+
+
+def key_dict(obj: Any) -> Any:
+    """``obj`` as cache keys see it: dataclasses as dicts (recursively), without the fields marked
+    ``omit_default_from_keys`` while they hold their default. A setting added after results were stored is
+    marked so: at its default it leaves every stored stage and checkpoint valid."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("omit_default_from_keys") and value == f.default:
+                continue
+            out[f.name] = key_dict(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(key_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: key_dict(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)

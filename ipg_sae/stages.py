@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import load_config
-from .digest import FORMAT_VERSION, json_digest, tree_digest
+from .digest import FORMAT_VERSION, json_digest, key_dict, tree_digest
 from .errors import IPGError
 from .io import jsonable, read_json, remove_tree, write_json
 from .models import source_digest
@@ -85,7 +85,7 @@ def stage_key(settings, upstream: str) -> str:
     """The digest of a stage's settings (dataclasses as dicts), the format version and the stages before it."""
     def default(o):
         if dataclasses.is_dataclass(o):
-            return dataclasses.asdict(o)
+            return key_dict(o)
         return str(o)
 
     text = json.dumps([FORMAT_VERSION, settings], default=default, sort_keys=True) + upstream

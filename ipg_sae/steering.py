@@ -94,6 +94,21 @@ def scale(selection: Iterable[tuple[int, int]], gamma: float) -> list[Interventi
     return [Intervention(int(l), int(i), "scale", float(gamma)) for l, i in selection]
 
 
+def scale_about(selection: Iterable[tuple[int, int]], gamma: float,
+                origin: dict[tuple[int, int], float] | None = None) -> list[Intervention]:
+    """Scale every latent of ``selection`` by ``gamma`` about its ``origin`` value (0 where not given):
+    ``f' = b + gamma (f - b)``, i.e. :func:`scale` plus ``add`` of ``(1 - gamma) b W_dec[i]``. At ``gamma = 0``
+    each latent is set to ``b`` (mean ablation when ``b`` is its mean): the removal IPG's path with
+    ``attribution.path_origin`` measures."""
+    selection = [(int(l), int(i)) for l, i in selection]
+    out = scale(selection, gamma)
+    for layer, latent in selection:
+        b = float((origin or {}).get((layer, latent), 0.0))
+        if b != 0.0 and gamma != 1.0:
+            out.append(Intervention(layer, latent, "add", (1.0 - float(gamma)) * b))
+    return out
+
+
 def clamp(selection: Iterable[tuple[int, int]], value: float) -> list[Intervention]:
     """Clamp every latent of ``selection`` to ``value``."""
     return [Intervention(int(l), int(i), "clamp", float(value)) for l, i in selection]

@@ -116,7 +116,7 @@ class StudyConfig(JobConfig):
 # ---- stages -----------------------------------------------------------------------------------
 
 
-def _reward_dir(cfg: StudyConfig, reward: str) -> Path:
+def reward_dir(cfg: StudyConfig, reward: str) -> Path:
     return cfg.run_dir / reward
 
 
@@ -130,7 +130,7 @@ def _with_reward(trajectories: list[Trajectory], reward: str) -> list[Trajectory
     return out
 
 
-def _sample_stage(cfg: StudyConfig, task: TaskConfig, sampling: SamplingConfig, filename: str,
+def sample_stage(cfg: StudyConfig, task: TaskConfig, sampling: SamplingConfig, filename: str,
                   keep_mixed: int = 0) -> dict:
     """Sample once, score with every reward; with ``keep_mixed``, keep only the first prompts whose samples
     got different rewards (the ones attribution works on), per reward."""
@@ -154,7 +154,7 @@ def _sample_stage(cfg: StudyConfig, task: TaskConfig, sampling: SamplingConfig, 
             if len(keep) < keep_mixed:
                 log.warning("study: only %d prompts have samples with different %s rewards (wanted %d); sample more "
                             "problems (task.n_problems)", len(keep), reward, keep_mixed)
-        save_trajectories(_reward_dir(cfg, reward) / filename, scored)
+        save_trajectories(reward_dir(cfg, reward) / filename, scored)
         summary[reward] = {"mean_reward": float(np.mean([t.reward for t in scored])),
                            "prompts_with_variance": len(mixed), "prompts_kept": len({t.prompt_id for t in scored})}
     summary["accuracy"] = float(np.mean([t.correct for t in trajectories]))
@@ -181,7 +181,7 @@ def _run_attribute(cfg: StudyConfig) -> dict:
 def _attribution_files(cfg: StudyConfig) -> list[Path]:
     from .tracking import attribution_files
 
-    return [f for r in cfg.rewards for m in cfg.methods for f in attribution_files(method_dir(_reward_dir(cfg, r), m))]
+    return [f for r in cfg.rewards for m in cfg.methods for f in attribution_files(method_dir(reward_dir(cfg, r), m))]
 
 
 def _reward_identities(cfg: StudyConfig) -> list[dict]:
@@ -191,13 +191,13 @@ def _reward_identities(cfg: StudyConfig) -> list[dict]:
 
 STAGES = [
     Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, _reward_identities(c), c.attribute_prompts),
-          lambda c: _sample_stage(c, c.task, c.sampling, "trajectories.jsonl", c.attribute_prompts),
-          outputs=lambda c: [_reward_dir(c, r) / "trajectories.jsonl" for r in c.rewards]),
+          lambda c: sample_stage(c, c.task, c.sampling, "trajectories.jsonl", c.attribute_prompts),
+          outputs=lambda c: [reward_dir(c, r) / "trajectories.jsonl" for r in c.rewards]),
     SAE_STAGE,
     Stage("attribute", lambda c: (c.attribution, c.methods, c.ks), _run_attribute, outputs=_attribution_files),
     Stage("heldout", lambda c: (c.heldout, c.heldout_sampling, _reward_identities(c)),
-          lambda c: _sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
-          outputs=lambda c: [_reward_dir(c, r) / "heldout.jsonl" for r in c.rewards]),
+          lambda c: sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
+          outputs=lambda c: [reward_dir(c, r) / "heldout.jsonl" for r in c.rewards]),
     Stage("score", lambda c: (c.k, c.ks, c.gammas, c.null_sets, c.other_null_sets, c.curve_null_sets, c.null_seed,
                               c.n_bootstrap, c.min_ess, c.scope, c.push_null_sets, c.permutation_sets, c.sign_control),
           lambda c: score(c),
@@ -235,7 +235,7 @@ def _control_sets(cfg: StudyConfig, reward: str, ranking: dict, pool: LatentPool
     """The controls at the headline k: IPG's bottom k (the sign control), push-matched random sets and the
     reward-permutation null (IPG's selection on shuffled rewards)."""
     out = []
-    ipg = AttributionResult.load(method_dir(_reward_dir(cfg, reward), "ipg"))
+    ipg = AttributionResult.load(method_dir(reward_dir(cfg, reward), "ipg"))
     if cfg.sign_control:
         out.append((f"ipg_bottom|k{cfg.k}", select(ipg, cfg.k, bottom=True)))
     if cfg.push_null_sets:
@@ -255,7 +255,7 @@ def _control_sets(cfg: StudyConfig, reward: str, ranking: dict, pool: LatentPool
 def _rankings(cfg: StudyConfig, reward: str) -> dict[str, list[tuple[int, int]]]:
     out = {}
     for method in cfg.methods:
-        result = AttributionResult.load(method_dir(_reward_dir(cfg, reward), method))
+        result = AttributionResult.load(method_dir(reward_dir(cfg, reward), method))
         out[method] = select(result, max(cfg.ks))
     return out
 
@@ -266,7 +266,7 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
 
     model, tokenizer = load_model(cfg.model)
     saes = load_saes(sae_specs(cfg), model)
-    heldout = {r: load_trajectories(_reward_dir(cfg, r) / "heldout.jsonl") for r in cfg.rewards}
+    heldout = {r: load_trajectories(reward_dir(cfg, r) / "heldout.jsonl") for r in cfg.rewards}
     samples = heldout[cfg.rewards[0]]  # the same samples under every reward
     cells = _cells(cfg, model, saes, samples)
     base_logp = cells.logprobs([], 1.0)

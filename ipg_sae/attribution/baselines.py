@@ -12,6 +12,10 @@ Gradient baselines (the IPG engine with other nodes and weights; completeness is
   1, advantage 1 on correct trajectories (``reward > 0``) and 0 otherwise:
   ``sum_t f_{t,i} * d log pi(tau) / d f_{t,i}`` summed over correct trajectories, divided by
   ``G``. No path, no policy gradient.
+* ``ipg_local``: IPG's own objective (policy gradient, the config's advantages) with one node at
+  ``alpha = 1`` and weight 1: the gradient at the model as it is times each latent's distance to
+  the path origin, ``(f - b) dF/dc`` (attribution patching). What integrating the path adds is
+  measured against it.
 * ``ig_likelihood``: integrated gradients of ``log pi(correct trajectory)`` along the same
   gate path, with ``n_steps`` Gauss-Legendre nodes (or the adaptive rules when ``delta_tol`` is
   set) and the same 0/1 weights. No policy gradient.
@@ -64,6 +68,8 @@ def plan(cfg: AttributionConfig) -> Plan:
     name = cfg.baseline
     if name == "grad_x_act":
         return Plan(np.array([1.0]), np.array([1.0]), advantage="correct")
+    if name == "ipg_local":
+        return Plan(np.array([1.0]), np.array([1.0]), advantage=cfg.advantage)
     if name not in ("ipg", "ig_likelihood"):
         return Plan()
     advantage = cfg.advantage if name == "ipg" else "correct"

@@ -15,12 +15,12 @@ from typing import Literal, get_args
 from ..errors import IPGError
 from .path import ADVANTAGES, Advantage, Method, quadrature
 
-Baseline = Literal["ipg", "act", "reason_words", "grad_x_act", "ig_likelihood", "random"]
+Baseline = Literal["ipg", "act", "reason_words", "grad_x_act", "ig_likelihood", "random", "ipg_local"]
 Importance = Literal["none", "self_normalized"]
 ScopeName = Literal["all", "generated"]
 
 METHOD_NAMES: tuple[str, ...] = get_args(Baseline)
-GRADIENT_METHODS: tuple[str, ...] = ("ipg", "grad_x_act", "ig_likelihood")  # per-prompt attributions, completeness
+GRADIENT_METHODS: tuple[str, ...] = ("ipg", "grad_x_act", "ig_likelihood", "ipg_local")  # per-prompt attributions, completeness
 # ReasonScore's vocabulary (arXiv 2503.18878, extraction/reason_tokens.json), lower case; multi-word entries allowed.
 REASON_WORDS: tuple[str, ...] = ("wait", "hmm", "so", "therefore", "let me", "alternatively", "however", "but",
                                  "check", "verify", "maybe", "perhaps", "actually", "thus", "instead")
@@ -50,6 +50,10 @@ class AttributionConfig:
     reason_words: list[str] = field(default_factory=lambda: list(REASON_WORDS))  # `reason_words` baseline
     reason_window: list[int] = field(default_factory=lambda: [1, 2])  # tokens before / after a reasoning word
     reason_alpha: float = 0.7  # entropy exponent of ReasonScore
+    # Where the path starts (docs/ipg-method.md §2a): `zero` (every latent off), `mean` (each latent's mean
+    # activation over the attributed tokens: mean ablation) or a safetensors file with one [d_sae] tensor per
+    # layer named `L<layer>`. Gradient methods only. (At its default it leaves cache keys as they were.)
+    path_origin: str = field(default="zero", metadata={"omit_default_from_keys": True})
 
     def __post_init__(self) -> None:
         _check_choice("baseline", self.baseline, METHOD_NAMES)
@@ -74,6 +78,11 @@ class AttributionConfig:
             raise IPGError("attribution.importance_clip must be positive")
         if len(self.reason_window) != 2 or min(self.reason_window) < 0:
             raise IPGError(f"attribution.reason_window is {self.reason_window}; give [before, after], two counts >= 0")
+        if not isinstance(self.path_origin, str) or not self.path_origin:
+            raise IPGError("attribution.path_origin must be zero, mean or the path of a safetensors file")
+        if self.path_origin not in ("zero", "mean") and not self.path_origin.endswith(".safetensors"):
+            raise IPGError(f"attribution.path_origin is {self.path_origin!r}; use zero, mean or a .safetensors file "
+                           "with one [d_sae] tensor per layer named L<layer>")
         if not self.reason_words and self.baseline == "reason_words":
             raise IPGError("attribution.reason_words is empty; list the reasoning words to score against")
 

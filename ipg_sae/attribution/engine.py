@@ -12,7 +12,14 @@ The maths:
 * ``IPG_i(x) = (1/G) sum_k w_k dF/dc_i |_{c = alpha_k 1}`` with nodes ``alpha_k`` and weights
   ``w_k`` on [0, 1] (:mod:`ipg_sae.attribution.path`).
 * Completeness: per trajectory, ``sum_i IPG_i(tau) = A (log pi(tau; 1) - log pi(tau; 0))`` up to
-  quadrature error. With ``error_node`` the SAE error ``eps = x - dec(f)`` is gated as one more
+  quadrature error.
+* Path origin (``attribution.path_origin``, ``docs/ipg-method.md`` §2a): the path may start at
+  per-latent values ``b_i`` (mean ablation) instead of 0: latent ``i`` runs along
+  ``b_i + c_i (f_{t,i} - b_i)``, so the splice adds ``(c_i - 1)(f_{t,i} - b_i) W_dec[i]``. The part
+  ``(c_i - 1) f_{t,i}`` is the active-entry gate above; ``-(c_i - 1) b_i`` is the same at every
+  in-scope position, so it is one dense gate per row and latent, ``o [rows, d_sae]``, added as
+  ``-((o - 1) * b) @ W_dec`` at every in-scope position. ``dF/dc_i`` is the sum of both gates'
+  gradients; completeness holds with ``log pi(tau; 0)`` the model at the origin. With ``error_node`` the SAE error ``eps = x - dec(f)`` is gated as one more
   component and completeness covers it too.
 
 How it is computed (and why it is fast):
@@ -91,6 +98,7 @@ class CleanPass:
     act_mean: dict[int, torch.Tensor]  # layer -> [d_sae] mean activation over in-scope positions
     contexts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # layer -> (value, row, pos) [d_sae, m]
     variance: dict[int, torch.Tensor]  # layer -> explained-variance sums over in-scope positions (saes.variance_sums)
+    origin: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> path origin b [d_sae] (absent: zero)
 
 
 @dataclass
@@ -101,6 +109,7 @@ class NodeGrads:
     latent: dict[int, torch.Tensor]  # layer -> dF/ds at the active entries [nodes, rows, T, K] (float64)
     error: dict[int, torch.Tensor]  # layer -> dF/de of the error node [nodes, rows] (error_node only)
     logp: torch.Tensor  # [nodes, rows] log pi(tau; c = alpha)
+    origin: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> dF/do of the origin gate [nodes, rows, d_sae]
 
 
 @dataclass
@@ -171,6 +180,37 @@ class IPGEngine:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.max_positions = context_length(model)
         self.param = next(model.parameters())
+        self.origin: dict[int, torch.Tensor] = {}  # layer -> the path's origin b [d_sae] (set_origin; empty: zero)
+
+    def set_origin(self, origin: dict[int, torch.Tensor] | None) -> None:
+        """Start the path at per-latent values ``origin[layer] [d_sae]`` (None or all zero: at 0)."""
+        self.origin = {}
+        for layer, values in (origin or {}).items():
+            d = self.saes[layer].cfg.d_sae
+            values = torch.as_tensor(values).detach().flatten()
+            if values.numel() != d or not bool(torch.isfinite(values).all()):
+                raise IPGError(f"the path origin for layer {layer} has {values.numel()} values (or non-finite ones); "
+                               f"the SAE there has {d} latents: give one finite value per latent")
+            if bool((values != 0).any()):
+                self.origin[layer] = values.to(self.param.device, torch.float64)
+
+    @torch.no_grad()
+    def mean_activation(self, groups: list[list[Trajectory]], progress: bool = False) -> dict[int, torch.Tensor]:
+        """Each latent's mean activation over the in-scope tokens of ``groups`` (zeros counted): the ``mean``
+        path origin, i.e. mean ablation over the attributed data."""
+        from tqdm.auto import tqdm
+
+        sums = {layer: torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for layer, sae in self.saes.items()}
+        n = 0
+        for group in tqdm(groups, desc="path origin (mean)", unit="prompt", disable=not progress):
+            clean = self.clean_pass(self.batch(group))
+            n_scope = int(clean.batch.scope.sum())
+            for layer in self.layers:
+                sums[layer] += clean.act_mean[layer] * n_scope
+            n += n_scope
+        if n == 0:
+            raise IPGError("no token is in the attribution scope, so there is no mean activation to start the path at")
+        return {layer: s / n for layer, s in sums.items()}
 
     # -- one group -----------------------------------------------------------------------
 
@@ -282,6 +322,8 @@ class IPGEngine:
                 dense[j].index_add_(0, idx[j].flatten().cpu(), grad[j].flatten().cpu())
                 if j in maps:
                     maps[j][layer] = grad[j].cpu()
+            if layer in grads.origin:
+                dense += grads.origin[layer][n].cpu()
             latent[layer] = dense
         error = {layer: grads.error[layer][n].cpu() for layer in grads.error}
         total = sum(d.sum(1) for d in latent.values()) + sum(error.values())  # dF/dalpha of each row
@@ -332,6 +374,9 @@ class IPGEngine:
                 result.per_traj[layer][g].index_add_(0, idx[j].flatten().cpu(), per_row[j].flatten().cpu())
                 if g in maps:
                     maps[g][layer] += per_row[j].cpu()
+            if layer in grads.origin:
+                og = grads.origin[layer]
+                result.per_traj[layer][rows] += (og * w.to(og.device)[:, None, None]).sum(0).cpu()
             if self.cfg.error_node:
                 eg = grads.error[layer]
                 result.error[layer][rows] += (eg * w.to(eg.device)[:, None]).sum(0).cpu()
@@ -396,7 +441,8 @@ class IPGEngine:
                 h.remove()
         clean = CleanPass(batch=batch, x_min=residuals[self.l_min], tuple_blocks=tuple_out[self.l_min],
                           logp=self._seq_logprobs(hidden, batch.targets, batch.score_mask),
-                          idx={}, val={}, recon={}, active={}, act_mean={}, contexts={}, variance={})
+                          idx={}, val={}, recon={}, active={}, act_mean={}, contexts={}, variance={},
+                          origin=self.origin)
         scope = batch.scope
         n_scope = scope.sum().clamp(min=1)
         for layer, sae in self.saes.items():
@@ -445,7 +491,8 @@ class IPGEngine:
                   for layer in self.layers}
         error = ({layer: leaves[f"err{layer}"].grad.double().view(n_rep, len(rows)) for layer in self.layers}
                  if self.cfg.error_node else {})
-        return NodeGrads(rows=list(rows), latent=latent, error=error, logp=logp.detach())
+        origin = {layer: leaves[f"origin{layer}"].grad.double().view(n_rep, len(rows), -1) for layer in clean.origin}
+        return NodeGrads(rows=list(rows), latent=latent, error=error, logp=logp.detach(), origin=origin)
 
     def _importance(self, logp_k: torch.Tensor, logp_1: torch.Tensor) -> torch.Tensor:
         """Self-normalized weights exp(logp_k - logp_1) per group, mean 1, clipped."""
@@ -469,13 +516,17 @@ class IPGEngine:
             val = clean.val[layer][sel].repeat(n_rep, 1, 1).to(self.param.dtype)
             s = alpha_rows[:, None, None].expand_as(val).clone().requires_grad_(requires_grad)
             leaves[layer] = s
-            err = recon = scope = None
+            err = recon = origin = None
+            scope = clean.batch.scope[sel].repeat(n_rep, 1)[..., None]
             if self.cfg.error_node:
                 err = alpha_rows.clone().requires_grad_(requires_grad)
                 leaves[f"err{layer}"] = err
                 recon = clean.recon[layer][sel].repeat(n_rep, 1, 1)
-                scope = clean.batch.scope[sel].repeat(n_rep, 1)[..., None]
-            splices[layer] = _FrozenSplice(self.w_dec[layer], idx, val, s, err, recon, scope)
+            if layer in clean.origin:
+                gate = alpha_rows[:, None].expand(-1, self.w_dec[layer].shape[0]).clone().requires_grad_(requires_grad)
+                leaves[f"origin{layer}"] = gate
+                origin = (clean.origin[layer].to(self.param.dtype), gate)
+            splices[layer] = _FrozenSplice(self.w_dec[layer], idx, val, s, err, recon, scope, origin)
         originals = {i: self.blocks[i] for i in range(self.l_min + 1)}
         handles = []
         try:
@@ -580,15 +631,18 @@ class _TargetLogProb(torch.autograd.Function):
 
 
 class _FrozenSplice:
-    """``x' = x + sum_j (s_tj - 1) val_tj W_dec[idx_tj]  (+ (e - 1) eps)`` with clean latents.
+    """``x' = x + sum_j (s_tj - 1) val_tj W_dec[idx_tj]  (+ (e - 1) eps)  (- ((o - 1) * b) @ W_dec)`` with clean
+    latents.
 
     ``eps = x - dec(f)`` uses the current pass's ``x`` and the frozen reconstruction, so at
-    ``c = 0, e = 0`` only ``b_dec`` is left, at every layer of the path.
+    ``c = 0, e = 0`` only ``b_dec`` is left, at every layer of the path. With a path origin
+    ``b`` (``origin = (b, o)``, ``o`` the dense gate ``[rows, d_sae]``), every in-scope position
+    also gets ``-((o - 1) * b) @ W_dec``: at ``c = 0`` each latent sits at ``b_i`` instead of 0.
     """
 
-    def __init__(self, w_dec, idx, val, s, err=None, recon=None, scope=None):
+    def __init__(self, w_dec, idx, val, s, err=None, recon=None, scope=None, origin=None):
         self.w_dec, self.idx, self.val, self.s = w_dec, idx, val, s
-        self.err, self.recon, self.scope = err, recon, scope
+        self.err, self.recon, self.scope, self.origin = err, recon, scope, origin
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         B, T, K = self.idx.shape
@@ -599,6 +653,10 @@ class _FrozenSplice:
         if self.err is not None:
             eps = (x - self.recon.to(x.dtype)) * self.scope.to(x.dtype)
             out = out + (self.err - 1.0).to(x.dtype)[:, None, None] * eps
+        if self.origin is not None:
+            b, o = self.origin
+            shift = -((o - 1.0) * b.to(o.dtype)) @ self.w_dec.to(o.dtype)  # [rows, d]
+            out = out + shift.to(x.dtype)[:, None, :] * self.scope.to(x.dtype)
         return out
 
     def hook(self, _module, _inputs, output):

@@ -109,6 +109,8 @@ class AttributionResult:
       over prompts for gradient methods, mean activation for ``act``, ReasonScore, or the random
       draw), and the top activating contexts ``L{l}.ctx.value|traj|pos [d_sae, m]`` (value -1
       and index -1 where a latent has fewer than ``m`` activations);
+    * with a path origin other than zero (``attribution.path_origin``): ``L{l}.origin [d_sae]``
+      float64, where each latent's path started (:attr:`origin`);
     * per-token maps for the trajectories in ``meta["token_map_ids"]``: ``map.{i}.tokens [T]``,
       ``map.{i}.L{l}.latents [T, K]`` (the active latents at each position),
       ``map.{i}.L{l}.activation [T, K]`` (their activations, zero out of scope) and
@@ -150,6 +152,12 @@ class AttributionResult:
     @property
     def score(self) -> dict[int, torch.Tensor]:
         return self._per_layer("score")
+
+    @property
+    def origin(self) -> dict[int, torch.Tensor]:
+        """Per layer, where the path started ``[d_sae]`` (zeros when it started at zero)."""
+        return {layer: self.tensors.get(layer_key(layer, "origin"), torch.zeros(self.d_sae[layer], dtype=torch.float64))
+                for layer in self.layers}
 
     @property
     def active(self) -> dict[int, torch.Tensor]:

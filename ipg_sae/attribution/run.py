@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..digest import FORMAT_VERSION, module_digest
+from ..digest import FORMAT_VERSION, key_dict, module_digest
 from ..errors import IPGError
 from ..models import model_fingerprint, vocab_size
 from ..trajectories import Trajectory, check_rewards, check_same_model, group_by_prompt
@@ -88,6 +88,7 @@ def attribute(
     sae_sources: dict | None = None,
     delta_tol: float | None = None,
     max_nodes: int = 33,
+    path_origin: str = "zero",
 ):
     """Attribute the rewards of ``trajectories`` to the latents of ``saes`` with IPG (or a baseline).
 
@@ -107,7 +108,7 @@ def attribute(
         gradient_checkpointing: recompute blocks in the backward (long trajectories).
         token_maps: trajectory ids whose per-token attributions are kept (["*"]: every trajectory).
         baseline: ``None``/``"ipg"`` or one of ``act``, ``reason_words``, ``grad_x_act``,
-            ``ig_likelihood``, ``random`` (:mod:`ipg_sae.attribution.baselines`).
+            ``ig_likelihood``, ``ipg_local``, ``random`` (:mod:`ipg_sae.attribution.baselines`).
         checkpoint_path: save the accumulators there every ``checkpoint_every`` prompts; an
             identical call resumes from them.
         progress: show a progress bar.
@@ -121,6 +122,8 @@ def attribute(
             gap is until every trajectory's relative gap is at most ``delta_tol``.
         max_nodes: the adaptive budget of nodes per prompt; prompts that reach it are reported
             (``result.meta["summary"]["budget_hit"]``).
+        path_origin: where the path starts: ``zero``, ``mean`` (each latent's mean activation over
+            the attributed tokens) or a safetensors file of ``L<layer>`` tensors ``[d_sae]``.
 
     Returns:
         An :class:`~ipg_sae.attribution.AttributionResult`, or ``(result, result.delta)`` with
@@ -134,6 +137,7 @@ def attribute(
         checkpoint_every=checkpoint_every, seed=seed,
         reason_words=list(REASON_WORDS if reason_words is None else reason_words),
         reason_window=list(reason_window), reason_alpha=reason_alpha, delta_tol=delta_tol, max_nodes=max_nodes,
+        path_origin=path_origin,
     )
     result = run_attribution(model, saes, trajectories, cfg, checkpoint_path=checkpoint_path, progress=progress,
                              callback=callback, tokenizer=tokenizer, fingerprint=fingerprint, out_dir=out_dir,
@@ -161,6 +165,8 @@ def run_attribution(model: nn.Module, saes, trajectories: list[Trajectory], cfg:
         _check_something_to_attribute(groups, quad.advantage)
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     engine = IPGEngine(model, saes, cfg, pad_id=pad_id or 0)
+    if cfg.is_gradient_method:
+        engine.set_origin(origin_values(cfg, engine, list(groups.values()), progress))
     layers = engine.layers
     d_sae = {layer: int(engine.saes[layer].cfg.d_sae) for layer in layers}
     prompt_ids = list(groups)
@@ -240,6 +246,32 @@ def run_attribution(model: nn.Module, saes, trajectories: list[Trajectory], cfg:
     return AttributionResult.load(out_dir)
 
 
+def origin_values(cfg: AttributionConfig, engine: IPGEngine, groups: list[list[Trajectory]],
+                  progress: bool = False) -> dict[int, torch.Tensor] | None:
+    """Where the path starts, per layer ``[d_sae]``: None at ``zero``; the mean activation over the attributed
+    tokens at ``mean``; a file's ``L<layer>`` tensors otherwise."""
+    if cfg.path_origin == "zero":
+        return None
+    if cfg.path_origin == "mean":
+        return engine.mean_activation(groups, progress=progress and distributed.is_main())
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(cfg.path_origin)
+    if not path.is_file():
+        raise IPGError(f"attribution.path_origin names {path}, which does not exist; give zero, mean or a safetensors "
+                       "file with one [d_sae] tensor per layer named L<layer>")
+    try:
+        values = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise IPGError(f"attribution.path_origin: {path} is not a readable safetensors file ({e})") from None
+    missing = [layer for layer in engine.layers if f"L{layer}" not in values]
+    if missing:
+        raise IPGError(f"attribution.path_origin: {path} has no tensor L{missing[0]} (it has {sorted(values)}); give "
+                       "one [d_sae] tensor per attributed layer")
+    return {layer: values[f"L{layer}"].double() for layer in engine.layers}
+
+
 def _check_inputs(trajectories: list[Trajectory], cfg: AttributionConfig, tokenizer, vocab: int) -> None:
     if not trajectories:
         raise IPGError("no trajectories to attribute; sample some first (`ipg-sae sample`) or fix the path")
@@ -317,6 +349,8 @@ def _finish(parts: list[Accumulator], cfg: AttributionConfig, engine: IPGEngine,
     result = AttributionResult(cfg.baseline, layers, d_sae, list(prompt_ids), list(traj_ids), tensors, meta)
     for layer, score in baselines.final_scores(result, cfg).items():
         tensors[layer_key(layer, "score")] = score
+    for layer, origin in engine.origin.items():
+        tensors[layer_key(layer, "origin")] = origin.cpu()
     result.meta["summary"] = _summary(result, run_meta)
     for layer, ev in result.explained_variance.items():
         log.info("the SAE at layer %d explains %.3f of the residual variance on these trajectories", layer, ev)
@@ -390,13 +424,15 @@ def _progress_bar(total: int, initial: int, enabled: bool, method_name: str):
 def _signature(cfg: AttributionConfig, engine: IPGEngine, ordered: list[Trajectory], rank: int, world: int) -> str:
     """A hash of everything that determines the result: a checkpoint resumes only the same call."""
     h = hashlib.sha256()
-    conf = dataclasses.asdict(cfg)
+    conf = key_dict(cfg)
     conf.pop("checkpoint_every")
     h.update(json.dumps([FORMAT_VERSION, conf], sort_keys=True).encode())
     h.update(json.dumps([rank, world, engine.model.config.to_json_string(use_diff=False)]).encode())
     h.update(module_digest(engine.model).encode())  # every weight, bit for bit
     for layer in engine.layers:
         h.update(json.dumps([layer, module_digest(engine.saes[layer])]).encode())
+    for layer, origin in sorted(engine.origin.items()):  # the path's start (absent at zero: keys as before)
+        h.update(json.dumps(["origin", layer]).encode() + origin.cpu().numpy().tobytes())
     for t in ordered:
         h.update(json.dumps([t.id, t.prompt_id, t.sample_index, float(t.reward), t.prompt_ids, t.completion_ids]).encode())
     return h.hexdigest()
