@@ -183,6 +183,22 @@ def _paths_run():
     return run
 
 
+def _bench_cfg():
+    from .steering_bench import SteeringBenchConfig
+
+    return SteeringBenchConfig
+
+
+def _bench_run():
+    from .steering_bench import run_bench
+
+    def run(cfg):
+        results = run_bench(cfg)
+        print(results["report"]["answer"])
+        print(f"report: {results['report']['report']}")
+    return run
+
+
 COMMANDS: dict[str, Command] = {
     "sample": ("sample completions of a task and score them", _sample_cfg, _sample_run),
     "train-sae": ("train SAEs on a model's residual stream", _train_cfg, _train_run),
@@ -193,6 +209,8 @@ COMMANDS: dict[str, Command] = {
               _study_cfg, _study_run),
     "paths": ("where IPG's path starts: zero vs mean origin, integrated vs local, against single-latent removals",
               _paths_cfg, _paths_run),
+    "steering-bench": ("steering that helps? IPG-based recipes vs DiffMean, prompting and the baselines, on-policy",
+                       _bench_cfg, _bench_run),
     "explore": ("write a static page showing what each latent is and how it moves the outcome",
                 _explore_cfg, _explore_run),
     "export": ("copy an SAE for TransformerLens / sae-lens's SAETransformerBridge and check it loads exactly",

@@ -79,9 +79,11 @@ def test_every_shipped_config_loads():
     from ipg_sae.pipeline import PipelineConfig
     from sae_training.config import TrainSAEConfig
 
+    from ipg_sae.paths import PathsConfig
+    from ipg_sae.steering_bench import SteeringBenchConfig
     from ipg_sae.study import StudyConfig
 
-    kinds = {"sample_": SampleJobConfig, "attribute_": AttributeJobConfig, "evaluate_": EvaluateJobConfig,
+    kinds = {"paths_": PathsConfig, "steering_bench_": SteeringBenchConfig,"sample_": SampleJobConfig, "attribute_": AttributeJobConfig, "evaluate_": EvaluateJobConfig,
              "sae_": TrainSAEConfig, "demo": PipelineConfig, "quickstart": PipelineConfig, "pipeline_": PipelineConfig,
              "study_": StudyConfig}
     loaded = 0

@@ -1,0 +1,595 @@
+r"""Steering that helps? IPG-based recipes against the tools practitioners already use, on one footing.
+
+Every method steers through :func:`ipg_sae.steering.steer` (or, for prompting, a system prompt):
+
+* ``ipg_topk``: IPG's top ``k`` scaled by ``gamma`` (the method's own control);
+* ``ipg_step``: every scored latent scaled by ``1 + eta * score / max|score|`` (:func:`vectors.ipg_weighted_step`);
+* ``act``, ``grad_x_act``, ``reason_words``, ``ig_likelihood``: each baseline's top ``k`` scaled by ``gamma``;
+* ``diffmean``: the advantage-weighted mean residual (:func:`vectors.diffmean`), its unit direction added at
+  generated positions with coefficient ``alpha * mean residual norm``;
+* ``diffmean_projected``: DiffMean's least-squares part in the span of IPG's top ``k`` decoder rows
+  (:func:`vectors.project_on_latents`), added like DiffMean (scaled by DiffMean's norm, so a projection that
+  carries little of DiffMean pushes little);
+* ``prompting``: an instruction as the system prompt;
+* nulls, not tuned but mirroring a chosen recipe: ``random_direction`` (a random unit direction at DiffMean's
+  chosen coefficient) and ``random_latents`` (a random set matched to IPG's chosen set in activation frequency,
+  at its gamma).
+
+Protocol (``docs/steering/``): the attribution problems, **dev**, **test** and **transfer** splits are disjoint
+(:func:`ipg_sae.splits.disjoint_splits`, checked before any work). Each method gets at most
+``grid.max_settings`` settings, each scored on dev: off-policy on unsteered dev samples
+(:mod:`ipg_sae.faithfulness`) when the setting's mean ESS is at least ``min_ess`` of ``G``, else on-policy.
+Each method's best dev setting (the largest effect on the reward: accuracy for ``correctness``) alone is then sampled **on-policy** on test and on
+every transfer split, ``eval_seeds`` x ``eval_sampling.n_samples`` per problem, paired by problem and seed with
+the unsteered run; and its capability cost measured on neutral text (:mod:`ipg_sae.capability`). Test and
+transfer never influence a choice (``tune`` reads dev only).
+
+Stages (resumable; every sampled or scored setting is a cell of :class:`ipg_sae.cells.CellStore`): ``sample``,
+``sae``, ``attribute`` (or ``attribution_dir``: an existing attribution run), ``diffmean``, ``dev``, ``tune``,
+``evaluate``, ``capability``, ``report``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .attribution import AttributionConfig, AttributionResult
+from .cells import LOGPROBS, TRAJECTORIES, CellStore, Inputs, samples_digest
+from .config import JobConfig, dump_yaml
+from .errors import IPGError
+from .evaluation import EvalConfig, degenerate_flags
+from .faithfulness import TrajectoryScorer, estimate
+from .io import read_json, run_lock, write_json, write_text
+from .jobs import AttributeJobConfig, SelectionConfig, method_dir, run_attribute
+from .models import load_model
+from .nulls import LatentPool, draw_sets
+from .rewards import get_reward
+from .sampling import SamplingConfig, check_fits_context, eos_ids, sample
+from .saes import as_layer_dict, load_saes
+from .selection import select
+from .splits import disjoint_splits
+from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_stages, sae_specs
+from .stats import bootstrap
+from .steering import Intervention, VectorIntervention, add_vector, scale, steering
+from .steering_bench_report import IPG_BASED, PRACTICE
+from .study import reward_dir, sample_stage
+from .tasks import TaskConfig, build_prompts, load_problems
+from .trajectories import Trajectory, load_trajectories, prompt_groups, save_trajectories
+from .vectors import diffmean, ipg_weighted_step, project_on_latents
+
+log = logging.getLogger(__name__)
+
+LATENT_METHODS = ("ipg_topk", "act", "grad_x_act", "reason_words", "ig_likelihood")  # top k x gamma
+METHODS = (*LATENT_METHODS, "ipg_step", "diffmean", "diffmean_projected", "prompting")
+NULL_RECIPES = ("random_direction", "random_latents")
+SOURCE = {"ipg_topk": "ipg", "ipg_step": "ipg"}  # the attribution each latent method ranks by
+
+
+@dataclass
+class BenchGrid:
+    """The settings each method may try (at most ``max_settings`` each)."""
+
+    ks: list[int] = field(default_factory=lambda: [4, 16, 64])
+    gammas: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0, 4.0])
+    etas: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0])
+    alphas: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32,
+                                                         0.48, 0.64, 0.96])
+    projected_ks: list[int] = field(default_factory=lambda: [16, 64])
+    projected_alphas: list[float] = field(default_factory=lambda: [0.04, 0.08, 0.16, 0.32, 0.64, 1.28])
+    instructions: list[str] = field(default_factory=lambda: [
+        "Solve the problem step by step, then give the final answer as a number.",
+        "Think carefully. Check your arithmetic before you give the final answer.",
+        "Read the question, write the one calculation it needs, and state the result.",
+        "You are a careful math tutor. Show the calculation and end with 'The answer is N.'"])
+    max_settings: int = 12
+
+
+@dataclass
+class SteeringBenchConfig(JobConfig):
+    name: str = "steering_bench"
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=112))  # the problems attributed on
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_samples=4, temperature=0.5,
+                                                                            max_new_tokens=96, batch_size=32))
+    attribute_prompts: int = 60
+    attribution_dir: str | None = None  # an existing attribution run of these problems (ipg + baselines/) to reuse
+    sae: SAESourceConfig = field(default_factory=SAESourceConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    reward: str = "correctness"
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    nulls: list[str] = field(default_factory=lambda: list(NULL_RECIPES))
+    grid: BenchGrid = field(default_factory=BenchGrid)
+    dev: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=50, offset=2000))
+    dev_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        n_samples=8, temperature=0.5, max_new_tokens=96, batch_size=32))
+    dev_on_policy_samples: int = 4  # per dev problem, for settings whose off-policy ESS is below min_ess
+    min_ess: float = 0.5  # the ESS floor (fraction of G) for scoring a setting off-policy on dev
+    test: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=100, offset=3000))
+    transfer: list[TaskConfig] = field(default_factory=lambda: [TaskConfig(level=2, n_problems=100, offset=3000)])
+    eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        n_samples=4, temperature=0.5, max_new_tokens=96, batch_size=32))
+    eval_seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # x eval_sampling.n_samples per problem
+    capability_task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=8, offset=20000))
+    capability_levels: list[int] = field(default_factory=lambda: [1, 2, 3])  # held-out documents of the SAE corpus
+    capability_max_tokens: int = 256
+    n_bootstrap: int = 2000
+    seed: int = 0
+    problems_per_batch: int = 8
+
+    @property
+    def rewards(self) -> list[str]:  # what the shared sampling stage scores with
+        return [self.reward]
+
+    def validate(self) -> None:
+        super().validate()
+        self.sae.validate()
+        get_reward(self.reward)
+        unknown = [m for m in self.methods if m not in METHODS] + [n for n in self.nulls if n not in NULL_RECIPES]
+        if unknown:
+            raise IPGError(f"steering_bench lists {unknown[0]!r}; methods are {', '.join(METHODS)} and nulls "
+                           f"{', '.join(NULL_RECIPES)}")
+        if "random_latents" in self.nulls and "ipg_topk" not in self.methods:
+            raise IPGError("the random_latents null mirrors ipg_topk's chosen set: add ipg_topk to methods")
+        if "random_direction" in self.nulls and "diffmean" not in self.methods:
+            raise IPGError("the random_direction null mirrors diffmean's chosen coefficient: add diffmean to methods")
+        for name, n in _grid_sizes(self.grid).items():
+            if name in self.methods and not 1 <= n <= self.grid.max_settings:
+                raise IPGError(f"steering_bench.grid gives {name} {n} settings; every method gets 1 to "
+                               f"grid.max_settings ({self.grid.max_settings}): shorten its lists")
+        if self.dev_sampling.temperature <= 0 or self.dev_sampling.top_p != 1:
+            raise IPGError("steering_bench.dev_sampling needs temperature > 0 and top_p 1 (importance weights need a "
+                           "sampler with full support)")
+        if not self.eval_seeds or len(set(self.eval_seeds)) != len(self.eval_seeds):
+            raise IPGError("steering_bench.eval_seeds must list at least one seed, each once")
+        if not self.transfer:
+            raise IPGError("steering_bench.transfer must list at least one task (another task family)")
+
+
+def _grid_sizes(grid: BenchGrid) -> dict[str, int]:
+    topk = len(grid.ks) * len(grid.gammas)
+    return {**{m: topk for m in LATENT_METHODS}, "ipg_step": len(grid.etas), "diffmean": len(grid.alphas),
+            "diffmean_projected": len(grid.projected_ks) * len(grid.projected_alphas),
+            "prompting": len(grid.instructions)}
+
+
+def splits(cfg: SteeringBenchConfig) -> dict[str, TaskConfig]:
+    """Every split by name: attribution, dev, test, transfer-1.. (checked disjoint before any work)."""
+    out = {"attribution": cfg.task, "dev": cfg.dev, "test": cfg.test}
+    out.update({f"transfer-{i + 1}": t for i, t in enumerate(cfg.transfer)})
+    return out
+
+
+# ---- recipes ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Recipe:
+    """One method at one setting: the interventions it steers with and/or the system prompt it uses."""
+
+    method: str
+    setting: dict
+    interventions: list = field(default_factory=list)
+    system_prompt: str | None = None
+    scope: str = "all"  # positions steered: all (the IPG control) or generated (DiffMean)
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k}={v if not isinstance(v, str) else _short(v)}" for k, v in self.setting.items()]
+        return f"{self.method} " + ",".join(parts) if parts else self.method
+
+    def key(self) -> dict:
+        """What the recipe's samples and scores depend on (vectors by digest)."""
+        return {"method": self.method, "setting": self.setting, "system_prompt": self.system_prompt,
+                "scope": self.scope, "interventions": [_describe(iv) for iv in self.interventions]}
+
+
+UNSTEERED = Recipe("unsteered", {})
+
+
+def _short(text: str, n: int = 24) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def _describe(iv) -> list:
+    if isinstance(iv, VectorIntervention):
+        digest = hashlib.sha256(iv.vector.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+        return ["vector", iv.layer, digest, iv.coef, iv.start]
+    return [iv.layer, iv.latent, iv.kind, iv.value, iv.start]
+
+
+@dataclass
+class Ingredients:
+    """What recipes are built from: each method's attribution, the DiffMean vector, the SAEs."""
+
+    results: dict[str, AttributionResult]
+    vector: torch.Tensor
+    layer: int
+    residual_norm: float
+    saes: dict
+
+
+def _vector_recipe(method: str, setting: dict, direction: torch.Tensor, coef: float, layer: int) -> Recipe:
+    return Recipe(method, setting, [add_vector(layer, direction, coef)], scope="generated")
+
+
+def recipes(cfg: SteeringBenchConfig, method: str, ing: Ingredients) -> list[Recipe]:
+    """Every setting ``method`` may try (the grid; at most ``grid.max_settings``)."""
+    g = cfg.grid
+    if method in LATENT_METHODS:
+        result = ing.results[SOURCE.get(method, method)]
+        return [Recipe(method, {"k": k, "gamma": gamma}, scale(select(result, k), gamma))
+                for k in g.ks for gamma in g.gammas]
+    if method == "ipg_step":
+        return [Recipe(method, {"eta": eta}, ipg_weighted_step(ing.results["ipg"], eta)) for eta in g.etas]
+    norm = float(ing.vector.norm())
+    if method == "diffmean":
+        return [_vector_recipe(method, {"alpha": a}, ing.vector / norm, a * ing.residual_norm, ing.layer)
+                for a in g.alphas]
+    if method == "diffmean_projected":
+        out = []
+        sae = ing.saes[ing.layer]
+        for k in g.projected_ks:
+            latents = [i for layer, i in select(ing.results["ipg"], k) if layer == ing.layer]
+            projected = project_on_latents(ing.vector, sae, latents).vector
+            out += [_vector_recipe(method, {"k": k, "alpha": a}, projected / norm, a * ing.residual_norm, ing.layer)
+                    for a in g.projected_alphas]
+        return out
+    if method == "prompting":
+        return [Recipe(method, {"instruction": text}, system_prompt=text) for text in g.instructions]
+    raise IPGError(f"unknown steering method {method!r}")
+
+
+def null_recipes(cfg: SteeringBenchConfig, chosen: dict[str, Recipe], ing: Ingredients, pool: LatentPool) -> list[Recipe]:
+    """The nulls, each mirroring a chosen recipe (same size of push, no selection)."""
+    out = []
+    if "random_direction" in cfg.nulls:
+        dm = chosen["diffmean"]
+        gen = torch.Generator().manual_seed(cfg.seed)
+        direction = torch.randn(ing.vector.shape, generator=gen)
+        out.append(_vector_recipe("random_direction", dict(dm.setting), direction / direction.norm(),
+                                  dm.interventions[0].coef, ing.layer))
+    if "random_latents" in cfg.nulls:
+        top = chosen["ipg_topk"]
+        template = [(iv.layer, iv.latent) for iv in top.interventions]
+        draw = draw_sets("frequency", template, 1, cfg.seed, pool)[0]
+        out.append(Recipe("random_latents", dict(top.setting), scale(draw, top.setting["gamma"])))
+    return out
+
+
+# ---- stages -------------------------------------------------------------------------------------
+
+
+def _attribution_root(cfg: SteeringBenchConfig) -> Path:
+    return Path(cfg.attribution_dir) if cfg.attribution_dir else reward_dir(cfg, cfg.reward)
+
+
+def _baselines(cfg: SteeringBenchConfig) -> list[str]:
+    return [m for m in LATENT_METHODS if m in cfg.methods and m != "ipg_topk"]
+
+
+def _attribution_files(cfg: SteeringBenchConfig) -> list[Path]:
+    from .tracking import attribution_files
+
+    root = _attribution_root(cfg)
+    return [f for m in ["ipg", *_baselines(cfg)] for f in attribution_files(method_dir(root, m))]
+
+
+def _run_attribute(cfg: SteeringBenchConfig) -> dict:
+    if cfg.attribution_dir:
+        missing = [m for m in ["ipg", *_baselines(cfg)] if not (method_dir(_attribution_root(cfg), m)
+                                                              / "attribution.json").is_file()]
+        if missing:
+            raise IPGError(f"steering_bench.attribution_dir {cfg.attribution_dir} has no {missing[0]} attribution; "
+                           "run those baselines there or leave attribution_dir empty to attribute here")
+        return {"reused": cfg.attribution_dir}
+    job = AttributeJobConfig(name=cfg.reward, runs_dir=str(cfg.run_dir), model=cfg.model, saes=sae_specs(cfg),
+                             attribution=cfg.attribution, baselines=_baselines(cfg),
+                             selection=SelectionConfig(k=max(cfg.grid.ks), n_bootstrap=0), wandb=cfg.wandb)
+    return {m: s["selection"][:8] for m, s in run_attribute(job, group=cfg.name).items()}
+
+
+def _sample_attribution(cfg: SteeringBenchConfig) -> dict:
+    if cfg.attribution_dir:
+        return {"reused": cfg.attribution_dir}
+    return sample_stage(cfg, cfg.task, cfg.sampling, "trajectories.jsonl", cfg.attribute_prompts)
+
+
+def _bench(cfg: SteeringBenchConfig) -> Path:
+    return cfg.run_dir / "bench"
+
+
+def _diffmean_stage(cfg: SteeringBenchConfig) -> dict:
+    from safetensors.torch import save_file
+
+    model, _ = load_model(cfg.model)
+    layers = sorted(as_layer_dict(load_saes(sae_specs(cfg), model)))
+    trajectories = load_trajectories(_attribution_root(cfg) / "trajectories.jsonl")
+    dm = diffmean(model, trajectories, layers[0])
+    path = _bench(cfg) / "diffmean.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"vector": dm.vector.contiguous()}, str(path),
+              metadata={"layer": str(dm.layer), "residual_norm": repr(dm.residual_norm)})
+    return {"layer": dm.layer, "norm": float(dm.vector.norm()), "residual_norm": dm.residual_norm}
+
+
+def _dev_stage(cfg: SteeringBenchConfig) -> dict:
+    model, tokenizer = load_model(cfg.model)
+    problems = disjoint_splits(splits(cfg))["dev"]
+    out = sample(model, tokenizer, problems, build_prompts(tokenizer, problems, cfg.dev), cfg.dev_sampling, cfg.reward,
+                 desc="dev (unsteered)")
+    save_trajectories(_bench(cfg) / "dev.jsonl", out)
+    return {"problems": len(problems), "accuracy": float(np.mean([t.correct for t in out]))}
+
+
+STAGES = [
+    Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, c.reward, c.attribute_prompts,
+                               c.attribution_dir), _sample_attribution,
+          outputs=lambda c: [_attribution_root(c) / "trajectories.jsonl"]),
+    SAE_STAGE,
+    Stage("attribute", lambda c: (c.attribution, c.methods, c.grid.ks, c.attribution_dir), _run_attribute,
+          outputs=_attribution_files),
+    Stage("diffmean", lambda c: (), _diffmean_stage, outputs=lambda c: [_bench(c) / "diffmean.safetensors"]),
+    Stage("dev", lambda c: (c.dev, c.dev_sampling, c.reward), _dev_stage, outputs=lambda c: [_bench(c) / "dev.jsonl"]),
+    Stage("tune", lambda c: (c.methods, c.grid, c.min_ess, c.dev_on_policy_samples), lambda c: tune(c),
+          outputs=lambda c: [_bench(c) / "tuning.json"]),
+    Stage("evaluate", lambda c: (c.test, c.transfer, c.eval_sampling, c.eval_seeds, c.nulls, c.seed),
+          lambda c: evaluate_chosen(c), outputs=lambda c: [_bench(c) / "evaluation.json"]),
+    Stage("capability", lambda c: (c.capability_task, c.capability_levels, c.capability_max_tokens),
+          lambda c: capability(c), outputs=lambda c: [_bench(c) / "capability.json"]),
+    Stage("report", lambda c: (c.n_bootstrap,), lambda c: report(c),
+          outputs=lambda c: [_bench(c) / f for f in ("report.md", "leaderboard.json")]),
+]
+
+
+def run_bench(cfg: SteeringBenchConfig) -> dict:
+    """Run (or resume) every stage of the steering benchmark; return each stage's summary."""
+    disjoint_splits(splits(cfg))  # before any work: no problem in two splits
+    check_fits_context(cfg.model, [(t, s.max_new_tokens, "max_new_tokens") for t, s in
+                                   [(cfg.task, cfg.sampling), (cfg.dev, cfg.dev_sampling), (cfg.test, cfg.eval_sampling),
+                                    *[(t, cfg.eval_sampling) for t in cfg.transfer]]])
+    with run_lock(cfg.run_dir):
+        write_text(cfg.run_dir / "steering_bench_config.yaml", dump_yaml(cfg))
+        return run_stages(cfg, STAGES)
+
+
+# ---- the work -------------------------------------------------------------------------------------
+
+
+class Bench:
+    """The model, the SAEs, the recipes' ingredients and the cell store, loaded once per stage."""
+
+    def __init__(self, cfg: SteeringBenchConfig):
+        from safetensors import safe_open
+
+        self.cfg = cfg
+        self.model, self.tokenizer = load_model(cfg.model)
+        self.saes = as_layer_dict(load_saes(sae_specs(cfg), self.model))
+        self.inputs = Inputs.of(self.model, self.saes)
+        self.store = CellStore(_bench(cfg) / "cells")
+        self.reward = get_reward(cfg.reward)
+        root = _attribution_root(cfg)
+        results = {m: AttributionResult.load(method_dir(root, m)) for m in ["ipg", *_baselines(cfg)]}
+        with safe_open(str(_bench(cfg) / "diffmean.safetensors"), "pt") as f:
+            meta = f.metadata()
+            vector = f.get_tensor("vector")
+        self.ing = Ingredients(results, vector, int(meta["layer"]), float(meta["residual_norm"]), self.saes)
+        self.stops = eos_ids(self.model, self.tokenizer)
+        self._scorers: dict[str, TrajectoryScorer] = {}
+
+    def scorer(self, samples: list[Trajectory], scope: str) -> TrajectoryScorer:
+        if scope not in self._scorers:
+            self._scorers[scope] = TrajectoryScorer(self.model, samples, self.cfg.dev_sampling.temperature,
+                                                    saes=self.saes, problems_per_batch=self.cfg.problems_per_batch,
+                                                    scope=scope)
+        return self._scorers[scope]
+
+    def logprobs(self, recipe: Recipe, samples: list[Trajectory]) -> torch.Tensor:
+        """Every dev sample's log-probability under ``recipe`` (off-policy cell)."""
+        key = {"estimator": "importance", "samples": samples_digest(samples), "recipe": recipe.key(),
+               "temperature": self.cfg.dev_sampling.temperature, **self._weights(recipe)}
+        compute = lambda: self.scorer(samples, recipe.scope).logprobs(recipe.interventions)  # noqa: E731
+        return self.store.fetch(f"logp_{_slug(recipe.label)}", key, compute, LOGPROBS, name=recipe.label)
+
+    def sampled(self, recipe: Recipe, split: str, task: TaskConfig, sampling: SamplingConfig) -> list[Trajectory]:
+        """``recipe``'s on-policy samples of a split (cell)."""
+        problems = load_problems(task)
+        prompt_task = dataclasses.replace(task, system_prompt=recipe.system_prompt) if recipe.system_prompt else task
+        prompts = build_prompts(self.tokenizer, problems, prompt_task)
+        key = {"estimator": "sampling", "split": split, "task": dataclasses.asdict(task), "recipe": recipe.key(),
+               "sampling": dataclasses.asdict(sampling), "reward": self.reward.identity,
+               "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16], **self._weights(recipe)}
+
+        def compute() -> list[Trajectory]:
+            intervention = (steering(self.model, self.saes, recipe.interventions, scope=recipe.scope)
+                            if recipe.interventions else None)
+            return sample(self.model, self.tokenizer, problems, prompts, sampling, self.reward,
+                          intervention=intervention, desc=f"{split}: {recipe.label} (seed {sampling.seed})")
+
+        label = f"{split}_{_slug(recipe.label)}_s{sampling.seed}"
+        return self.store.fetch(label, key, compute, TRAJECTORIES, name=label)
+
+    def _weights(self, recipe: Recipe) -> dict:
+        latents = [(iv.layer, iv.latent) for iv in recipe.interventions if isinstance(iv, Intervention)]
+        return self.inputs.steered(latents)
+
+    def outcomes(self, trajectories: list[Trajectory]) -> dict[str, dict[str, list[float]]]:
+        """Per problem (in order of first appearance): mean accuracy, length, parse and degenerate rates."""
+        flags = [degenerate_flags(t, EvalConfig(), self.stops) for t in trajectories]
+        ids, groups = prompt_groups([t.prompt_id for t in trajectories])
+        metric = {"reward": [float(t.reward) for t in trajectories], "accuracy": [float(t.correct) for t in trajectories],
+                  "length": [float(len(t.completion_ids)) for t in trajectories],
+                  "parse_failure": [1.0 - f["parsed"] for f in flags], "degenerate": [float(f["degenerate"]) for f in flags]}
+        return {"problems": ids, **{m: [float(np.mean([v[i] for i in g])) for g in groups] for m, v in metric.items()}}
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.=,-]", "_", text)[:60] + "_" + hashlib.sha1(text.encode()).hexdigest()[:6]
+
+
+def tune(cfg: SteeringBenchConfig, progress: bool = True) -> dict:
+    """Every method's settings scored on dev (off-policy where the ESS allows, on-policy otherwise); the best
+    setting of each method chosen by its dev effect on the reward (accuracy for correctness). Reads dev only."""
+    from tqdm.auto import tqdm
+
+    bench = Bench(cfg)
+    dev = load_trajectories(_bench(cfg) / "dev.jsonl")
+    ids, groups = prompt_groups([t.prompt_id for t in dev])
+    rewards = torch.tensor([float(t.reward) for t in dev], dtype=torch.float64)
+    base = bench.logprobs(UNSTEERED, dev)  # no intervention: the same under either scope
+    base_value = float(rewards.mean())
+    on_policy = dataclasses.replace(cfg.dev_sampling, n_samples=cfg.dev_on_policy_samples, seed=cfg.seed)
+    on_base = None
+    rows = []
+    plan = [(m, r) for m in cfg.methods for r in recipes(cfg, m, bench.ing)]
+    for method, recipe in tqdm(plan, desc="tune on dev", unit="setting", disable=not progress):
+        row = {"method": method, "setting": recipe.setting, "label": recipe.label}
+        if recipe.interventions:
+            est = estimate(base, bench.logprobs(recipe, dev), rewards, groups)
+            row["ess"] = float(np.mean(est.ess))
+            if row["ess"] >= cfg.min_ess:
+                row.update(estimator="off-policy", value=float(est.per_prompt.mean()),
+                           effect=float(est.per_prompt.mean()) - base_value)
+        if "estimator" not in row:  # prompting, or a push too large for the dev samples to stand in for
+            if on_base is None:
+                on_base = float(np.mean(bench.outcomes(bench.sampled(UNSTEERED, "dev", cfg.dev, on_policy))["reward"]))
+            value = float(np.mean(bench.outcomes(bench.sampled(recipe, "dev", cfg.dev, on_policy))["reward"]))
+            row.update(estimator="on-policy", value=value, effect=value - on_base)
+        rows.append(row)
+    chosen = {}
+    for method in cfg.methods:
+        best = max((r for r in rows if r["method"] == method), key=lambda r: r["effect"])
+        best["chosen"] = True
+        chosen[method] = best["setting"]
+    write_json(_bench(cfg) / "tuning.json", {"rows": rows, "chosen": chosen, "dev_reward": base_value,
+                                             "dev_problems": len(ids), "min_ess": cfg.min_ess})
+    return {"chosen": chosen}
+
+
+def _chosen_recipes(cfg: SteeringBenchConfig, bench: Bench) -> dict[str, Recipe]:
+    tuning = read_json(_bench(cfg) / "tuning.json")
+    out = {}
+    for method, setting in tuning["chosen"].items():
+        matches = [r for r in recipes(cfg, method, bench.ing) if _jsonable(r.setting) == setting]
+        if len(matches) != 1:
+            raise IPGError(f"the chosen {method} setting {setting} is not in the grid any more; rerun the tune stage")
+        out[method] = matches[0]
+    return out
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _pool(cfg: SteeringBenchConfig, bench: Bench) -> LatentPool:
+    dev = load_trajectories(_bench(cfg) / "dev.jsonl")
+    return LatentPool.of(bench.saes, frequencies=bench.scorer(dev, "all").activation_frequencies())
+
+
+def evaluate_chosen(cfg: SteeringBenchConfig) -> dict:
+    """Each chosen recipe (and the nulls and the unsteered model) sampled on-policy on test and every transfer
+    split, ``eval_seeds`` x ``eval_sampling.n_samples`` per problem."""
+    bench = Bench(cfg)
+    chosen = _chosen_recipes(cfg, bench)
+    everything = {"unsteered": UNSTEERED, **chosen, **{r.method: r for r in null_recipes(cfg, chosen, bench.ing,
+                                                                                        _pool(cfg, bench))}}
+    evaluation: dict = {"recipes": {name: {"label": r.label, "setting": r.setting} for name, r in everything.items()},
+                        "splits": {}}
+    for split, task in splits(cfg).items():
+        if split in ("attribution", "dev"):
+            continue
+        per_recipe = {}
+        for name, recipe in everything.items():
+            seeds = [bench.outcomes(bench.sampled(recipe, split, task, dataclasses.replace(cfg.eval_sampling, seed=s)))
+                     for s in cfg.eval_seeds]
+            per_recipe[name] = {"problems": seeds[0]["problems"],
+                                **{m: np.mean([s[m] for s in seeds], axis=0).tolist()
+                                   for m in ("reward", "accuracy", "length", "parse_failure", "degenerate")}}
+        evaluation["splits"][split] = {"task": dataclasses.asdict(task), "recipes": per_recipe}
+    write_json(_bench(cfg) / "evaluation.json", evaluation)
+    return {split: len(v["recipes"]) for split, v in evaluation["splits"].items()}
+
+
+def neutral_texts(cfg: SteeringBenchConfig, tokenizer) -> dict[str, list[str]]:
+    """Held-out documents of the SAE corpus (task prompts with worked solutions, never trained on) and the
+    generic check texts (prose, code, arithmetic)."""
+    from .saes import CHECK_TEXTS
+    from .tasks import load_problems
+
+    corpus = []
+    for level in cfg.capability_levels:
+        task = dataclasses.replace(cfg.capability_task, level=level)
+        problems = load_problems(task)
+        corpus += [p + (q.solution or f"The answer is {q.answer}.")
+                   for p, q in zip(build_prompts(tokenizer, problems, task), problems)]
+    return {"corpus": corpus, "generic": list(CHECK_TEXTS)}
+
+
+def capability(cfg: SteeringBenchConfig) -> dict:
+    """Per chosen recipe and null: per-token KL against the unsteered model and the perplexity ratio, on the SAE
+    corpus's held-out documents and on generic text (prompting changes no weight or activation: 0 by construction)."""
+    from .capability import capability_cost
+
+    bench = Bench(cfg)
+    chosen = _chosen_recipes(cfg, bench)
+    everything = {**chosen, **{r.method: r for r in null_recipes(cfg, chosen, bench.ing, _pool(cfg, bench))}}
+    texts = neutral_texts(cfg, bench.tokenizer)
+    out = {}
+    for name, recipe in everything.items():
+        out[name] = {}
+        for kind, docs in texts.items():
+            if not recipe.interventions:
+                out[name][kind] = {"kl": 0.0, "ppl_ratio": 1.0, "tokens": 0, "note": "no intervention on the model"}
+                continue
+            cost = capability_cost(bench.model, bench.tokenizer, bench.saes, recipe.interventions, docs,
+                                   max_tokens=cfg.capability_max_tokens)
+            out[name][kind] = {"kl": cost.kl, "ppl_ratio": cost.ppl_ratio, "ppl_clean": cost.ppl_clean,
+                               "tokens": cost.n_tokens}
+    write_json(_bench(cfg) / "capability.json", out)
+    return {name: v["generic"]["kl"] for name, v in out.items()}
+
+
+def summarize(cfg: SteeringBenchConfig, evaluation: dict, cap: dict, tuning: dict) -> dict:
+    """Per split and recipe: the accuracy effect against the unsteered run (paired by problem, seeds pooled),
+    length, parse-failure and degenerate rates, the capability cost and the dev choice."""
+    out = {"splits": {}, "dev": tuning, "capability": cap}
+    for split, doc in evaluation["splits"].items():
+        base = doc["recipes"]["unsteered"]
+        rows = {}
+        for name, r in doc["recipes"].items():
+            row = {m: float(np.mean(r[m])) for m in ("reward", "accuracy", "length", "parse_failure", "degenerate")}
+            if name != "unsteered":
+                row["effect"] = list(bootstrap(np.array(r["reward"]), np.array(base["reward"]),
+                                               n_boot=cfg.n_bootstrap))
+                row["length_effect"] = list(bootstrap(np.array(r["length"]), np.array(base["length"]),
+                                                      n_boot=cfg.n_bootstrap))
+            rows[name] = row
+        out["splits"][split] = rows
+        out.setdefault("comparisons", {})[split] = {
+            f"{a} - {b}": list(bootstrap(np.array(doc["recipes"][a]["reward"]), np.array(doc["recipes"][b]["reward"]),
+                                         n_boot=cfg.n_bootstrap))
+            for a in IPG_BASED if a in doc["recipes"] for b in PRACTICE if b in doc["recipes"]}
+    return out
+
+
+def report(cfg: SteeringBenchConfig) -> dict:
+    """``bench/report.md``, ``bench/leaderboard.json`` and the plot of accuracy gain against capability cost."""
+    from .steering_bench_report import answer, markdown, plot_gain_vs_cost
+
+    out = _bench(cfg)
+    summary = summarize(cfg, read_json(out / "evaluation.json"), read_json(out / "capability.json"),
+                        read_json(out / "tuning.json"))
+    summary["recipes"] = read_json(out / "evaluation.json")["recipes"]
+    summary["answer"] = answer(cfg, summary)
+    plot = plot_gain_vs_cost(cfg, summary, out / "gain_vs_cost.png")
+    write_json(out / "leaderboard.json", summary)
+    write_text(out / "report.md", markdown(cfg, summary))
+    return {"answer": summary["answer"], "report": str(out / "report.md"), "plot": str(plot)}

@@ -1,0 +1,108 @@
+"""The steering benchmark (``ipg-sae steering-bench``) end to end on a tiny model: every method through one
+interface, dev-only choices (perturbing the test split changes no choice), on-policy test and transfer effects
+paired with the unsteered run, capability costs, the report; overlapping splits refused before any work."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from ipg_sae.config import load_config
+from ipg_sae.errors import IPGError
+from ipg_sae.steering_bench import METHODS, SteeringBenchConfig, run_bench
+
+
+@pytest.fixture
+def bench_cfg(tiny_llama_dir, tmp_path, monkeypatch):
+    from tests import tiny
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sae_dir = tmp_path / "sae"
+    tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
+    task = {"name": "arithmetic", "n_problems": 4, "few_shot": 0}
+    tiny_sampling = {"n_samples": 3, "max_new_tokens": 6, "temperature": 0.7, "batch_size": 12}
+    overrides = {
+        "name": "b", "runs_dir": str(tmp_path / "runs"), "model.name": str(tiny_llama_dir), "task": task,
+        "sampling": tiny_sampling, "sae.load": [{"path": str(sae_dir)}],
+        "attribution.delta_tol": 0.05, "attribution.max_nodes": 9, "reward": "tests.test_study:text_length_is_even",
+        "dev": {**task, "offset": 100}, "dev_sampling": tiny_sampling, "dev_on_policy_samples": 2,
+        "test": {**task, "offset": 200}, "transfer": [{**task, "level": 2, "offset": 300}],
+        "eval_sampling": {**tiny_sampling, "n_samples": 2}, "eval_seeds": [1, 2],
+        "capability_task": {**task, "n_problems": 1, "offset": 900}, "capability_max_tokens": 32,
+        "grid": {"ks": [1, 2], "gammas": [2.0], "etas": [1.0, 4.0], "alphas": [0.1, 0.5], "projected_ks": [2],
+                 "projected_alphas": [0.5], "instructions": ["Answer with a number.", "Think step by step."],
+                 "max_settings": 4},
+        "min_ess": 0.5, "n_bootstrap": 100,
+    }
+    return load_config(SteeringBenchConfig, None, overrides)
+
+
+def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog):
+    results = run_bench(bench_cfg)
+    out = bench_cfg.run_dir / "bench"
+    for name in ("tuning.json", "evaluation.json", "capability.json", "leaderboard.json", "report.md",
+                 "gain_vs_cost.png", "diffmean.safetensors"):
+        assert (out / name).is_file(), name
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert set(tuning["chosen"]) == set(METHODS)
+    for method in METHODS:  # each method tried its whole grid, within the budget, and one setting was chosen
+        rows = [r for r in tuning["rows"] if r["method"] == method]
+        assert 1 <= len(rows) <= 4 and sum(bool(r.get("chosen")) for r in rows) == 1
+        assert all(r["estimator"] in ("off-policy", "on-policy") for r in rows)
+    assert all(r["estimator"] == "on-policy" for r in tuning["rows"] if r["method"] == "prompting")
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert set(board["splits"]) == {"test", "transfer-1"}
+    for split, rows in board["splits"].items():
+        assert set(rows) == {"unsteered", *METHODS, "random_direction", "random_latents"}
+        for name, row in rows.items():
+            assert 0 <= row["parse_failure"] <= 1 and 0 <= row["degenerate"] <= 1
+            if name != "unsteered":
+                assert row["effect"][1] <= row["effect"][0] <= row["effect"][2]
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["splits"]["test"]["recipes"]["unsteered"]["problems"] == \
+        evaluation["splits"]["test"]["recipes"]["ipg_topk"]["problems"]  # paired by problem
+    cap = json.loads((out / "capability.json").read_text())
+    assert cap["prompting"]["generic"]["kl"] == 0.0 and cap["diffmean"]["generic"]["kl"] > 0
+    assert "best IPG-based recipe" in board["answer"] and results["report"]["answer"] == board["answer"]
+    assert "## test" in (out / "report.md").read_text()
+
+    # Perturb the test data (other problems) and break its cached samples: no dev choice changes.
+    before = (out / "tuning.json").read_bytes()
+    for cell in (out / "cells").glob("test_*.jsonl"):
+        cell.write_text("damaged\n")
+    bench_cfg.test.offset = 250
+    caplog.set_level(logging.INFO)
+    run_bench(bench_cfg)
+    assert (out / "tuning.json").read_bytes() == before
+    assert any("stage tune: already done" in r.getMessage() for r in caplog.records)
+    after = json.loads((out / "evaluation.json").read_text())["splits"]["test"]["recipes"]["unsteered"]["problems"]
+    assert after != evaluation["splits"]["test"]["recipes"]["unsteered"]["problems"]
+
+
+def test_overlapping_splits_are_refused_before_any_work(tmp_path):
+    task = {"name": "arithmetic", "n_problems": 10, "few_shot": 0}
+    cfg = load_config(SteeringBenchConfig, None, {"runs_dir": str(tmp_path), "sae.load": [{"path": "x"}],
+                                                  "task": task, "dev": {**task, "offset": 5},
+                                                  "test": {**task, "offset": 100}, "transfer": [{**task, "offset": 200}]})
+    with pytest.raises(IPGError, match="also in the attribution split"):
+        run_bench(cfg)
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(IPGError, match="grid.max_settings"):
+        load_config(SteeringBenchConfig, None, {"runs_dir": str(tmp_path), "sae.load": [{"path": "x"}],
+                                                "grid.max_settings": 3})
+
+
+def test_shipped_configs_load_and_the_cpu_splits_are_disjoint():
+    """The default model's benchmark: its dev, test and transfer windows share no question text with the study's
+    attribution problems (level 1 repeats questions: the windows were chosen for it); the GPU config (the paper's
+    setting) is validated as a config here, not run."""
+    from ipg_sae.splits import disjoint_splits
+    from ipg_sae.steering_bench import splits
+
+    cpu = load_config(SteeringBenchConfig, "configs/steering_bench_smollm2.yaml")
+    sizes = {name: len(problems) for name, problems in disjoint_splits(splits(cpu)).items()}
+    assert sizes == {"attribution": 112, "dev": 50, "test": 100, "transfer-1": 100}
+    gpu = load_config(SteeringBenchConfig, "configs/steering_bench_qwen25_math_gsm8k.yaml")
+    assert gpu.model.name == "Qwen/Qwen2.5-Math-1.5B-Instruct" and gpu.test.name == "gsm8k"
