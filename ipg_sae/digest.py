@@ -104,14 +104,15 @@ def tree_digest(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
 
 
 def key_dict(obj: Any) -> Any:
-    """``obj`` as cache keys see it: dataclasses as dicts (recursively), without the fields marked
-    ``omit_default_from_keys`` while they hold their default. A setting added after results were stored is
-    marked so: at its default it leaves every stored stage and checkpoint valid."""
+    """``obj`` as cache keys see it: dataclasses as dicts (recursively), without a field marked
+    ``key_omits: V`` while it holds ``V``. A setting added after results were stored is marked with the value
+    that reproduces the old behaviour, so at that value it leaves every stored stage and checkpoint valid (and
+    keeps doing so if the field's default later changes)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {}
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if f.metadata.get("omit_default_from_keys") and value == f.default:
+            if "key_omits" in f.metadata and value == f.metadata["key_omits"]:
                 continue
             out[f.name] = key_dict(value)
         return out

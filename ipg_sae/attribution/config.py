@@ -52,8 +52,9 @@ class AttributionConfig:
     reason_alpha: float = 0.7  # entropy exponent of ReasonScore
     # Where the path starts (docs/ipg-method.md §2a): `zero` (every latent off), `mean` (each latent's mean
     # activation over the attributed tokens: mean ablation) or a safetensors file with one [d_sae] tensor per
-    # layer named `L<layer>`. Gradient methods only. (At its default it leaves cache keys as they were.)
-    path_origin: str = field(default="zero", metadata={"omit_default_from_keys": True})
+    # layer named `L<layer>`. Gradient methods only. (At zero, how attribution worked before this setting
+    # existed, cache keys are as they were.)
+    path_origin: str = field(default="zero", metadata={"key_omits": "zero"})
 
     def __post_init__(self) -> None:
         _check_choice("baseline", self.baseline, METHOD_NAMES)
