@@ -22,15 +22,16 @@ from pathlib import Path
 from .attribution import AttributionConfig, Baseline
 from .config import JobConfig, dump_yaml
 from .errors import IPGError
-from .evaluation import EvalConfig, check_held_out
+from .evaluation import EvalConfig
 from .explorer import ExplorerConfig
 from .io import run_lock, write_text
 from .jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, SampleJobConfig, SelectionConfig,
                    check_baselines, method_dir, run_attribute, run_evaluate, run_explore, run_sample)
 from .rewards import get_reward
 from .sampling import SamplingConfig, check_fits_context
+from .splits import disjoint_splits
 from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_stages, sae_specs, train_job
-from .tasks import TaskConfig, load_problems
+from .tasks import TaskConfig
 from .tracking import attribution_files
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class PipelineConfig(JobConfig):
                 raise IPGError(f"sae.train_config: {e}") from None
         dataclasses.replace(self.evaluation, k=self.evaluation.k or self.selection.k, reward=self.reward).validate()
         if all(t.name == "arithmetic" or t.path for t in (self.task, self.evaluation.task)):  # cheap to load here
-            check_held_out(load_problems(self.evaluation.task), [p.id for p in load_problems(self.task)])
+            # by id and by question text: generated level-1 problems repeat questions across windows
+            disjoint_splits({"attribution": self.task, "evaluation": self.evaluation.task})
 
 
 # ---- stages ---------------------------------------------------------------------------

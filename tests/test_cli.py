@@ -55,7 +55,7 @@ def test_sample_job_writes_outputs_and_logs(tiny_llama_dir, tmp_path, monkeypatc
     ("--reward=correctnes", "unknown reward 'correctnes'"),
     ("--sae.train_config=nope.yaml", "sae.train_config: config file nope.yaml not found"),
     ("--sae.train_overrides={expansion_factr: 2}", "did you mean `expansion_factor`"),
-    ("--evaluation.task.offset=5", "were used for attribution"),
+    ("--evaluation.task.offset=5", "also in the attribution split"),
 ])
 def test_pipeline_checks_every_stage_before_the_first_runs(override, match, capsys, tmp_path):
     """The mistakes that used to surface 15 minutes into the demo (after sampling, SAE training and IPG)."""

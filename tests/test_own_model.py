@@ -34,7 +34,7 @@ def test_the_documented_config_loads_and_is_checked(tmp_path, monkeypatch):
     assert cfg.sae.load[0].release == "gemma-scope-2b-pt-res-canonical" and cfg.model.device == "cuda"
     # the held-out split is checked before any work: an overlapping one is refused
     (tmp_path / "overlap.yaml").write_text(block.replace("offset: 200", "offset: 100"))
-    with pytest.raises(IPGError, match="used for attribution"):
+    with pytest.raises(IPGError, match="also in the attribution split"):
         load_config(PipelineConfig, tmp_path / "overlap.yaml")
 
 

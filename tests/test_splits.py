@@ -29,3 +29,23 @@ def _empty(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
     return path
+
+
+def test_the_pipeline_refuses_a_held_out_window_that_repeats_an_attributed_question(tmp_path):
+    """Generated level-1 problems repeat questions across windows (about 13k distinct): a held-out problem with an
+    attributed problem's text, under another id, is refused before any work, as an overlapping id is."""
+    import re
+
+    from ipg_sae.config import load_config
+    from ipg_sae.errors import IPGError
+    from ipg_sae.pipeline import PipelineConfig
+    from ipg_sae.tasks import TaskConfig, load_problems
+
+    norm = lambda q: re.sub(r"\s+", " ", q.strip().lower())  # noqa: E731
+    attributed = {norm(p.question) for p in load_problems(TaskConfig(n_problems=50))}
+    offset = next(o for o in range(1000, 200000, 50)
+                  if any(norm(p.question) in attributed for p in load_problems(TaskConfig(n_problems=50, offset=o))))
+    overrides = {"runs_dir": str(tmp_path), "sae.load": [{"path": "x"}], "task.n_problems": 50,
+                 "evaluation.task.n_problems": 50, "evaluation.task.offset": offset}
+    with pytest.raises(IPGError, match="also in the attribution split"):
+        load_config(PipelineConfig, None, overrides)
