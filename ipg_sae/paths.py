@@ -43,18 +43,18 @@ import torch
 from .attribution import AttributionConfig, AttributionResult
 from .attribution.path import advantages
 from .cells import CellStore, Inputs, LogprobCells
-from .config import JobConfig, dump_yaml
+from .config import JobConfig
 from .errors import IPGError
 from .faithfulness import TrajectoryScorer, estimate
-from .io import read_json, run_lock, write_json, write_text
+from .io import read_json, write_json, write_text
 from .jobs import AttributeJobConfig, SelectionConfig, method_dir, run_attribute
 from .models import load_model
-from .sampling import SamplingConfig, check_fits_context
+from .sampling import SamplingConfig
 from .saes import load_saes
 from .selection import select
-from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_stages, sae_specs
+from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_job_stages, sae_specs
 from .stats import area_under_curve, bootstrap
-from .study import reward_dir, sample_stage
+from .study import contexts, reward_dir, sample_stage
 from .tasks import TaskConfig
 from .trajectories import Trajectory, load_trajectories, prompt_groups
 
@@ -126,8 +126,7 @@ def _attribute_job(cfg: PathsConfig, origin: str) -> AttributeJobConfig:
                               trajectories=str(reward_dir(cfg, cfg.reward) / "trajectories.jsonl"),
                               attribution=dataclasses.replace(cfg.attribution, path_origin=origin),
                               baselines=[m for m in cfg.methods if m != "ipg"],
-                              selection=SelectionConfig(k=max(max(cfg.ks), cfg.top_latents), n_bootstrap=0,
-                                                        table_size=max(max(cfg.ks), cfg.top_latents)),
+                              selection=SelectionConfig(k=max(cfg.ks), n_bootstrap=0, table_size=max(cfg.ks)),
                               wandb=cfg.wandb)
 
 
@@ -151,7 +150,7 @@ STAGES = [
           lambda c: sample_stage(c, c.task, c.sampling, "trajectories.jsonl", c.attribute_prompts),
           outputs=lambda c: [reward_dir(c, c.reward) / "trajectories.jsonl"]),
     SAE_STAGE,
-    Stage("attribute", lambda c: (c.attribution, c.origins, c.methods, c.ks, c.top_latents), _run_attribute,
+    Stage("attribute", lambda c: (c.attribution, c.origins, c.methods, c.ks), _run_attribute,
           outputs=_attribution_files),
     Stage("heldout", lambda c: (c.heldout, c.heldout_sampling, c.reward),
           lambda c: sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
@@ -167,12 +166,7 @@ STAGES = [
 
 def run_paths(cfg: PathsConfig) -> dict:
     """Run (or resume) every stage of the path comparison; return each stage's summary."""
-    check_fits_context(cfg.model, [(cfg.task, cfg.sampling.max_new_tokens, "sampling.max_new_tokens"),
-                                   (cfg.heldout, cfg.heldout_sampling.max_new_tokens,
-                                    "heldout_sampling.max_new_tokens")])
-    with run_lock(cfg.run_dir):
-        write_text(cfg.run_dir / "paths_config.yaml", dump_yaml(cfg))
-        return run_stages(cfg, STAGES)
+    return run_job_stages(cfg, STAGES, "paths_config.yaml", contexts(cfg))
 
 
 # ---- single-latent removals -------------------------------------------------------------------

@@ -81,6 +81,20 @@ def run_stages(cfg, stages: list[Stage]) -> dict:
     return results
 
 
+def run_job_stages(cfg, stages: list[Stage], config_file: str, contexts: list) -> dict:
+    """A staged job's whole run: every ``(task, max_new_tokens, field)`` of ``contexts`` checked against the
+    model's context first, then, under the run directory's lock, its config written to ``config_file`` and
+    :func:`run_stages`."""
+    from .config import dump_yaml
+    from .io import run_lock, write_text
+    from .sampling import check_fits_context
+
+    check_fits_context(cfg.model, contexts)
+    with run_lock(cfg.run_dir):
+        write_text(cfg.run_dir / config_file, dump_yaml(cfg))
+        return run_stages(cfg, stages)
+
+
 def stage_key(settings, upstream: str) -> str:
     """The digest of a stage's settings (dataclasses as dicts), the format version and the stages before it."""
     def default(o):

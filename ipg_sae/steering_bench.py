@@ -43,20 +43,20 @@ import torch
 
 from .attribution import AttributionConfig, AttributionResult
 from .cells import LOGPROBS, TRAJECTORIES, CellStore, Inputs, samples_digest
-from .config import JobConfig, dump_yaml
+from .config import JobConfig
 from .errors import IPGError
 from .evaluation import EvalConfig, degenerate_flags
 from .faithfulness import TrajectoryScorer, estimate
-from .io import read_json, run_lock, write_json, write_text
+from .io import read_json, write_json, write_text
 from .jobs import AttributeJobConfig, SelectionConfig, method_dir, run_attribute
 from .models import load_model
 from .nulls import LatentPool, draw_sets
 from .rewards import get_reward
-from .sampling import SamplingConfig, check_fits_context, eos_ids, sample
+from .sampling import SamplingConfig, eos_ids, sample
 from .saes import as_layer_dict, load_saes
 from .selection import select
 from .splits import disjoint_splits
-from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_stages, sae_specs
+from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_job_stages, sae_specs
 from .stats import bootstrap
 from .steering import Intervention, VectorIntervention, add_vector, scale, steering
 from .steering_bench_report import IPG_BASED, PRACTICE
@@ -351,12 +351,10 @@ STAGES = [
 def run_bench(cfg: SteeringBenchConfig) -> dict:
     """Run (or resume) every stage of the steering benchmark; return each stage's summary."""
     disjoint_splits(splits(cfg))  # before any work: no problem in two splits
-    check_fits_context(cfg.model, [(t, s.max_new_tokens, "max_new_tokens") for t, s in
-                                   [(cfg.task, cfg.sampling), (cfg.dev, cfg.dev_sampling), (cfg.test, cfg.eval_sampling),
-                                    *[(t, cfg.eval_sampling) for t in cfg.transfer]]])
-    with run_lock(cfg.run_dir):
-        write_text(cfg.run_dir / "steering_bench_config.yaml", dump_yaml(cfg))
-        return run_stages(cfg, STAGES)
+    checks = [(t, s.max_new_tokens, "max_new_tokens") for t, s in [(cfg.task, cfg.sampling), (cfg.dev, cfg.dev_sampling),
+                                                                   (cfg.test, cfg.eval_sampling),
+                                                                   *[(t, cfg.eval_sampling) for t in cfg.transfer]]]
+    return run_job_stages(cfg, STAGES, "steering_bench_config.yaml", checks)
 
 
 # ---- the work -------------------------------------------------------------------------------------

@@ -36,20 +36,20 @@ import torch
 from .attribution import AttributionConfig, AttributionResult, Baseline
 from .attribution.path import has_variance
 from .cells import BASE, CellStore, Inputs, LogprobCells
-from .config import JobConfig, dump_yaml
+from .config import JobConfig
 from .digest import json_digest
 from .errors import IPGError
 from .evaluation import EvalConfig, PerProblem, degenerate_flags, evaluate
 from .faithfulness import TrajectoryScorer, estimate
-from .io import read_json, run_lock, write_json, write_text
+from .io import read_json, write_json, write_text
 from .jobs import AttributeJobConfig, SelectionConfig, check_baselines, method_dir, run_attribute
 from .models import load_model
 from .nulls import LatentPool, draw_sets
 from .rewards import get_reward
-from .sampling import SamplingConfig, check_fits_context, eos_ids, sample
+from .sampling import SamplingConfig, eos_ids, sample
 from .saes import load_saes
 from .selection import permuted_rankings, select
-from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_stages, sae_specs
+from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_job_stages, sae_specs
 from .stats import area_under_curve, bootstrap, null_rank, predicted_direction
 from .study_report import answer, markdown, plot_curves, plot_null, slug
 from .tasks import TaskConfig, build_prompts, load_problems
@@ -211,12 +211,13 @@ STAGES = [
 
 def run_study(cfg: StudyConfig) -> dict:
     """Run (or resume) every stage of the study; return each stage's summary."""
-    check_fits_context(cfg.model, [(cfg.task, cfg.sampling.max_new_tokens, "sampling.max_new_tokens"),
-                                   (cfg.heldout, cfg.heldout_sampling.max_new_tokens,
-                                    "heldout_sampling.max_new_tokens")])
-    with run_lock(cfg.run_dir):
-        write_text(cfg.run_dir / "study_config.yaml", dump_yaml(cfg))
-        return run_stages(cfg, STAGES)
+    return run_job_stages(cfg, STAGES, "study_config.yaml", contexts(cfg))
+
+
+def contexts(cfg) -> list:
+    """The (task, max_new_tokens, field) pairs a job with attribution and held-out sampling checks first."""
+    return [(cfg.task, cfg.sampling.max_new_tokens, "sampling.max_new_tokens"),
+            (cfg.heldout, cfg.heldout_sampling.max_new_tokens, "heldout_sampling.max_new_tokens")]
 
 
 # ---- scoring: every cell, off-policy --------------------------------------------------------
