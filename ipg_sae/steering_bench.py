@@ -393,7 +393,7 @@ class Bench:
         key = {"estimator": "importance", "samples": samples_digest(samples), "recipe": recipe.key(),
                "temperature": self.cfg.dev_sampling.temperature, **self._weights(recipe)}
         compute = lambda: self.scorer(samples, recipe.scope).logprobs(recipe.interventions)  # noqa: E731
-        return self.store.fetch(f"logp_{_slug(recipe.label)}", key, compute, LOGPROBS, name=recipe.label)
+        return self.store.fetch(f"logp_{recipe.label}", key, compute, LOGPROBS, name=recipe.label)
 
     def sampled(self, recipe: Recipe, split: str, task: TaskConfig, sampling: SamplingConfig) -> list[Trajectory]:
         """``recipe``'s on-policy samples of a split (cell)."""
@@ -410,7 +410,7 @@ class Bench:
             return sample(self.model, self.tokenizer, problems, prompts, sampling, self.reward,
                           intervention=intervention, desc=f"{split}: {recipe.label} (seed {sampling.seed})")
 
-        label = f"{split}_{_slug(recipe.label)}_s{sampling.seed}"
+        label = f"{split}_{recipe.label}_s{sampling.seed}"
         return self.store.fetch(label, key, compute, TRAJECTORIES, name=label)
 
     def _weights(self, recipe: Recipe) -> dict:
@@ -425,12 +425,6 @@ class Bench:
                   "length": [float(len(t.completion_ids)) for t in trajectories],
                   "parse_failure": [1.0 - f["parsed"] for f in flags], "degenerate": [float(f["degenerate"]) for f in flags]}
         return {"problems": ids, **{m: [float(np.mean([v[i] for i in g])) for g in groups] for m, v in metric.items()}}
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.=,-]", "_", text)[:60] + "_" + hashlib.sha1(text.encode()).hexdigest()[:6]
 
 
 def tune(cfg: SteeringBenchConfig, progress: bool = True) -> dict:
