@@ -120,7 +120,7 @@ class Tracker:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir, self.job_type = run_dir, job_type
         # Artifacts stage under the user data dir unless told otherwise: keep them with the run.
-        os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb-data"))
+        os.environ.setdefault("WANDB_DATA_DIR", str(run_dir.resolve() / "wandb-data"))
         os.environ.setdefault("WANDB_SILENT", "true")
         if self.mode == "online":
             self._check_reachable(run_dir)
@@ -150,9 +150,11 @@ class Tracker:
 
         ids = _read_ids(run_dir)
         run_id = ids.get(job_type)
+        # absolute: W&B's service process resolves a relative dir from its own working directory, which is where
+        # the first run of this process started, not where this one does
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{name}-{job_type}", job_type=job_type,
                               group=group or cfg.group or name, tags=cfg.tags or None, config=config,
-                              dir=str(run_dir), mode=self.mode, reinit="finish_previous", id=run_id,
+                              dir=str(run_dir.resolve()), mode=self.mode, reinit="finish_previous", id=run_id,
                               resume="allow" if run_id else None, settings=wandb.Settings(init_timeout=60))
         if run_id is None:
             _write_ids(run_dir, {**ids, job_type: self.run.id})
@@ -281,9 +283,11 @@ def _artifact(name: str, type: str, paths, base: Path | None = None):
 
     art = wandb.Artifact(name, type=type)
     policy = "immutable" if base is not None else "mutable"
+    # resolved before entering base: a relative path names a file from where the job runs, not from its run dir
+    base = None if base is None else Path(base).resolve()
+    files = [_relative_to(Path(path).resolve(), base) for path in paths]
     with _working_dir(base):
-        for path in paths:
-            local = _relative_to(Path(path), base)
+        for local in files:
             if Path(local).is_dir():
                 art.add_dir(local, policy=policy)
             else:
@@ -308,9 +312,9 @@ def _relative_to(path: Path, base: Path | None) -> str:
     if base is None:
         return str(path)
     try:
-        return str(path.resolve().relative_to(base.resolve()))
+        return str(path.relative_to(base))
     except ValueError:
-        return str(path.resolve())  # outside the run directory: referenced where it is
+        return str(path)  # outside the run directory: referenced where it is
 
 
 def _ids_file(run_dir: Path) -> Path:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from ipg_sae.tracking import Tracker, WandbConfig, read_offline_run, resolve_mode
 
 
@@ -149,6 +151,30 @@ def test_offline_artifacts_reference_their_files_relative_to_the_run_and_copy_no
     assert used and all(a["files"]["published.txt"] == str(outside.resolve()) for a in used)
     staged = [p for p in (run_dir / "wandb-data").rglob("*") if p.is_file()] if (run_dir / "wandb-data").exists() else []
     assert not staged, staged  # nothing staged: a 4 KB file used by four jobs costs no copies
+
+
+def test_relative_input_paths_outside_the_run_dir_are_recorded_and_keep_wandb_alive(tmp_path, monkeypatch):
+    """A job started from the repository with relative paths (runs/study/length using runs/study/sae/layer_15):
+    the used artifact names the file where it is, and the W&B run keeps logging (it once resolved the path from
+    inside the run directory, failed, and dropped W&B for the rest of the job)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    sae = Path("runs/study/sae/layer_15")
+    sae.mkdir(parents=True)
+    (sae / "cfg.json").write_text("{}")
+    traj = Path("runs/study/length/trajectories.jsonl")
+    traj.parent.mkdir(parents=True)
+    traj.write_text('{"id": 1}\n')
+    with Tracker(WandbConfig(project="t"), Path("runs/study/length"), "study", "attribute-ipg") as tr:
+        tr.use("study-sae-layer_15", "model", sae)
+        tr.use("study-length-trajectories", "dataset", traj)
+        assert tr.run is not None
+        tr.log({"done": 1})
+    run = read_offline_run(Path("runs/study/length"))
+    used = {a["name"]: a["files"] for a in run["used"]}
+    assert used["study-sae-layer_15"] == {"cfg.json": str((tmp_path / sae / "cfg.json").resolve())}
+    assert used["study-length-trajectories"] == {"trajectories.jsonl": "trajectories.jsonl"}  # inside: relative
+    assert run["history"][-1]["done"] == 1
 
 
 def test_the_evaluation_run_summary_holds_the_targets_numbers(tmp_path, monkeypatch, tiny_llama_dir):
