@@ -22,13 +22,17 @@ def bench_cfg(tiny_llama_dir, tmp_path, monkeypatch):
     sae_dir = tmp_path / "sae"
     tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
     task = {"name": "arithmetic", "n_problems": 4, "few_shot": 0}
+    user_file = tmp_path / "word_problems.jsonl"  # a transfer task the user points at
+    user_file.write_text("".join(json.dumps({"question": f"Sam has {a} pens and buys {a + 3} more. How many now?",
+                                             "answer": str(2 * a + 3)}) + "\n" for a in range(2, 6)))
     tiny_sampling = {"n_samples": 3, "max_new_tokens": 6, "temperature": 0.7, "batch_size": 12}
     overrides = {
         "name": "b", "runs_dir": str(tmp_path / "runs"), "model.name": str(tiny_llama_dir), "task": task,
         "sampling": tiny_sampling, "sae.load": [{"path": str(sae_dir)}],
         "attribution.delta_tol": 0.05, "attribution.max_nodes": 9, "reward": "tests.test_study:text_length_is_even",
         "dev": {**task, "offset": 100}, "dev_sampling": tiny_sampling, "dev_on_policy_samples": 2,
-        "test": {**task, "offset": 200}, "transfer": [{**task, "level": 2, "offset": 300}],
+        "test": {**task, "offset": 200}, "transfer": [{**task, "level": 2, "offset": 300},
+                                                   {"name": "jsonl", "path": str(user_file), "few_shot": 0}],
         "eval_sampling": {**tiny_sampling, "n_samples": 2}, "eval_seeds": [1, 2],
         "capability_task": {**task, "n_problems": 1, "offset": 900}, "capability_max_tokens": 32,
         "grid": {"ks": [1, 2], "gammas": [2.0], "etas": [1.0, 4.0], "alphas": [0.1, 0.5], "projected_ks": [2],
@@ -53,7 +57,9 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog):
         assert all(r["estimator"] in ("off-policy", "on-policy") for r in rows)
     assert all(r["estimator"] == "on-policy" for r in tuning["rows"] if r["method"] == "prompting")
     board = json.loads((out / "leaderboard.json").read_text())
-    assert set(board["splits"]) == {"test", "transfer-1"}
+    assert set(board["splits"]) == {"test", "transfer-1", "transfer-2"}
+    assert len(json.loads((out / "evaluation.json").read_text())["splits"]["transfer-2"]["recipes"]["unsteered"]
+               ["problems"]) == 4  # every problem of the user's file
     for split, rows in board["splits"].items():
         assert set(rows) == {"unsteered", *METHODS, "random_direction", "random_latents"}
         for name, row in rows.items():
