@@ -287,7 +287,9 @@ def _run_attribute(cfg: SteeringBenchConfig) -> dict:
                                                               / "attribution.json").is_file()]
         if missing:
             raise IPGError(f"steering_bench.attribution_dir {cfg.attribution_dir} has no {missing[0]} attribution; "
-                           "run those baselines there or leave attribution_dir empty to attribute here")
+                           "run the job that makes it first (for configs/steering_bench_smollm2.yaml: `ipg-sae study "
+                           "configs/study_smollm2.yaml`, through its attribute stage), or leave attribution_dir "
+                           "empty to attribute here")
         return {"reused": cfg.attribution_dir}
     job = AttributeJobConfig(name=cfg.reward, runs_dir=str(cfg.run_dir), model=cfg.model, saes=sae_specs(cfg),
                              attribution=cfg.attribution, baselines=_baselines(cfg),

@@ -112,3 +112,9 @@ def test_shipped_configs_load_and_the_cpu_splits_are_disjoint():
     assert sizes == {"attribution": 112, "dev": 50, "test": 100, "transfer-1": 100}
     gpu = load_config(SteeringBenchConfig, "configs/steering_bench_qwen25_math_gsm8k.yaml")
     assert gpu.model.name == "Qwen/Qwen2.5-Math-1.5B-Instruct" and gpu.test.name == "gsm8k"
+
+
+def test_a_missing_reused_attribution_names_the_job_that_makes_it(bench_cfg, tmp_path):
+    bench_cfg.attribution_dir = str(tmp_path / "runs" / "study" / "correctness")
+    with pytest.raises(IPGError, match=r"no ipg attribution; run the job that makes it first .*ipg-sae study"):
+        run_bench(bench_cfg)
