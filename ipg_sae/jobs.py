@@ -26,7 +26,7 @@ from .saes import SAESpec, load_saes
 from .selection import Normalize, RankBy
 from .sampling import SamplingConfig, sample
 from .tasks import TaskConfig, build_prompts, load_problems
-from .tracking import Tracker, WandbConfig, artifact_name, attribution_files
+from .tracking import Tracker, WandbConfig, artifact_name, attribution_files, use_inputs
 from .trajectories import Trajectory, load_trajectories, save_trajectories
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _attribute(cfg: AttributeJobConfig, trajectories, model, tokenizer, saes, ma
     for method in ["ipg", *cfg.baselines]:
         out = method_dir(run_dir, method)
         with Tracker(logging_cfg, run_dir, cfg.name, f"attribute-{method}", to_dict(cfg), group=group) as tracker:
-            _use_inputs(tracker, trajectories_path=cfg.trajectories or run_dir / "trajectories.jsonl", saes=cfg.saes)
+            use_inputs(tracker, trajectories_path=cfg.trajectories or run_dir / "trajectories.jsonl", saes=cfg.saes)
             acfg = dataclasses.replace(cfg.attribution, baseline=method)
             result = run_attribution(
                 model, saes, trajectories, acfg, tokenizer=tokenizer, out_dir=out, progress=progress and main,
@@ -190,19 +190,6 @@ def _attribute(cfg: AttributeJobConfig, trajectories, model, tokenizer, saes, ma
             summaries[method] = _write_selection(cfg, method, out, result, tokenizer, trajectories, tracker)
             tracker.artifact(artifact_name("attribution", out), "attribution", *attribution_files(out))
     return summaries
-
-
-def _use_inputs(tracker: Tracker, trajectories_path=None, saes=(), attribution_dirs=()) -> None:
-    """Declare the artifacts a job reads, for W&B's lineage graph."""
-    if trajectories_path is not None:
-        tracker.use(artifact_name("trajectories", trajectories_path), "dataset", trajectories_path)
-    for spec in saes:
-        if spec.path:
-            tracker.use(artifact_name("sae", spec.path), "model", spec.path)
-    for directory in attribution_dirs:
-        files = attribution_files(directory)
-        if files:
-            tracker.use(artifact_name("attribution", directory), "attribution", *files)
 
 
 def _write_selection(cfg: AttributeJobConfig, method: str, out: Path, result, tokenizer, trajectories, tracker) -> dict:
@@ -287,7 +274,7 @@ def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | Non
     prompts = build_prompts(tokenizer, problems, cfg.evaluation.task)
     with run_lock(run_dir), Tracker(cfg.wandb, run_dir, cfg.name, "evaluate", to_dict(cfg), group=group) as tracker:
         write_text(run_dir / "evaluate_config.yaml", dump_yaml(cfg))
-        _use_inputs(tracker, saes=cfg.saes, attribution_dirs=_set_dirs(cfg.sets))
+        use_inputs(tracker, saes=cfg.saes, attribution_dirs=_set_dirs(cfg.sets))
         result = evaluate(model, tokenizer, saes, problems, prompts, sets, cfg.evaluation, out_dir=run_dir / "eval",
                           active=active, attribution_prompt_ids=prompt_ids, progress=progress)
         history, summary = evaluation_metrics(result)
@@ -353,7 +340,7 @@ def run_explore(cfg: ExploreJobConfig, group: str | None = None) -> Path:
 
     run_dir = Path(cfg.run_dir)
     with run_lock(run_dir, lock_hint=False), Tracker(cfg.wandb, run_dir, run_dir.name, "explore", group=group) as tracker:
-        _use_inputs(tracker, attribution_dirs=[run_dir])  # lineage: attribution -> explorer
+        use_inputs(tracker, attribution_dirs=[run_dir])  # lineage: attribution -> explorer
         return build(run_dir, cfg=cfg.explorer, tracker=tracker, trust_remote_code=cfg.trust_remote_code)
 
 

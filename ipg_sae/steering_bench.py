@@ -586,4 +586,33 @@ def report(cfg: SteeringBenchConfig) -> dict:
     plot = plot_gain_vs_cost(cfg, summary, out / "gain_vs_cost.png")
     write_json(out / "leaderboard.json", summary)
     write_text(out / "report.md", markdown(cfg, summary))
+    log_to_wandb(cfg, summary, plot)
     return {"answer": summary["answer"], "report": str(out / "report.md"), "plot": str(plot)}
+
+
+LEADERBOARD_COLUMNS = ["recipe", "setting", "effect", "lo", "hi", "accuracy", "length", "parse_failure", "degenerate",
+                       "kl_generic", "kl_corpus"]
+
+
+def log_to_wandb(cfg: SteeringBenchConfig, summary: dict, plot: Path) -> None:
+    """The report's numbers as one W&B run: a leaderboard table per split, the plot, the answer and each recipe's
+    effect in the summary, and the lineage from the SAE and the attributions it steered with."""
+    from .tracking import Tracker, use_inputs
+
+    root = _attribution_root(cfg)
+    with Tracker(cfg.wandb, cfg.run_dir, cfg.name, "steering-bench") as tracker:
+        use_inputs(tracker, saes=sae_specs(cfg), attribution_dirs=[method_dir(root, m) for m in ["ipg", *_baselines(cfg)]])
+        tracker.image("steering_bench/gain_vs_cost", plot)
+        metrics = {"steering_bench/answer": summary["answer"]}
+        for split, rows in summary["splits"].items():
+            table = []
+            for name, row in rows.items():
+                effect = row.get("effect", [0.0, 0.0, 0.0])
+                cost = summary["capability"].get(name, {})
+                table.append([name, json.dumps(summary["recipes"][name]["setting"]), *effect, row["accuracy"],
+                              row["length"], row["parse_failure"], row["degenerate"],
+                              cost.get("generic", {}).get("kl", 0.0), cost.get("corpus", {}).get("kl", 0.0)])
+                if name != "unsteered":
+                    metrics[f"steering_bench/{split}/{name}/effect"] = effect[0]
+            tracker.table(f"steering_bench/{split}", LEADERBOARD_COLUMNS, table)
+        tracker.summary(metrics)

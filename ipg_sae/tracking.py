@@ -270,6 +270,19 @@ def artifact_name(kind: str, path: str | Path) -> str:
 ATTRIBUTION_FILES = ("attribution.safetensors", "attribution.json", "features.csv", "selection.json")
 
 
+def use_inputs(tracker: Tracker, trajectories_path=None, saes=(), attribution_dirs=()) -> None:
+    """Declare the artifacts a job reads, for W&B's lineage graph."""
+    if trajectories_path is not None:
+        tracker.use(artifact_name("trajectories", trajectories_path), "dataset", trajectories_path)
+    for spec in saes:
+        if spec.path:
+            tracker.use(artifact_name("sae", spec.path), "model", spec.path)
+    for directory in attribution_dirs:
+        files = attribution_files(directory)
+        if files:
+            tracker.use(artifact_name("attribution", directory), "attribution", *files)
+
+
 def attribution_files(method_dir: str | Path) -> list[Path]:
     """The files that make an attribution artifact (the result and its selection)."""
     return [Path(method_dir) / f for f in ATTRIBUTION_FILES if (Path(method_dir) / f).is_file()]

@@ -73,6 +73,12 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog):
     assert cap["prompting"]["generic"]["kl"] == 0.0 and cap["diffmean"]["generic"]["kl"] > 0
     assert "best IPG-based recipe" in board["answer"] and results["report"]["answer"] == board["answer"]
     assert "## test" in (out / "report.md").read_text()
+    from ipg_sae.tracking import read_offline_run  # the report's W&B run holds the leaderboard's numbers
+
+    run = next(r for r in read_offline_run(bench_cfg.run_dir)["runs"] if "steering_bench/answer" in r["summary"])
+    assert run["summary"]["steering_bench/answer"] == board["answer"]
+    assert run["summary"]["steering_bench/test/ipg_step/effect"] == board["splits"]["test"]["ipg_step"]["effect"][0]
+    assert {a["type"] for a in run["used"]} == {"model", "attribution"}  # lineage: the SAE and the attributions
 
     # Perturb the test data (other problems) and break its cached samples: no dev choice changes.
     before = (out / "tuning.json").read_bytes()
