@@ -390,4 +390,27 @@ def report(cfg: PathsConfig) -> dict:
            "random_latents": cfg.random_latents, "origins": cfg.origins, "methods": cfg.methods}
     write_json(out / "summary.json", doc)
     write_text(out / "report.md", markdown(cfg, doc, single))
+    log_to_wandb(cfg, doc, plots)
     return {"answer": doc["answer"], "report": str(out / "report.md"), "plots": [str(p) for p in plots]}
+
+
+def log_to_wandb(cfg: PathsConfig, doc: dict, plots: list[Path]) -> None:
+    """The report as one W&B run: the per-latent agreement table, the plots, the answer and each agreement's
+    Spearman in the summary, with the lineage from the SAE and every origin's attributions."""
+    from .tracking import Tracker, use_inputs
+
+    with Tracker(cfg.wandb, cfg.run_dir, cfg.name, "paths") as tracker:
+        use_inputs(tracker, saes=sae_specs(cfg),
+                   attribution_dirs=[method_dir(origin_dir(cfg, o), m) for o in cfg.origins for m in cfg.methods])
+        for plot in plots:
+            tracker.image(f"paths/{Path(plot).stem}", plot)
+        rows, metrics = [], {"paths/answer": doc["answer"]}
+        for origin, methods in doc["per_latent"].items():
+            for method, sides in methods.items():
+                for side, entry in sides.items():
+                    rows.append([origin, method, side, entry["n"], *entry["spearman"], entry["pearson"][0],
+                                 entry["sign"][0]])
+                    metrics[f"paths/{origin}/{method}/{side}/spearman"] = entry["spearman"][0]
+        tracker.table("paths/per_latent", ["origin", "method", "target", "n", "spearman", "lo", "hi", "pearson",
+                                           "sign_agreement"], rows)
+        tracker.summary(metrics)

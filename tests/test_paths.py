@@ -106,6 +106,11 @@ def test_paths_runs_reports_and_resumes(paths_cfg, caplog):
     assert "Single-latent removals are best predicted by" in summary["answer"]
     assert "## Per latent" in (out / "report.md").read_text()
     assert results["report"]["answer"] == summary["answer"]
+    from ipg_sae.tracking import read_offline_run  # the report's W&B run holds the summary's numbers
+
+    run = next(r for r in read_offline_run(paths_cfg.run_dir)["runs"] if "paths/answer" in r["summary"])
+    assert run["summary"]["paths/zero/ipg/heldout/spearman"] == summary["per_latent"]["zero"]["ipg"]["heldout"]["spearman"][0]
+    assert {a["type"] for a in run["used"]} == {"model", "attribution"}
     caplog.set_level(logging.INFO)
     caplog.clear()
     run_paths(paths_cfg)
