@@ -98,8 +98,14 @@ def markdown(cfg, summary: dict) -> str:
                          f"{r['degenerate'] * 100:.1f}% | {c.get('corpus', {}).get('kl', float('nan')):.4f} | "
                          f"{c.get('generic', {}).get('kl', float('nan')):.4f} | "
                          f"{c.get('generic', {}).get('ppl_ratio', float('nan')):.3f} |")
+        comparisons = summary.get("comparisons", {}).get(split, {})
+        if comparisons:  # paired by problem: IPG-based recipes against what practitioners use
+            lines += ["", "| IPG-based minus practice | difference (pts) |", "|---|---|"]
+            lines += [f"| {pair} | {_pts(diff)} |" for pair, diff in comparisons.items()]
         lines.append("")
     lines += ["![gain vs cost](gain_vs_cost.png)", "", "## Dev choices", "",
+              "Dev effects choose a setting; they are not results (the best of up to 12 noisy scores is biased "
+              "upward, and on-policy dev rests on few samples). Every setting tried is in `tuning.json`.", "",
               "| method | settings tried | chosen | dev effect (pts) | estimator | ESS |", "|---|---|---|---|---|---|"]
     for method in cfg.methods:
         rows = [r for r in tuning["rows"] if r["method"] == method]

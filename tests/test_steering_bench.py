@@ -72,7 +72,9 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog):
     cap = json.loads((out / "capability.json").read_text())
     assert cap["prompting"]["generic"]["kl"] == 0.0 and cap["diffmean"]["generic"]["kl"] > 0
     assert "best IPG-based recipe" in board["answer"] and results["report"]["answer"] == board["answer"]
-    assert "## test" in (out / "report.md").read_text()
+    report_md = (out / "report.md").read_text()
+    assert "## test" in report_md
+    assert f"| ipg_step - diffmean | {board['comparisons']['test']['ipg_step - diffmean'][0] * 100:+.1f}" in report_md
     from ipg_sae.tracking import read_offline_run  # the report's W&B run holds the leaderboard's numbers
 
     run = next(r for r in read_offline_run(bench_cfg.run_dir)["runs"] if "steering_bench/answer" in r["summary"])
