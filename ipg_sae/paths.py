@@ -139,10 +139,14 @@ def _run_attribute(cfg: PathsConfig) -> dict:
     return out
 
 
+def _attribution_dirs(cfg: PathsConfig) -> list[Path]:
+    return [method_dir(origin_dir(cfg, o), m) for o in cfg.origins for m in cfg.methods]
+
+
 def _attribution_files(cfg: PathsConfig) -> list[Path]:
     from .tracking import attribution_files
 
-    return [f for o in cfg.origins for m in cfg.methods for f in attribution_files(method_dir(origin_dir(cfg, o), m))]
+    return [f for d in _attribution_dirs(cfg) for f in attribution_files(d)]
 
 
 STAGES = [
@@ -400,8 +404,7 @@ def log_to_wandb(cfg: PathsConfig, doc: dict, plots: list[Path]) -> None:
     from .tracking import Tracker, use_inputs
 
     with Tracker(cfg.wandb, cfg.run_dir, cfg.name, "paths") as tracker:
-        use_inputs(tracker, saes=sae_specs(cfg),
-                   attribution_dirs=[method_dir(origin_dir(cfg, o), m) for o in cfg.origins for m in cfg.methods])
+        use_inputs(tracker, saes=sae_specs(cfg), attribution_dirs=_attribution_dirs(cfg))
         for plot in plots:
             tracker.image(f"paths/{Path(plot).stem}", plot)
         rows, metrics = [], {"paths/answer": doc["answer"]}

@@ -274,17 +274,21 @@ def _baselines(cfg: SteeringBenchConfig) -> list[str]:
     return [m for m in LATENT_METHODS if m in cfg.methods and m != "ipg_topk"]
 
 
+def _attribution_dirs(cfg: SteeringBenchConfig) -> dict[str, Path]:
+    """Each attribution the recipes rank by (IPG and the baselines) -> its directory."""
+    root = _attribution_root(cfg)
+    return {m: method_dir(root, m) for m in ["ipg", *_baselines(cfg)]}
+
+
 def _attribution_files(cfg: SteeringBenchConfig) -> list[Path]:
     from .tracking import attribution_files
 
-    root = _attribution_root(cfg)
-    return [f for m in ["ipg", *_baselines(cfg)] for f in attribution_files(method_dir(root, m))]
+    return [f for d in _attribution_dirs(cfg).values() for f in attribution_files(d)]
 
 
 def _run_attribute(cfg: SteeringBenchConfig) -> dict:
     if cfg.attribution_dir:
-        missing = [m for m in ["ipg", *_baselines(cfg)] if not (method_dir(_attribution_root(cfg), m)
-                                                              / "attribution.json").is_file()]
+        missing = [m for m, d in _attribution_dirs(cfg).items() if not (d / "attribution.json").is_file()]
         if missing:
             raise IPGError(f"steering_bench.attribution_dir {cfg.attribution_dir} has no {missing[0]} attribution; "
                            "run the job that makes it first (for configs/steering_bench_smollm2.yaml: `ipg-sae study "
@@ -374,8 +378,7 @@ class Bench:
         self.inputs = Inputs.of(self.model, self.saes)
         self.store = CellStore(_bench(cfg) / "cells")
         self.reward = get_reward(cfg.reward)
-        root = _attribution_root(cfg)
-        results = {m: AttributionResult.load(method_dir(root, m)) for m in ["ipg", *_baselines(cfg)]}
+        results = {m: AttributionResult.load(d) for m, d in _attribution_dirs(cfg).items()}
         with safe_open(str(_bench(cfg) / "diffmean.safetensors"), "pt") as f:
             meta = f.metadata()
             vector = f.get_tensor("vector")
@@ -599,9 +602,8 @@ def log_to_wandb(cfg: SteeringBenchConfig, summary: dict, plot: Path) -> None:
     effect in the summary, and the lineage from the SAE and the attributions it steered with."""
     from .tracking import Tracker, use_inputs
 
-    root = _attribution_root(cfg)
     with Tracker(cfg.wandb, cfg.run_dir, cfg.name, "steering-bench") as tracker:
-        use_inputs(tracker, saes=sae_specs(cfg), attribution_dirs=[method_dir(root, m) for m in ["ipg", *_baselines(cfg)]])
+        use_inputs(tracker, saes=sae_specs(cfg), attribution_dirs=list(_attribution_dirs(cfg).values()))
         tracker.image("steering_bench/gain_vs_cost", plot)
         metrics = {"steering_bench/answer": summary["answer"]}
         for split, rows in summary["splits"].items():
