@@ -84,6 +84,8 @@ def flat_logprobs(model, saes, trajs, interventions, temperature: float, batch: 
             for i, q in enumerate(seqs):
                 ids[i, :len(q)] = torch.tensor(q)
                 mask[i, :len(q)] = 1
+            device = model.get_output_embeddings().weight.device
+            ids, mask = ids.to(device), mask.to(device)
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             for i, t in enumerate(chunk):
                 P, n = len(t.prompt_ids), len(seqs[i])

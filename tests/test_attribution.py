@@ -204,6 +204,20 @@ def test_completeness_gauss_legendre(tiny_model_dir, layers):
     assert (plain.expected.abs() > 0).all()
 
 
+def test_bfloat16_attribution_agrees_with_float64(model_dirs):
+    """bfloat16 is the default on CUDA. The splice's decoder bag runs in float32 there (CUDA has no
+    half-precision backward for its per-sample weights, found on an H200); the attributions must
+    still be those of the float64 model, up to bfloat16's precision."""
+    trajs, saes = make_trajs(), topk_saes((1,))
+    ref = attribute(load_model(str(model_dirs("llama")), dtype="float64")[0], saes, trajs, n_steps=8,
+                    progress=False).score[1]
+    half, _ = load_model(str(model_dirs("llama")), dtype="bfloat16")
+    got = attribute(half, saes, trajs, n_steps=8, progress=False).score[1]
+    assert got.isfinite().all() and got.abs().max() > 0
+    assert spearman(got, ref) > 0.9
+    assert float((got - ref).abs().max() / ref.abs().max()) < 0.1
+
+
 def test_riemann_variants_converge_to_the_same_value(models):
     model, _ = models("gpt2")
     trajs, saes = make_trajs(), topk_saes((1, 2))

@@ -647,9 +647,12 @@ class _FrozenSplice:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         B, T, K = self.idx.shape
         coef = (self.s - 1.0) * self.val
-        delta = F.embedding_bag(self.idx.reshape(B * T, K), self.w_dec.to(x.dtype),
-                                per_sample_weights=coef.reshape(B * T, K).to(x.dtype), mode="sum")
-        out = x + delta.view(B, T, -1)
+        # CUDA has no half-precision backward for per_sample_weights (bf16 fails there): in half
+        # precision the bag runs in float32, which also sums the k rows more exactly.
+        bag = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        delta = F.embedding_bag(self.idx.reshape(B * T, K), self.w_dec.to(bag),
+                                per_sample_weights=coef.reshape(B * T, K).to(bag), mode="sum")
+        out = x + delta.view(B, T, -1).to(x.dtype)
         if self.err is not None:
             eps = (x - self.recon.to(x.dtype)) * self.scope.to(x.dtype)
             out = out + (self.err - 1.0).to(x.dtype)[:, None, None] * eps
