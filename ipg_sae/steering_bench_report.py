@@ -61,11 +61,15 @@ def plot_gain_vs_cost(cfg, summary: dict, path: Path) -> Path:
             ax.annotate(name, (x, e[0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("capability cost: KL per token on generic text (nats; prompting 0, drawn at 1e-4)")
+        ax.set_xlabel("KL per token on generic text (nats)")
         ax.set_ylabel(f"{cfg.reward} effect vs no steering (points, on-policy)")
         ax.set_title(split)
     fig.suptitle(f"steering: {cfg.reward} gain against capability cost (red: IPG-based, blue: DiffMean and prompting, "
                  "grey: other baselines and nulls)", fontsize=9)
+    # One note under both panels: per-panel notes this long overlap each other.
+    fig.text(0.5, 0.005, "capability cost: KL per token to the unsteered model on generic text; prompting costs 0 "
+             "and is drawn at 1e-4", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     return save_figure(fig, path)
 
 
