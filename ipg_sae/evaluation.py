@@ -334,6 +334,17 @@ def evaluate(model, tokenizer, saes, problems: list[Problem], prompts: list[str]
     return result
 
 
+def unsteered_trajectories(model, tokenizer, problems: list[Problem], prompts: list[str], cfg: EvalConfig, seed: int,
+                           out_dir: str | Path | None = None, reward: Reward | str | None = None,
+                           progress: bool = True) -> list[Trajectory]:
+    """The unsteered samples of ``seed`` exactly as :func:`evaluate` draws them (its base cell, kept in and read back
+    from ``out_dir``'s store): to check samples drawn elsewhere against the evaluation path token for token."""
+    cfg.validate()
+    reward = get_reward(reward if reward is not None else cfg.reward)
+    harness = _Harness(model, tokenizer, {}, problems, prompts, cfg, reward, out_dir, progress)
+    return harness.sampled(Cell(BASE, None, seed))
+
+
 class _Harness:
     """The held-out problems, the model, and the store its cells are kept in."""
 

@@ -39,7 +39,7 @@ from .cells import BASE, CellStore, Inputs, LogprobCells
 from .config import JobConfig
 from .digest import json_digest
 from .errors import IPGError
-from .evaluation import EvalConfig, PerProblem, degenerate_flags, evaluate
+from .evaluation import EvalConfig, PerProblem, degenerate_flags, evaluate, unsteered_trajectories
 from .faithfulness import TrajectoryScorer, estimate
 from .io import read_json, write_json, write_text
 from .jobs import AttributeJobConfig, SelectionConfig, check_baselines, method_dir, run_attribute
@@ -86,6 +86,7 @@ class StudyConfig(JobConfig):
     confirm_samples: int = 4  # on-policy samples per problem and seed for the confirmation cells
     confirm_seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # x confirm_samples = 16 per problem
     confirm_null_sets: int = 5  # sets of each new null (push, permutation) confirmed on-policy, per gamma
+    confirm_other_rewards: bool = True  # also sample each other reward's IPG set and sign control on-policy
     n_bootstrap: int = 2000
     min_ess: float = 0.25
     problems_per_batch: int = 8
@@ -202,7 +203,7 @@ STAGES = [
                               c.n_bootstrap, c.min_ess, c.scope, c.push_null_sets, c.permutation_sets, c.sign_control),
           lambda c: score(c),
           outputs=lambda c: [c.run_dir / "study" / "scores.json"]),
-    Stage("confirm", lambda c: (c.confirm_samples, c.confirm_seeds, c.confirm_null_sets), lambda c: confirm(c),
+    Stage("confirm", lambda c: (c.confirm_samples, c.confirm_seeds, c.confirm_null_sets, c.confirm_other_rewards), lambda c: confirm(c),
           outputs=lambda c: [c.run_dir / "study" / "confirm.json"]),
     Stage("report", lambda c: (), lambda c: report(c),
           outputs=lambda c: [c.run_dir / "study" / f for f in ("report.md", "summary.json")]),
@@ -404,72 +405,124 @@ def summarize(cfg: StudyConfig, scores: dict) -> dict:
 
 
 def confirmation_cells(cfg: StudyConfig, summary: dict, scores: dict) -> list[dict]:
-    """The cells sampled on-policy (first reward), at every gamma: IPG's headline set, the best baseline's,
-    the sign control and the first ``confirm_null_sets`` sets of the push and permutation nulls; each with
-    its off-policy estimate, per problem."""
-    reward = cfg.rewards[0]
-    res, cells = summary[reward], scores["cells"][reward]
-    base = np.array(scores["base"][reward]["reward"])
+    """The cells sampled on-policy, at every gamma: for the first reward IPG's headline set, the best baseline's,
+    the sign control and the first ``confirm_null_sets`` sets of the push and permutation nulls; for each other
+    reward (``confirm_other_rewards``) IPG's headline set and the sign control. Each with its off-policy estimate,
+    per problem."""
     out = []
-    for gamma in map(str, cfg.gammas):
-        chosen = [("ipg", f"ipg|k{cfg.k}", "ipg headline")]
-        baselines = [m for m in res["methods"] if m != "ipg"]
-        if baselines:
-            best = max(baselines, key=lambda m: predicted_direction(float(gamma)) * res["methods"][m][gamma]["effect"])
-            chosen.append((best, f"{best}|k{cfg.k}", "best baseline"))
-        if f"ipg_bottom|k{cfg.k}" in cells:
-            chosen.append(("ipg_bottom", f"ipg_bottom|k{cfg.k}", "sign control"))
-        for kind in ("push", "permutation"):
-            labels = _null_labels(cells, kind, cfg.k)[:cfg.confirm_null_sets]
-            chosen += [(label.split("|")[0], label, f"{kind} null") for label in labels]
-        for name, label, why in chosen:
-            off = np.array(cells[label][gamma]["reward"])
-            out.append({"reward": reward, "set": f"{name}-k{cfg.k}", "gamma": float(gamma), "why": why,
-                        "latents": cells[label][gamma]["latents"], "off_policy_effect": float(off.mean() - base.mean()),
-                        "off_policy_per_problem": (off - base).tolist()})
+    for reward in cfg.rewards if cfg.confirm_other_rewards else cfg.rewards[:1]:
+        headline = reward == cfg.rewards[0]
+        res, cells = summary[reward], scores["cells"][reward]
+        base = np.array(scores["base"][reward]["reward"])
+        for gamma in map(str, cfg.gammas):
+            chosen = [("ipg", f"ipg|k{cfg.k}", "ipg headline")]
+            baselines = [m for m in res["methods"] if m != "ipg"]
+            if baselines and headline:
+                best = max(baselines,
+                           key=lambda m: predicted_direction(float(gamma)) * res["methods"][m][gamma]["effect"])
+                chosen.append((best, f"{best}|k{cfg.k}", "best baseline"))
+            if f"ipg_bottom|k{cfg.k}" in cells:
+                chosen.append(("ipg_bottom", f"ipg_bottom|k{cfg.k}", "sign control"))
+            for kind in ("push", "permutation") if headline else ():
+                labels = _null_labels(cells, kind, cfg.k)[:cfg.confirm_null_sets]
+                chosen += [(label.split("|")[0], label, f"{kind} null") for label in labels]
+            for name, label, why in chosen:
+                off = np.array(cells[label][gamma]["reward"])
+                out.append({"reward": reward, "set": f"{name}-k{cfg.k}", "gamma": float(gamma), "why": why,
+                            "latents": cells[label][gamma]["latents"],
+                            "off_policy_effect": float(off.mean() - base.mean()),
+                            "off_policy_per_problem": (off - base).tolist()})
     return out
 
 
 def confirm(cfg: StudyConfig) -> dict:
     """On-policy effects of the confirmation cells: each sampled under its steering with the same seeds as an
     unsteered run (``confirm_seeds`` x ``confirm_samples`` per problem), the effect paired by problem (and,
-    with the loop sampler, by each sample's random stream); beside each, its off-policy estimate and the
-    calibration across cells (on-policy effect against off-policy effect)."""
+    with the loop sampler, by each sample's random stream); beside each, its off-policy estimate and, per reward,
+    the calibration across cells (on-policy effect against off-policy effect). Also checks that the evaluation
+    path regenerates the held-out samples token for token (:func:`regeneration_check`)."""
     scores = read_json(cfg.run_dir / "study" / "scores.json")
     summary = summarize(cfg, scores)
     model, tokenizer = load_model(cfg.model)
     saes = load_saes(sae_specs(cfg), model)
     problems = load_problems(cfg.heldout)
     prompts = build_prompts(tokenizer, problems, cfg.heldout)
-    sampling = dataclasses.replace(cfg.heldout_sampling, n_samples=cfg.confirm_samples)
     cells = confirmation_cells(cfg, summary, scores)
-    boot = dict(n_boot=cfg.n_bootstrap, confidence=0.95)
-    reward = cells[0]["reward"]
+    results, calibrations, unsteered = [], {}, {}
+    for reward in dict.fromkeys(c["reward"] for c in cells):
+        mine = [c for c in cells if c["reward"] == reward]
+        table = _sample_cells(cfg, model, tokenizer, saes, problems, prompts, reward, mine, scores["problem_ids"])
+        base = _per_problem(table, BASE, None)
+        unsteered[reward] = {m: float(v.mean()) for m, v in base.items()}
+        results += [_on_policy_effect(cfg, c, table, base) for c in mine]
+        calibrations[reward] = calibration([r for r in results if r["reward"] == reward])
+        if reward == cfg.rewards[0]:
+            regeneration = regeneration_check(cfg, model, tokenizer, problems, prompts, scores["problem_ids"], base)
+            seeds = {}  # the unsteered accuracy seed by seed: how far two samplings of one policy differ
+            for r in table.rows([BASE], None):
+                seeds.setdefault(str(r["seed"]), []).append(float(r["correct"]))
+            regeneration["unsteered_accuracy_by_seed"] = {s: float(np.mean(v)) for s, v in seeds.items()}
+    doc = {"cells": results, "unsteered": unsteered, "calibration": calibrations, "regeneration": regeneration,
+           "seeds": list(cfg.confirm_seeds), "samples_per_problem": cfg.confirm_samples * len(cfg.confirm_seeds)}
+    write_json(cfg.run_dir / "study" / "confirm.json", doc)
+    return {"cells": len(results), "agree": sum(r["agree"] for r in results),
+            "calibration": calibrations, "token_identical": regeneration["token_identical"]}
+
+
+def _sample_cells(cfg: StudyConfig, model, tokenizer, saes, problems, prompts, reward: str, cells: list[dict],
+                  problem_ids: list[str]) -> PerProblem:
+    """Sample one reward's confirmation cells and their unsteered run on-policy; the per-problem table."""
+    sampling = dataclasses.replace(cfg.heldout_sampling, n_samples=cfg.confirm_samples)
     sets = {c["set"]: [tuple(p) for p in c["latents"]] for c in cells}  # a null's sets serve every gamma
     ev = EvalConfig(estimator="sampling", gammas=sorted({c["gamma"] for c in cells}), seeds=list(cfg.confirm_seeds),
                     k=None, target=cells[0]["set"], n_random_sets=0, sampling=sampling, reward=reward,
                     task=cfg.heldout, n_bootstrap=cfg.n_bootstrap)
     result = evaluate(model, tokenizer, saes, problems, prompts, sets, ev, progress=True,
                       out_dir=cfg.run_dir / "study" / "confirm" / slug(reward))
-    table = PerProblem(result.samples, scores["problem_ids"])
-    base = _per_problem(table, BASE, None)
-    unsteered = {m: float(v.mean()) for m, v in base.items()}
-    results = []
-    for c in cells:
-        on = _per_problem(table, c["set"], c["gamma"])
-        effect = bootstrap(on["reward"], base["reward"], **boot)
-        gap = bootstrap(on["reward"] - base["reward"], np.array(c.pop("off_policy_per_problem")), **boot)
-        results.append({**c, "on_policy_effect": list(effect), "on_minus_off": list(gap),
-                        "agree": bool(gap[1] <= 0 <= gap[2]), "on_policy_value": float(on["reward"].mean()),
-                        "accuracy": float(on["correct"].mean()), "length": float(on["length"].mean()),
-                        "parsed": float(on["parsed"].mean()), "degenerate": float(on["degenerate"].mean()),
-                        "samples": int(on["n"].sum())})
-        log.info("confirm %s x%g (%s): on-policy effect %.3f [%.3f, %.3f], off-policy %.3f", c["set"], c["gamma"],
-                 c["why"], *effect, c["off_policy_effect"])
-    doc = {"cells": results, "unsteered": unsteered, "calibration": calibration(results),
-           "seeds": list(cfg.confirm_seeds), "samples_per_problem": cfg.confirm_samples * len(cfg.confirm_seeds)}
-    write_json(cfg.run_dir / "study" / "confirm.json", doc)
-    return {"cells": len(results), "agree": sum(r["agree"] for r in results), **doc["calibration"]}
+    return PerProblem(result.samples, problem_ids)  # in the order of the off-policy estimates
+
+
+def _on_policy_effect(cfg: StudyConfig, c: dict, table: PerProblem, base: dict[str, np.ndarray]) -> dict:
+    """One cell's on-policy effect (steered minus unsteered, paired by problem) beside its off-policy estimate."""
+    boot = dict(n_boot=cfg.n_bootstrap, confidence=0.95)
+    on = _per_problem(table, c["set"], c["gamma"])
+    effect = bootstrap(on["reward"], base["reward"], **boot)
+    gap = bootstrap(on["reward"] - base["reward"], np.array(c["off_policy_per_problem"]), **boot)
+    log.info("confirm %s x%g (%s, %s): on-policy effect %.3f [%.3f, %.3f], off-policy %.3f", c["set"], c["gamma"],
+             c["why"], c["reward"], *effect, c["off_policy_effect"])
+    return {**{k: v for k, v in c.items() if k != "off_policy_per_problem"}, "on_policy_effect": list(effect),
+            "on_minus_off": list(gap), "agree": bool(gap[1] <= 0 <= gap[2]), "on_policy_value": float(on["reward"].mean()),
+            "accuracy": float(on["correct"].mean()), "length": float(on["length"].mean()),
+            "parsed": float(on["parsed"].mean()), "degenerate": float(on["degenerate"].mean()),
+            "samples": int(on["n"].sum())}
+
+
+def regeneration_check(cfg: StudyConfig, model, tokenizer, problems, prompts, problem_ids: list[str],
+                       unsteered: dict[str, np.ndarray]) -> dict:
+    """Are the held-out samples (the heldout stage, which every off-policy estimate rests on) what the evaluation
+    path draws with the same settings? Regenerates them through :func:`ipg_sae.evaluation.unsteered_trajectories`
+    and compares token ids sample by sample; then the on-policy unsteered run (other seeds) against the held-out
+    samples, paired by problem: the gap a reader sees between the two unsteered accuracies, with its interval."""
+    stored = load_trajectories(reward_dir(cfg, cfg.rewards[0]) / "heldout.jsonl")
+    s = cfg.heldout_sampling
+    ev = EvalConfig(estimator="sampling", gammas=[0.0], seeds=[s.seed], n_random_sets=0, sampling=s,
+                    reward=cfg.rewards[0], task=cfg.heldout, n_bootstrap=cfg.n_bootstrap)
+    again = {(t.prompt_id, t.sample_index): t for t in unsteered_trajectories(
+        model, tokenizer, problems, prompts, ev, s.seed, out_dir=cfg.run_dir / "study" / "confirm" / "regenerated")}
+    same = [(t.prompt_id, t.sample_index) in again and again[(t.prompt_id, t.sample_index)].prompt_ids == t.prompt_ids
+            and again[(t.prompt_id, t.sample_index)].completion_ids == t.completion_ids for t in stored]
+    differs = [t.id for t, ok in zip(stored, same) if not ok]
+    ids, groups = prompt_groups([t.prompt_id for t in stored])
+    order = {pid: j for j, pid in enumerate(ids)}
+    held = np.array([np.mean([stored[i].correct for i in groups[order[pid]]]) for pid in problem_ids])
+    gap = bootstrap(unsteered["correct"], held, n_boot=cfg.n_bootstrap, confidence=0.95)
+    out = {"samples": len(stored), "token_identical": sum(same), "differing": differs[:10],
+           "stored_accuracy": float(np.mean([t.correct for t in stored])),
+           "regenerated_accuracy": float(np.mean([t.correct for t in again.values()])),
+           "heldout_seed": s.seed, "unsteered_minus_heldout_accuracy": list(gap)}
+    log.info("confirm: the evaluation path regenerates %d of %d held-out samples token for token; on-policy unsteered "
+             "accuracy minus held-out %.3f [%.3f, %.3f]", sum(same), len(stored), *gap)
+    return out
 
 
 def _per_problem(table: PerProblem, name: str, gamma: float | None) -> dict[str, np.ndarray]:
@@ -522,7 +575,8 @@ def report(cfg: StudyConfig) -> dict:
            "samples_per_problem": scores["samples_per_problem"], "null_sets": cfg.null_sets,
            "curve_null_sets": cfg.curve_null_sets, "rewards": compact, "confirmation": confirmation,
            "answer": {reward: answer(cfg, reward, summary[reward]) for reward in summary},
-           "calibration": confirmed.get("calibration"), "confirm_samples_per_problem": confirmed.get("samples_per_problem")}
+           "calibration": confirmed.get("calibration"), "confirm_samples_per_problem": confirmed.get("samples_per_problem"),
+           "unsteered_on_policy": confirmed.get("unsteered"), "regeneration": confirmed.get("regeneration")}
     write_json(out / "summary.json", doc)
     write_text(out / "report.md", markdown(cfg, summary, confirmation, doc))
     with Tracker(cfg.wandb, cfg.run_dir, cfg.name, "study") as tracker:
@@ -535,6 +589,11 @@ def report(cfg: StudyConfig) -> dict:
                      r["ess_mean"]] for m, rs in res["methods"].items() for g, r in rs.items()]
             tracker.table(f"study/{reward}", ["reward", "method", "gamma", "effect", "lo", "hi", "null_percentile",
                                               "p_value", "ess"], rows)
+        if confirmation:
+            tracker.table("study/on_policy", ["reward", "set", "gamma", "why", "on_policy_effect", "lo", "hi",
+                                              "off_policy_effect", "parsed", "degenerate"],
+                          [[c["reward"], c["set"], c["gamma"], c["why"], *c["on_policy_effect"], c["off_policy_effect"],
+                            c["parsed"], c["degenerate"]] for c in confirmation])
     return {"answer": doc["answer"], "report": str(out / "report.md")}
 
 

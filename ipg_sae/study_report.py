@@ -175,24 +175,44 @@ def markdown(cfg, summary: dict, confirmation: list, doc: dict) -> str:
         lines += controls_markdown(cfg, reward, res)
         lines += ["", f"![curves](curves_{slug(reward)}.png)", "", f"![null](null_{slug(reward)}.png)", ""]
     if confirmation:
-        cal = doc.get("calibration") or {}
-        lines += ["## On-policy effects", "",
-                  f"Each cell sampled under its steering at {doc.get('confirm_samples_per_problem', '?')} samples per "
-                  "problem (seeds x samples), paired by problem and seed with an unsteered run of the same seeds; the "
-                  "effect is steered minus unsteered, with a 95% paired bootstrap interval over problems. Beside it, "
-                  "the off-policy estimate of the same effect and the difference (paired by problem).", "",
+        lines += on_policy_markdown(confirmation, doc)
+    return "\n".join(lines)
+
+
+def on_policy_markdown(confirmation: list, doc: dict) -> list[str]:
+    """The on-policy effects, per reward with its calibration, and the regeneration check of the held-out samples."""
+    lines = ["## On-policy effects", "",
+             f"Each cell sampled under its steering at {doc.get('confirm_samples_per_problem', '?')} samples per "
+             "problem (seeds x samples), paired by problem and seed with an unsteered run of the same seeds; the "
+             "effect is steered minus unsteered, with a 95% paired bootstrap interval over problems. Beside it, "
+             "the off-policy estimate of the same effect and the difference (paired by problem).", ""]
+    for reward in dict.fromkeys(c["reward"] for c in confirmation):
+        unsteered = (doc.get("unsteered_on_policy") or {}).get(reward, {})
+        lines += [f"### {reward}", "", f"Unsteered on-policy: {METRIC.get(reward, ('reward',))[0]} "
+                  f"{fmt(reward, unsteered['reward'])}." if unsteered else "", "",
                   "| cell | gamma | why | on-policy effect [95% CI] | off-policy effect | on - off [95% CI] | parsed "
                   "| degenerate |", "|---|---|---|---|---|---|---|---|"]
-        for c in confirmation:
-            r = c["reward"]
+        for c in (c for c in confirmation if c["reward"] == reward):
             e, d = c["on_policy_effect"], c["on_minus_off"]
-            lines.append(f"| {c['set']} | {c['gamma']:g} | {c['why']} | {fmt(r, e[0], True)} [{fmt(r, e[1], True)}, "
-                         f"{fmt(r, e[2], True)}] | {fmt(r, c['off_policy_effect'], True)} | {fmt(r, d[0], True)} "
-                         f"[{fmt(r, d[1], True)}, {fmt(r, d[2], True)}] | {share(c['parsed'])} | "
+            lines.append(f"| {c['set']} | {c['gamma']:g} | {c['why']} | {fmt(reward, e[0], True)} "
+                         f"[{fmt(reward, e[1], True)}, {fmt(reward, e[2], True)}] | "
+                         f"{fmt(reward, c['off_policy_effect'], True)} | {fmt(reward, d[0], True)} "
+                         f"[{fmt(reward, d[1], True)}, {fmt(reward, d[2], True)}] | {share(c['parsed'])} | "
                          f"{share(c['degenerate'])} |")
+        cal = (doc.get("calibration") or {}).get(reward) or {}
         if cal.get("slope") is not None:
-            r = confirmation[0]["reward"]
-            lines += ["", f"Calibration over the {cal['cells']} cells: on-policy effect = {cal['slope']:.2f} x off-policy "
-                      f"effect {fmt(r, cal['intercept'], True)} (correlation {cal['correlation']:.2f})."]
+            lines += ["", f"Calibration over the {cal['cells']} cells: on-policy effect = {cal['slope']:.2f} x "
+                      f"off-policy effect {fmt(reward, cal['intercept'], True)} (correlation {cal['correlation']:.2f})."]
         lines.append("")
-    return "\n".join(lines)
+    check = doc.get("regeneration")
+    if check:
+        gap = check["unsteered_minus_heldout_accuracy"]
+        lines += ["### The held-out samples, regenerated", "",
+                  f"The evaluation path (the on-policy sampler) regenerated {check['token_identical']} of the "
+                  f"{check['samples']} held-out samples (seed {check['heldout_seed']}) token for token "
+                  f"(accuracy {check['stored_accuracy']:.1%} stored, {check['regenerated_accuracy']:.1%} regenerated). "
+                  f"The on-policy unsteered run (other seeds) minus the held-out samples, paired by problem: "
+                  f"{gap[0] * 100:+.1f} pts [{gap[1] * 100:+.1f}, {gap[2] * 100:+.1f}]; the on-policy unsteered "
+                  "accuracy seed by seed: " + ", ".join(f"{a:.1%} (seed {s})" for s, a in
+                                                       check.get("unsteered_accuracy_by_seed", {}).items()) + ".", ""]
+    return lines

@@ -79,8 +79,17 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
         assert effect[1] <= effect[0] <= effect[2] and gap[1] <= gap[0] <= gap[2]
         assert c["samples"] == 3 * 2 * 4  # problems x confirm_samples x the 4 confirm_seeds
         assert 0 <= c["parsed"] <= 1 and 0 <= c["degenerate"] <= 1
-    assert set(summary["calibration"]) == {"slope", "intercept", "correlation", "cells"}
-    assert summary["calibration"]["cells"] == len(cells)
+    first, second = study_cfg.rewards
+    assert {c["why"] for c in cells if c["reward"] == second} == {"ipg headline", "sign control"}  # other rewards
+    for reward in (first, second):  # calibration per reward, over that reward's cells
+        assert set(summary["calibration"][reward]) == {"slope", "intercept", "correlation", "cells"}
+        assert summary["calibration"][reward]["cells"] == sum(c["reward"] == reward for c in cells)
+    check = summary["regeneration"]  # the evaluation path draws the held-out samples token for token
+    assert check["samples"] == 3 * 3 and check["token_identical"] == 9 and check["differing"] == []
+    assert check["stored_accuracy"] == check["regenerated_accuracy"]
+    assert set(check["unsteered_accuracy_by_seed"]) == {str(s) for s in study_cfg.confirm_seeds}
+    gap = check["unsteered_minus_heldout_accuracy"]
+    assert gap[1] <= gap[0] <= gap[2]
     rows = (out / "confirm" / "tests.test_pipeline_text_length_mod_7" / "samples.csv").read_text().splitlines()
     assert len(rows) - 1 >= 3 * 2 * 4 * (1 + len({(c["set"], c["gamma"]) for c in cells}))  # every cell's rows kept
     assert "## On-policy effects" in (out / "report.md").read_text()
@@ -90,6 +99,28 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
     caplog.clear()
     run_study(study_cfg)
     assert sum("already done" in r.getMessage() for r in caplog.records) == 7
+
+
+def test_regeneration_check_finds_a_sample_that_differs(study_cfg):
+    """The check compares tokens: one held-out sample edited on disk is reported, the others still match."""
+    import numpy as np
+
+    from ipg_sae.models import load_model
+    from ipg_sae.study import regeneration_check, reward_dir, sample_stage
+    from ipg_sae.tasks import build_prompts, load_problems
+    from ipg_sae.trajectories import load_trajectories, save_trajectories
+
+    sample_stage(study_cfg, study_cfg.heldout, study_cfg.heldout_sampling, "heldout.jsonl")  # the heldout stage
+    path = reward_dir(study_cfg, study_cfg.rewards[0]) / "heldout.jsonl"
+    stored = load_trajectories(path)
+    stored[4].completion_ids = stored[4].completion_ids[:-1] + [stored[4].completion_ids[-1] + 1]
+    save_trajectories(path, stored)
+    model, tokenizer = load_model(study_cfg.model)
+    problems = load_problems(study_cfg.heldout)
+    prompts = build_prompts(tokenizer, problems, study_cfg.heldout)
+    check = regeneration_check(study_cfg, model, tokenizer, problems, prompts, [p.id for p in problems],
+                               {"correct": np.full(len(problems), 0.5)})
+    assert check["samples"] == 9 and check["token_identical"] == 8 and check["differing"] == [stored[4].id]
 
 
 def test_study_config_is_checked_before_any_work(tmp_path):
