@@ -199,6 +199,17 @@ def on_policy_markdown(confirmation: list, doc: dict) -> list[str]:
                          f"{fmt(reward, c['off_policy_effect'], True)} | {fmt(reward, d[0], True)} "
                          f"[{fmt(reward, d[1], True)}, {fmt(reward, d[2], True)}] | {share(c['parsed'])} | "
                          f"{share(c['degenerate'])} |")
+        contrasts = doc.get("contrasts") if reward == confirmation[0]["reward"] else None
+        if contrasts:
+            lines += ["", "IPG's headline set against the other confirmed cells at the same gamma, on-policy, paired "
+                      "by problem (a null's row: the mean of its confirmed sets; the interval covers problems and "
+                      "samples, not the draw of those few sets; rank: IPG's place among them in the predicted "
+                      "direction, 1 = first):", "", "| gamma | against | sets | IPG minus [95% CI] | IPG's rank |",
+                      "|---|---|---|---|---|"]
+            for c in contrasts:
+                d = c["ipg_minus"]
+                lines.append(f"| {c['gamma']:g} | {c['against']} | {c['sets']} | {fmt(reward, d[0], True)} "
+                             f"[{fmt(reward, d[1], True)}, {fmt(reward, d[2], True)}] | {c['rank']} of {c['sets'] + 1} |")
         cal = (doc.get("calibration") or {}).get(reward) or {}
         if cal.get("slope") is not None:
             lines += ["", f"Calibration over the {cal['cells']} cells: on-policy effect = {cal['slope']:.2f} x "

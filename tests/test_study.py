@@ -84,6 +84,14 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
     for reward in (first, second):  # calibration per reward, over that reward's cells
         assert set(summary["calibration"][reward]) == {"slope", "intercept", "correlation", "cells"}
         assert summary["calibration"][reward]["cells"] == sum(c["reward"] == reward for c in cells)
+    effect = {(c["set"], c["gamma"]): c["on_policy_effect"][0] for c in cells if c["reward"] == first}
+    for c in summary["contrasts"]:  # IPG minus a group on-policy: the difference of their effects (same unsteered run)
+        group = [e for (name, g), e in effect.items() if g == c["gamma"] and
+                 next(x["why"] for x in cells if x["set"] == name and x["reward"] == first) == c["against"]]
+        assert len(group) == c["sets"] and 1 <= c["rank"] <= c["sets"] + 1
+        assert c["ipg_minus"][0] == pytest.approx(effect[("ipg-k2", c["gamma"])] - sum(group) / len(group))
+    assert {c["against"] for c in summary["contrasts"]} == {"best baseline", "sign control", "push null",
+                                                           "permutation null"}
     check = summary["regeneration"]  # the evaluation path draws the held-out samples token for token
     assert check["samples"] == 3 * 3 and check["token_identical"] == 9 and check["differing"] == []
     assert check["stored_accuracy"] == check["regenerated_accuracy"]
