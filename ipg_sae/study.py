@@ -51,7 +51,7 @@ from .saes import load_saes
 from .selection import permuted_rankings, select
 from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_job_stages, sae_specs
 from .stats import area_under_curve, bootstrap, null_rank, predicted_direction
-from .study_report import answer, markdown, plot_curves, plot_null, slug
+from .study_report import answer, markdown, plot_calibration, plot_curves, plot_null, slug
 from .tasks import TaskConfig, build_prompts, load_problems
 from .trajectories import Trajectory, load_trajectories, prompt_groups, save_trajectories
 
@@ -587,6 +587,8 @@ def report(cfg: StudyConfig) -> dict:
     for reward, res in summary.items():
         plots[f"curves_{slug(reward)}"] = plot_curves(cfg, reward, res, out / f"curves_{slug(reward)}.png")
         plots[f"null_{slug(reward)}"] = plot_null(cfg, reward, res, out / f"null_{slug(reward)}.png")
+    if confirmation:
+        plots["calibration"] = plot_calibration(confirmation, out / "calibration.png")
     compact = {reward: {"base": res["base"], "null_size": {g: n["n"] for g, n in res["null"].items()},
                         "null_mean_ess": {g: n["mean_ess"] for g, n in res["null"].items()},
                         "methods": {m: {g: {k: v for k, v in row.items() if k != "latents"} for g, row in rows.items()}

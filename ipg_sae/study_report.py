@@ -82,6 +82,42 @@ def plot_null(cfg, reward: str, res: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+WHY_COLOR = {"ipg headline": "C3", "best baseline": "C0", "sign control": "C2", "push null": "C7",
+             "permutation null": "C1"}
+
+
+def plot_calibration(confirmation: list, path: Path) -> Path:
+    """Per reward, each confirmed cell's on-policy effect (95% interval) against its off-policy estimate, coloured by
+    why it was confirmed, with the line on = off: how far the screen can be trusted, and where IPG sits."""
+    plt = pyplot()
+    rewards = list(dict.fromkeys(c["reward"] for c in confirmation))
+    fig, axes = plt.subplots(1, len(rewards), figsize=(5.0 * len(rewards), 4.4), squeeze=False)
+    for ax, reward in zip(axes[0], rewards):
+        cells = [c for c in confirmation if c["reward"] == reward]
+        _, _, scale_, unit = METRIC.get(reward, ("reward", "", 1, ""))
+        seen = set()
+        for c in cells:
+            on = np.array(c["on_policy_effect"]) * scale_
+            marker = "o" if c["gamma"] < 1 else "^"
+            label = c["why"] if c["why"] not in seen else None
+            seen.add(c["why"])
+            ax.errorbar(c["off_policy_effect"] * scale_, on[0], yerr=[[on[0] - on[1]], [on[2] - on[0]]], fmt=marker,
+                        ms=6 if c["why"] == "ipg headline" else 4, capsize=2, color=WHY_COLOR.get(c["why"], "C4"),
+                        label=label)
+        xs = [c["off_policy_effect"] * scale_ for c in cells] + [c["on_policy_effect"][i] * scale_ for c in cells
+                                                                for i in (1, 2)]
+        lo, hi = min(xs + [0.0]), max(xs + [0.0])
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="on = off")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        unit = f" ({unit})" if unit else ""
+        ax.set_xlabel(f"off-policy estimate of the effect{unit}")
+        ax.set_ylabel(f"on-policy effect, 95% CI{unit}")
+        ax.set_title(f"{reward}\no removal (gamma 0), ^ amplification", fontsize=9)
+        ax.legend(fontsize=7, loc="best")
+    return save_figure(fig, path)
+
+
 def answer(cfg, reward: str, res: dict) -> str:
     """One sentence: does IPG's set beat the matched null, with the interval, and which method did best."""
     parts = []
@@ -215,6 +251,7 @@ def on_policy_markdown(confirmation: list, doc: dict) -> list[str]:
             lines += ["", f"Calibration over the {cal['cells']} cells: on-policy effect = {cal['slope']:.2f} x "
                       f"off-policy effect {fmt(reward, cal['intercept'], True)} (correlation {cal['correlation']:.2f})."]
         lines.append("")
+    lines += ["![on-policy effect against the off-policy estimate](calibration.png)", ""]
     check = doc.get("regeneration")
     if check:
         gap = check["unsteered_minus_heldout_accuracy"]

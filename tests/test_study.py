@@ -48,7 +48,7 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
     results = run_study(study_cfg)
     out = study_cfg.run_dir / "study"
     for name in ("scores.json", "confirm.json", "summary.json", "report.md",
-                 "curves_tests.test_pipeline_text_length_mod_7.png"):
+                 "curves_tests.test_pipeline_text_length_mod_7.png", "calibration.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     length = summary["rewards"]["tests.test_pipeline:text_length_mod_7"]
