@@ -203,7 +203,8 @@ STAGES = [
                               c.n_bootstrap, c.min_ess, c.scope, c.push_null_sets, c.permutation_sets, c.sign_control),
           lambda c: score(c),
           outputs=lambda c: [c.run_dir / "study" / "scores.json"]),
-    Stage("confirm", lambda c: (c.confirm_samples, c.confirm_seeds, c.confirm_null_sets, c.confirm_other_rewards), lambda c: confirm(c),
+    Stage("confirm", lambda c: (c.confirm_samples, c.confirm_seeds, c.confirm_null_sets, c.confirm_other_rewards),
+          lambda c: confirm(c),
           outputs=lambda c: [c.run_dir / "study" / "confirm.json"]),
     Stage("report", lambda c: (), lambda c: report(c),
           outputs=lambda c: [c.run_dir / "study" / f for f in ("report.md", "summary.json")]),
@@ -448,23 +449,21 @@ def confirm(cfg: StudyConfig) -> dict:
     problems = load_problems(cfg.heldout)
     prompts = build_prompts(tokenizer, problems, cfg.heldout)
     cells = confirmation_cells(cfg, summary, scores)
-    results, calibrations, unsteered = [], {}, {}
+    results, calibrations, unsteered, tables = [], {}, {}, {}
     for reward in dict.fromkeys(c["reward"] for c in cells):
         mine = [c for c in cells if c["reward"] == reward]
-        table = _sample_cells(cfg, model, tokenizer, saes, problems, prompts, reward, mine, scores["problem_ids"])
+        tables[reward] = table = _sample_cells(cfg, model, tokenizer, saes, problems, prompts, reward, mine,
+                                               scores["problem_ids"])
         base = _per_problem(table, BASE, None)
         unsteered[reward] = {m: float(v.mean()) for m, v in base.items()}
         results += [_on_policy_effect(cfg, c, table, base) for c in mine]
         calibrations[reward] = calibration([r for r in results if r["reward"] == reward])
-        if reward == cfg.rewards[0]:
-            regeneration = regeneration_check(cfg, model, tokenizer, problems, prompts, scores["problem_ids"], base)
-            seeds = {}  # the unsteered accuracy seed by seed: how far two samplings of one policy differ
-            for r in table.rows([BASE], None):
-                seeds.setdefault(str(r["seed"]), []).append(float(r["correct"]))
-            regeneration["unsteered_accuracy_by_seed"] = {s: float(np.mean(v)) for s, v in seeds.items()}
-            contrasts = on_policy_contrasts(cfg, mine, table)
+    first = cfg.rewards[0]
+    regeneration = regeneration_check(cfg, model, tokenizer, problems, prompts, scores["problem_ids"],
+                                      _per_problem(tables[first], BASE, None))
+    regeneration["unsteered_accuracy_by_seed"] = _accuracy_by_seed(tables[first])
     doc = {"cells": results, "unsteered": unsteered, "calibration": calibrations, "regeneration": regeneration,
-           "contrasts": contrasts,
+           "contrasts": on_policy_contrasts(cfg, [c for c in cells if c["reward"] == first], tables[first]),
            "seeds": list(cfg.confirm_seeds), "samples_per_problem": cfg.confirm_samples * len(cfg.confirm_seeds)}
     write_json(cfg.run_dir / "study" / "confirm.json", doc)
     return {"cells": len(results), "agree": sum(r["agree"] for r in results),
@@ -482,6 +481,14 @@ def _sample_cells(cfg: StudyConfig, model, tokenizer, saes, problems, prompts, r
     result = evaluate(model, tokenizer, saes, problems, prompts, sets, ev, progress=True,
                       out_dir=cfg.run_dir / "study" / "confirm" / slug(reward))
     return PerProblem(result.samples, problem_ids)  # in the order of the off-policy estimates
+
+
+def _accuracy_by_seed(table: PerProblem) -> dict[str, float]:
+    """The unsteered on-policy accuracy seed by seed: how far two samplings of one policy differ."""
+    seeds: dict[str, list[float]] = {}
+    for r in table.rows([BASE], None):
+        seeds.setdefault(str(r["seed"]), []).append(float(r["correct"]))
+    return {s: float(np.mean(v)) for s, v in seeds.items()}
 
 
 def on_policy_contrasts(cfg: StudyConfig, cells: list[dict], table: PerProblem) -> list[dict]:
