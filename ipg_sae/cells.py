@@ -225,3 +225,21 @@ class LogprobCells:
             label += f"_o{json_digest(key['origin'])[:6]}"
         compute = lambda: self.scorer.logprobs(scale_about(steer_by, gamma, about) if steer_by else [])  # noqa: E731
         return self.store.fetch(label, key, compute, LOGPROBS, name=name)
+
+    def policy_change(self) -> dict:
+        """Each SAE layer's first-order policy change per latent on these samples
+        (:meth:`ipg_sae.faithfulness.TrajectoryScorer.latent_policy_change`), kept in the store like a cell (one
+        backward pass over every sample: minutes on a real model)."""
+        computed: dict = {}
+
+        def compute(layer: int) -> torch.Tensor:
+            if not computed:
+                computed.update(self.scorer.latent_policy_change())
+            return torch.as_tensor(computed[layer], dtype=torch.float64)
+
+        out = {}
+        for layer in sorted(self.scorer.saes):
+            key = {**self.context, "measure": "first-order policy change", "layer": int(layer),
+                   **self.inputs.steered([(layer, 0)])}
+            out[layer] = self.store.fetch(f"policy_change_L{layer}", key, lambda: compute(layer), LOGPROBS).numpy()
+        return out

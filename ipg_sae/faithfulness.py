@@ -44,7 +44,7 @@ from torch import nn
 
 from .errors import IPGError
 from .kv_cache import attention_mask, repeated
-from .models import ReplayedBlock, SkippedBlock, block_hidden, decoder_layers
+from .models import ReplayedBlock, SkippedBlock, block_hidden, decoder_layers, replace_block_hidden
 from .saes import as_layer_dict
 from .stats import effective_sample_size
 from .steering import Intervention, steer, steered_positions
@@ -125,6 +125,7 @@ class TrajectoryScorer:
         self.model, self.temperature = model, float(temperature)
         self.saes = as_layer_dict(saes or {})
         self.tree = prefix_tree(trajectories)
+        self.trajectories = list(trajectories)
         self.n = len(trajectories)
         self.batch, self.rows_per_pass = max(1, problems_per_batch), max(1, rows_per_pass)
         self.scope, self.exclude_first = scope, exclude_first
@@ -187,6 +188,15 @@ class TrajectoryScorer:
             norms = decoder_matrix(sae).detach().double().norm(dim=-1).cpu()
             out[layer] = (total / max(n, 1.0) * norms).numpy()
         return out
+
+    def latent_policy_change(self, per_trajectory: bool = False) -> dict[int, np.ndarray]:
+        """Per SAE layer, how far each latent alone moves the policy on the scored trajectories, to first order:
+        the mean over trajectories of ``|d log pi_T(tau) / d gamma_i|`` at ``gamma = 1`` (scaling latent ``i`` by
+        ``gamma`` at the positions steering acts on; removal is ``gamma = 0``, so this is the first-order
+        ``|log pi'/pi|`` of removing it alone). What :func:`ipg_sae.nulls.policy_matched_sets` matches on.
+        ``per_trajectory``: the signed derivatives, ``[n, d_sae]`` per layer, in input order."""
+        return policy_change(self.model, self.trajectories, self.temperature, self.saes, self.scope,
+                             self.exclude_first, per_trajectory=per_trajectory)
 
     def _clean_segments(self, layer: int):
         """Block ``layer``'s clean output for every segment of the tree, each with (positions that count, how many
@@ -375,3 +385,75 @@ def estimate(logp_base: torch.Tensor, logp_cell: torch.Tensor, rewards: torch.Te
         ess.append(effective_sample_size(w) / len(idx))
     sd = float(log_ratio.std()) if log_ratio.numel() > 1 else 0.0
     return CellEstimate(np.array(per_prompt), np.array(ess), sd)
+
+
+# ---- each latent's first-order effect on the policy ------------------------------------------
+
+
+def policy_change(model: nn.Module, trajectories: Sequence[Trajectory], temperature: float, saes, scope: str = "all",
+                  exclude_first: bool = True, rows: int = 8, per_trajectory: bool = False) -> dict[int, np.ndarray]:
+    r"""``d log pi_T(tau) / d gamma_i`` at ``gamma = 1`` for every latent ``i`` of every SAE layer and trajectory.
+
+    Scaling latent ``i`` by ``gamma`` moves the block's output by ``(gamma - 1) f_{t,i} W_dec[i]`` at each steered
+    position ``t`` (its encoding ``f`` is computed below the layer, so it does not move), hence exactly
+
+        d log pi_T(tau) / d gamma_i = sum_t f_{t,i} (W_dec[i] . g_t),    g_t = d log pi_T(tau) / d x_t,
+
+    with one backward pass per batch of trajectories (each row's ``log pi`` depends on its own row only). Full
+    sequences, no prefix tree: a position's gradient differs per trajectory. Returns the mean over trajectories
+    of the absolute value, or (``per_trajectory``) the signed values ``[n, d_sae]``.
+    """
+    from .saes import decoder_matrix
+
+    saes = as_layer_dict(saes or {})
+    layers = sorted(saes)
+    blocks = decoder_layers(model)
+    head, base = model.get_output_embeddings(), model.base_model
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    device = next(model.parameters()).device
+    out = {layer: [] for layer in layers}
+    for start in range(0, len(trajectories), rows):
+        batch = trajectories[start:start + rows]
+        ids, real = _pad([t.prompt_ids + t.completion_ids for t in batch], device)
+        captured: dict[int, torch.Tensor] = {}
+
+        def hook(layer):
+            def fn(_module, _inputs, output):
+                h = block_hidden(output)
+                if layer == layers[0]:  # the graph starts here: nothing below is differentiated
+                    h = h.detach().requires_grad_(True)
+                    captured[layer] = h
+                    return replace_block_hidden(output, h)
+                captured[layer] = h
+            return fn
+
+        handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in layers]
+        try:
+            with torch.enable_grad():
+                hidden = base(input_ids=ids, attention_mask=real.long()).last_hidden_state
+                logp = []
+                for r, t in enumerate(batch):
+                    P, M = len(t.prompt_ids), len(t.completion_ids)
+                    z = head(hidden[r, P - 1:P + M - 1]).to(torch.promote_types(hidden.dtype, torch.float32))
+                    if softcap:
+                        z = torch.tanh(z / softcap) * softcap
+                    z = z / temperature
+                    target = ids[r, P:P + M, None]
+                    logp.append((z.gather(-1, target).squeeze(-1) - torch.logsumexp(z, -1)).sum())
+                grads = torch.autograd.grad(torch.stack(logp).sum(), [captured[layer] for layer in layers])
+        finally:
+            for h in handles:
+                h.remove()
+        positions = torch.arange(ids.shape[1], device=device)[None].expand_as(ids)
+        with torch.no_grad():
+            for layer, g in zip(layers, grads):
+                keep = steered_positions(scope, exclude_first, positions, real)
+                if scope == "generated":  # generated tokens are steered under every scope
+                    keep = real & (positions >= torch.tensor([len(t.prompt_ids) for t in batch], device=device)[:, None])
+                sae = saes[layer]
+                x = captured[layer].detach()
+                f = sae.encode(x.to(sae.W_dec.dtype)).double() * keep[..., None]
+                w = decoder_matrix(sae).detach().double()
+                out[layer].append(torch.einsum("btk,btk->bk", f, g.double() @ w.T).cpu())
+    per = {layer: torch.cat(v).numpy() for layer, v in out.items()}
+    return per if per_trajectory else {layer: np.abs(v).mean(0) for layer, v in per.items()}

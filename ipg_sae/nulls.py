@@ -20,6 +20,13 @@ resumed run draws the same sets).
   and decoder norm. A set that beats this null moved the outcome by *which* direction it
   pushed, not by how far. (The study reports the realised push of every cell, mean ``|log
   pi'/pi|`` and ESS, beside the evaluated set's, so the match can be checked where it counts.)
+* ``policy`` (:func:`policy_matched_sets`) — each latent drawn from its ten nearest neighbours (same
+  layer) in *first-order policy change*: the mean over the held-out samples of ``|d log pi(tau) /
+  d gamma_i|``, how far removing the latent alone moves each sample's log-probability, to first
+  order (:func:`ipg_sae.faithfulness.policy_change`). Push counts the residual stream; this counts
+  what the policy does with it, so a gradient-ranked set (which picks latents the policy is
+  sensitive to) is matched where push-matched sets move the policy less. A set that beats it
+  moved the outcome by the direction of its change of the policy, not by its size.
 
 Not a random draw, so not in :data:`NULLS`: the reward-permutation null
 (:func:`ipg_sae.selection.permuted_rankings`), IPG's own selection rerun with each prompt's
@@ -41,7 +48,7 @@ import numpy as np
 from .errors import IPGError
 
 Selection = list[tuple[int, int]]
-NullKind = Literal["uniform", "frequency", "push"]
+NullKind = Literal["uniform", "frequency", "push", "policy"]
 
 
 @dataclass
@@ -52,11 +59,12 @@ class LatentPool:
     active: dict[int, Any] | None = None  # per-layer mask (or counts) of latents active on the data; > 0 = active
     frequencies: dict[int, np.ndarray] | None = None  # per-layer activation frequency of every latent
     push: dict[int, np.ndarray] | None = None  # per-layer mean |f_i| * ||W_dec[i]|| on completion tokens
+    policy: dict[int, np.ndarray] | None = None  # per-layer first-order |log pi'/pi| of removing each latent alone
 
     @classmethod
     def of(cls, saes: dict, active: dict[int, Any] | None = None, frequencies: dict[int, np.ndarray] | None = None,
-           push: dict[int, np.ndarray] | None = None) -> "LatentPool":
-        return cls({layer: int(sae.cfg.d_sae) for layer, sae in saes.items()}, active, frequencies, push)
+           push: dict[int, np.ndarray] | None = None, policy: dict[int, np.ndarray] | None = None) -> "LatentPool":
+        return cls({layer: int(sae.cfg.d_sae) for layer, sae in saes.items()}, active, frequencies, push, policy)
 
 
 def uniform_sets(template: Sequence[tuple[int, int]], n: int, seed: int, pool: LatentPool) -> list[Selection]:
@@ -149,15 +157,33 @@ def push_matched_sets(template: Sequence[tuple[int, int]], n: int, seed: int, po
     """
     if pool.push is None:
         raise IPGError("a push-matched null needs each latent's push on the held-out completions (LatentPool.push)")
-    _check_layers(template, pool.push, "push values")
+    return _nearest_matched(template, n, seed, pool.push, "push values", n_near)
+
+
+def policy_matched_sets(template: Sequence[tuple[int, int]], n: int, seed: int, pool: LatentPool,
+                        n_near: int = 10) -> list[Selection]:
+    """``n`` sets, each latent drawn from the ``n_near`` latents of the same layer nearest in first-order policy
+    change (the mean over the held-out samples of ``|d log pi(tau) / d gamma_i|``,
+    :func:`ipg_sae.faithfulness.policy_change`) to one latent of ``template``; as :func:`push_matched_sets` otherwise.
+    """
+    if pool.policy is None:
+        raise IPGError("a policy-change-matched null needs each latent's first-order policy change on the held-out "
+                       "samples (LatentPool.policy)")
+    return _nearest_matched(template, n, seed, pool.policy, "policy changes", n_near)
+
+
+def _nearest_matched(template: Sequence[tuple[int, int]], n: int, seed: int, measure: dict, what: str,
+                     n_near: int) -> list[Selection]:
+    """Latent by latent, among the ``n_near`` nearest in ``log measure`` (zero matched with zero)."""
+    _check_layers(template, measure, what)
 
     def candidates(layer: int, i: int, excluded: set) -> np.ndarray:
-        push = np.asarray(pool.push[layer], dtype=float)
-        free = np.array([(layer, j) not in excluded for j in range(len(push))])
-        if push[i] <= 0:
-            return np.flatnonzero(free & (push <= 0))
-        alive = np.flatnonzero(free & (push > 0))
-        distance = np.abs(np.log(push[alive]) - np.log(push[i]))
+        size = np.asarray(measure[layer], dtype=float)
+        free = np.array([(layer, j) not in excluded for j in range(len(size))])
+        if size[i] <= 0:
+            return np.flatnonzero(free & (size <= 0))
+        alive = np.flatnonzero(free & (size > 0))
+        distance = np.abs(np.log(size[alive]) - np.log(size[i]))
         return alive[np.argsort(distance, kind="stable")[:n_near]]
 
     return _latent_by_latent(template, n, seed, candidates)
@@ -194,6 +220,7 @@ NULLS: dict[str, Callable[[Sequence[tuple[int, int]], int, int, LatentPool], lis
     "uniform": uniform_sets,
     "frequency": frequency_matched_sets,
     "push": push_matched_sets,
+    "policy": policy_matched_sets,
 }
 
 

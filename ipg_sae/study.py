@@ -79,7 +79,9 @@ class StudyConfig(JobConfig):
     null_sets: int = 50  # random sets at the headline k, per gamma, for the first reward
     other_null_sets: int = 20  # the same for the other rewards (each reward's null matches its own IPG set)
     curve_null_sets: int = 3  # random sets at every other k, per gamma (the null's band on the curves)
-    push_null_sets: int = 20  # push-matched random sets at the headline k, per gamma and reward (nulls.push_matched_sets)
+    push_null_sets: int = 20  # push-matched random sets at the headline k, per gamma (first reward; other_null_sets
+    # after, as the other nulls) (nulls.push_matched_sets)
+    policy_null_sets: int = 20  # policy-change-matched random sets, the same way (nulls.policy_matched_sets)
     permutation_sets: int = 50  # reward-permutation null sets at k, per gamma (first reward; other_null_sets after)
     sign_control: bool = True  # IPG's bottom k (most negative scores) beside its top k
     null_seed: int = 0
@@ -110,8 +112,9 @@ class StudyConfig(JobConfig):
                            "sampler with full support)")
         if self.null_sets < 1 or self.other_null_sets < 1 or self.curve_null_sets < 0:
             raise IPGError("study.null_sets and study.other_null_sets must be >= 1, study.curve_null_sets >= 0")
-        if self.push_null_sets < 0 or self.permutation_sets < 0:
-            raise IPGError("study.push_null_sets and study.permutation_sets must be >= 0 (0: that null is not drawn)")
+        if min(self.push_null_sets, self.policy_null_sets, self.permutation_sets) < 0:
+            raise IPGError("study.push_null_sets, study.policy_null_sets and study.permutation_sets must be >= 0 (0: "
+                           "that null is not drawn)")
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -200,7 +203,8 @@ STAGES = [
           lambda c: sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
           outputs=lambda c: [reward_dir(c, r) / "heldout.jsonl" for r in c.rewards]),
     Stage("score", lambda c: (c.k, c.ks, c.gammas, c.null_sets, c.other_null_sets, c.curve_null_sets, c.null_seed,
-                              c.n_bootstrap, c.min_ess, c.scope, c.push_null_sets, c.permutation_sets, c.sign_control),
+                              c.n_bootstrap, c.min_ess, c.scope, c.push_null_sets, c.permutation_sets, c.sign_control,
+                              c.policy_null_sets),
           lambda c: score(c),
           outputs=lambda c: [c.run_dir / "study" / "scores.json"]),
     Stage("confirm", lambda c: (c.confirm_samples, c.confirm_seeds, c.confirm_null_sets, c.confirm_other_rewards),
@@ -235,16 +239,20 @@ def _cells(cfg: StudyConfig, model, saes, heldout: list[Trajectory]) -> LogprobC
 
 def _control_sets(cfg: StudyConfig, reward: str, ranking: dict, pool: LatentPool,
                   n_permutations: int) -> list[tuple[str, list[tuple[int, int]]]]:
-    """The controls at the headline k: IPG's bottom k (the sign control), push-matched random sets and the
-    reward-permutation null (IPG's selection on shuffled rewards)."""
+    """The controls at the headline k: IPG's bottom k (the sign control), push-matched and policy-change-matched
+    random sets and the reward-permutation null (IPG's selection on shuffled rewards); after the first reward, each
+    null at most ``n_permutations`` sets."""
     out = []
     ipg = AttributionResult.load(method_dir(reward_dir(cfg, reward), "ipg"))
     if cfg.sign_control:
         out.append((f"ipg_bottom|k{cfg.k}", select(ipg, cfg.k, bottom=True)))
-    if cfg.push_null_sets:
-        draws = draw_sets("push", ranking["ipg"][:cfg.k], cfg.push_null_sets, cfg.null_seed + 7919, pool)
-        out += [(f"push{d}|k{cfg.k}", draw) for d, draw in enumerate(draws)]
-    n = min(cfg.permutation_sets, n_permutations) if reward != cfg.rewards[0] else cfg.permutation_sets
+    first = reward == cfg.rewards[0]
+    for kind, sets, seed in (("push", cfg.push_null_sets, 7919), ("policy", cfg.policy_null_sets, 7927)):
+        n = sets if first else min(sets, n_permutations)
+        if n:
+            draws = draw_sets(kind, ranking["ipg"][:cfg.k], n, cfg.null_seed + seed, pool)
+            out += [(f"{NULL_KINDS[kind]}{d}|k{cfg.k}", draw) for d, draw in enumerate(draws)]
+    n = cfg.permutation_sets if first else min(cfg.permutation_sets, n_permutations)
     if n:
         try:
             draws = permuted_rankings(ipg, cfg.k, n, seed=cfg.null_seed)
@@ -274,7 +282,7 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
     cells = _cells(cfg, model, saes, samples)
     base_logp = cells.logprobs([], 1.0)
     frequencies = cells.scorer.activation_frequencies()
-    pool = LatentPool.of(saes, frequencies=frequencies, push=cells.scorer.latent_push())
+    pool = LatentPool.of(saes, frequencies=frequencies, push=cells.scorer.latent_push(), policy=cells.policy_change())
     problem_ids, groups = prompt_groups([t.prompt_id for t in samples])
     stops = eos_ids(model, tokenizer)
     flags = [degenerate_flags(t, EvalConfig(), stops) for t in samples]
@@ -324,7 +332,7 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
 # ---- statistics ----------------------------------------------------------------------------
 
 
-NULL_KINDS = {"frequency": "null", "push": "push", "permutation": "perm"}  # kind -> cell label prefix
+NULL_KINDS = {"frequency": "null", "push": "push", "policy": "policy", "permutation": "perm"}  # kind -> label prefix
 
 
 def _null_labels(cells: dict, kind: str, k: int | None) -> list[str]:
@@ -424,7 +432,7 @@ def confirmation_cells(cfg: StudyConfig, summary: dict, scores: dict) -> list[di
                 chosen.append((best, f"{best}|k{cfg.k}", "best baseline"))
             if f"ipg_bottom|k{cfg.k}" in cells:
                 chosen.append(("ipg_bottom", f"ipg_bottom|k{cfg.k}", "sign control"))
-            for kind in ("push", "permutation") if headline else ():
+            for kind in ("push", "policy", "permutation") if headline else ():
                 labels = _null_labels(cells, kind, cfg.k)[:cfg.confirm_null_sets]
                 chosen += [(label.split("|")[0], label, f"{kind} null") for label in labels]
             for name, label, why in chosen:

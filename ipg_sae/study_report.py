@@ -83,7 +83,7 @@ def plot_null(cfg, reward: str, res: dict, path: Path) -> Path:
 
 
 WHY_COLOR = {"ipg headline": "C3", "best baseline": "C0", "sign control": "C2", "push null": "C7",
-             "permutation null": "C1"}
+             "policy null": "C5", "permutation null": "C1"}
 
 
 def plot_calibration(confirmation: list, path: Path) -> Path:
@@ -130,7 +130,8 @@ def answer(cfg, reward: str, res: dict) -> str:
                      f"{fmt(reward, row['hi'], True)}], {row['null_percentile']:.0f}th percentile of "
                      f"{res['null'][gamma]['n']} matched random sets (p = {row['p_value']:.2f}: "
                      f"{'beats' if beats else 'does not beat'} the null)")
-        for kind, name in (("push", "push-matched random sets"), ("permutation", "sets IPG picks on shuffled rewards")):
+        for kind, name in (("push", "push-matched random sets"), ("policy", "policy-change-matched random sets"),
+                           ("permutation", "sets IPG picks on shuffled rewards")):
             if kind in row.get("nulls", {}):
                 rank = row["nulls"][kind]
                 parts[-1] += (f"; against {res['nulls'][gamma][kind]['n']} {name}: {rank['percentile']:.0f}th "

@@ -37,7 +37,7 @@ def study_cfg(tiny_llama_dir, tmp_path, monkeypatch):
         "methods": ["ipg", "act"],
         "heldout": {**task, "offset": 500}, "heldout_sampling.n_samples": 3, "heldout_sampling.max_new_tokens": 6,
         "k": 2, "ks": [1, 2], "null_sets": 4, "other_null_sets": 3, "curve_null_sets": 2, "confirm_samples": 2, "n_bootstrap": 200,
-        "push_null_sets": 3, "permutation_sets": 5,
+        "push_null_sets": 3, "policy_null_sets": 3, "permutation_sets": 5,
     }
     return load_config(StudyConfig, None, overrides)
 
@@ -56,11 +56,13 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
     binary = summary["rewards"]["tests.test_study:text_length_is_even"]
     assert binary["null_size"] == {"0.0": 3, "2.0": 3}
     for gamma in ("0.0", "2.0"):  # the controls: push-matched sets, the reward-permutation null, the sign control
-        assert binary["nulls"][gamma]["push"]["n"] == 3 and binary["nulls"][gamma]["permutation"]["n"] == 3
+        assert {kind: null["n"] for kind, null in binary["nulls"][gamma].items()} == {
+            "frequency": 3, "push": 3, "policy": 3, "permutation": 3}
         for null in binary["nulls"][gamma].values():
             assert null["abs_log_ratio"] >= 0 and 0 <= null["parsed"] <= 1 and 0 <= null["degenerate"] <= 1
         ranks = binary["methods"]["ipg"][gamma]["nulls"]
-        assert set(ranks) == {"frequency", "push", "permutation"} and all(0 < r["p_value"] <= 1 for r in ranks.values())
+        assert set(ranks) == {"frequency", "push", "policy", "permutation"}
+        assert all(0 < r["p_value"] <= 1 for r in ranks.values())
         control = binary["sign_control"][gamma]
         assert control["lo"] <= control["effect"] <= control["hi"] and isinstance(control["as_predicted"], bool)
     report = (out / "report.md").read_text()
@@ -74,6 +76,7 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
     assert {c["why"] for c in cells} >= {"ipg headline", "best baseline", "sign control", "push null"}
     assert {c["gamma"] for c in cells} == {0.0, 2.0}
     assert sum(c["why"] == "push null" for c in cells) == 2 * 3  # confirm_null_sets (5) capped by the 3 drawn
+    assert sum(c["why"] == "policy null" for c in cells) == 2 * 3
     for c in cells:
         effect, gap = c["on_policy_effect"], c["on_minus_off"]
         assert effect[1] <= effect[0] <= effect[2] and gap[1] <= gap[0] <= gap[2]
@@ -91,7 +94,7 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
         assert len(group) == c["sets"] and 1 <= c["rank"] <= c["sets"] + 1
         assert c["ipg_minus"][0] == pytest.approx(effect[("ipg-k2", c["gamma"])] - sum(group) / len(group))
     assert {c["against"] for c in summary["contrasts"]} == {"best baseline", "sign control", "push null",
-                                                           "permutation null"}
+                                                           "policy null", "permutation null"}
     check = summary["regeneration"]  # the evaluation path draws the held-out samples token for token
     assert check["samples"] == 3 * 3 and check["token_identical"] == 9 and check["differing"] == []
     assert check["stored_accuracy"] == check["regenerated_accuracy"]
