@@ -226,7 +226,7 @@ class LogprobCells:
         compute = lambda: self.scorer.logprobs(scale_about(steer_by, gamma, about) if steer_by else [])  # noqa: E731
         return self.store.fetch(label, key, compute, LOGPROBS, name=name)
 
-    def policy_change(self) -> dict:
+    def policy_change(self, progress: bool = False) -> dict:
         """Each SAE layer's first-order policy change per latent on these samples
         (:meth:`ipg_sae.faithfulness.TrajectoryScorer.latent_policy_change`), kept in the store like a cell (one
         backward pass over every sample: minutes on a real model)."""
@@ -234,7 +234,7 @@ class LogprobCells:
 
         def compute(layer: int) -> torch.Tensor:
             if not computed:
-                computed.update(self.scorer.latent_policy_change())
+                computed.update(self.scorer.latent_policy_change(progress=progress))
             return torch.as_tensor(computed[layer], dtype=torch.float64)
 
         out = {}

@@ -189,14 +189,14 @@ class TrajectoryScorer:
             out[layer] = (total / max(n, 1.0) * norms).numpy()
         return out
 
-    def latent_policy_change(self, per_trajectory: bool = False) -> dict[int, np.ndarray]:
+    def latent_policy_change(self, per_trajectory: bool = False, progress: bool = False) -> dict[int, np.ndarray]:
         """Per SAE layer, how far each latent alone moves the policy on the scored trajectories, to first order:
         the mean over trajectories of ``|d log pi_T(tau) / d gamma_i|`` at ``gamma = 1`` (scaling latent ``i`` by
         ``gamma`` at the positions steering acts on; removal is ``gamma = 0``, so this is the first-order
         ``|log pi'/pi|`` of removing it alone). What :func:`ipg_sae.nulls.policy_matched_sets` matches on.
         ``per_trajectory``: the signed derivatives, ``[n, d_sae]`` per layer, in input order."""
         return policy_change(self.model, self.trajectories, self.temperature, self.saes, self.scope,
-                             self.exclude_first, per_trajectory=per_trajectory)
+                             self.exclude_first, per_trajectory=per_trajectory, progress=progress)
 
     def _clean_segments(self, layer: int):
         """Block ``layer``'s clean output for every segment of the tree, each with (positions that count, how many
@@ -391,7 +391,8 @@ def estimate(logp_base: torch.Tensor, logp_cell: torch.Tensor, rewards: torch.Te
 
 
 def policy_change(model: nn.Module, trajectories: Sequence[Trajectory], temperature: float, saes, scope: str = "all",
-                  exclude_first: bool = True, rows: int = 8, per_trajectory: bool = False) -> dict[int, np.ndarray]:
+                  exclude_first: bool = True, rows: int = 8, per_trajectory: bool = False,
+                  progress: bool = False) -> dict[int, np.ndarray]:
     r"""``d log pi_T(tau) / d gamma_i`` at ``gamma = 1`` for every latent ``i`` of every SAE layer and trajectory.
 
     Scaling latent ``i`` by ``gamma`` moves the block's output by ``(gamma - 1) f_{t,i} W_dec[i]`` at each steered
@@ -411,8 +412,11 @@ def policy_change(model: nn.Module, trajectories: Sequence[Trajectory], temperat
     head, base = model.get_output_embeddings(), model.base_model
     softcap = getattr(model.config, "final_logit_softcapping", None)
     device = next(model.parameters()).device
+    from tqdm.auto import tqdm
+
     out = {layer: [] for layer in layers}
-    for start in range(0, len(trajectories), rows):
+    for start in tqdm(range(0, len(trajectories), rows), desc="policy change per latent", unit="batch",
+                      disable=not progress):
         batch = trajectories[start:start + rows]
         ids, real = _pad([t.prompt_ids + t.completion_ids for t in batch], device)
         captured: dict[int, torch.Tensor] = {}

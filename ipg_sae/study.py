@@ -282,7 +282,8 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
     cells = _cells(cfg, model, saes, samples)
     base_logp = cells.logprobs([], 1.0)
     frequencies = cells.scorer.activation_frequencies()
-    pool = LatentPool.of(saes, frequencies=frequencies, push=cells.scorer.latent_push(), policy=cells.policy_change())
+    pool = LatentPool.of(saes, frequencies=frequencies, push=cells.scorer.latent_push(),
+                         policy=cells.policy_change(progress))
     problem_ids, groups = prompt_groups([t.prompt_id for t in samples])
     stops = eos_ids(model, tokenizer)
     flags = [degenerate_flags(t, EvalConfig(), stops) for t in samples]
