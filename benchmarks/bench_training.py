@@ -132,10 +132,11 @@ def check_tokenizer(model_dir: Path) -> None:
     """The saved directory's tokenizer, loaded as the trainer loads it, must give the benchmark's tokens back."""
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(model_dir)("w5 w6 w7", add_special_tokens=False)["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("w5 w6 w7", add_special_tokens=False)["input_ids"]
     if ids != [5, 6, 7]:
         raise SystemExit(f"training: the benchmark's tokenizer reloads from {model_dir} as "
-                         f"{type(AutoTokenizer.from_pretrained(model_dir)).__name__} and gives {ids} for 'w5 w6 w7' "
+                         f"{type(tokenizer).__name__} and gives {ids} for 'w5 w6 w7' "
                          "(want [5, 6, 7]): the SAE would train on no tokens")
 
 

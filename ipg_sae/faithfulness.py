@@ -299,19 +299,8 @@ class TrajectoryScorer:
         """The positions of a segment that count for activation statistics: those steering can act on."""
         return steered_positions("all", self.exclude_first, positions, real)
 
-    def _token_logprobs(self, h: torch.Tensor, targets: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-        """``log_softmax(logits / T)[target]`` per row, as ``z_target - logsumexp(z)`` (no [rows, vocab] log-softmax
-        is materialised), in the model's precision (at least float32), returned as float64."""
-        out = []
-        for s in range(0, h.shape[0], chunk):
-            z = self.head(h[s:s + chunk])
-            z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 logits are too coarse for log-probs
-            if self.softcap:
-                z = torch.tanh(z / self.softcap) * self.softcap
-            z = z / self.temperature
-            lp = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
-            out.append(lp.double())
-        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float64)
+    def _token_logprobs(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return token_logprobs(self.head, h, targets, self.temperature, self.softcap)
 
     @contextlib.contextmanager
     def _steering(self, interventions: list[Intervention]) -> Iterator:
@@ -387,6 +376,22 @@ def estimate(logp_base: torch.Tensor, logp_cell: torch.Tensor, rewards: torch.Te
     return CellEstimate(np.array(per_prompt), np.array(ess), sd)
 
 
+def token_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float, softcap=None,
+                   chunk: int = 512) -> torch.Tensor:
+    """``log_softmax(logits / T)[target]`` per row of hidden states ``h``, as ``z_target - logsumexp(z)`` (no
+    [rows, vocab] log-softmax is materialised), in the model's precision (at least float32), returned as float64."""
+    out = []
+    for s in range(0, h.shape[0], chunk):
+        z = head(h[s:s + chunk])
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 logits are too coarse for log-probs
+        if softcap:
+            z = torch.tanh(z / softcap) * softcap
+        z = z / temperature
+        lp = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        out.append(lp.double())
+    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float64)
+
+
 # ---- each latent's first-order effect on the policy ------------------------------------------
 
 
@@ -404,6 +409,8 @@ def policy_change(model: nn.Module, trajectories: Sequence[Trajectory], temperat
     sequences, no prefix tree: a position's gradient differs per trajectory. Returns the mean over trajectories
     of the absolute value, or (``per_trajectory``) the signed values ``[n, d_sae]``.
     """
+    from tqdm.auto import tqdm
+
     from .saes import decoder_matrix
 
     saes = as_layer_dict(saes or {})
@@ -412,13 +419,15 @@ def policy_change(model: nn.Module, trajectories: Sequence[Trajectory], temperat
     head, base = model.get_output_embeddings(), model.base_model
     softcap = getattr(model.config, "final_logit_softcapping", None)
     device = next(model.parameters()).device
-    from tqdm.auto import tqdm
-
+    decoders = {layer: decoder_matrix(saes[layer]).detach().double() for layer in layers}
     out = {layer: [] for layer in layers}
     for start in tqdm(range(0, len(trajectories), rows), desc="policy change per latent", unit="batch",
                       disable=not progress):
         batch = trajectories[start:start + rows]
         ids, real = _pad([t.prompt_ids + t.completion_ids for t in batch], device)
+        prompt_len = torch.tensor([len(t.prompt_ids) for t in batch], device=device)[:, None]
+        positions = torch.arange(ids.shape[1], device=device)[None].expand_as(ids)
+        generated = real & (positions >= prompt_len)
         captured: dict[int, torch.Tensor] = {}
 
         def hook(layer):
@@ -435,29 +444,20 @@ def policy_change(model: nn.Module, trajectories: Sequence[Trajectory], temperat
         try:
             with torch.enable_grad():
                 hidden = base(input_ids=ids, attention_mask=real.long()).last_hidden_state
-                logp = []
-                for r, t in enumerate(batch):
-                    P, M = len(t.prompt_ids), len(t.completion_ids)
-                    z = head(hidden[r, P - 1:P + M - 1]).to(torch.promote_types(hidden.dtype, torch.float32))
-                    if softcap:
-                        z = torch.tanh(z / softcap) * softcap
-                    z = z / temperature
-                    target = ids[r, P:P + M, None]
-                    logp.append((z.gather(-1, target).squeeze(-1) - torch.logsumexp(z, -1)).sum())
-                grads = torch.autograd.grad(torch.stack(logp).sum(), [captured[layer] for layer in layers])
+                # every completion token, predicted from the position before it; one row per token
+                row, col = generated.nonzero(as_tuple=True)
+                lp = token_logprobs(head, hidden[row, col - 1], ids[row, col], temperature, softcap)
+                grads = torch.autograd.grad(lp.sum(), [captured[layer] for layer in layers])
         finally:
             for h in handles:
                 h.remove()
-        positions = torch.arange(ids.shape[1], device=device)[None].expand_as(ids)
+        # prompt tokens as the scope steers them, generated tokens under every scope (as the scorer)
+        keep = torch.where(generated, steered_positions("all", exclude_first, positions, real),
+                           steered_positions(scope, exclude_first, positions, real))
         with torch.no_grad():
             for layer, g in zip(layers, grads):
-                keep = steered_positions(scope, exclude_first, positions, real)
-                if scope == "generated":  # generated tokens are steered under every scope
-                    keep = real & (positions >= torch.tensor([len(t.prompt_ids) for t in batch], device=device)[:, None])
                 sae = saes[layer]
-                x = captured[layer].detach()
-                f = sae.encode(x.to(sae.W_dec.dtype)).double() * keep[..., None]
-                w = decoder_matrix(sae).detach().double()
-                out[layer].append(torch.einsum("btk,btk->bk", f, g.double() @ w.T).cpu())
+                f = sae.encode(captured[layer].detach().to(sae.W_dec.dtype)).double() * keep[..., None]
+                out[layer].append(torch.einsum("btk,btk->bk", f, g.double() @ decoders[layer].T).cpu())
     per = {layer: torch.cat(v).numpy() for layer, v in out.items()}
     return per if per_trajectory else {layer: np.abs(v).mean(0) for layer, v in per.items()}

@@ -416,7 +416,7 @@ def summarize(cfg: StudyConfig, scores: dict) -> dict:
 
 def confirmation_cells(cfg: StudyConfig, summary: dict, scores: dict) -> list[dict]:
     """The cells sampled on-policy, at every gamma: for the first reward IPG's headline set, the best baseline's,
-    the sign control and the first ``confirm_null_sets`` sets of the push and permutation nulls; for each other
+    the sign control and the first ``confirm_null_sets`` sets of the push, policy and permutation nulls; for each other
     reward (``confirm_other_rewards``) IPG's headline set and the sign control. Each with its off-policy estimate,
     per problem."""
     out = []
@@ -458,18 +458,17 @@ def confirm(cfg: StudyConfig) -> dict:
     problems = load_problems(cfg.heldout)
     prompts = build_prompts(tokenizer, problems, cfg.heldout)
     cells = confirmation_cells(cfg, summary, scores)
-    results, calibrations, unsteered, tables = [], {}, {}, {}
+    results, calibrations, unsteered, tables, bases = [], {}, {}, {}, {}
     for reward in dict.fromkeys(c["reward"] for c in cells):
         mine = [c for c in cells if c["reward"] == reward]
         tables[reward] = table = _sample_cells(cfg, model, tokenizer, saes, problems, prompts, reward, mine,
                                                scores["problem_ids"])
-        base = _per_problem(table, BASE, None)
+        bases[reward] = base = _per_problem(table, BASE, None)
         unsteered[reward] = {m: float(v.mean()) for m, v in base.items()}
         results += [_on_policy_effect(cfg, c, table, base) for c in mine]
         calibrations[reward] = calibration([r for r in results if r["reward"] == reward])
     first = cfg.rewards[0]
-    regeneration = regeneration_check(cfg, model, tokenizer, problems, prompts, scores["problem_ids"],
-                                      _per_problem(tables[first], BASE, None))
+    regeneration = regeneration_check(cfg, model, tokenizer, problems, prompts, scores["problem_ids"], bases[first])
     regeneration["unsteered_accuracy_by_seed"] = _accuracy_by_seed(tables[first])
     doc = {"cells": results, "unsteered": unsteered, "calibration": calibrations, "regeneration": regeneration,
            "contrasts": on_policy_contrasts(cfg, [c for c in cells if c["reward"] == first], tables[first]),
@@ -550,8 +549,9 @@ def regeneration_check(cfg: StudyConfig, model, tokenizer, problems, prompts, pr
                     reward=cfg.rewards[0], task=cfg.heldout, n_bootstrap=cfg.n_bootstrap)
     again = {(t.prompt_id, t.sample_index): t for t in unsteered_trajectories(
         model, tokenizer, problems, prompts, ev, s.seed, out_dir=cfg.run_dir / "study" / "confirm" / "regenerated")}
-    same = [(t.prompt_id, t.sample_index) in again and again[(t.prompt_id, t.sample_index)].prompt_ids == t.prompt_ids
-            and again[(t.prompt_id, t.sample_index)].completion_ids == t.completion_ids for t in stored]
+    tokens = lambda t: (t.prompt_ids, t.completion_ids)  # noqa: E731
+    same = [(t.prompt_id, t.sample_index) in again and tokens(again[(t.prompt_id, t.sample_index)]) == tokens(t)
+            for t in stored]
     differs = [t.id for t, ok in zip(stored, same) if not ok]
     ids, groups = prompt_groups([t.prompt_id for t in stored])
     order = {pid: j for j, pid in enumerate(ids)}
