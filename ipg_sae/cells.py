@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Generic, Sequence, TypeVar
 
+import numpy as np
 import torch
 
 from .digest import FORMAT_VERSION, json_digest, module_digest, text_digest
@@ -105,9 +106,17 @@ def _decode_logprobs(lines: list[str]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+def _decode_matrix(lines: list[str]) -> torch.Tensor:
+    rows = [json.loads(r) for r in lines]
+    if not rows or any(not isinstance(r, list) or len(r) != len(rows[0]) for r in rows):
+        raise ValueError("not a matrix: rows of equal length")
+    return torch.tensor(rows, dtype=torch.float64)
+
+
 TRAJECTORIES: Codec[list[Trajectory]] = Codec(lambda ts: [json.dumps(dataclasses.asdict(t)) for t in ts],
                                               _decode_trajectories)
 LOGPROBS: Codec[torch.Tensor] = Codec(lambda logp: [json.dumps(logp.tolist())], _decode_logprobs)
+MATRIX: Codec[torch.Tensor] = Codec(lambda m: [json.dumps(row) for row in m.tolist()], _decode_matrix)  # a line per row
 
 
 class CellStore:
@@ -226,20 +235,22 @@ class LogprobCells:
         compute = lambda: self.scorer.logprobs(scale_about(steer_by, gamma, about) if steer_by else [])  # noqa: E731
         return self.store.fetch(label, key, compute, LOGPROBS, name=name)
 
-    def policy_change(self, progress: bool = False) -> dict:
-        """Each SAE layer's first-order policy change per latent on these samples
-        (:meth:`ipg_sae.faithfulness.TrajectoryScorer.latent_policy_change`), kept in the store like a cell (one
-        backward pass over every sample: minutes on a real model)."""
+    def policy_change(self, progress: bool = False) -> dict[int, np.ndarray]:
+        """Each SAE layer's first-order policy change per sample and latent, ``d log pi(tau) / d gamma_i`` signed,
+        ``[n_samples, d_sae]`` (:meth:`ipg_sae.faithfulness.TrajectoryScorer.latent_policy_change`), kept in the
+        store like a cell (one backward pass over every sample: minutes on a real model). The mean of its absolute
+        value over samples is each latent's policy change alone; sums over a set's columns are the set's."""
         computed: dict = {}
 
         def compute(layer: int) -> torch.Tensor:
             if not computed:
-                computed.update(self.scorer.latent_policy_change(progress=progress))
+                computed.update(self.scorer.latent_policy_change(per_trajectory=True, progress=progress))
             return torch.as_tensor(computed[layer], dtype=torch.float64)
 
         out = {}
         for layer in sorted(self.scorer.saes):
-            key = {**self.context, "measure": "first-order policy change", "layer": int(layer),
+            key = {**self.context, "measure": "first-order policy change per sample", "layer": int(layer),
                    **self.inputs.steered([(layer, 0)])}
-            out[layer] = self.store.fetch(f"policy_change_L{layer}", key, lambda: compute(layer), LOGPROBS).numpy()
+            out[layer] = self.store.fetch(f"policy_change_per_sample_L{layer}", key, lambda: compute(layer),
+                                          MATRIX).numpy()
         return out

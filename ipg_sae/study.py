@@ -44,7 +44,7 @@ from .faithfulness import TrajectoryScorer, estimate
 from .io import read_json, write_json, write_text
 from .jobs import AttributeJobConfig, SelectionConfig, check_baselines, method_dir, run_attribute
 from .models import load_model
-from .nulls import LatentPool, draw_sets
+from .nulls import LatentPool, draw_sets, set_policy_change
 from .rewards import get_reward
 from .sampling import SamplingConfig, eos_ids, sample
 from .saes import load_saes
@@ -283,7 +283,7 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
     base_logp = cells.logprobs([], 1.0)
     frequencies = cells.scorer.activation_frequencies()
     pool = LatentPool.of(saes, frequencies=frequencies, push=cells.scorer.latent_push(),
-                         policy=cells.policy_change(progress))
+                         policy_per_sample=cells.policy_change(progress))
     problem_ids, groups = prompt_groups([t.prompt_id for t in samples])
     stops = eos_ids(model, tokenizer)
     flags = [degenerate_flags(t, EvalConfig(), stops) for t in samples]
@@ -318,6 +318,7 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
             "latents": [list(p) for p in latents], "ess": est["reward"].ess.tolist(),
             "log_ratio_sd": est["reward"].log_ratio_sd, "abs_log_ratio": float(shift.mean()),
             "abs_log_ratio_per_token": float((shift / values["length"].clamp(min=1)).mean()),
+            "first_order_change": set_policy_change(latents, pool),  # what the policy null matches, to first order
             **{name: e.per_prompt.tolist() for name, e in est.items()}}
     base = {reward: {"accuracy": [float(values["accuracy"][g].mean()) for g in groups],
                      "length": [float(values["length"][g].mean()) for g in groups],
@@ -351,7 +352,7 @@ def _effect_row(cfg: StudyConfig, cell: dict, base: np.ndarray) -> dict:
             "parsed": float(np.mean(cell["parsed"])) if "parsed" in cell else None,
             "degenerate": float(np.mean(cell["degenerate"])) if "degenerate" in cell else None,
             "abs_log_ratio": cell.get("abs_log_ratio"), "abs_log_ratio_per_token": cell.get("abs_log_ratio_per_token"),
-            "ess_mean": float(np.mean(cell["ess"])), "ess_min": float(np.min(cell["ess"])),
+            "first_order_change": cell.get("first_order_change"), "ess_mean": float(np.mean(cell["ess"])), "ess_min": float(np.min(cell["ess"])),
             "ess_flag": float(np.mean(cell["ess"])) < cfg.min_ess, "latents": cell["latents"]}
 
 
@@ -384,7 +385,8 @@ def summarize(cfg: StudyConfig, scores: dict) -> dict:
                         "n": len(draws), "effects": [float(np.mean(d["reward"]) - base["reward"].mean()) for d in draws],
                         "mean_ess": float(np.mean([np.mean(d["ess"]) for d in draws])),
                         **{m: float(np.mean([np.mean(d[m]) for d in draws])) if all(m in d for d in draws) else None
-                           for m in ("abs_log_ratio", "abs_log_ratio_per_token", "parsed", "degenerate")}}
+                           for m in ("abs_log_ratio", "abs_log_ratio_per_token", "first_order_change", "parsed",
+                                     "degenerate")}}
             control = cells.get(f"ipg_bottom|k{cfg.k}", {}).get(gamma)
             if control is not None:
                 row = _effect_row(cfg, control, base["reward"])

@@ -149,21 +149,23 @@ def controls_markdown(cfg, reward: str, res: dict) -> list[str]:
     """IPG's headline set against each null, with how hard each pushed the policy, and the sign control."""
     lines = ["", f"Controls at k {cfg.k}: what each null holds fixed is in `ipg_sae/nulls.py`; the push columns "
              "show how far each set moves the samples' log-probabilities (mean |log pi'/pi| per sample and per "
-             "token) and the ESS, so a reader can see whether the null pushed as hard as IPG's set; parsed and "
+             "token) and the ESS, so a reader can see whether the null pushed as hard as IPG's set; first-order is the "
+             "set's change of the policy to first order, mean |sum_i d log pi/d gamma_i| per sample (what the policy "
+             "null matches); parsed and "
              "degenerate (repetitive, empty or unparsed, as `evaluate` counts it) are weighted estimates, so a "
              "fall in the reward can be told from broken output.", "",
-             "| set | gamma | n | effect (null: mean) | IPG percentile | p | mean abs log ratio (per token) | ESS "
-             "| parsed | degenerate |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| set | gamma | n | effect (null: mean) | IPG percentile | p | mean abs log ratio (per token) | first-order "
+             "| ESS | parsed | degenerate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for gamma in map(str, cfg.gammas):
         ipg = res["methods"]["ipg"][gamma]
         lines.append(f"| IPG top {cfg.k} | {float(gamma):g} | 1 | {fmt(reward, ipg['effect'], True)} | | | "
                      f"{num(ipg['abs_log_ratio'])} ({num(ipg['abs_log_ratio_per_token'], 4)}) | "
-                     f"{ipg['ess_mean']:.2f} | {share(ipg['parsed'])} | {share(ipg['degenerate'])} |")
+                     f"{num(ipg.get('first_order_change'))} | {ipg['ess_mean']:.2f} | {share(ipg['parsed'])} | {share(ipg['degenerate'])} |")
         for kind, null in res["nulls"][gamma].items():
             rank = ipg["nulls"][kind]
             lines.append(f"| {kind} null | {float(gamma):g} | {null['n']} | {fmt(reward, float(np.mean(null['effects'])), True)} "
                          f"| {rank['percentile']:.0f} | {rank['p_value']:.3f} | {num(null['abs_log_ratio'])} "
-                         f"({num(null['abs_log_ratio_per_token'], 4)}) | {null['mean_ess']:.2f} | "
+                         f"({num(null['abs_log_ratio_per_token'], 4)}) | {num(null.get('first_order_change'))} | {null['mean_ess']:.2f} | "
                          f"{share(null['parsed'])} | {share(null['degenerate'])} |")
         control = res["sign_control"].get(gamma)
         if control:
@@ -171,7 +173,7 @@ def controls_markdown(cfg, reward: str, res: dict) -> list[str]:
                          f"{fmt(reward, control['effect'], True)} [{fmt(reward, control['lo'], True)}, "
                          f"{fmt(reward, control['hi'], True)}] ({'opposite sign, as predicted' if control['as_predicted'] else 'not the opposite sign'}) | | | "
                          f"{num(control['abs_log_ratio'])} ({num(control['abs_log_ratio_per_token'], 4)}) | "
-                         f"{control['ess_mean']:.2f} | {share(control['parsed'])} | {share(control['degenerate'])} |")
+                         f"{num(control.get('first_order_change'))} | {control['ess_mean']:.2f} | {share(control['parsed'])} | {share(control['degenerate'])} |")
     return lines + [""]
 
 

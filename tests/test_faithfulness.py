@@ -329,6 +329,41 @@ def test_policy_matched_null_matches_the_sets_policy_change_where_push_matching_
         draw_sets("policy", template, 1, 0, LatentPool({5: d}, push=push))
 
 
+def test_policy_matched_null_matches_the_set_change_not_only_each_latents(caplog):
+    """Synthetic per-sample derivatives: the template's latents move every sample's log-probability the same way
+    (as a gradient ranking picks), random latents each their own way, so sets matched latent by latent change the
+    policy far less as a set. With the per-sample derivatives the policy null matches the set's first-order change
+    within its 5% tolerance and still each latent's within its neighbours (the summed measure within 15%)."""
+    from ipg_sae.nulls import draw_sets, set_policy_change
+
+    rng = np.random.default_rng(11)
+    n, d = 300, 1500
+    size = rng.lognormal(0.0, 1.0, d)
+    coherence = rng.uniform(-1.0, 1.0, d)  # how much of a latent's change follows one shared direction per sample
+    shared = rng.choice([-1.0, 1.0], n)[:, None]
+    per_sample = {5: size * (coherence * shared + np.sqrt(1 - coherence ** 2) * rng.standard_normal((n, d)))}
+    big = np.argsort(size)[-300:]
+    template = [(5, int(i)) for i in rng.choice(big[coherence[big] > 0.5], 16, replace=False)]
+    latent_only = LatentPool({5: d}, policy={5: np.abs(per_sample[5]).mean(0)})
+    pool = LatentPool({5: d}, policy_per_sample=per_sample)
+    target = set_policy_change(template, pool)
+    loose = [set_policy_change(s, pool) for s in draw_sets("policy", template, 20, 0, latent_only)]
+    assert np.median(loose) < 0.7 * target, (np.median(loose), target)
+    sets = draw_sets("policy", template, 20, 0, pool)
+    assert all(abs(set_policy_change(s, pool) / target - 1) <= 0.05 for s in sets)
+    assert all(len(s) == 16 and len(set(s)) == 16 and not set(s) & set(template) for s in sets)
+    assert len({tuple(sorted(s)) for s in sets}) == 20  # distinct draws
+    total = lambda s: sum(pool.policy[5][i] for _, i in s)  # noqa: E731
+    assert abs(np.median([total(s) for s in sets]) / total(template) - 1) < 0.15
+    assert draw_sets("policy", template, 3, 0, pool) == sets[:3]  # seeded
+    assert set_policy_change(template, pool) == pytest.approx(np.abs(per_sample[5][:, [i for _, i in template]]
+                                                                     .sum(1)).mean())
+    from ipg_sae.nulls import policy_matched_sets
+
+    policy_matched_sets(template, 1, 0, pool, max_swaps=0)  # out of swaps: kept, and said
+    assert any("first-order policy change stays" in r.getMessage() for r in caplog.records)
+
+
 def test_policy_change_is_kept_in_the_cell_store(models, tmp_path, caplog):
     import logging
 
@@ -345,7 +380,9 @@ def test_policy_change_is_kept_in_the_cell_store(models, tmp_path, caplog):
     assert sum("reused" in r.getMessage() for r in caplog.records) == len(saes)
     for layer in saes:
         np.testing.assert_array_equal(first[layer], again[layer])
-        np.testing.assert_allclose(first[layer], TrajectoryScorer(model, trajs, T, saes=saes).latent_policy_change()[layer])
+        assert first[layer].shape == (len(trajs), saes[layer].cfg.d_sae)  # per sample, signed
+        np.testing.assert_allclose(first[layer], TrajectoryScorer(model, trajs, T, saes=saes)
+                                   .latent_policy_change(per_trajectory=True)[layer])
 
 
 def test_null_percentile_and_permutation_p_value():

@@ -60,6 +60,8 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
             "frequency": 3, "push": 3, "policy": 3, "permutation": 3}
         for null in binary["nulls"][gamma].values():
             assert null["abs_log_ratio"] >= 0 and 0 <= null["parsed"] <= 1 and 0 <= null["degenerate"] <= 1
+            assert null["first_order_change"] >= 0
+        assert binary["methods"]["ipg"][gamma]["first_order_change"] > 0  # the set's change, which the policy null matches
         ranks = binary["methods"]["ipg"][gamma]["nulls"]
         assert set(ranks) == {"frequency", "push", "policy", "permutation"}
         assert all(0 < r["p_value"] <= 1 for r in ranks.values())
@@ -67,6 +69,7 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
         assert control["lo"] <= control["effect"] <= control["hi"] and isinstance(control["as_predicted"], bool)
     report = (out / "report.md").read_text()
     assert "Controls at k 2" in report and "sign control" in report and "permutation null" in report
+    assert "first-order" in report
     ipg = length["methods"]["ipg"]["2.0"]
     assert ipg["lo"] <= ipg["effect"] <= ipg["hi"] and 0 <= ipg["null_percentile"] <= 100 and 0 < ipg["p_value"] <= 1
     assert set(length["auc"]) == {"ipg", "act"}
