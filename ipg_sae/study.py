@@ -51,7 +51,7 @@ from .saes import load_saes
 from .selection import permuted_rankings, select
 from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_job_stages, sae_specs
 from .stats import area_under_curve, bootstrap, null_rank, predicted_direction
-from .study_report import answer, markdown, plot_calibration, plot_curves, plot_null, slug
+from .study_report import answer, markdown, plot_calibration, plot_curves, plot_null, plot_push, slug
 from .tasks import TaskConfig, build_prompts, load_problems
 from .trajectories import Trajectory, load_trajectories, prompt_groups, save_trajectories
 
@@ -383,6 +383,7 @@ def summarize(cfg: StudyConfig, scores: dict) -> dict:
                 if draws:
                     res["nulls"][gamma][kind] = {
                         "n": len(draws), "effects": [float(np.mean(d["reward"]) - base["reward"].mean()) for d in draws],
+                        "abs_log_ratios": [d.get("abs_log_ratio") for d in draws],  # each set's realised push
                         "mean_ess": float(np.mean([np.mean(d["ess"]) for d in draws])),
                         **{m: float(np.mean([np.mean(d[m]) for d in draws])) if all(m in d for d in draws) else None
                            for m in ("abs_log_ratio", "abs_log_ratio_per_token", "first_order_change", "parsed",
@@ -605,6 +606,7 @@ def report(cfg: StudyConfig) -> dict:
     for reward, res in summary.items():
         plots[f"curves_{slug(reward)}"] = plot_curves(cfg, reward, res, out / f"curves_{slug(reward)}.png")
         plots[f"null_{slug(reward)}"] = plot_null(cfg, reward, res, out / f"null_{slug(reward)}.png")
+        plots[f"push_{slug(reward)}"] = plot_push(cfg, reward, res, out / f"push_{slug(reward)}.png")
     if confirmation:
         plots["calibration"] = plot_calibration(confirmation, out / "calibration.png")
     compact = {reward: {"base": res["base"], "null_size": {g: n["n"] for g, n in res["null"].items()},

@@ -82,7 +82,43 @@ def plot_null(cfg, reward: str, res: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-WHY_COLOR = {"ipg headline": "C3", "best baseline": "C0", "sign control": "C2", "push null": "C7",
+NULL_COLOR = {"frequency": "darkgrey", "push": "C9", "policy": "C5", "permutation": "C1"}
+
+
+def plot_push(cfg, reward: str, res: dict, path: Path) -> Path:
+    """Each set's off-policy effect at the headline k against how far it moved the held-out samples'
+    log-probabilities (mean |log pi'/pi| per sample): every null's sets, each method's set and the sign control. Is
+    IPG's effect beyond what sets that move the policy as far do, or on the trend of size?"""
+    plt = pyplot()
+    gammas = [str(g) for g in cfg.gammas]
+    fig, axes = plt.subplots(1, len(gammas), figsize=(5.2 * len(gammas), 4.0), squeeze=False)
+    _, _, scale_, unit = METRIC.get(reward, ("reward", "", 1, ""))
+    for ax, gamma in zip(axes[0], gammas):
+        for kind, null in res["nulls"][gamma].items():
+            pts = [(x, e * scale_) for x, e in zip(null.get("abs_log_ratios", []), null["effects"]) if x is not None]
+            if pts:
+                ax.scatter(*zip(*pts), s=14, alpha=0.75, color=NULL_COLOR.get(kind, "C4"),
+                           label=f"{kind} null ({len(pts)})")
+        for method in cfg.methods:
+            row = res["methods"][method][gamma]
+            if row.get("abs_log_ratio") is not None:
+                ax.scatter(row["abs_log_ratio"], row["effect"] * scale_, marker="*" if method == "ipg" else "D",
+                           s=160 if method == "ipg" else 40, color=method_color(cfg, method), edgecolor="black",
+                           linewidth=0.5, zorder=3, label=method)
+        control = res["sign_control"].get(gamma)
+        if control and control.get("abs_log_ratio") is not None:
+            ax.scatter(control["abs_log_ratio"], control["effect"] * scale_, marker="v", s=50, color="C2",
+                       edgecolor="black", linewidth=0.5, zorder=3, label=f"IPG bottom {cfg.k}")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("mean |log pi'/pi| per held-out sample")
+        ax.set_ylabel(f"effect vs no steering ({unit}, off-policy)" if unit else "effect vs no steering (off-policy)")
+        ax.set_title(("removal" if float(gamma) < 1 else "amplification") + f", k {cfg.k}, gamma {float(gamma):g}")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{reward}: each set's effect against how far it moves the policy", fontsize=10)
+    return save_figure(fig, path)
+
+
+WHY_COLOR = {"ipg headline": "C3", "best baseline": "C0", "sign control": "C2", "push null": "C9",
              "policy null": "C5", "permutation null": "C1"}
 
 
@@ -212,7 +248,8 @@ def markdown(cfg, summary: dict, confirmation: list, doc: dict) -> str:
             lines.append(f"| {method} | " + " | ".join(fmt(reward, curves[str(g)]["auc"], True) for g in cfg.gammas)
                          + " |")
         lines += controls_markdown(cfg, reward, res)
-        lines += ["", f"![curves](curves_{slug(reward)}.png)", "", f"![null](null_{slug(reward)}.png)", ""]
+        lines += ["", f"![curves](curves_{slug(reward)}.png)", "", f"![null](null_{slug(reward)}.png)", "",
+                  f"![effect against push](push_{slug(reward)}.png)", ""]
     if confirmation:
         lines += on_policy_markdown(confirmation, doc)
     return "\n".join(lines)

@@ -48,7 +48,8 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
     results = run_study(study_cfg)
     out = study_cfg.run_dir / "study"
     for name in ("scores.json", "confirm.json", "summary.json", "report.md",
-                 "curves_tests.test_pipeline_text_length_mod_7.png", "calibration.png"):
+                 "curves_tests.test_pipeline_text_length_mod_7.png", "push_tests.test_pipeline_text_length_mod_7.png",
+                 "calibration.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     length = summary["rewards"]["tests.test_pipeline:text_length_mod_7"]
@@ -60,7 +61,7 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
             "frequency": 3, "push": 3, "policy": 3, "permutation": 3}
         for null in binary["nulls"][gamma].values():
             assert null["abs_log_ratio"] >= 0 and 0 <= null["parsed"] <= 1 and 0 <= null["degenerate"] <= 1
-            assert null["first_order_change"] >= 0
+            assert null["first_order_change"] >= 0 and len(null["abs_log_ratios"]) == null["n"]
         assert binary["methods"]["ipg"][gamma]["first_order_change"] > 0  # the set's change, which the policy null matches
         ranks = binary["methods"]["ipg"][gamma]["nulls"]
         assert set(ranks) == {"frequency", "push", "policy", "permutation"}
