@@ -168,7 +168,7 @@ def push_matched_sets(template: Sequence[tuple[int, int]], n: int, seed: int, po
     ``|f_i| * ||W_dec[i]||`` over the held-out completion tokens) to one latent of ``template``, never a template
     latent or one already drawn; latents that never fire there are matched with latents that never fire there.
 
-    _Nearest neighbours rather than quantile bins: pushes are heavy-tailed, and a gradient-ranked set
+    Nearest neighbours rather than quantile bins: pushes are heavy-tailed, and a gradient-ranked set
     sits in the tail, where one bin spans a factor of ten.
     """
     if pool.push is None:

@@ -352,7 +352,8 @@ def _effect_row(cfg: StudyConfig, cell: dict, base: np.ndarray) -> dict:
             "parsed": float(np.mean(cell["parsed"])) if "parsed" in cell else None,
             "degenerate": float(np.mean(cell["degenerate"])) if "degenerate" in cell else None,
             "abs_log_ratio": cell.get("abs_log_ratio"), "abs_log_ratio_per_token": cell.get("abs_log_ratio_per_token"),
-            "first_order_change": cell.get("first_order_change"), "ess_mean": float(np.mean(cell["ess"])), "ess_min": float(np.min(cell["ess"])),
+            "first_order_change": cell.get("first_order_change"),
+            "ess_mean": float(np.mean(cell["ess"])), "ess_min": float(np.min(cell["ess"])),
             "ess_flag": float(np.mean(cell["ess"])) < cfg.min_ess, "latents": cell["latents"]}
 
 

@@ -118,8 +118,8 @@ def plot_push(cfg, reward: str, res: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-WHY_COLOR = {"ipg headline": "C3", "best baseline": "C0", "sign control": "C2", "push null": "C9",
-             "policy null": "C5", "permutation null": "C1"}
+WHY_COLOR = {"ipg headline": "C3", "best baseline": "C0", "sign control": "C2",
+             **{f"{kind} null": color for kind, color in NULL_COLOR.items() if kind != "frequency"}}
 
 
 def plot_calibration(confirmation: list, path: Path) -> Path:
@@ -196,12 +196,14 @@ def controls_markdown(cfg, reward: str, res: dict) -> list[str]:
         ipg = res["methods"]["ipg"][gamma]
         lines.append(f"| IPG top {cfg.k} | {float(gamma):g} | 1 | {fmt(reward, ipg['effect'], True)} | | | "
                      f"{num(ipg['abs_log_ratio'])} ({num(ipg['abs_log_ratio_per_token'], 4)}) | "
-                     f"{num(ipg.get('first_order_change'))} | {ipg['ess_mean']:.2f} | {share(ipg['parsed'])} | {share(ipg['degenerate'])} |")
+                     f"{num(ipg.get('first_order_change'))} | {ipg['ess_mean']:.2f} | {share(ipg['parsed'])} | "
+                     f"{share(ipg['degenerate'])} |")
         for kind, null in res["nulls"][gamma].items():
             rank = ipg["nulls"][kind]
             lines.append(f"| {kind} null | {float(gamma):g} | {null['n']} | {fmt(reward, float(np.mean(null['effects'])), True)} "
                          f"| {rank['percentile']:.0f} | {rank['p_value']:.3f} | {num(null['abs_log_ratio'])} "
-                         f"({num(null['abs_log_ratio_per_token'], 4)}) | {num(null.get('first_order_change'))} | {null['mean_ess']:.2f} | "
+                         f"({num(null['abs_log_ratio_per_token'], 4)}) | {num(null.get('first_order_change'))} | "
+                         f"{null['mean_ess']:.2f} | "
                          f"{share(null['parsed'])} | {share(null['degenerate'])} |")
         control = res["sign_control"].get(gamma)
         if control:
@@ -209,7 +211,8 @@ def controls_markdown(cfg, reward: str, res: dict) -> list[str]:
                          f"{fmt(reward, control['effect'], True)} [{fmt(reward, control['lo'], True)}, "
                          f"{fmt(reward, control['hi'], True)}] ({'opposite sign, as predicted' if control['as_predicted'] else 'not the opposite sign'}) | | | "
                          f"{num(control['abs_log_ratio'])} ({num(control['abs_log_ratio_per_token'], 4)}) | "
-                         f"{num(control.get('first_order_change'))} | {control['ess_mean']:.2f} | {share(control['parsed'])} | {share(control['degenerate'])} |")
+                         f"{num(control.get('first_order_change'))} | {control['ess_mean']:.2f} | "
+                         f"{share(control['parsed'])} | {share(control['degenerate'])} |")
     return lines + [""]
 
 
