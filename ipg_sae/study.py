@@ -505,7 +505,7 @@ def _accuracy_by_seed(table: PerProblem) -> dict[str, float]:
 
 def on_policy_contrasts(cfg: StudyConfig, cells: list[dict], table: PerProblem) -> list[dict]:
     """On-policy, per gamma: IPG's headline set minus each other group of confirmed cells (the best baseline, the
-    sign control, the mean of the confirmed push-null sets, of the permutation-null sets), paired by problem. The
+    sign control, the mean of each null's confirmed sets: push, policy, permutation), paired by problem. The
     interval covers the problems and samples, not the draw of the few null sets confirmed; ``rank`` is IPG's
     place among them (1: moved the reward most in the predicted direction)."""
     boot = dict(n_boot=cfg.n_bootstrap, confidence=0.95)
