@@ -195,25 +195,25 @@ def controls_markdown(cfg, reward: str, res: dict) -> list[str]:
     for gamma in map(str, cfg.gammas):
         ipg = res["methods"]["ipg"][gamma]
         lines.append(f"| IPG top {cfg.k} | {float(gamma):g} | 1 | {fmt(reward, ipg['effect'], True)} | | | "
-                     f"{num(ipg['abs_log_ratio'])} ({num(ipg['abs_log_ratio_per_token'], 4)}) | "
-                     f"{num(ipg.get('first_order_change'))} | {ipg['ess_mean']:.2f} | {share(ipg['parsed'])} | "
-                     f"{share(ipg['degenerate'])} |")
+                     f"{_push_columns(ipg, ipg['ess_mean'])} |")
         for kind, null in res["nulls"][gamma].items():
             rank = ipg["nulls"][kind]
             lines.append(f"| {kind} null | {float(gamma):g} | {null['n']} | {fmt(reward, float(np.mean(null['effects'])), True)} "
-                         f"| {rank['percentile']:.0f} | {rank['p_value']:.3f} | {num(null['abs_log_ratio'])} "
-                         f"({num(null['abs_log_ratio_per_token'], 4)}) | {num(null.get('first_order_change'))} | "
-                         f"{null['mean_ess']:.2f} | "
-                         f"{share(null['parsed'])} | {share(null['degenerate'])} |")
+                         f"| {rank['percentile']:.0f} | {rank['p_value']:.3f} | {_push_columns(null, null['mean_ess'])} |")
         control = res["sign_control"].get(gamma)
         if control:
             lines.append(f"| IPG bottom {cfg.k} (sign control) | {float(gamma):g} | 1 | "
                          f"{fmt(reward, control['effect'], True)} [{fmt(reward, control['lo'], True)}, "
                          f"{fmt(reward, control['hi'], True)}] ({'opposite sign, as predicted' if control['as_predicted'] else 'not the opposite sign'}) | | | "
-                         f"{num(control['abs_log_ratio'])} ({num(control['abs_log_ratio_per_token'], 4)}) | "
-                         f"{num(control.get('first_order_change'))} | {control['ess_mean']:.2f} | "
-                         f"{share(control['parsed'])} | {share(control['degenerate'])} |")
+                         f"{_push_columns(control, control['ess_mean'])} |")
     return lines + [""]
+
+
+def _push_columns(row: dict, ess: float) -> str:
+    """The controls table's last five columns for one row: realised push (per token), first-order change, ESS,
+    parsed and degenerate rates."""
+    return (f"{num(row['abs_log_ratio'])} ({num(row['abs_log_ratio_per_token'], 4)}) | "
+            f"{num(row.get('first_order_change'))} | {ess:.2f} | {share(row['parsed'])} | {share(row['degenerate'])}")
 
 
 def num(x: float | None, digits: int = 2) -> str:
