@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from ipg_sae.io import write_text  # noqa: E402  (importable once common has set sys.path)
 
-BENCHMARKS = ("attribution", "training", "sampling", "scaling", "faithfulness", "adaptive")
+BENCHMARKS = ("attribution", "training", "sampling", "scaling", "faithfulness", "adaptive", "cli")
 # Random-weight models at real shapes: run by default. `adaptive` needs the real model and a demo run
 # (`make demo`): run it with --only adaptive.
-DEFAULT = ("attribution", "training", "sampling", "scaling", "faithfulness")
+DEFAULT = ("attribution", "training", "sampling", "scaling", "faithfulness", "cli")
 
 
 def _get(doc: dict, path: str):
@@ -56,6 +56,10 @@ ROWS = [
     ("adaptive", "ratios|gl20/adaptive", "same: GL20 (a fixed rule that meets the target) / adaptive (time)", ">= 1.5"),
     ("faithfulness", "ratios|flat/tree", "scoring a steered cell: flat passes / prefix tree + replay (time)", "> 3"),
     ("faithfulness", "ratios|tokens_flat/tree", "tokens run: flat / prefix tree", ""),
+    ("cli", "seconds|help", "`ipg-sae --help`, seconds (torch not imported)", "< 1"),
+    ("cli", "seconds|typo", "a mistyped command's error, seconds", "< 1"),
+    ("cli", "seconds|command_help", "`ipg-sae sample --help`, seconds (loads its config class)", ""),
+    ("cli", "ratios|help/python", "`ipg-sae --help` / bare interpreter start-up (time)", ""),
 ]
 
 

@@ -11,13 +11,12 @@ import argparse
 import difflib
 import os
 import re
+import sys
 from typing import Callable
 
-from .command import run_job
-from .config import add_config_flags
-
-# Commands: name -> (help, config class loader, runner). Loaders import lazily so that
-# `ipg-sae --help` stays fast.
+# Commands: name -> (help, config class loader, runner). Loaders import lazily, and only the command
+# that runs has its config class loaded (its flags come from it), so that `ipg-sae --help` and a
+# mistyped command answer without importing torch.
 Command = tuple[str, Callable[[], type], Callable[[], Callable]]
 
 
@@ -237,7 +236,8 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s subparser gets its config flags (the others are listed, not loaded)."""
     from . import __version__
 
     parser = Parser(prog="ipg-sae", description="Explain and control LLM reasoning through SAE "
@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (help_text, cfg_cls, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name != command:
+            continue
         if name in RUN_DIR_COMMANDS:
             _, metavar, help_text = RUN_DIR_COMMANDS[name]
             p.add_argument("config", metavar=metavar, help=help_text)
@@ -255,13 +257,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
         p.add_argument("--verify", action="store_true",
                        help="hash every input and output file afresh (ignore the digest memo of unchanged files)")
+        from .config import add_config_flags
+
         add_config_flags(p, cfg_cls())
     return parser
 
 
+def command_named(argv: list[str]) -> str | None:
+    """The subcommand in ``argv`` (its first word that is not a flag); a mistyped one is an error with the
+    closest command name, before anything heavy is imported."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    if word is None or word in COMMANDS:
+        return word
+    close = difflib.get_close_matches(word, list(COMMANDS), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(COMMANDS)}"
+    build_parser().error(f"unknown command {word!r} ({hint})")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_named(argv))
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -270,4 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in RUN_DIR_COMMANDS:  # `ipg-sae explore runs/demo`: the directory is a field
         setattr(args, f"cfg:{RUN_DIR_COMMANDS[args.command][0]}", args.config)
         args.config = None
+    from .command import run_job
+
     return run_job(args, cfg_cls(), runner(), resumes=args.command not in STARTS_OVER)

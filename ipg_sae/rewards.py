@@ -343,8 +343,12 @@ def get_reward(spec: str | Callable | Reward) -> Reward:
         return Reward(spec, _BUILTIN[spec])
     if ":" in spec:
         return _user_reward(spec, _import_callable(spec))
+    import difflib
+
+    close = difflib.get_close_matches(spec, list(_BUILTIN), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? Or use" if close else "use"
     raise IPGError(
-        f"unknown reward {spec!r}; use one of {sorted(_BUILTIN)} or 'module.path:function' naming a "
+        f"unknown reward {spec!r}; {hint} one of {sorted(_BUILTIN)} or 'module.path:function' naming a "
         "function R(prompt, completion, reference) -> float"
     )
 

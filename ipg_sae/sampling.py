@@ -96,7 +96,7 @@ def sample(model, tokenizer, problems: list[Problem], prompts: list[str], cfg: S
             else:
                 prompt_ids, completions = _generate(model, tokenizer, [prompts[i] for i in batch], cfg,
                                                     seed=_batch_seed(cfg.seed, batch_index), stops=stops,
-                                                    intervention=intervention)
+                                                    intervention=intervention, on_step=_step_postfix(bar, cfg))
             for j, i in enumerate(batch):
                 for g in range(cfg.n_samples):
                     ids = completions[j * cfg.n_samples + g]
@@ -167,8 +167,34 @@ def left_padded(tokenizer, prompts: list[str]) -> dict:
         tokenizer.padding_side = side
 
 
-def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: int, stops: set[int], intervention):
-    """Return each prompt's token ids and each sample's generated ids (cut after EOS)."""
+def _step_postfix(bar, cfg: SamplingConfig, every_s: float = 1.0) -> Callable[[int], None]:
+    """A ``generate`` call finishes a whole batch at once (minutes on a CPU): show its decoding step on the bar,
+    at most once every ``every_s`` seconds, so that the progress moves while a batch runs."""
+    last = [0.0]
+
+    def on_step(step: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= every_s:
+            last[0] = now
+            bar.set_postfix_str(f"batch at token {step}/{cfg.max_new_tokens}")
+    return on_step
+
+
+class _OnStep:
+    """A stopping criterion that never stops: ``generate`` calls it once per decoding step (our progress hook)."""
+
+    def __init__(self, on_step: Callable[[int], None], prompt_width: int):
+        self.on_step, self.prompt_width = on_step, prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.on_step(input_ids.shape[1] - self.prompt_width)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: int, stops: set[int], intervention,
+              on_step: Callable[[int], None] | None = None):
+    """Return each prompt's token ids and each sample's generated ids (cut after EOS); ``on_step(k)`` is called
+    after each decoding step ``k``."""
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in left_padded(tokenizer, prompts).items()}
     torch.manual_seed(seed)
@@ -179,6 +205,10 @@ def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: i
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    if on_step is not None:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_OnStep(on_step, enc["input_ids"].shape[1])])
     ctx = intervention() if intervention is not None else contextlib.nullcontext()
     with torch.no_grad(), ctx:
         generated = model.generate(**enc, **kwargs)

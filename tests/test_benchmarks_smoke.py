@@ -118,3 +118,11 @@ def test_run_all_report(results_dir):
                    "sampler with steering hooks / without", "IPG / floor by tokens"):
         assert needle in table and needle in out.stdout
     assert "not run" not in table
+
+
+def test_cli(results_dir):
+    run_script("bench_cli.py", results_dir)
+    sec = section(results_dir, "cli")
+    assert set(sec["seconds"]) == {"python", "help", "typo", "command_help"}
+    assert all(v > 0 for v in sec["seconds"].values())
+    assert set(sec["ratios"]) == {"help/python", "typo/python", "command_help/python"}

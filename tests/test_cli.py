@@ -1,9 +1,12 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ipg_sae.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_commands(capsys):
@@ -25,6 +28,25 @@ def test_errors_are_one_line_exit_2(args, match, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert __import__("re").search(match, err), err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["pipline"], ["--version"], []])
+def test_help_and_a_mistyped_command_do_not_import_torch(argv):
+    """Help and argument errors answer at once: torch (seconds to import) is loaded by the command that runs."""
+    code = ("import sys\nfrom ipg_sae.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)") % (argv,)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.stdout.strip().splitlines()[-1] == "False", r.stderr[-2000:]
+
+
+def test_mistyped_command_names_the_closest(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pipline", "configs/demo.yaml"])
+    assert e.value.code == 2
+    assert "unknown command 'pipline' (did you mean pipeline?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
+    assert "choose one of sample, train-sae" in capsys.readouterr().err
 
 
 def test_python_m_entry_point():
@@ -52,7 +74,7 @@ def test_sample_job_writes_outputs_and_logs(tiny_llama_dir, tmp_path, monkeypatc
 @pytest.mark.parametrize("override,match", [
     ("--baselines=[actt]", "did you mean `act`"),
     ("--selection.normalize=foo", "choose one of 'none', 'length', 'l1'"),
-    ("--reward=correctnes", "unknown reward 'correctnes'"),
+    ("--reward=correctnes", "unknown reward 'correctnes'; did you mean 'correctness'"),
     ("--sae.train_config=nope.yaml", "sae.train_config: config file nope.yaml not found"),
     ("--sae.train_overrides={expansion_factr: 2}", "did you mean `expansion_factor`"),
     ("--evaluation.task.offset=5", "also in the attribution split"),

@@ -43,6 +43,25 @@ def test_reproducible_given_seed(setup):
     assert a == b and a != c
 
 
+def test_hf_backend_reports_every_decoding_step_without_changing_the_samples(setup, monkeypatch):
+    """The hf backend finishes a batch in one generate() call: its progress hook fires at every step, and the
+    hook changes nothing that is sampled."""
+    import ipg_sae.sampling as sampling
+
+    model, tok, problems, prompts = setup
+    cfg = SamplingConfig(n_samples=2, max_new_tokens=6, batch_size=4, seed=5)
+    steps: list[int] = []
+    with_hook = sampling._generate(model, tok, prompts[:2], cfg, seed=9, stops=set(), intervention=None,
+                                   on_step=steps.append)
+    without = sampling._generate(model, tok, prompts[:2], cfg, seed=9, stops=set(), intervention=None)
+    assert with_hook == without
+    assert steps == list(range(1, 7))  # no stop token: every one of the 6 steps is seen, in order
+    seen: list[str] = []
+    monkeypatch.setattr(sampling, "_step_postfix", lambda bar, cfg: lambda step: seen.append(step))
+    assert [t.completion_ids for t in run(setup, seed=5)] == [t.completion_ids for t in run(setup, seed=5)]
+    assert seen  # sample() wires the hook to its progress bar
+
+
 def test_left_padding_matches_unbatched_greedy(setup):
     model, tok, problems, prompts = setup
     batched = run(setup, temperature=0.0, n_samples=1, batch_size=3)
