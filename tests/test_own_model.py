@@ -32,6 +32,10 @@ def test_the_documented_config_loads_and_is_checked(tmp_path, monkeypatch):
     (tmp_path / "my-run.yaml").write_text(block)
     cfg = load_config(PipelineConfig, tmp_path / "my-run.yaml")
     assert cfg.sae.load[0].release == "gemma-scope-2b-pt-res-canonical" and cfg.model.device == "cuda"
+    # the documented pairing fits: sae-lens's registry (shipped with the package) says whose SAE it is
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    assert get_pretrained_saes_directory()[cfg.sae.load[0].release].model == cfg.model.name.split("/")[-1]
     # the held-out split is checked before any work: an overlapping one is refused
     (tmp_path / "overlap.yaml").write_text(block.replace("offset: 200", "offset: 100"))
     with pytest.raises(IPGError, match="also in the attribution split"):

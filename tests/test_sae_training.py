@@ -567,3 +567,23 @@ def test_two_processes_match_one(tmp_path, tiny_llama_dir, text_file):
     assert (final / "layer_1" / "trainer_state.pt").is_file()
     assert (final / "rank_1" / "layer_1" / "trainer_state.pt").is_file()
     load_sae(str(tmp_path / "runs" / "two" / "sae" / "layer_1"), load_model(str(tiny_llama_dir))[0])
+
+
+def test_cfg_json_says_which_weights_a_gguf_model_had(tmp_path, tiny_llama_dir, text_file):
+    """The offline default model is a dequantized Q4_1 GGUF, not the hub checkpoint its cfg.json names for other
+    tools: the saved cfg.json says so, for a sae-lens user who would boot the hub model."""
+    import dataclasses
+
+    from ipg_sae.models import load_model
+    from sae_training.saes import build_sae
+
+    model, _ = load_model(str(tiny_llama_dir))
+    cfg = make_cfg(tmp_path, tiny_llama_dir, text_file)
+    gguf = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="smollm2-135m-instruct"))
+    sae = build_sae(gguf, model, layer=1, device="cpu")
+    sae.save_inference_model(str(tmp_path / "sae"))
+    meta = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "Q4_1.gguf" in meta["model_weights_source"] and "dequantized" in meta["model_weights_source"]
+    plain = build_sae(cfg, model, layer=1, device="cpu")  # a local HF directory: its own weights, nothing to say
+    assert plain.cfg.metadata.model_weights_source is None
