@@ -289,6 +289,7 @@ def _verdict_section(result) -> str:
         lines.append(f"No comparison with random sets was run (no `{target}` set or no random draws).")
         return "\n".join(lines)
     fmt = _formatter(metric)
+    metric = _metric_name(meta, metric)
     lines.append(f"Paired difference in {metric} between `{target}` and the mean of {len(meta.random_sets)} random "
                  f"set(s), at each gamma ({meta.confidence:.0%} interval):")
     lines.append("")
@@ -327,7 +328,12 @@ def _verdict_text(verdict: str, metric: str) -> str:
 def _direction_text(meta: EvalMeta) -> str:
     up = "higher" if meta.primary_direction > 0 else "lower"
     down = "lower" if meta.primary_direction > 0 else "higher"
-    return f"{meta.primary_metric} {up} for gamma > 1, {down} for gamma < 1"
+    return f"{_metric_name(meta, meta.primary_metric)} {up} for gamma > 1, {down} for gamma < 1"
+
+
+def _metric_name(meta: EvalMeta, metric: str) -> str:
+    """A metric as the report names it: a user reward by the name it was configured with."""
+    return f"reward `{meta.reward}`" if metric == "reward" else metric
 
 
 def _formatter(metric: str):
@@ -336,35 +342,46 @@ def _formatter(metric: str):
             return "n/a"
         if metric == "accuracy":
             return f"{100 * x:+.1f} pts" if signed else f"{100 * x:.1f}%"
+        if metric == "reward":  # a user reward has any scale: three significant digits, not one decimal
+            return f"{x:+.3g}" if signed else f"{x:.3g}"
         return f"{x:+.1f}" if signed else f"{x:.1f}"
     return fmt
 
 
+def _table_metrics(meta: EvalMeta) -> list[str]:
+    """The report's columns: the configured reward first when it is neither accuracy nor length."""
+    return (["reward"] if meta.primary_metric == "reward" else []) + ["accuracy", "length"]
+
+
 def _results_table(rows: list[dict], meta: EvalMeta) -> str:
-    acc, length = _formatter("accuracy"), _formatter("length")
-    head = ("| set | gamma | accuracy [CI] | Δ accuracy vs none [CI] | length [CI] | Δ length vs none [CI] | "
-            "degenerate | problems | seeds | samples |")
+    metrics = _table_metrics(meta)
+    head = "| set | gamma | " + "".join(f"{_metric_name(meta, m)} [CI] | Δ {m} vs none [CI] | " for m in metrics) + \
+        "degenerate | problems | seeds | samples |"
     ess = any("ess" in r for r in rows)
     if ess:
         head += " ESS |"
     lines = ["## Results", "", f"Values are means over problems; brackets are {meta.confidence:.0%} intervals.",
              "Degenerate = a repeated n-gram loop, an empty completion, or no parseable answer.", "", head,
-             "|" + "---|" * (11 if ess else 10)]
+             "|" + "---|" * (6 + 2 * len(metrics) + ess)]
     shared = meta.estimator == "importance"  # every condition reweights the same unsteered samples
     for r in rows:
         delta = r["condition"] != "none"
         n_samples = f"{r['n_problems'] * meta.samples_per_problem} shared" if shared else r["n_samples"]
         lines.append(
             f"| {r['set']} | {'-' if r['gamma'] is None else format(r['gamma'], 'g')} | "
-            f"{acc(r['accuracy'])} [{acc(r['accuracy_lo'])}, {acc(r['accuracy_hi'])}] | "
-            + (f"{acc(r['accuracy_delta'], True)} [{acc(r['accuracy_delta_lo'], True)}, "
-               f"{acc(r['accuracy_delta_hi'], True)}] | " if delta else "- | ")
-            + f"{length(r['length'])} [{length(r['length_lo'])}, {length(r['length_hi'])}] | "
-            + (f"{length(r['length_delta'], True)} [{length(r['length_delta_lo'], True)}, "
-               f"{length(r['length_delta_hi'], True)}] | " if delta else "- | ")
+            + "".join(_metric_cells(r, m, delta) for m in metrics)
             + f"{_pct(r['degenerate'])} | {r['n_problems']} | {r['n_seeds']} | {n_samples} |"
             + (f" {r['ess']:.2f}{' (low)' if r.get('ess_flag') else ''} |" if "ess" in r else (" |" if ess else "")))
     return "\n".join(lines)
+
+
+def _metric_cells(r: dict, metric: str, delta: bool) -> str:
+    """``value [lo, hi] | delta [lo, hi] |`` of one metric in one row (``- |`` for the unsteered row's delta)."""
+    f = _formatter(metric)
+    cells = f"{f(r[metric])} [{f(r[metric + '_lo'])}, {f(r[metric + '_hi'])}] | "
+    if not delta:
+        return cells + "- | "
+    return cells + f"{f(r[metric + '_delta'], True)} [{f(r[metric + '_delta_lo'], True)}, {f(r[metric + '_delta_hi'], True)}] | "
 
 
 def _pct(x: float) -> str:

@@ -262,6 +262,8 @@ def artifact_name(kind: str, path: str | Path) -> str:
     elif kind == "attribution":
         name = (f"{path.parent.parent.name}-attribution-{path.name}" if path.parent.name == "baselines"
                 else f"{path.name}-attribution")
+    elif path.name == "eval":  # runs/demo/eval -> demo-evaluation: every run's evaluation has a name of its own
+        name = f"{path.parent.name}-{kind}"
     else:
         name = f"{path.name}-{kind}"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", name)

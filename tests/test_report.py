@@ -34,8 +34,9 @@ def test_histogram_and_top_latents(tmp_path):
         plot_top_latents(FEATURES, tmp_path / "x.png", score_key="score")
 
 
-def _synthetic_result(shift):
-    """An evaluation result from synthetic samples: the target raises accuracy by ``shift`` at gamma 2."""
+def _synthetic_result(shift, reward="correctness", primary_metric="accuracy", reward_scale=1.0):
+    """An evaluation result from synthetic samples: the target raises accuracy by ``shift`` at gamma 2 (and the
+    reward, ``reward_scale`` times correctness, with it)."""
     rng = np.random.default_rng(0)
     ids = [f"p{i}" for i in range(150)]
     p = rng.uniform(0.2, 0.6, len(ids))
@@ -46,14 +47,14 @@ def _synthetic_result(shift):
             for i, pid in enumerate(ids):
                 correct = int(rng.random() < p[i] + lift)
                 samples.append({"cell": f"{name}-{seed}", "set": name, "gamma": gamma, "seed": seed, "problem_id": pid,
-                                "sample_index": 0, "correct": correct, "reward": float(correct), "length": 20,
+                                "sample_index": 0, "correct": correct, "reward": reward_scale * correct, "length": 20,
                                 "parsed": 1, "repetition": 0, "empty": 0, "degenerate": 0})
     from ipg_sae.evaluation import EvalMeta, EvalResult
 
     meta = EvalMeta(estimator="sampling", null="uniform", problem_ids=ids, n_problems=len(ids), seeds=[0, 1],
                     gammas=[2.0], n_samples=1, samples_per_problem=2, target="ipg",
                     sets={"ipg": [[1, 3]], "random-draw0": [[1, 8]], "random-draw1": [[1, 9]]},
-                    random_sets=["random-draw0", "random-draw1"], reward="correctness", primary_metric="accuracy",
+                    random_sets=["random-draw0", "random-draw1"], reward=reward, primary_metric=primary_metric,
                     primary_direction=1, scope="all", sampling={"temperature": 0.7, "max_new_tokens": 64}, task={},
                     n_bootstrap=500, confidence=0.95, model={"name": "synthetic"}, degenerate_rule={})
     rows, comparisons = summarize_samples(samples, meta)
@@ -65,6 +66,19 @@ def test_verdict_states_what_the_interval_supports(tmp_path):
     assert "`ipg` beats random sets at gamma 2" in strong and "150 problems x 2 seed(s)" in strong
     null = write_report(tmp_path / "b", _synthetic_result(0.0)).read_text()
     assert "does not beat random sets at any gamma" in null and "not evidence of no effect" in null
+
+
+def test_a_user_reward_is_what_the_verdict_and_table_show(tmp_path):
+    """A reward of another scale (here 0.01 per correct answer) is reported by its configured name, with enough
+    digits to see it, and has its own columns beside accuracy and length."""
+    result = _synthetic_result(0.3, reward="my_rewards:even", primary_metric="reward", reward_scale=0.01)
+    text = write_report(tmp_path, result).read_text()
+    comp = next(c for c in result.comparisons if c["metric"] == "reward" and c["against"] == "random")
+    assert f"Paired difference in reward `my_rewards:even` between `ipg`" in text
+    assert f"gamma 2: {comp['delta']:+.3g} [{comp['lo']:+.3g}, {comp['hi']:+.3g}]" in text
+    assert abs(comp["delta"]) > 1e-3 and "-0.0 [-0.1, +0.0]" not in text
+    assert "| set | gamma | reward `my_rewards:even` [CI] | Δ reward vs none [CI] | accuracy [CI] |" in text
+    assert "`ipg` beats random sets at gamma 2" in text and "reward `my_rewards:even` higher for gamma > 1" in text
 
 
 def test_report_end_to_end_on_tiny_model(tiny_llama_dir, tmp_path):

@@ -120,6 +120,8 @@ def test_lineage_records_made_and_used_artifacts(tmp_path, monkeypatch):
     assert name == "demo-trajectories"
     assert artifact_name("sae", tmp_path / "demo" / "sae" / "layer_15") == "demo-sae-layer_15"
     assert artifact_name("attribution", tmp_path / "demo" / "baselines" / "act") == "demo-attribution-act"
+    # every run's evaluation is its own artifact, not one "eval-evaluation" shared by every pipeline of a project
+    assert artifact_name("evaluation", tmp_path / "demo" / "eval") == "demo-evaluation"
     with Tracker(WandbConfig(project="t"), tmp_path / "a", "r", "sample") as tr:
         tr.artifact(name, "dataset", data)
     with Tracker(WandbConfig(project="t"), tmp_path / "b", "r", "attribute") as tr:
