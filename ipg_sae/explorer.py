@@ -10,7 +10,8 @@ as HTML, so tokens such as ``|``, ``<``, ``&`` or a newline render as themselves
 ``data.json`` holds:
 
 * ``run``: name, model, SAEs (with ``neuronpedia_id``), method summary, the selected set, the
-  bootstrap size, the prompts (``n_prompts``, ``n_attributed``), ``notes``, the policy below;
+  bootstrap size, the prompts (``n_prompts``, ``n_attributed``), ``notes``, the policy below, and
+  ``verdict`` (when an evaluation ran: the target set against the mean of the random sets per gamma);
 * ``latents``: one summary row per latent with a non-zero score under any method, ranked by IPG:
   ``layer``, ``latent``, ``rank``, ``mean``, ``lo``/``hi`` (mean +- 1.96 se over prompts), ``t``,
   ``sign_consistency``, ``selection_frequency`` (share of bootstrap resamples of prompts whose
@@ -29,7 +30,8 @@ as HTML, so tokens such as ``|``, ``<``, ``&`` or a newline render as themselves
   ``logits`` (``promoted``/``suppressed``: ``[token, string, value]`` of ``W_dec[i] @ W_U`` after
   the final norm's scale), ``histogram`` (``edges``, ``counts`` of its non-zero activations),
   ``ipg_tokens`` (``correct``/``incorrect``: trajectories where its attribution is largest, with
-  the per-token IPG contribution of this latent), ``steering`` (evaluation rows of sets holding it);
+  the per-token IPG contribution of this latent), ``steering`` (evaluation rows of sets holding it: the whole
+  set's effect on the evaluation's primary metric, its size, and the random sets' mean effect at that gamma);
 * ``trajectories``: ``id``, ``correct``, ``reward``, ``strings``, ``total`` (per-token attribution
   summed over latents) and ``top`` (per token: up to 5 ``[layer, latent, value]``), from token
   ``start`` on (the last 48 prompt tokens and the completion: the shared system prompt and worked
@@ -154,7 +156,8 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
     if saes and model is not None and cfg.held_out:
         held_texts = held_out_texts if held_out_texts is not None else _held_out_texts(run_dir, cfg.held_out)
         _add_held_out_contexts(contexts, model, tokenizer, saes, held_texts, detail, pieces, cfg)
-    steering = _steering_rows(run_dir)
+    evaluation = _evaluation(run_dir)
+    steering = _steering_rows(evaluation)
     details = {}
     for layer, latent in sorted(detail):
         key = f"{layer}:{latent}"
@@ -168,7 +171,8 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
             "ipg_tokens": _ipg_tokens(result, layer, latent, maps, by_id, pieces, cfg.trajectories_per_side),
             "steering": [r for r in steering if [layer, latent] in r["latents"]],
         }
-    data = {"run": _run_info(run_dir, result, selection, cfg, bool(maps)), "latents": rows, "details": details,
+    data = {"run": {**_run_info(run_dir, result, selection, cfg, bool(maps)), "verdict": _verdict(evaluation)},
+            "latents": rows, "details": details,
             "texts": texts, "trajectories": _trajectory_view(result, maps, by_id, pieces, cfg.n_trajectories)}
     out = run_dir / "explorer"
     write_json(out / DATA_FILE, data)
@@ -549,22 +553,47 @@ def _trajectory_view(result, maps, by_id, pieces, n) -> list[dict]:
     return out
 
 
-def _steering_rows(run_dir: Path) -> list[dict]:
-    """Evaluation rows of the run (sets with their latents), when an evaluation ran."""
+def _evaluation(run_dir: Path):
+    """The run's evaluation (``eval/``), or None when none ran."""
     from .evaluation import EvalResult
 
     if not (run_dir / "eval" / "summary.json").is_file():
+        return None
+    return EvalResult.load(run_dir / "eval", with_samples=False)
+
+
+def _steering_rows(evaluation) -> list[dict]:
+    """Evaluation rows of the sets the run evaluated, each with its size and, at the same gamma, the mean of the
+    random sets: a panel shows a whole set's effect, beside what random sets of that size do."""
+    if evaluation is None:
         return []
-    result = EvalResult.load(run_dir / "eval", with_samples=False)
-    sets = result.meta.sets
+    sets, metric = evaluation.meta.sets, evaluation.meta.primary_metric
+    random = {r.get("gamma"): r for r in evaluation.rows if r.get("condition") == "random_mean"}
     out = []
-    for row in result.rows:
+    for row in evaluation.rows:
         if row.get("set") in sets:
+            base = random.get(row.get("gamma"), {})
             out.append({"set": row["set"], "gamma": row.get("gamma"), "latents": sets[row["set"]],
-                        "accuracy": row.get("accuracy"), "accuracy_delta": row.get("accuracy_delta"),
-                        "accuracy_delta_lo": row.get("accuracy_delta_lo"),
-                        "accuracy_delta_hi": row.get("accuracy_delta_hi"), "length": row.get("length")})
+                        "n_latents": len(sets[row["set"]]), "metric": metric,
+                        "value": row.get(metric), "delta": row.get(f"{metric}_delta"),
+                        "delta_lo": row.get(f"{metric}_delta_lo"), "delta_hi": row.get(f"{metric}_delta_hi"),
+                        "random_delta": base.get(f"{metric}_delta"), "length": row.get("length")})
     return out
+
+
+def _verdict(evaluation) -> dict | None:
+    """The evaluation's answer: the target set against the mean of the random sets, per gamma (primary metric)."""
+    if evaluation is None:
+        return None
+    meta = evaluation.meta
+    comps = sorted((c for c in evaluation.comparisons
+                    if c["against"] == "random" and c["metric"] == meta.primary_metric), key=lambda c: c["gamma"])
+    if not comps:
+        return None
+    return {"target": meta.target, "metric": meta.primary_metric, "reward": meta.reward,
+            "n_latents": len(meta.sets.get(meta.target, [])), "n_random": len(meta.random_sets),
+            "estimator": meta.estimator, "n_problems": meta.n_problems,
+            "comparisons": [{k: c.get(k) for k in ("gamma", "delta", "lo", "hi", "verdict")} for c in comps]}
 
 
 def _run_info(run_dir: Path, result: AttributionResult, selection: dict, cfg: ExplorerConfig, has_maps: bool) -> dict:

@@ -280,6 +280,11 @@ def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | Non
         history, summary = evaluation_metrics(result)
         tracker.log(history)
         tracker.summary(summary)
+        metric = result.meta.primary_metric
+        draws = [[r["set"], r["gamma"], r.get(metric), r.get(f"{metric}_delta")] for r in result.rows
+                 if r["condition"] == "random"]
+        if draws:
+            tracker.table("evaluate/random_draws", ["set", "gamma", metric, f"{metric}_delta"], draws)
         report = write_report(run_dir, result, scores=scores, tracker=tracker)
         outputs = [run_dir / "eval" / f for f in ("summary.json", "rows.csv", "comparisons.csv", "samples.csv")]
         tracker.artifact(artifact_name("evaluation", run_dir / "eval"), "evaluation", report, *outputs,
@@ -297,11 +302,16 @@ def evaluation_metrics(result) -> tuple[dict, dict]:
     each gamma on the primary metric (``evaluate/headline/g<gamma>/<metric>_vs_random``, its interval and
     verdict). The runs table then shows the target's numbers, never a null's."""
     meta = result.meta
+    # The reward is a key of its own only when it is neither accuracy nor length (else it repeats one of them);
+    # each random draw is a row of the `evaluate/random_draws` table, and only their mean is a key.
+    metrics = [m for m in _W_METRICS if m != "reward" or meta.primary_metric == "reward"]
     history = {}
     for row in result.rows:
+        if row["condition"] == "random":
+            continue
         name = "random_mean" if row["condition"] == "random_mean" else row["set"]
         prefix = "evaluate/none" if row["gamma"] is None else f"evaluate/{name}/g{row['gamma']:g}"
-        for m in _W_METRICS:
+        for m in metrics:
             for suffix in ("", "_delta", "_delta_lo", "_delta_hi", "_lo", "_hi"):
                 value = row.get(m + suffix)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -339,7 +349,8 @@ def run_explore(cfg: ExploreJobConfig, group: str | None = None) -> Path:
     from .explorer import build
 
     run_dir = Path(cfg.run_dir)
-    with run_lock(run_dir, lock_hint=False), Tracker(cfg.wandb, run_dir, run_dir.name, "explore", group=group) as tracker:
+    with run_lock(run_dir, lock_hint=False), Tracker(cfg.wandb, run_dir, run_dir.name, "explore", to_dict(cfg),
+                                                     group=group) as tracker:
         use_inputs(tracker, attribution_dirs=[run_dir])  # lineage: attribution -> explorer
         return build(run_dir, cfg=cfg.explorer, tracker=tracker, trust_remote_code=cfg.trust_remote_code)
 

@@ -107,10 +107,23 @@ def test_logit_effect_matches_a_direct_computation(kind, tmp_path, tiny_tokenize
 
 
 def test_steering_rows_and_ipg_token_maps(run):
+    from ipg_sae.evaluation import EvalResult
+
     run_dir, _ = run
     data = load(run_dir)
     selected = [f"{l}:{i}" for l, i in data["run"]["selected"]]
     assert all(data["details"][k]["steering"] for k in selected)  # the evaluated set holds them
+    # a panel's row is the whole set's effect, with its size and the random sets' mean at that gamma beside it
+    evaluation = EvalResult.load(run_dir / "eval", with_samples=False)
+    random_mean = next(r for r in evaluation.rows if r["condition"] == "random_mean" and r["gamma"] == 0.0)
+    row = next(r for r in data["details"][selected[0]]["steering"] if r["set"] == "ipg")
+    metric = evaluation.meta.primary_metric
+    assert row["n_latents"] == 3 and row["metric"] == metric
+    assert row["random_delta"] == random_mean[f"{metric}_delta"]
+    verdict = data["run"]["verdict"]
+    comp = next(c for c in evaluation.comparisons if c["against"] == "random" and c["metric"] == metric)
+    assert verdict["target"] == "ipg" and verdict["n_random"] == 1 and verdict["reward"] == evaluation.meta.reward
+    assert verdict["comparisons"] == [{k: comp[k] for k in ("gamma", "delta", "lo", "hi", "verdict")}]
     maps = [t for d in data["details"].values() for side in ("correct", "incorrect") for t in d["ipg_tokens"][side]]
     assert maps and all(len(t["strings"]) == len(t["values"]) for t in maps)
     view = data["trajectories"]
@@ -165,6 +178,12 @@ def test_the_page_in_a_real_browser(run, tmp_path):
     panel = re.search(r'<div id="panel-body"[^>]*>(.*?)</section>', dom, re.S).group(1)
     assert panel.count('class="ctx"') >= 1 and "Direct logit effect" in panel and "ipg-tokens" in panel
     assert re.search(r'<div id="traj-tokens" class="tokens">.*class="tok', dom, re.S)
+    # the answer first: the target against the random sets, in the header
+    verdict = re.search(r'<div id="verdict">(.*?)</div>', dom, re.S).group(1)
+    assert "`ipg` (3 latents) minus the mean of 1 random sets" in verdict and "gamma 0:" in verdict
+    assert "random sets, same gamma" in panel and "not this latent alone" in panel
+    # tokens such as <|im_end|> are drawn as typed: no font ligature turns "<|" into another glyph
+    assert "font-variant-ligatures:none" in page.read_text()
     png = screenshot(page, tmp_path / "explorer.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     json.dumps(data)  # the data round-trips as JSON
@@ -296,6 +315,9 @@ def test_every_latent_has_a_panel_a_permalink_and_neighbours(api_run):
     assert 'data-ready="1"' in dom and "data-error" not in dom
     assert f'data-latent="{key}"' in dom  # the permalink opened that latent's panel
     assert "Nearest latents" in dom and "permalink" in dom
+    # a link to a latent the run does not have says so, instead of keeping whatever panel was open
+    dom = rendered_dom(page, fragment="#L2:99999")
+    assert "No latent L2:99999 in this run" in dom and 'data-latent=""' in dom and "data-error" not in dom
     full = next(r for r in data["latents"] if r["detail"])
     dom = rendered_dom(page, fragment=f"#L{full['layer']}:{full['latent']}")
     assert "activation (non-zero values)" in dom and ">count<" in dom  # the histogram's axes are labelled

@@ -204,7 +204,12 @@ def test_the_evaluation_run_summary_holds_the_targets_numbers(tmp_path, monkeypa
     headline = next(c for c in result.comparisons if c["against"] == "random" and c["gamma"] == 2.0
                     and c["metric"] == "accuracy")
     assert run["summary"]["evaluate/headline/g2/accuracy_vs_random"] == headline["delta"]
-    steps = [h for h in run["history"] if any(k.startswith("evaluate/") for k in h)]
+    steps = [h for h in run["history"] if any(k.startswith("evaluate/") and "random_draws" not in k for k in h)]
     assert len(steps) == 1 and "evaluate/ipg/g0/accuracy" in steps[0]  # one step, each set and gamma its own key
+    # no duplicates: for correctness the reward is the accuracy, and each random draw is a table row, not keys
+    keys = [k for k in run["summary"] if k.startswith("evaluate/")]
+    assert not [k for k in keys if k.endswith(("/reward", "/reward_delta")) or "random-draw" in k or "/random-" in k]
+    draws = [r for r in result.rows if r["condition"] == "random"]
+    assert len(draws) == 4 and any(k.startswith("evaluate/random_draws") for k in run["summary"])
     files = {f for a in run["made"] if a["type"] == "evaluation" for f in a["files"]}
     assert {"report.md", "summary.json", "samples.csv"} <= files
