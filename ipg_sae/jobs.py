@@ -188,7 +188,9 @@ def _attribute(cfg: AttributeJobConfig, trajectories, model, tokenizer, saes, ma
             if not main:
                 continue  # rank 0 merged the shards and writes the tables
             summaries[method] = _write_selection(cfg, method, out, result, tokenizer, trajectories, tracker)
-            tracker.artifact(artifact_name("attribution", out), "attribution", *attribution_files(out))
+            tracker.artifact(artifact_name("attribution", out), "attribution", *attribution_files(out),
+                             metadata={"method": method, "layers": list(result.layers),
+                                       "prompts": result.n_prompts, "top_latents": summaries[method]["selection"][:16]})
     return summaries
 
 
@@ -288,7 +290,7 @@ def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | Non
         report = write_report(run_dir, result, scores=scores, tracker=tracker)
         outputs = [run_dir / "eval" / f for f in ("summary.json", "rows.csv", "comparisons.csv", "samples.csv")]
         tracker.artifact(artifact_name("evaluation", run_dir / "eval"), "evaluation", report, *outputs,
-                         *[p for p in [run_dir / "plots"] if p.is_dir()])
+                         *[p for p in [run_dir / "plots"] if p.is_dir()], metadata=_evaluation_metadata(result))
     return result, report
 
 
@@ -325,6 +327,15 @@ def evaluation_metrics(result) -> tuple[dict, dict]:
     summary["evaluate/target"] = meta.target
     summary["evaluate/primary_metric"] = meta.primary_metric
     return history, summary
+
+
+def _evaluation_metadata(result) -> dict:
+    """What the evaluation artifact's page shows: the target, the reward, and its verdict against random sets."""
+    meta = result.meta
+    return {"target": meta.target, "reward": meta.reward, "primary_metric": meta.primary_metric,
+            "estimator": meta.estimator, "problems": meta.n_problems, "random_sets": len(meta.random_sets),
+            "vs_random": [{k: c[k] for k in ("gamma", "delta", "lo", "hi", "verdict")} for c in result.comparisons
+                          if c["against"] == "random" and c["metric"] == meta.primary_metric]}
 
 
 # ---- explore ------------------------------------------------------------------------------

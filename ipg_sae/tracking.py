@@ -205,10 +205,11 @@ class Tracker:
 
             self._guard(lambda: self.run.log({key: wandb.Html(Path(path).read_text(encoding="utf-8"))}))
 
-    def artifact(self, name: str, type: str, *paths: str | Path) -> None:
-        """Log the files or directories ``paths`` as one artifact this job made."""
+    def artifact(self, name: str, type: str, *paths: str | Path, metadata: dict | None = None) -> None:
+        """Log the files or directories ``paths`` as one artifact this job made; ``metadata`` is what the W&B
+        artifact page shows beside the files (layer, width, explained variance, top latents, verdict...)."""
         if self.run is not None:
-            self._guard(lambda: self.run.log_artifact(_artifact(name, type, paths, self._base())))
+            self._guard(lambda: self.run.log_artifact(_artifact(name, type, paths, self._base(), metadata)))
 
     def use(self, name: str, type: str, *paths: str | Path) -> None:
         """Declare that this job used the artifact made of ``paths`` (same content, same W&B version)."""
@@ -290,13 +291,15 @@ def attribution_files(method_dir: str | Path) -> list[Path]:
     return [Path(method_dir) / f for f in ATTRIBUTION_FILES if (Path(method_dir) / f).is_file()]
 
 
-def _artifact(name: str, type: str, paths, base: Path | None = None):
+def _artifact(name: str, type: str, paths, base: Path | None = None, metadata: dict | None = None):
     """A W&B artifact of ``paths``. With ``base`` (offline runs), files are referenced where they are, not copied
     into a staging folder, and by their path relative to ``base`` where they lie inside it: the run directory
     can then be moved and synced from inside it (``cd runs/<name> && wandb sync wandb/offline-run-*``)."""
     import wandb
 
-    art = wandb.Artifact(name, type=type)
+    from .io import jsonable
+
+    art = wandb.Artifact(name, type=type, metadata=jsonable(metadata) if metadata else None)
     policy = "immutable" if base is not None else "mutable"
     # resolved before entering base: a relative path names a file from where the job runs, not from its run dir
     base = None if base is None else Path(base).resolve()
@@ -438,6 +441,7 @@ def read_offline_run(run_dir: str | Path, wait_s: float = 30.0) -> dict:
             elif kind == "artifact":  # logged (made) or, with use_after_commit, used by the run
                 a = rec.artifact
                 artifacts.append({"name": a.name, "type": a.type, "digest": a.digest, "used": a.use_after_commit,
+                                  "metadata": json.loads(a.metadata) if a.metadata else {},
                                   "files": {e.path: e.local_path for e in a.manifest.contents}})
         runs.append({"file": str(f), "history": history, "summary": summary, "config": config, "id": run_id,
                      "made": [a for a in artifacts if not a["used"]], "used": [a for a in artifacts if a["used"]]})

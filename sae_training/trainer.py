@@ -326,7 +326,16 @@ class _Run:
         self.tracker.log(flat, step=self.cfg.total_steps)
         self.tracker.summary(flat)
         for layer, path in sae_dirs.items():
-            self.tracker.artifact(artifact_name("sae", path), "model", path)
+            m = metrics.get(layer, {})
+            self.tracker.artifact(artifact_name("sae", path), "model", path, metadata={
+                "layer": layer, "hook": f"{self.cfg.model.name} block {layer} output", "d_sae": self._d_sae(path),
+                "architecture": self.cfg.architecture, "k": self.cfg.k, "training_tokens": self.cfg.training_tokens,
+                **{f"heldout_{k}": m[k] for k in ("explained_variance", "l0", "ce_loss_score", "dead_fraction") if k in m}})
+
+    @staticmethod
+    def _d_sae(path) -> int | None:
+        cfg = read_json(Path(path) / "cfg.json")
+        return cfg.get("d_sae")
 
 
 def _summary(metrics: dict) -> str:

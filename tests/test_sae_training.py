@@ -91,9 +91,9 @@ def test_trains_two_layers_and_writes_loadable_saes(tmp_path, tiny_llama_dir, te
     artifacts = []
     original_artifact = Tracker.artifact
 
-    def spy(self, name, type, path):
+    def spy(self, name, type, path, **kw):
         artifacts.append((name, type, Path(path)))
-        return original_artifact(self, name, type, path)
+        return original_artifact(self, name, type, path, **kw)
 
     monkeypatch.setattr(Tracker, "artifact", spy)
     cfg = make_cfg(tmp_path, tiny_llama_dir, text_file, layers=[2, 1], training_tokens=256 * 300,
@@ -126,6 +126,9 @@ def test_trains_two_layers_and_writes_loadable_saes(tmp_path, tiny_llama_dir, te
     assert ce_steps == [150, 300]  # during training (eval_every) and at the end
     # named after where they lie (runs/tiny/sae/layer_<L>), as the jobs that use them name them too
     assert sorted((n, t) for n, t, _ in artifacts) == [("tiny-sae-layer_1", "model"), ("tiny-sae-layer_2", "model")]
+    made = {a["name"]: a["metadata"] for a in run["made"]}  # what the artifact page shows beside the files
+    assert made["tiny-sae-layer_1"]["layer"] == 1 and made["tiny-sae-layer_1"]["d_sae"] == 4 * 64
+    assert made["tiny-sae-layer_2"]["heldout_explained_variance"] == ev["layers"]["2"]["explained_variance"]
 
     # The saved SAEs: sae-lens format, with the HF hook name, loadable both ways, exact splice.
     from sae_lens import SAE

@@ -211,5 +211,10 @@ def test_the_evaluation_run_summary_holds_the_targets_numbers(tmp_path, monkeypa
     assert not [k for k in keys if k.endswith(("/reward", "/reward_delta")) or "random-draw" in k or "/random-" in k]
     draws = [r for r in result.rows if r["condition"] == "random"]
     assert len(draws) == 4 and any(k.startswith("evaluate/random_draws") for k in run["summary"])
+    made = next(a for a in run["made"] if a["type"] == "evaluation")
+    assert made["name"] == "e-evaluation" and made["metadata"]["target"] == "ipg"  # the verdict travels with it
+    assert made["metadata"]["vs_random"] == [{k: c[k] for k in ("gamma", "delta", "lo", "hi", "verdict")}
+                                             for c in result.comparisons
+                                             if c["against"] == "random" and c["metric"] == "accuracy"]
     files = {f for a in run["made"] if a["type"] == "evaluation" for f in a["files"]}
     assert {"report.md", "summary.json", "samples.csv"} <= files
