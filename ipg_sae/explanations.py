@@ -441,36 +441,47 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float(greater) / (len(pos) * len(neg))
 
 
-def detection_score(counts: NGramCounts, latent: int, explanation: InputExplanation,
-                    cfg: ExplainConfig) -> DetectionScore:
-    """Balanced accuracy and AUROC of the explanation predicting where the latent fires on held-out positions,
-    with hard negatives (see the module docstring)."""
+def detection_sample(counts: NGramCounts, latent: int, cfg: ExplainConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """Held-out flat positions to score an explanation on: ``(positives, negatives, number of hard negatives)``.
+    Up to ``n_detect`` firing positions and as many silent ones, half of those hard (their token is one the
+    latent fires on in the build part), the rest at random; seeded by ``cfg.seed`` and the latent."""
     acts = counts.acts
     rng = np.random.default_rng(cfg.seed + latent)
     held = np.flatnonzero(acts.held & acts.readable)
     idx, _ = acts.fires.get(latent, (np.array([], dtype=int), None))
     firing = np.zeros(len(acts.ids), dtype=bool)
     firing[idx] = True
-    positives = held[firing[held]]
+    positives = rng.permutation(held[firing[held]])[:cfg.n_detect]
+    silent = held[~firing[held]]
+    tokens = sorted({int(acts.ids[k]) for k in idx if not acts.held[k]})
+    hard = rng.permutation(silent[np.isin(acts.ids[silent], tokens)])[:len(positives) // 2]
+    rest = rng.permutation(np.setdiff1d(silent, hard))[:len(positives) - len(hard)]
+    return positives.astype(int), np.concatenate([hard, rest]).astype(int), int(len(hard))
+
+
+def binary_scores(predicted: np.ndarray, labels: np.ndarray, strength: np.ndarray | None = None
+                  ) -> tuple[float | None, float | None]:
+    """``(balanced accuracy, AUROC of strength)``: ``(TPR + TNR) / 2`` of the binary predictions."""
+    if not labels.any() or labels.all():
+        return None, None
+    bacc = (float(predicted[labels].mean()) + float((~predicted[~labels]).mean())) / 2
+    area = auroc(strength if strength is not None else predicted.astype(float), labels)
+    return round(bacc, 4), None if area is None else round(area, 4)
+
+
+def detection_score(counts: NGramCounts, latent: int, explanation: InputExplanation,
+                    cfg: ExplainConfig) -> DetectionScore:
+    """Balanced accuracy and AUROC of the explanation predicting where the latent fires on held-out positions,
+    with hard negatives (see the module docstring)."""
+    positives, negatives, n_hard = detection_sample(counts, latent, cfg)
     if not len(positives):
         return DetectionScore(None, None, 0, 0, 0)
-    positives = rng.permutation(positives)[:cfg.n_detect]
-    silent = held[~firing[held]]
-    tokens = {int(acts.ids[k]) for k in idx if not acts.held[k]}
-    hard_pool = silent[np.isin(acts.ids[silent], list(tokens))]
-    hard = rng.permutation(hard_pool)[:len(positives) // 2]
-    rest = rng.permutation(np.setdiff1d(silent, hard))[:len(positives) - len(hard)]
-    negatives = np.concatenate([hard, rest]).astype(int)
     strength = {tuple(g.tokens): g.z for g in explanation.ngrams}
-    points = np.concatenate([positives, negatives]).astype(int)
+    points = np.concatenate([positives, negatives])
     scores = np.array([max([strength.get(g, 0.0) for g in counts.ending_at(int(k))], default=0.0) for k in points])
     labels = np.concatenate([np.ones(len(positives), bool), np.zeros(len(negatives), bool)])
-    predicted = scores > 0
-    tpr = float(predicted[labels].mean())
-    tnr = float((~predicted[~labels]).mean()) if len(negatives) else None
-    return DetectionScore(round((tpr + tnr) / 2, 4) if tnr is not None else None,
-                          None if (a := auroc(scores, labels)) is None else round(a, 4),
-                          int(len(positives)), int(len(negatives)), int(len(hard)))
+    bacc, area = binary_scores(scores > 0, labels, scores)
+    return DetectionScore(bacc, area, int(len(positives)), int(len(negatives)), n_hard)
 
 
 def raw_output_score(model, sae, layer: int, latent: int, corpus: Corpus, acts: Activations,
