@@ -177,6 +177,22 @@ class LatentExplanation:
         return f"{self.input.label()}; {self.vocab_proj.label()}"
 
 
+def token_pieces(tokenizer):
+    """A cached ``ids -> [the text each token contributes]`` for ``tokenizer``."""
+    cache: dict[int, str] = {}
+
+    def pieces(ids) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i not in cache:
+                cache[i] = tokenizer.decode([i])
+            out.append(cache[i])
+        return out
+
+    return pieces
+
+
 def json_quote(text: str) -> str:
     import json
 
@@ -605,3 +621,27 @@ def flat_columns(e: LatentExplanation) -> dict:
 EXPLANATION_COLUMNS = tuple(flat_columns(LatentExplanation(
     0, 0, 0.0, InputExplanation([], [], 0, 0), OutputExplanation("vocab_proj", [], []),
     OutputExplanation("token_change", [], []), DetectionScore(None, None, 0, 0, 0))))
+
+
+OUT = "explanations"  # the folder of a run that ``ipg-sae explain`` writes (:mod:`ipg_sae.explain_run`)
+
+
+def load_explanations(run_dir) -> dict[tuple[int, int], LatentExplanation]:
+    """Every explanation written for a run (``explanations/L*.jsonl``): ``{(layer, latent): explanation}``, merged
+    with the LLM's (``llm_L*.jsonl``) where those exist."""
+    from pathlib import Path
+
+    from .io import read_jsonl
+
+    out = {}
+    folder = Path(run_dir) / OUT
+    for path in sorted(folder.glob("L*.jsonl")):
+        for row in read_jsonl(path):
+            e = from_dict(row)
+            out[(e.layer, e.latent)] = e
+    for path in sorted(folder.glob("llm_L*.jsonl")):
+        for row in read_jsonl(path):
+            key = (int(row["layer"]), int(row["latent"]))
+            if key in out and out[key].llm is None:
+                out[key].llm = {k: row.get(k) for k in ("explanation", "detection_bacc", "fuzzing_bacc")}
+    return out

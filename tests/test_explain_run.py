@@ -1,0 +1,106 @@
+"""`ipg-sae explain RUN_DIR` on a tiny attribution run: files, resumability, the feature table with explanation
+columns, a failing LLM endpoint that keeps what was computed, and the explorer (panel, search, dashboard export)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+
+from ipg_sae.cli import main
+from ipg_sae.explanations import EXPLANATION_COLUMNS, load_explanations
+from tests.browser import find_browser, rendered_dom
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_llama_dir):
+    """A tiny attribution run (IPG and the `act` baseline), then `ipg-sae explain` on it."""
+    from ipg_sae.config import load_config
+    from ipg_sae.jobs import AttributeJobConfig, SampleJobConfig, run_attribute, run_sample
+    from tests import tiny
+
+    root = tmp_path_factory.mktemp("explain")
+    sae_dir = root / "sae"
+    tiny.random_sae("standard", 64, layer=2, d_sae=64, seed=3).save_model(str(sae_dir))
+    common = {"name": "x", "runs_dir": str(root / "runs"), "model.name": str(tiny_llama_dir), "wandb.enabled": False}
+    run_sample(load_config(SampleJobConfig, None, {**common, "task.n_problems": 4, "task.few_shot": 0,
+                                                   "sampling.n_samples": 3, "sampling.max_new_tokens": 12,
+                                                   "reward": "length"}), progress=False)
+    run_attribute(load_config(AttributeJobConfig, None, {
+        **common, "saes": [{"path": str(sae_dir)}], "attribution.n_steps": 2, "baselines": ["act"],
+        "selection.k": 3, "selection.n_bootstrap": 0, "selection.table_size": 5}), progress=False)
+    out = root / "runs" / "x"
+    assert main(["explain", str(out), "--no-wandb", "--top", "6", "--baseline_top", "2", "--save_every", "2",
+                 "--explain.null_per_bin", "2", "--explain.n_contexts", "2"]) == 0
+    return out
+
+
+def test_explain_writes_every_chosen_latent_and_a_summary(run_dir):
+    summary = json.loads((run_dir / "explanations" / "summary.json").read_text())
+    found = load_explanations(run_dir)
+    chosen = {tuple(p) for pairs in summary["groups"].values() for p in pairs}
+    assert chosen and set(found) == chosen and summary["n_latents"] == len(chosen)
+    assert {"ipg_top", "selected", "act_top", "ipg_top16"} <= set(summary["groups_mean"])
+    assert summary["n_held_out"] and summary["n_held_out"] < summary["n_sequences"]
+    firing = [e for e in found.values() if e.input.n_active]
+    assert firing and all(e.vocab_proj.promoted for e in found.values())
+    assert (run_dir / "explanations" / "null_L2.json").is_file()
+
+
+def test_the_feature_table_carries_the_explanation_columns(run_dir):
+    with open(run_dir / "explanations" / "features.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    with open(run_dir / "features.csv", encoding="utf-8") as f:
+        original = list(csv.DictReader(f))
+    assert set(EXPLANATION_COLUMNS) <= set(rows[0]) and not set(EXPLANATION_COLUMNS) & set(original[0])
+    assert [r["latent"] for r in rows[:len(original)]] == [r["latent"] for r in original]
+    explained = {(int(r["layer"]), int(r["latent"])) for r in rows if r["vocab_proj"]}
+    assert explained == set(load_explanations(run_dir))
+
+
+def test_a_rerun_keeps_what_is_there_and_a_dead_llm_fails_in_one_line(run_dir, capsys):
+    import socket
+
+    path = run_dir / "explanations" / "L2.jsonl"
+    before = path.read_text()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["explain", str(run_dir), "--no-wandb", "--top", "6", "--baseline_top", "2",
+                 "--explain.null_per_bin", "2", "--explain.n_contexts", "2", "--llm_enabled", "true",
+                 "--llm.base_url", f"http://127.0.0.1:{port}/v1", "--llm.timeout_s", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and any("did not answer within 2 s" in line for line in err)
+    assert path.read_text() == before  # nothing recomputed, nothing lost
+
+
+def test_the_explorer_shows_explanations_in_the_panel_search_and_dashboard(run_dir, tmp_path):
+    from ipg_sae.explorer import ExplorerConfig, build, load
+
+    page = build(run_dir, cfg=ExplorerConfig(detail=4, held_out=0, page_size=25))
+    data = load(run_dir)
+    rows = [r for r in data["latents"] if "explanation" in r]
+    assert rows and {r["latent"] for r in rows} <= {k[1] for k in load_explanations(run_dir)}
+    dashboard = json.loads((run_dir / "explorer" / "dashboard" / "layer_2.json").read_text())
+    with_expl = [f for f in dashboard["features"] if f["explanations"]]
+    assert with_expl and {x["typeName"] for x in with_expl[0]["explanations"]} >= {"ngram-log-odds", "vocab-proj"}
+    if not find_browser():
+        pytest.skip("no Chromium browser here (apt-get install chromium); the page was written but not rendered")
+    target = next(r for r in rows if r["explanation"]["ngrams"])
+    dom = rendered_dom(page, fragment=f"#L{target['layer']}:{target['latent']}")
+    assert "data-error" not in dom and 'data-ready="1"' in dom
+    panel = re.search(r'id="explanation">(.*?)</table>', dom, re.S).group(1)
+    assert "VocabProj" in panel and "detection: balanced accuracy" in panel
+    assert json.dumps(target["explanation"]["ngrams"][0][0]).replace("&", "&amp;").replace("<", "&lt;") in panel
+    # the search box finds a latent by its explanation: type its VocabProj label into it and redraw
+    word = target["explanation"]["vocab_proj"]
+    typed = page.read_text(encoding="utf-8").replace(
+        "</body>", "<script>document.getElementById('f-text').value=" + json.dumps(word).replace("<", "\\u003c")
+        + ";document.getElementById('f-text').dispatchEvent(new Event('input'));</script></body>")
+    copy = tmp_path / "typed.html"
+    copy.write_text(typed, encoding="utf-8")
+    body = re.search(r'<tbody id="rows">(.*?)</tbody>', rendered_dom(copy), re.S).group(1)
+    assert f'data-key="{target["layer"]}:{target["latent"]}"' in body
+    assert body.count("<tr") < len(data["latents"])
