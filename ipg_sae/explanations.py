@@ -510,11 +510,12 @@ def raw_output_score(model, sae, layer: int, latent: int, corpus: Corpus, acts: 
     return float(delta[[t.token for t in vocab.promoted[:cfg.output_top]]].sum()), n
 
 
-def null_pool(acts: Activations, d_sae: int, cfg: ExplainConfig,
-              exclude: set[int]) -> tuple[dict[int, list[int]], np.ndarray]:
-    """Latents drawn at random from each activation-frequency decile (``frequency_bins`` of
-    :mod:`ipg_sae.nulls`), ``null_per_bin`` per decile, never one of ``exclude``: ``({bin: latents}, the bin of
-    every latent)`` (bin -1: never fires on the build part)."""
+def null_pool(acts: Activations, d_sae: int, cfg: ExplainConfig) -> tuple[dict[int, list[int]], np.ndarray]:
+    """Latents drawn at random from each activation-frequency decile (``frequency_bins`` of :mod:`ipg_sae.nulls`,
+    over build-part frequencies), ``null_per_bin`` per decile: ``({bin: latents}, the bin of every latent)`` (bin
+    -1: never fires on the build part). The pool depends only on the corpus and ``cfg`` (not on which latents are
+    explained), so explanations computed in several calls are compared with the same null; a latent that is in
+    its own bin's pool is left out of its comparison."""
     from .nulls import frequency_bins
 
     freq = np.array([acts.build_frequency(i) if i in acts.fires else 0.0 for i in range(d_sae)])
@@ -522,8 +523,7 @@ def null_pool(acts: Activations, d_sae: int, cfg: ExplainConfig,
     rng = np.random.default_rng(cfg.seed)
     pool = {}
     for b in sorted(set(bins.tolist()) - {-1}):
-        members = [int(i) for i in np.flatnonzero(bins == b) if int(i) not in exclude]
-        pool[int(b)] = sorted(rng.permutation(members)[:cfg.null_per_bin].tolist())
+        pool[int(b)] = sorted(int(i) for i in rng.permutation(np.flatnonzero(bins == b))[:cfg.null_per_bin])
     return pool, bins
 
 
@@ -557,7 +557,7 @@ def explain_latents(model, sae, layer: int, latents: list[int], corpus: Corpus, 
             raise IPGError(f"latent {latent} is outside the SAE at layer {layer} (d_sae {d_sae}); fix the latent list")
     done = dict(done or {})
     null_scores = null_scores if null_scores is not None else {}
-    pool, bins = null_pool(acts, d_sae, cfg, set(latents))
+    pool, bins = null_pool(acts, d_sae, cfg)
     for b, members in pool.items():
         todo = [i for i in members if i not in null_scores]
         for i, v in zip(todo, vocab_proj(model, sae, todo, pieces, cfg.output_top)):
@@ -566,7 +566,7 @@ def explain_latents(model, sae, layer: int, latents: list[int], corpus: Corpus, 
     for latent in latents:
         if latent not in done:
             done[latent] = _explain_one(model, sae, layer, latent, corpus, acts, counts, pieces, cfg)
-            null = [null_scores.get(i) for i in pool.get(int(bins[latent]), [])]
+            null = [null_scores.get(i) for i in pool.get(int(bins[latent]), []) if i != latent]
             mean, pct = rank_in_null(done[latent].output.score, null)
             done[latent].output.null_mean, done[latent].output.percentile = mean, pct
             done[latent].output.n_null = len([x for x in null if x is not None])

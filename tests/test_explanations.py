@@ -99,7 +99,7 @@ def test_the_output_score_ranks_the_planted_latent_above_random_ones(planted):
     planted_score = found[0].output
     others = [e.output.score for latent, e in found.items() if latent and e.output.score is not None]
     assert others and planted_score.score > max(others)
-    assert planted_score.n_null >= 4 and planted_score.percentile == 1.0
+    assert planted_score.n_null >= 3 and planted_score.percentile == 1.0
 
 
 def test_vocab_proj_goes_through_the_final_norm_as_the_model_applies_it(tmp_path, tiny_tokenizer):
