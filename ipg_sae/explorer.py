@@ -195,7 +195,9 @@ def export_dashboard(data: dict, out_dir: str | Path) -> list[Path]:
     attribution statistics under ``ipg`` (``mean``, ``lo``, ``hi``, ``t``, ``rank``), and ``explanations``
     (:func:`dashboard_explanations`: empty until ``ipg-sae explain`` ran). The field
     names follow SAEDashboard's ``NeuronpediaDashboardFeature``; no importer was run against the
-    files here (no network), so treat them as that layout, not as a validated upload.
+    files here, so treat them as that layout, not as a validated upload: the ``sae-dashboard`` package
+    (0.8.0) does not install beside the pinned stack (it needs ``datasets<4``, ``transformers<4.57``,
+    ``safetensors<0.5``, ``transformer-lens<3``; pip reports the conflict), so its data classes cannot load them here.
     """
     rows = {(r["layer"], r["latent"]): r for r in data["latents"]}
     per_layer: dict[int, list[dict]] = {}

@@ -2,10 +2,12 @@ r"""LLM explanations and their scores, when the user has an LLM: an explainer an
 scorers, over any OpenAI-compatible ``/v1/chat/completions`` endpoint (a vLLM server, an API) or a local
 transformers model.
 
-Why not ``eai-delphi`` itself: its wheel (0.1.3) requires ``vllm>=0.10.2``, ``eai-sparsify``, ``bitsandbytes``,
-``faiss-cpu`` and ``sentence_transformers``; every vllm release pins its own torch (2.8-2.9 for the releases that
-satisfy it), which cannot sit beside the pinned ``torch==2.13.0`` (pip's resolver refuses the pair), and it would
-pull a GPU inference server into a CPU install. The prompts below follow Delphi's
+Why not ``eai-delphi`` itself: its wheel (0.1.3) requires ``vllm>=0.10.2`` (with ``eai-sparsify``,
+``bitsandbytes``, ``faiss-cpu``, ``sentence_transformers``), and no vllm release that satisfies it installs beside
+the pinned ``torch==2.13.0`` and ``constraints.txt``: each pins its own torch stack (vllm 0.33 pins
+``torchaudio==2.11.0``, i.e. torch 2.11), and ``pip install --dry-run eai-delphi -c constraints.txt`` with torch
+2.13.0 backtracked through every vllm from 0.34 down to 0.4.2 without finding a solution. It would also pull a
+GPU inference server into a CPU install. The prompts below follow Delphi's
 (``delphi/explainers/default/prompts.py``, ``delphi/scorers/classifier/prompts/{detection,fuzz}_prompt.py``,
 Apache-2.0), shortened; the scoring is Delphi's: the model labels each example 1 or 0, and the score is the
 balanced accuracy of those labels.
