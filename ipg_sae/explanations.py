@@ -34,7 +34,9 @@ differ only for LayerNorm models such as GPT-2.)
 
     delta(v) = mean over firing positions p of  P_steered(v | x_<=p) - P_clean(v | x_<=p)
 
-the tokens with the largest and smallest ``delta`` (measured through every later layer, unlike VocabProj).
+the tokens with the largest and smallest ``delta`` (measured through every later layer, unlike VocabProj), on
+the latent's ``n_contexts`` strongest build sequences, each cut to the ``context_tokens`` tokens ending at its
+last firing position (the cost is then a few short forward passes per latent, whatever the prompt length).
 
 Scores. *Detection* (:func:`detection_score`): on held-out positions, the explanation predicts "fires"
 at ``p`` with strength ``max z(g)`` over its n-grams ending at ``p`` (0 when none matches). Positives are
@@ -75,6 +77,7 @@ class ExplainConfig:
     n_tokens: int = 10  # promoted / suppressed tokens of VocabProj and TokenChange
     gamma: float = 4.0  # amplification of TokenChange and the output score (scale by gamma at firing positions)
     n_contexts: int = 8  # sequences a TokenChange / output score is measured on
+    context_tokens: int = 64  # each cut to the tokens ending at its last firing position (0: the whole prefix)
     n_detect: int = 64  # held-out positives (and as many negatives) for detection
     output_top: int = 5  # VocabProj tokens whose probability the output score adds up
     null_per_bin: int = 8  # latents per activation-frequency decile in the output score's null pool
@@ -403,19 +406,34 @@ def firing_contexts(acts: Activations, latent: int, held: bool, n: int) -> list[
 
 
 @torch.no_grad()
+def cut_contexts(corpus: Corpus, contexts, context_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """Each ``(sequence, firing positions)`` as ``(tokens, positions in them)``: the tokens up to its last firing
+    position, cut to the last ``context_tokens`` of them (0: all); firing positions at or before the cut's first
+    token are dropped (a window's first token is an outlier position, as a sequence's first is)."""
+    out = []
+    for s, positions in contexts:
+        end = max(positions) + 1
+        lo = max(0, end - context_tokens) if context_tokens else 0
+        kept = [p - lo for p in positions if p > lo]
+        if kept:
+            out.append((corpus.sequences[s][lo:end], kept))
+    return out
+
+
 def probability_change(model, sae, layer: int, latent: int, corpus: Corpus, contexts, gamma: float,
-                       batch: int = 8) -> tuple[torch.Tensor, int]:
+                       batch: int = 8, context_tokens: int = 0) -> tuple[torch.Tensor, int]:
     """``delta(v)`` of the module docstring: the mean over the firing positions in ``contexts`` of the change of
-    next-token probability when the latent is scaled by ``gamma`` at exactly those positions. Returns
-    ``(delta [vocab], number of positions)``."""
+    next-token probability when the latent is scaled by ``gamma`` at exactly those positions (each context cut
+    by :func:`cut_contexts`). Returns ``(delta [vocab], number of positions)``."""
     from .saes import PositionScope
     from .steering import Intervention, steer
 
     device = next(model.parameters()).device
     total, count = None, 0
+    contexts = cut_contexts(corpus, contexts, context_tokens)
     for lo in range(0, len(contexts), batch):
         chunk = contexts[lo:lo + batch]
-        seqs = [corpus.sequences[s][:max(p) + 1] for s, p in chunk]
+        seqs = [tokens for tokens, _ in chunk]
         width = max(map(len, seqs))
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -441,7 +459,8 @@ def token_change(model, sae, layer: int, latent: int, corpus: Corpus, acts: Acti
     contexts = firing_contexts(acts, latent, held=False, n=cfg.n_contexts)
     if not contexts:
         return OutputExplanation("token_change", [], [], 0)
-    delta, n = probability_change(model, sae, layer, latent, corpus, contexts, cfg.gamma, cfg.batch)
+    delta, n = probability_change(model, sae, layer, latent, corpus, contexts, cfg.gamma, cfg.batch,
+                                  cfg.context_tokens)
     return _effects("token_change", delta, pieces, cfg.n_tokens, n)
 
 
@@ -506,7 +525,8 @@ def raw_output_score(model, sae, layer: int, latent: int, corpus: Corpus, acts: 
     contexts = firing_contexts(acts, latent, held=True, n=cfg.n_contexts)
     if not contexts or not vocab.promoted:
         return None, 0
-    delta, n = probability_change(model, sae, layer, latent, corpus, contexts, cfg.gamma, cfg.batch)
+    delta, n = probability_change(model, sae, layer, latent, corpus, contexts, cfg.gamma, cfg.batch,
+                                  cfg.context_tokens)
     return float(delta[[t.token for t in vocab.promoted[:cfg.output_top]]].sum()), n
 
 

@@ -141,3 +141,11 @@ def test_bad_settings_fail_in_one_line():
         ex.ExplainConfig(gamma=1.0).validate()
     with pytest.raises(IPGError, match="at least two"):
         ex.split_corpus([[1, 2, 3]])
+
+
+def test_contexts_are_cut_to_the_tokens_before_the_last_firing_position():
+    corpus = ex.Corpus([list(range(100, 120))], [False], [1])
+    (tokens, kept), = ex.cut_contexts(corpus, [(0, [3, 12, 15])], context_tokens=6)
+    assert tokens == list(range(110, 116)) and kept == [2, 5]  # 15 -> 5, 12 -> 2; 3 is before the cut
+    assert ex.cut_contexts(corpus, [(0, [10])], context_tokens=1) == []  # only the window's first token
+    assert ex.cut_contexts(corpus, [(0, [3])], context_tokens=0) == [(list(range(100, 104)), [3])]
