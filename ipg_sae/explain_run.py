@@ -125,7 +125,7 @@ def run_explain(cfg: ExplainJobConfig, group: str | None = None, model=None, tok
         write_json(run_dir / OUT / "summary.json", summary)
         if rows:
             columns = list(rows[0])
-            tracker.table("explanations/features", columns, [[r.get(c) for c in columns] for r in rows])
+            tracker.table("explanations/features", columns, [[_cell(r.get(c)) for c in columns] for r in rows])
         tracker.summary({f"explain/{k}": v for k, v in summary["groups_mean"].get("ipg_top", {}).items()
                          if isinstance(v, (int, float))})
         tracker.artifact(f"{run_dir.name}-explanations", "explanations", run_dir / OUT)
@@ -198,6 +198,19 @@ def _summary(cfg: ExplainJobConfig, groups: dict, found: dict, seconds: float, c
     return {"settings": asdict(cfg.explain), "n_latents": len(found), "seconds": round(seconds, 2),
             "n_sequences": len(corpus.sequences), "n_held_out": int(sum(corpus.held)),
             "groups": {k: [list(p) for p in v] for k, v in groups.items()}, "groups_mean": means}
+
+
+def _cell(value):
+    """A feature-table value as W&B wants it: one type per column (numbers read from the CSV as numbers, an empty
+    cell as None)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _mean(values) -> float | None:

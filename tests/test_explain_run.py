@@ -60,6 +60,21 @@ def test_the_feature_table_carries_the_explanation_columns(run_dir):
     assert explained == set(load_explanations(run_dir))
 
 
+def test_the_table_and_the_scores_go_to_wandb(run_dir, monkeypatch):
+    """A rerun (everything already computed, so it only reads and logs) with W&B offline."""
+    from ipg_sae.tracking import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(["explain", str(run_dir), "--top", "6", "--baseline_top", "2", "--explain.null_per_bin", "2",
+                 "--explain.n_contexts", "2", "--wandb.project", "t"]) == 0
+    run = read_offline_run(run_dir)["runs"][-1]
+    tables = [row for row in run["history"] if "explanations/features/nrows" in row]
+    with open(run_dir / "explanations" / "features.csv", encoding="utf-8") as f:
+        n_rows = len(list(csv.DictReader(f)))
+    assert tables and tables[-1]["explanations/features/nrows"] == n_rows
+    assert "explain/detection_bacc" in run["summary"] and "explain/n" in run["summary"]
+
+
 def test_a_rerun_keeps_what_is_there_and_a_dead_llm_fails_in_one_line(run_dir, capsys):
     import socket
 
