@@ -103,8 +103,7 @@ def frequency_matched(run_dir: Path, cfg, model, saes, template, n: int):
     freqs, start = {}, time.monotonic()
     for layer in sorted({layer for layer, _ in template}):
         acts = encode_corpus(model, saes[layer], layer, corpus, cfg.explain.batch)
-        d_sae = int(saes[layer].cfg.d_sae)
-        freqs[layer] = np.array([acts.build_frequency(i) for i in range(d_sae)])
+        freqs[layer] = acts.build_frequencies(int(saes[layer].cfg.d_sae))
     seconds = time.monotonic() - start
     pool = LatentPool({layer: int(saes[layer].cfg.d_sae) for layer in freqs}, frequencies=freqs)
     return frequency_matched_sets(template, n, seed=cfg.explain.seed, pool=pool), seconds, corpus
@@ -181,12 +180,15 @@ def arad_filter(run_dir: Path, found, ipg_top, args) -> dict:
     out = run_dir / "explanations"
     write_json(out / "ipg_output_filtered.json", {"selection": [list(p) for p in kept]})
     write_json(out / "ipg_top.json", {"selection": [list(p) for p in top]})
-    cfg = {"attribution_dir": str(run_dir), "sets": {"ipg": str(out / "ipg_top.json"),
-                                                     "ipg_output_filtered": str(out / "ipg_output_filtered.json")}}
+    run_cfg = yaml.safe_load((run_dir / "attribute_config.yaml").read_text(encoding="utf-8"))
+    cfg = {"name": f"{run_dir.name}-arad", "runs_dir": str(run_dir.parent), "model": run_cfg["model"],
+           "saes": run_cfg["saes"], "attribution_dir": str(run_dir),
+           "sets": {"ipg": str(out / "ipg_top.json"), "ipg_output_filtered": str(out / "ipg_output_filtered.json")},
+           "evaluation": {"k": len(top)}}
     write_text(out / "evaluate_filtered.yaml", yaml.safe_dump(cfg, sort_keys=False))
     return {"k": len(top), "kept": len(kept), "threshold": args.filter_percentile, "set": [list(p) for p in kept],
-            "evaluate": f"ipg-sae evaluate {out / 'evaluate_filtered.yaml'} --name {run_dir.name}-arad "
-                        "(add the study's dev task, model and SAEs from its config)"}
+            "evaluate": f"ipg-sae evaluate {out / 'evaluate_filtered.yaml'} (set evaluation.task to the study's dev "
+                        "split, e.g. --evaluation.task.offset, and its reward)"}
 
 
 def markdown(result: dict) -> str:
@@ -243,7 +245,14 @@ def main(argv=None) -> int:
     write_json(run_dir / "explanations" / "measured.json", result)
     write_text(run_dir / "explanations" / "measured.md", markdown(result))
     print(markdown(result))
-    if args.smoke:
+    if args.smoke:  # the evaluate config is one `ipg-sae evaluate` reads, and its sets load
+        from ipg_sae.config import load_config
+        from ipg_sae.jobs import EvaluateJobConfig
+        from ipg_sae.selection import load_selection
+
+        evaluate = load_config(EvaluateJobConfig, run_dir / "explanations" / "evaluate_filtered.yaml")
+        assert [len(load_selection(v)) for v in evaluate.sets.values()] == [result["arad_filter"]["k"],
+                                                                             result["arad_filter"]["kept"]]
         print(json.dumps({"smoke": True, "groups": sorted(result["groups"]), "cost": result["cost"],
                           "ipg_minus_random": sorted(result["ipg_minus_random"]), "arad_kept": result["arad_filter"]["kept"]}))
         scratch.cleanup()

@@ -59,6 +59,8 @@ class ExplainJobConfig:
         if self.top < 0 or self.baseline_top < 0 or self.save_every < 1:
             raise IPGError("explain: top and baseline_top must be >= 0 and save_every >= 1; fix them")
         self.explain.validate()
+        if self.llm_enabled:
+            self.llm.validate()
 
 
 def chosen_latents(run_dir: Path, cfg: ExplainJobConfig) -> dict[str, list[tuple[int, int]]]:
@@ -106,14 +108,20 @@ def run_explain(cfg: ExplainJobConfig, group: str | None = None, model=None, tok
         missing = sorted({layer for layer, _ in wanted} - set(saes))
         if missing:
             raise IPGError(f"latents at layers {missing} have no SAE in {run_dir}; fix explain.latents")
+        chat = None
+        if cfg.llm_enabled:  # a dead endpoint fails now, in seconds, not after the explanations with no LLM
+            from .llm_explain import make_chat, preflight
+
+            chat = make_chat(cfg.llm)
+            preflight(chat)
         corpus = run_corpus(load_trajectories(run_dir / "trajectories.jsonl"), cfg.max_sequences,
                             cfg.explain.held_out, cfg.explain.seed)
         start = time.monotonic()
         found: dict[tuple[int, int], LatentExplanation] = {}
         for layer in sorted({layer for layer, _ in wanted}):
             latents = [i for lay, i in wanted if lay == layer]
-            found.update(_explain_layer(run_dir / OUT, model, saes[layer], layer, latents, corpus, token_pieces(tokenizer),
-                                        cfg))
+            found.update(_explain_layer(run_dir / OUT, model, saes[layer], layer, latents, corpus,
+                                        token_pieces(tokenizer), cfg, chat))
         seconds = time.monotonic() - start
         rows = _feature_rows(run_dir, found)
         from .selection import write_feature_table
@@ -133,8 +141,9 @@ def run_explain(cfg: ExplainJobConfig, group: str | None = None, model=None, tok
 
 
 def _explain_layer(out: Path, model, sae, layer: int, latents: list[int], corpus, pieces,
-                   cfg: ExplainJobConfig) -> dict[tuple[int, int], LatentExplanation]:
-    """One layer's explanations, resuming from and saving to ``out / L<layer>.jsonl`` (and the LLM's)."""
+                   cfg: ExplainJobConfig, chat=None) -> dict[tuple[int, int], LatentExplanation]:
+    """One layer's explanations, resuming from and saving to ``out / L<layer>.jsonl``; with ``chat``, the LLM's
+    too (``out / llm_L<layer>.jsonl``)."""
     from .io import read_json, read_jsonl, write_json, write_jsonl
 
     path, null_path = out / f"L{layer}.jsonl", out / f"null_L{layer}.json"
@@ -155,11 +164,11 @@ def _explain_layer(out: Path, model, sae, layer: int, latents: list[int], corpus
     explain_latents(model, sae, layer, latents, corpus, pieces, cfg.explain, acts=acts, done=done, on_done=on_done,
                     null_scores=nulls)
     write_json(null_path, {str(k): v for k, v in sorted(nulls.items())})
-    if cfg.llm_enabled:
-        from .llm_explain import explain_all, make_chat
+    if chat is not None:
+        from .llm_explain import explain_all
 
-        rows = explain_all(make_chat(cfg.llm), corpus, acts, layer, latents,
-                           pieces, cfg.llm, out / f"llm_L{layer}.jsonl", cfg.explain.max_n)
+        rows = explain_all(chat, corpus, acts, layer, latents, pieces, cfg.llm, out / f"llm_L{layer}.jsonl",
+                           cfg.explain.max_n)
         for latent, row in rows.items():
             done[latent].llm = {k: row[k] for k in ("explanation", "detection_bacc", "fuzzing_bacc")}
     save()

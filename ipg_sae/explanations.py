@@ -244,9 +244,18 @@ class Activations:
     readable: np.ndarray  # bool per flat position: at or after its sequence's start (and never position 0)
 
     def build_frequency(self, latent: int) -> float:
+        """Share of build positions where the latent fires."""
         idx, _ = self.fires.get(latent, (np.array([], dtype=int), None))
-        n = int((~self.held).sum())
-        return float((~self.held[idx]).sum()) / max(1, n)
+        return float((~self.held[idx]).sum()) / max(1, int((~self.held).sum()))
+
+    def build_frequencies(self, d_sae: int) -> np.ndarray:
+        """:meth:`build_frequency` of every latent ``0 .. d_sae - 1`` at once."""
+        n = max(1, int((~self.held).sum()))
+        out = np.zeros(d_sae)
+        for latent, (idx, _) in self.fires.items():
+            if latent < d_sae:
+                out[latent] = float((~self.held[idx]).sum()) / n
+        return out
 
 
 @torch.no_grad()
@@ -538,8 +547,7 @@ def null_pool(acts: Activations, d_sae: int, cfg: ExplainConfig) -> tuple[dict[i
     its own bin's pool is left out of its comparison."""
     from .nulls import frequency_bins
 
-    freq = np.array([acts.build_frequency(i) if i in acts.fires else 0.0 for i in range(d_sae)])
-    bins = frequency_bins(freq)
+    bins = frequency_bins(acts.build_frequencies(d_sae))
     rng = np.random.default_rng(cfg.seed)
     pool = {}
     for b in sorted(set(bins.tolist()) - {-1}):

@@ -63,6 +63,18 @@ class LLMConfig:
     per_prompt: int = 5  # examples per scoring prompt (Delphi's batch)
     window: int = 12  # tokens before the marked token
 
+    def validate(self) -> None:
+        if self.backend not in ("openai", "transformers"):
+            raise IPGError(f"llm.backend is {self.backend!r}; use openai (an OpenAI-compatible endpoint) or "
+                           "transformers (a local model)")
+        if self.timeout_s <= 0:
+            raise IPGError(f"llm.timeout_s is {self.timeout_s}; give a positive number of seconds")
+        for name in ("n_explain", "n_score", "per_prompt", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise IPGError(f"llm.{name} is {getattr(self, name)}; give a positive integer")
+        if self.backend == "openai":
+            self.resolved_url()
+
     def resolved_url(self) -> str:
         url = self.base_url or os.environ.get("IPG_SAE_LLM_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
         if not url:
@@ -126,6 +138,11 @@ def transformers_chat(cfg: LLMConfig, model=None, tokenizer=None) -> Chat:
 
 def make_chat(cfg: LLMConfig, model=None, tokenizer=None) -> Chat:
     return transformers_chat(cfg, model, tokenizer) if cfg.backend == "transformers" else openai_chat(cfg)
+
+
+def preflight(chat: Chat) -> None:
+    """One short request, so that a missing or silent endpoint fails before any other work (in ``timeout_s``)."""
+    chat([{"role": "user", "content": "Reply with the word OK."}])
 
 
 # ---- prompts (after Delphi's) ------------------------------------------------------------------

@@ -91,6 +91,26 @@ def test_a_rerun_keeps_what_is_there_and_a_dead_llm_fails_in_one_line(run_dir, c
     assert path.read_text() == before  # nothing recomputed, nothing lost
 
 
+def test_an_llm_adds_its_explanation_and_scores_to_the_files(run_dir, monkeypatch):
+    """The stand-in endpoint (tests/llm_standin.py) through the job: preflight, explainer, scorers, the LLM
+    columns of the feature table; the key comes from the environment."""
+    from tests.llm_standin import standin
+
+    monkeypatch.setenv("IPG_SAE_LLM_API_KEY", "sk-env")
+    with standin() as (httpd, url):
+        assert main(["explain", str(run_dir), "--no-wandb", "--top", "6", "--baseline_top", "2",
+                     "--explain.null_per_bin", "2", "--explain.n_contexts", "2", "--llm_enabled", "true",
+                     "--llm.base_url", url, "--llm.n_score", "3"]) == 0
+        assert httpd.state["requests"] > 1 and httpd.state["auth"] == "Bearer sk-env"
+    found = load_explanations(run_dir)
+    said = 'the token " =" in equations'
+    firing = {k for k, e in found.items() if e.input.n_active}  # a latent silent on the build part is not asked
+    assert firing and all(e.llm["explanation"] == (said if k in firing else "") for k, e in found.items())
+    with open(run_dir / "explanations" / "features.csv", encoding="utf-8") as f:
+        rows = {(int(r["layer"]), int(r["latent"])): r for r in csv.DictReader(f) if r["vocab_proj"]}
+    assert all(rows[k]["llm_explanation"] == said for k in firing)
+
+
 def test_the_explorer_shows_explanations_in_the_panel_search_and_dashboard(run_dir, tmp_path):
     from ipg_sae.explorer import ExplorerConfig, build, load
 
@@ -108,6 +128,7 @@ def test_the_explorer_shows_explanations_in_the_panel_search_and_dashboard(run_d
     assert "data-error" not in dom and 'data-ready="1"' in dom
     panel = re.search(r'id="explanation">(.*?)</table>', dom, re.S).group(1)
     assert "VocabProj" in panel and "detection: balanced accuracy" in panel
+    assert "the token \" =\" in equations" in panel.replace("&quot;", '"')  # the LLM's (the test above)
     assert json.dumps(target["explanation"]["ngrams"][0][0]).replace("&", "&amp;").replace("<", "&lt;") in panel
     # the search box finds a latent by its explanation: type its VocabProj label into it and redraw
     word = target["explanation"]["vocab_proj"]

@@ -4,10 +4,7 @@ itself), including a missing endpoint, a silent one and one that dies half-way (
 from __future__ import annotations
 
 import json
-import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -15,61 +12,16 @@ import torch
 from ipg_sae import explanations as ex
 from ipg_sae import llm_explain as llm
 from ipg_sae.errors import IPGError
+from tests.llm_standin import MARK, standin
 
 LAYER = 1
-MARK = " ="
-
-
-class _StandIn(BaseHTTPRequestHandler):
-    """Answers like /v1/chat/completions: an explanation naming " =", and labels that say 1 exactly for the
-    examples whose (marked, for fuzzing; last, for detection) token is " =". ``mode``: ok, silent, fail_after."""
-
-    server_version = "stand-in"
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def do_POST(self):
-        state = self.server.state
-        state["requests"] += 1
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if state["mode"] == "silent":
-            time.sleep(state["silence_s"])
-            return
-        if state["mode"] == "fail_after" and state["requests"] > state["limit"]:
-            self.send_error(500, "overloaded")
-            return
-        state["auth"] = self.headers.get("Authorization")
-        system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
-        if "[EXPLANATION]" in system:
-            text = "The examples mark an equals sign.\n[EXPLANATION]: the token \" =\" in equations"
-        else:
-            examples = re.findall(r"^Example \d+: (.*)$", user, flags=re.M)
-            fuzz = "<<" in user.split("Text examples:", 1)[1]
-            text = str([int((f"<<{MARK}>>" in e) if fuzz else e.endswith(MARK)) for e in examples])
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
 
 
 @pytest.fixture
 def server():
-    """A stand-in endpoint; it shuts itself down after 60 s whatever happens, and at the end of the test."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
-    httpd.daemon_threads = True
-    httpd.state = {"mode": "ok", "requests": 0, "limit": 0, "silence_s": 5.0}
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    timer = threading.Timer(60, httpd.shutdown)
-    timer.daemon = True
-    timer.start()
-    yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    timer.cancel()
-    httpd.shutdown()
-    httpd.server_close()
+    """A stand-in endpoint (tests/llm_standin.py); it stops at the end of the test, or after 60 s."""
+    with standin() as found:
+        yield found
 
 
 @pytest.fixture(scope="module")
