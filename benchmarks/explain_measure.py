@@ -254,7 +254,8 @@ def main(argv=None) -> int:
         assert [len(load_selection(v)) for v in evaluate.sets.values()] == [result["arad_filter"]["k"],
                                                                              result["arad_filter"]["kept"]]
         print(json.dumps({"smoke": True, "groups": sorted(result["groups"]), "cost": result["cost"],
-                          "ipg_minus_random": sorted(result["ipg_minus_random"]), "arad_kept": result["arad_filter"]["kept"]}))
+                          "ipg_minus_random": sorted(result["ipg_minus_random"]),
+                          "arad_kept": result["arad_filter"]["kept"]}))
         scratch.cleanup()
     return 0
 
