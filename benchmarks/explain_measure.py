@@ -93,12 +93,12 @@ def job(run_dir: Path, args, latents=(), smoke: bool = False):
 def frequency_matched(run_dir: Path, cfg, model, saes, template, n: int):
     """``n`` random sets matched latent by latent to ``template`` on build-corpus activation frequency, and the
     seconds the corpus took to encode."""
-    from ipg_sae.explain_run import run_corpus
+    from ipg_sae.explain_run import run_corpus, trajectories_path
     from ipg_sae.explanations import encode_corpus
     from ipg_sae.nulls import LatentPool, frequency_matched_sets
     from ipg_sae.trajectories import load_trajectories
 
-    corpus = run_corpus(load_trajectories(run_dir / "trajectories.jsonl"), cfg.max_sequences,
+    corpus = run_corpus(load_trajectories(trajectories_path(run_dir)), cfg.max_sequences,
                         cfg.explain.held_out, cfg.explain.seed)
     freqs, start = {}, time.monotonic()
     for layer in sorted({layer for layer, _ in template}):

@@ -82,6 +82,25 @@ def chosen_latents(run_dir: Path, cfg: ExplainJobConfig) -> dict[str, list[tuple
     return groups
 
 
+def trajectories_path(run_dir: Path) -> Path:
+    """The trajectories the run attributed: its ``attribute_config.yaml``'s ``trajectories`` when it names a file,
+    else ``<run_dir>/trajectories.jsonl``."""
+    import yaml
+
+    cfg_path = run_dir / "attribute_config.yaml"
+    named = None
+    if cfg_path.is_file():
+        try:
+            named = (yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}).get("trajectories")
+        except (yaml.YAMLError, AttributeError):
+            named = None
+    path = Path(named) if named else run_dir / "trajectories.jsonl"
+    if not path.is_file():
+        raise IPGError(f"the trajectories of {run_dir} are not at {path}; restore them (the explanations are built "
+                       "from the attributed trajectories)")
+    return path
+
+
 def run_corpus(trajectories, max_sequences: int, held_out: float, seed: int):
     """The run's trajectories as a corpus: prompt tail (48 tokens) and completion, split by prompt."""
     trajectories = trajectories[:max_sequences] if max_sequences else trajectories
@@ -114,7 +133,7 @@ def run_explain(cfg: ExplainJobConfig, group: str | None = None, model=None, tok
 
             chat = make_chat(cfg.llm)
             preflight(chat)
-        corpus = run_corpus(load_trajectories(run_dir / "trajectories.jsonl"), cfg.max_sequences,
+        corpus = run_corpus(load_trajectories(trajectories_path(run_dir)), cfg.max_sequences,
                             cfg.explain.held_out, cfg.explain.seed)
         start = time.monotonic()
         found: dict[tuple[int, int], LatentExplanation] = {}
