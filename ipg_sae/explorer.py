@@ -182,6 +182,10 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
     return page
 
 
+# Keys of an exported feature that SAEDashboard's NeuronpediaDashboardFeature (0.8.0) does not take.
+NOT_SAEDASHBOARD = ("maxActApprox", "topkCosSimIndices", "topkCosSimValues", "ipg", "explanations")
+
+
 def export_dashboard(data: dict, out_dir: str | Path) -> list[Path]:
     """The panel latents in the feature layout of SAEDashboard's Neuronpedia output, one file per layer
     (``layer_<L>.json``: ``{"layer", "model", "features": [...]}``), for dashboards that ingest it.
@@ -195,9 +199,12 @@ def export_dashboard(data: dict, out_dir: str | Path) -> list[Path]:
     attribution statistics under ``ipg`` (``mean``, ``lo``, ``hi``, ``t``, ``rank``), and ``explanations``
     (:func:`dashboard_explanations`: empty until ``ipg-sae explain`` ran). The field
     names follow SAEDashboard's ``NeuronpediaDashboardFeature``; no importer was run against the
-    files here, so treat them as that layout, not as a validated upload: the ``sae-dashboard`` package
-    (0.8.0) does not install beside the pinned stack (it needs ``datasets<4``, ``transformers<4.57``,
-    ``safetensors<0.5``, ``transformer-lens<3``; pip reports the conflict), so its data classes cannot load them here.
+    files here: the ``sae-dashboard`` package (0.8.0) does not install beside the pinned stack (it
+    needs ``datasets<4``, ``transformers<4.57``, ``safetensors<0.5``, ``transformer-lens<3``; pip
+    reports the conflict). Its data classes (``sae_dashboard/neuronpedia/neuronpedia_dashboard.py``,
+    which needs only numpy, loaded alone from its wheel) accept the features once the keys in
+    :data:`NOT_SAEDASHBOARD` are dropped (Neuronpedia's own ``maxActApprox`` and ``topkCosSim*``, and
+    this project's ``ipg`` and ``explanations``); ``NeuronpediaDashboardFeature`` refuses unknown keys.
     """
     rows = {(r["layer"], r["latent"]): r for r in data["latents"]}
     per_layer: dict[int, list[dict]] = {}

@@ -140,3 +140,41 @@ def test_the_explorer_shows_explanations_in_the_panel_search_and_dashboard(run_d
     body = re.search(r'<tbody id="rows">(.*?)</tbody>', rendered_dom(copy), re.S).group(1)
     assert f'data-key="{target["layer"]}:{target["latent"]}"' in body
     assert body.count("<tr") < len(data["latents"])
+
+
+# The parameters of sae-dashboard 0.8.0's data classes (sae_dashboard/neuronpedia/neuronpedia_dashboard.py, MIT):
+# the package does not install beside the pinned stack, so the export is checked against its schema here.
+SAEDASHBOARD_FEATURE = {
+    "feature_index": int, "neuron_alignment_indices": list, "neuron_alignment_values": list,
+    "neuron_alignment_l1": list, "correlated_neurons_indices": list, "correlated_neurons_l1": list,
+    "correlated_neurons_pearson": list, "correlated_features_indices": list, "correlated_features_l1": list,
+    "correlated_features_pearson": list, "neg_str": list, "neg_values": list, "pos_str": list, "pos_values": list,
+    "frac_nonzero": float, "freq_hist_data_bar_values": list, "freq_hist_data_bar_heights": list,
+    "logits_hist_data_bar_heights": list, "logits_hist_data_bar_values": list, "n_prompts_total": int,
+    "n_tokens_in_prompt": int, "dataset": str, "activations": list, "decoder_weights_dist": list, "vector": list}
+SAEDASHBOARD_ACTIVATION = {"bin_min": (int, float), "bin_max": (int, float), "bin_contains": (int, float),
+                           "tokens": list, "values": list, "qualifying_token_index": int, "dfa_values": list,
+                           "dfa_maxValue": float, "dfa_targetIndex": int}
+
+
+def test_the_dashboard_export_fits_saedashboards_schema(run_dir):
+    """Every key but the documented extras is a parameter of SAEDashboard's classes, with its type; the
+    explanations are Neuronpedia explanation records (description, typeName, scores)."""
+    from ipg_sae.explorer import NOT_SAEDASHBOARD, ExplorerConfig, build
+
+    if not (run_dir / "explorer" / "dashboard" / "layer_2.json").is_file():
+        build(run_dir, cfg=ExplorerConfig(detail=4, held_out=0, page_size=25))
+    doc = json.loads((run_dir / "explorer" / "dashboard" / "layer_2.json").read_text())
+    assert doc["features"]
+    for feature in doc["features"]:
+        for key, value in feature.items():
+            if key in NOT_SAEDASHBOARD:
+                continue
+            kind = SAEDASHBOARD_FEATURE[key]
+            assert isinstance(value, kind) or (kind is float and isinstance(value, int)), key
+        for act in feature["activations"]:
+            assert set(act) <= set(SAEDASHBOARD_ACTIVATION)
+            assert all(isinstance(v, SAEDASHBOARD_ACTIVATION[k]) for k, v in act.items())
+            assert all(isinstance(t, str) for t in act["tokens"]) and len(act["tokens"]) == len(act["values"])
+        for x in feature["explanations"]:
+            assert isinstance(x["description"], str) and x["typeName"] and isinstance(x["scores"], list)
