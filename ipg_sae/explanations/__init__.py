@@ -6,7 +6,7 @@ a *build* part (the explanation is made from it) and a *held-out* part (it is sc
 share a sequence, and :func:`split_corpus` keeps the samples of one prompt together).
 
 Input side (:func:`input_explanation`). A latent *fires* at position ``p`` when ``f_p > 0`` (the first
-position of every sequence is never read, as in attribution). For every n-gram ``g`` (``n = 1..max_n``)
+position of every sequence, and those before its ``start``, are never read, as in attribution). For every n-gram ``g`` (``n = 1..max_n``)
 ending at ``p``, with ``a`` its count at firing build positions (``A`` of them) and ``c`` its count at the
 other build positions (``C``), the smoothed log-odds ratio against the base rate (Monroe et al.'s
 "fightin' words", add-``alpha`` prior) is
@@ -40,16 +40,22 @@ last firing position (the cost is then a few short forward passes per latent, wh
 
 Scores. *Detection* (:func:`detection_score`): on held-out positions, the explanation predicts "fires"
 at ``p`` with strength ``max z(g)`` over its n-grams ending at ``p`` (0 when none matches). Positives are
-held-out firing positions; negatives are as many non-firing ones, half of them *hard* (their token is one
-the latent fires on in the build part; positions the explanation matches and the latent does not fire
-are the ones that count) and the rest drawn at random. Reported: balanced accuracy of the binary
+held-out firing positions; negatives are as many non-firing ones, up to half of them *hard* (their token is
+one the latent fires on in the build part: where a token-level explanation is tempted and the latent is
+silent) and the rest drawn at random. Reported: balanced accuracy of the binary
 prediction (``strength > 0``) and AUROC of the strength (Mann-Whitney, ties counted half).
 
-*Output score* (:func:`output_scores`, after Arad et al., arXiv 2505.20063): on held-out firing positions,
+*Output score* (:func:`raw_output_score`, ranked by :func:`explain_latents`; after Arad et al., arXiv
+2505.20063): on held-out firing positions,
 the latent amplified as for TokenChange, ``sum_{v in T_i} delta(v)`` with ``T_i`` its top ``m`` VocabProj
 tokens: how much amplifying it raises the probability of what its output-side explanation says it
 promotes. It is compared with latents of the same activation-frequency decile
 (:func:`ipg_sae.nulls.frequency_bins`): ``output_percentile`` is the share of that null pool it beats.
+
+Modules: ``results`` (the typed results and :class:`ExplainConfig`, JSON round trip, the table columns),
+``corpus`` (the corpus and where latents fire in it), ``input_side``, ``output_side``, ``explain``
+(:func:`explain_latents`: everything for a list of latents of one SAE). The job that writes a run's
+``explanations/`` is :mod:`ipg_sae.explain_run`; the LLM explainer and scorers are :mod:`ipg_sae.llm_explain`.
 """
 
 
