@@ -128,6 +128,24 @@ def _explore_run():
     return lambda cfg: print(f"explorer: {run_explore(cfg)} (open it in a browser; no server needed)")
 
 
+def _explain_cfg():
+    from .explain_run import ExplainJobConfig
+
+    return ExplainJobConfig
+
+
+def _explain_run():
+    from .explain_run import run_explain
+
+    def run(cfg):
+        summary = run_explain(cfg)
+        top = summary["groups_mean"].get("ipg_top", {})
+        print(f"explained {summary['n_latents']} latents in {summary['seconds']:.0f} s; IPG's top {top.get('n')}: "
+              f"detection {top.get('detection_bacc')}, output percentile {top.get('output_percentile')}")
+        print(f"explanations: {cfg.run_dir}/explanations (rerun `ipg-sae explore {cfg.run_dir}` to show them)")
+    return run
+
+
 def _export_cfg():
     from .jobs import ExportJobConfig
 
@@ -212,12 +230,15 @@ COMMANDS: dict[str, Command] = {
                        _bench_cfg, _bench_run),
     "explore": ("write a static page showing what each latent is and how it moves the outcome",
                 _explore_cfg, _explore_run),
+    "explain": ("explain and score latents with no LLM (n-grams, VocabProj, TokenChange; optionally an LLM)",
+                _explain_cfg, _explain_run),
     "export": ("copy an SAE for TransformerLens / sae-lens's SAETransformerBridge and check it loads exactly",
                _export_cfg, _export_run),
 }
 STARTS_OVER = {"sample", "explore", "export"}  # commands that keep no partial work when stopped
 # Commands whose positional argument is a directory (a config field) rather than a config file.
 RUN_DIR_COMMANDS = {"explore": ("run_dir", "RUN_DIR", "the run directory (e.g. runs/demo)"),
+                    "explain": ("run_dir", "RUN_DIR", "the run directory (e.g. runs/demo)"),
                     "export": ("sae", "SAE_DIR", "the SAE directory (e.g. runs/demo/sae/layer_15)")}  # their positional argument is a run directory, not a config file
 
 

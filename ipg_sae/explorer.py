@@ -17,7 +17,7 @@ as HTML, so tokens such as ``|``, ``<``, ``&`` or a newline render as themselves
   ``sign_consistency``, ``selection_frequency`` (share of bootstrap resamples of prompts whose
   top-k contains it), ``activation_frequency`` (share of scored positions where it fires),
   ``ranks`` (its rank under each baseline), ``selected``, ``neuronpedia`` (a URL or ""),
-  ``detail`` (whether it has a panel);
+  ``detail`` (whether it has a panel), ``explanation`` (when ``ipg-sae explain`` ran: :func:`attach_explanations`);
   Rows up to rank ``on_demand`` (and every panel latent) also carry ``ctx`` (their top contexts as
   ``[text index, position, activation]`` into ``texts``), ``logits`` (``promoted``/``suppressed``:
   ``[token, string, value]``) and ``near`` (``[layer, latent, cosine]`` of the nearest decoder
@@ -158,6 +158,7 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
         _add_held_out_contexts(contexts, model, tokenizer, saes, held_texts, detail, pieces, cfg)
     evaluation = _evaluation(run_dir)
     steering = _steering_rows(evaluation)
+    attach_explanations(run_dir, rows)
     details = {}
     for layer, latent in sorted(detail):
         key = f"{layer}:{latent}"
@@ -185,6 +186,10 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
     return page
 
 
+# Keys of an exported feature that SAEDashboard's NeuronpediaDashboardFeature (0.8.0) does not take.
+NOT_SAEDASHBOARD = ("maxActApprox", "topkCosSimIndices", "topkCosSimValues", "ipg", "explanations")
+
+
 def export_dashboard(data: dict, out_dir: str | Path) -> list[Path]:
     """The panel latents in the feature layout of SAEDashboard's Neuronpedia output, one file per layer
     (``layer_<L>.json``: ``{"layer", "model", "features": [...]}``), for dashboards that ingest it.
@@ -195,9 +200,15 @@ def export_dashboard(data: dict, out_dir: str | Path) -> list[Path]:
     ``frac_nonzero`` (activation frequency), ``freq_hist_data_bar_heights`` and
     ``freq_hist_data_bar_values`` (counts and bin centres, parallel arrays), ``maxActApprox``,
     ``topkCosSimIndices``/``topkCosSimValues`` (nearest latents by decoder cosine), and the
-    attribution statistics under ``ipg`` (``mean``, ``lo``, ``hi``, ``t``, ``rank``). The field
+    attribution statistics under ``ipg`` (``mean``, ``lo``, ``hi``, ``t``, ``rank``), and ``explanations``
+    (:func:`dashboard_explanations`: empty until ``ipg-sae explain`` ran). The field
     names follow SAEDashboard's ``NeuronpediaDashboardFeature``; no importer was run against the
-    files here (no network), so treat them as that layout, not as a validated upload.
+    files here: the ``sae-dashboard`` package (0.8.0) does not install beside the pinned stack (it
+    needs ``datasets<4``, ``transformers<4.57``, ``safetensors<0.5``, ``transformer-lens<3``; pip
+    reports the conflict). Its data classes (``sae_dashboard/neuronpedia/neuronpedia_dashboard.py``,
+    which needs only numpy, loaded alone from its wheel) accept the features once the keys in
+    :data:`NOT_SAEDASHBOARD` are dropped (Neuronpedia's own ``maxActApprox`` and ``topkCosSim*``, and
+    this project's ``ipg`` and ``explanations``); ``NeuronpediaDashboardFeature`` refuses unknown keys.
     """
     rows = {(r["layer"], r["latent"]): r for r in data["latents"]}
     per_layer: dict[int, list[dict]] = {}
@@ -217,7 +228,8 @@ def export_dashboard(data: dict, out_dir: str | Path) -> list[Path]:
             "maxActApprox": max((c["max"] for c in d["contexts"]), default=0.0),
             "topkCosSimIndices": [i for _, i, _ in row.get("near", [])],
             "topkCosSimValues": [c for _, _, c in row.get("near", [])],
-            "ipg": {k: row.get(k) for k in ("mean", "lo", "hi", "t", "rank")}})
+            "ipg": {k: row.get(k) for k in ("mean", "lo", "hi", "t", "rank")},
+            "explanations": dashboard_explanations(row.get("explanation"))})
     paths = []
     for layer, features in sorted(per_layer.items()):
         path = Path(out_dir) / f"layer_{layer}.json"
@@ -273,6 +285,55 @@ class _Pieces:
                 self.cache[i] = self.tokenizer.decode([i])
             out.append(self.cache[i])
         return out
+
+
+
+def load_run_model(run_dir: Path, model=None, tokenizer=None, saes=None, trust_remote_code: bool = False):
+    """``(model, tokenizer, saes)`` of a run, those not given loaded from its ``attribute_config.yaml`` (the run's
+    own ``trust_remote_code`` is never used)."""
+    return _load_run_model(Path(run_dir), model, tokenizer, saes, trust_remote_code)
+
+
+# ---- explanations (``ipg-sae explain``, :mod:`ipg_sae.explain_run`) ------------------------------
+
+
+def attach_explanations(run_dir: Path, rows: list[dict]) -> int:
+    """Give each summary row whose latent ``ipg-sae explain`` explained an ``explanation``: the one-line input-side,
+    VocabProj, TokenChange and LLM explanations, their scores, and the n-grams / tokens behind them
+    (``ngrams``: ``[text, log-odds, count firing, count silent]``; ``vocab_proj``, ``token_change``: ``[text,
+    value]``). Returns how many rows got one (0 when the run has no ``explanations/``)."""
+    from .explanations import flat_columns, load_explanations
+
+    found = load_explanations(run_dir)
+    for row in rows:
+        e = found.get((row["layer"], row["latent"]))
+        if e is None:
+            continue
+        row["explanation"] = {**flat_columns(e),
+                              "ngrams": [[g.text, g.log_odds, g.active, g.inactive] for g in e.input.ngrams],
+                              "vocab_proj_tokens": [[t.text, t.value] for t in e.vocab_proj.promoted[:5]],
+                              "token_change_tokens": [[t.text, t.value] for t in e.token_change.promoted[:5]]}
+    return sum(1 for r in rows if "explanation" in r)
+
+
+def dashboard_explanations(explanation: dict | None) -> list[dict]:
+    """A latent's explanations in Neuronpedia's explanation layout (``description``, ``typeName``,
+    ``explanationModelName``, ``scores``: ``[{"method", "value"}]``)."""
+    if not explanation:
+        return []
+    out = [{"description": explanation["explanation"], "typeName": "ngram-log-odds", "explanationModelName": "ipg-sae",
+            "scores": [{"method": "detection_balanced_accuracy", "value": explanation["detection_bacc"]},
+                       {"method": "detection_auroc", "value": explanation["detection_auroc"]}]},
+           {"description": explanation["vocab_proj"], "typeName": "vocab-proj", "explanationModelName": "ipg-sae",
+            "scores": [{"method": "output_score", "value": explanation["output_score"]},
+                       {"method": "output_percentile", "value": explanation["output_percentile"]}]},
+           {"description": explanation["token_change"], "typeName": "token-change", "explanationModelName": "ipg-sae",
+            "scores": []}]
+    if explanation.get("llm_explanation"):
+        out.append({"description": explanation["llm_explanation"], "typeName": "llm", "explanationModelName": "llm",
+                    "scores": [{"method": "detection_balanced_accuracy", "value": explanation.get("llm_detection")},
+                               {"method": "fuzzing_balanced_accuracy", "value": explanation.get("llm_fuzzing")}]})
+    return out
 
 
 def _baselines(run_dir: Path) -> dict[str, AttributionResult]:
