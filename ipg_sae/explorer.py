@@ -618,9 +618,8 @@ def _evaluation(run_dir: Path):
     """The run's evaluation (``eval/``), or None when none ran."""
     from .evaluation import EvalResult
 
-    if not (run_dir / "eval" / "summary.json").is_file():
-        return None
-    return EvalResult.load(run_dir / "eval", with_samples=False)
+    found = (run_dir / "eval" / "summary.json").is_file()
+    return EvalResult.load(run_dir / "eval", with_samples=False) if found else None
 
 
 def _steering_rows(evaluation) -> list[dict]:
