@@ -181,7 +181,11 @@ class _Identity:
             return
         self.seen[id(v)] = len(self.seen)
         self.keep.append(v)
-        if isinstance(v, (list, tuple)):
+        if isinstance(v, (list, tuple, dict, set, frozenset)) and _plain(v):  # one entry, not one per element
+            items = sorted(map(repr, v.items())) if isinstance(v, dict) else (
+                sorted(map(repr, v)) if isinstance(v, (set, frozenset)) else list(map(repr, v)))
+            self.put("plain", type(v).__name__, items)
+        elif isinstance(v, (list, tuple)):
             self.put(type(v).__name__, len(v))
             for i, x in enumerate(v):
                 self.value(x, f"{where}[{i}]")
@@ -257,7 +261,7 @@ class _Identity:
         if _user_file(code.co_filename):
             self.files[code.co_filename] = None
         self.put("code", code.co_name, code.co_code.hex(), list(code.co_names), list(code.co_varnames),
-                 [c for c in code.co_consts if not isinstance(c, types.CodeType)])
+                 [_const(c) for c in code.co_consts if not isinstance(c, types.CodeType)])
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
                 self.code(const, globals_, where)
@@ -280,11 +284,11 @@ class _Identity:
     def cls(self, cls: type) -> None:
         import sys
 
-        mod = sys.modules.get(cls.__module__)
-        path = getattr(mod, "__file__", None)
+        path = getattr(sys.modules.get(cls.__module__), "__file__", None)
         self.put("class", cls.__module__, cls.__qualname__)
-        if path and _user_file(path):
-            self.files[str(path)] = None
+        if _user_class(cls):
+            if path and _user_file(path):
+                self.files[str(path)] = None
             for base in cls.__mro__[1:]:
                 self.value(base, f"{cls.__qualname__}'s base")
             for name, attr in sorted(vars(cls).items()):
@@ -296,6 +300,11 @@ class _Identity:
 
     def instance(self, v: Any, where: str) -> None:
         self.cls(type(v))
+        if not _user_class(type(v)) and type(v).__repr__ is not object.__repr__:
+            text = repr(v)  # a library object that says what it is (a logger, a tokenizer, a pattern, a path)
+            if " at 0x" not in text:
+                self.put("repr", text)
+                return
         state = getattr(v, "__dict__", None)
         slots = [s for c in type(v).__mro__ for s in getattr(c, "__slots__", ()) if hasattr(v, s)]
         if isinstance(state, dict) or slots:
@@ -309,6 +318,31 @@ class _Identity:
             raise UnstableIdentity(
                 f"{where} is a {type(v).__module__}.{type(v).__qualname__} with no state to digest and no stable repr")
         self.put("repr", text)
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _plain(container: Any) -> bool:
+    values = (x for kv in container.items() for x in kv) if isinstance(container, dict) else container
+    return all(type(x) in _PLAIN for x in values)
+
+
+def _const(c: Any) -> Any:
+    """A compiled constant as text that is the same in every process (a frozenset's order is not)."""
+    if isinstance(c, frozenset):
+        return ["frozenset", sorted(repr(_const(x)) for x in c)]
+    if isinstance(c, tuple):
+        return ["tuple", [_const(x) for x in c]]
+    return repr(c)
+
+
+def _user_class(cls: type) -> bool:
+    """A class of the user's code: from a file that is no library's, or typed in (``__main__``, a notebook)."""
+    import sys
+
+    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return _user_file(path) if path else cls.__module__ == "__main__"
 
 
 def _sorted_items(d: dict) -> list:

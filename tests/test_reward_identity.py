@@ -29,8 +29,9 @@ print(json.dumps(out))
 """
 
 
-def _identities(folder: Path, *names: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)]), "OMP_NUM_THREADS": "1"}
+def _identities(folder: Path, *names: str, hash_seed: int = 0) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)]), "OMP_NUM_THREADS": "1",
+           "PYTHONHASHSEED": str(hash_seed)}  # another seed: sets and dicts built from sets iterate otherwise
     out = subprocess.run([sys.executable, "-c", _PRINT, *names], cwd=folder, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -49,6 +50,7 @@ def helpers(tmp_path):
         "import functools\n"
         "from consts import LIMIT\n"
         "SCALE = 2.0\n"
+        "WORDS = {w: len(w) for w in {'alpha', 'beta', 'gamma', 'delta'}}\n"
         "def scaled(fn):\n"
         "    @functools.wraps(fn)\n"
         "    def wrapped(prompt, completion, reference):\n"
@@ -56,7 +58,7 @@ def helpers(tmp_path):
         "    return wrapped\n"
         "def make_reward():\n"
         "    def reward(prompt, completion, reference):\n"
-        "        return float(len(completion) > LIMIT)\n"
+        "        return float(len(completion) > LIMIT) + WORDS.get(completion, 0) + (completion in {'x', 'y', 'z'})\n"
         "    return reward\n"
         "class Threshold:\n"
         "    def __init__(self, limit):\n"
@@ -83,7 +85,7 @@ NAMES = ("decorated", "factory", "instance", "partial")
 
 
 def test_a_callable_instance_and_a_partial_have_the_same_identity_in_every_process(helpers):
-    assert _identities(helpers, *NAMES) == _identities(helpers, *NAMES)
+    assert _identities(helpers, *NAMES, hash_seed=1) == _identities(helpers, *NAMES, hash_seed=2)
 
 
 def test_editing_a_constant_in_a_helper_module_changes_the_identity_of_rewards_built_there(helpers):
