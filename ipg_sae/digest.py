@@ -141,8 +141,9 @@ def code_identity(obj: Any) -> str:
     lives, so a decorator or factory in a helper module counts, and so does a constant imported from a
     third one). A ``functools.partial``: its function and bound arguments; a bound method: its function
     and object; a callable instance: its class (source and bases) and its state (``__dict__``/slots). A
-    tensor or array counts by its bytes, a module of the standard library or of an installed package by
-    its name and version. Raises :class:`UnstableIdentity` naming the value that has no stable digest
+    tensor or array counts by its bytes, a module, function or class of the standard library or of an
+    installed package by its name and version, an instance of such a class by its ``repr`` when that names
+    no memory address (a logger, a tokenizer, a compiled pattern), else by its state. Raises :class:`UnstableIdentity` naming the value that has no stable digest
     (an object with neither state to read nor a ``repr`` free of memory addresses).
     """
     return _Identity().digest(obj)
