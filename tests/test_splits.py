@@ -90,3 +90,10 @@ def test_overlap_advice_names_only_what_can_separate_the_splits(tmp_path):
     assert "disjoint windows (task.offset, task.n_problems)" in str(e.value) and "task.seed" not in str(e.value)
     with pytest.raises(IPGError, match=r"disjoint windows \(task.offset, task.n_problems\) or another task.seed"):
         disjoint_splits({"dev": TaskConfig(n_problems=10), "test": TaskConfig(n_problems=10, offset=5)})
+
+
+def test_a_hub_split_other_than_the_default_names_itself_in_the_ids():
+    from ipg_sae.tasks import id_prefix
+
+    assert id_prefix(TaskConfig(name="gsm8k")) == "gsm8k"  # the default split keeps its ids
+    assert id_prefix(TaskConfig(name="gsm8k", split="train")) == "gsm8k-train"
