@@ -27,6 +27,7 @@ def run_job(args: argparse.Namespace, cfg_cls, job, resumes: bool = True) -> int
         os.environ["IPG_SAE_VERIFY"] = "1"  # digest.file_digest hashes every file afresh
     previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM stops a run the way Ctrl-C does
     try:
+        check_utf8_arguments(args)
         overrides = overrides_from_args(args)
         if args.no_wandb:
             overrides["wandb.enabled"] = False
@@ -52,6 +53,24 @@ def run_job(args: argparse.Namespace, cfg_cls, job, resumes: bool = True) -> int
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def check_utf8_arguments(args: argparse.Namespace) -> None:
+    """Refuse, in one line, an argument holding a byte that is not UTF-8 (Python keeps it as a surrogate escape,
+    which no file written here could hold: configs, markers and the run lock are UTF-8)."""
+    for dest, value in vars(args).items():
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            what = "the config path" if dest == "config" else f"--{dest.removeprefix('cfg:')}"
+            try:
+                shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:  # a surrogate that is no escaped byte
+                shown = value.encode("utf-8", "backslashreplace").decode("ascii")
+            raise IPGError(f"{what} '{shown}' holds a byte that is not UTF-8; rename that file or folder (or give "
+                           "another path) so that its name is UTF-8") from None
 
 
 def _quiet_weight_loading() -> None:

@@ -111,6 +111,8 @@ def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any]
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise IPGError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+        except UnicodeDecodeError as e:
+            raise IPGError(f"{p}: byte {e.start} is not UTF-8; save the config file as UTF-8") from None
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     if overrides:

@@ -12,14 +12,21 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import IPGError
 
 
-def export_for_transformer_lens(sae_dir: str | Path, out_dir: str | Path) -> Path:
+EXPORT_MARKER = "ipg_sae_export.json"  # in an export: which SAE it copies (so a rerun may replace it)
+_WRITES = ("cfg.json", "sae_weights.safetensors", EXPORT_MARKER)  # every file an export writes
+
+
+def export_for_transformer_lens(sae_dir: str | Path, out_dir: str | Path, force: bool = False,
+                                check: Callable[[Path], None] | None = None) -> Path:
     """A copy of an SAE this project trained, named the way TransformerLens tools expect.
 
     The copy's ``hook_name`` is ``blocks.L.hook_resid_post`` (the same residual as the HF model's
@@ -29,16 +36,24 @@ def export_for_transformer_lens(sae_dir: str | Path, out_dir: str | Path) -> Pat
     :func:`transformer_lens_bridge` loads it on the model (TransformerLens 3.x's
     ``HookedSAETransformer.from_pretrained_no_processing`` does not know SmolLM2 or
     Qwen2.5-Math; the bridge wraps the Hugging Face model itself).
-    """
-    import json
-    import shutil
 
-    from .io import write_json
+    Nothing is written before the source is checked (:func:`check_source`: its recorded weights digest,
+    that it loads, finite weights) and the target is known to be free (:func:`check_target`: ``force``
+    lets it replace files that are not an earlier export of this SAE). The copy is assembled in a
+    temporary folder beside ``out_dir``; ``check(folder)``, when given, runs on it there; only then do
+    its files replace those in ``out_dir`` (so a failed check leaves no copy behind).
+    """
+    import shutil
+    import tempfile
+
+    from .digest import file_digest
+    from .io import make_dir, write_json
     from .models import hub_id
-    from .saes import hook_layer
+    from .saes import SIDECAR, hook_layer
 
     sae_dir, out_dir = Path(sae_dir), Path(out_dir)
-    cfg = json.loads((sae_dir / "cfg.json").read_text(encoding="utf-8"))
+    cfg = check_source(sae_dir)
+    check_target(sae_dir, out_dir, force)
     meta = dict(cfg.get("metadata") or {})
     layer = hook_layer(meta.get("hook_name"))
     if layer is None:
@@ -47,10 +62,66 @@ def export_for_transformer_lens(sae_dir: str | Path, out_dir: str | Path) -> Pat
                 model_name=hub_id(meta.get("model_name") or "") or meta.get("model_name"),
                 model_from_pretrained_kwargs={"center_writing_weights": False, "center_unembed": False,
                                               "fold_ln": False})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(sae_dir / "sae_weights.safetensors", out_dir / "sae_weights.safetensors")
-    write_json(out_dir / "cfg.json", {**cfg, "metadata": meta})
+    make_dir(out_dir.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        shutil.copyfile(sae_dir / "sae_weights.safetensors", staging / "sae_weights.safetensors")
+        write_json(staging / "cfg.json", {**cfg, "metadata": meta})
+        write_json(staging / EXPORT_MARKER, {"source": str(sae_dir.resolve()),
+                                              "weights_sha256": file_digest(staging / "sae_weights.safetensors")})
+        if check is not None:
+            check(staging)
+        make_dir(out_dir)
+        for name in _WRITES:
+            os.replace(staging / name, out_dir / name)
+        if force:  # a sidecar left by another SAE would describe weights this folder no longer holds
+            (out_dir / SIDECAR).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def check_source(sae_dir: Path) -> dict:
+    """The SAE's ``cfg.json``, once the SAE is known intact: its sidecar's weights digest matches (a damaged or
+    edited SAE this project trained is refused, whether or not the export is checked afterwards), it loads
+    with sae-lens, and its weights are finite."""
+    from .io import read_json
+    from .saes import load_sae
+
+    try:
+        cfg = read_json(sae_dir / "cfg.json")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise IPGError(f"{sae_dir}/cfg.json cannot be read as JSON ({type(e).__name__}); give an intact SAE "
+                       "directory") from None
+    if not isinstance(cfg, dict):
+        raise IPGError(f"{sae_dir}/cfg.json is not a JSON object; give an intact SAE directory")
+    load_sae(sae_dir)  # the sidecar's digest, the weights' format and finiteness (IPGError in one line)
+    return cfg
+
+
+def check_target(sae_dir: Path, out_dir: Path, force: bool) -> None:
+    """Refuse to write into a folder holding files that an earlier export of this same SAE did not write (another
+    SAE, another export, anything else) unless ``force``; never into the SAE's own folder."""
+    from .io import read_json
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise IPGError(f"--out_dir {out_dir} is a file, not a folder; give a folder path")
+    if out_dir.resolve() == sae_dir.resolve():
+        raise IPGError(f"--out_dir {out_dir} is the SAE's own folder; the export would overwrite it, give another "
+                       "folder")
+    if not out_dir.is_dir():
+        return
+    present = sorted(p.name for p in out_dir.iterdir())
+    try:
+        marker = read_json(out_dir / EXPORT_MARKER)
+    except (OSError, ValueError, UnicodeDecodeError):
+        marker = None
+    ours = isinstance(marker, dict) and marker.get("source") == str(sae_dir.resolve())
+    foreign = [name for name in present if not (ours and name in _WRITES)]
+    if foreign and not force:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise IPGError(f"--out_dir {out_dir} already holds files this export of {sae_dir} did not write ({shown}); "
+                       "give an empty or new folder, or pass --force true to replace the export's files there")
 
 
 def transformer_lens_bridge(model, tokenizer, model_name: str, sae_dirs=()):

@@ -139,21 +139,37 @@ def check_inside_run(path: str | os.PathLike, action: str = "write") -> None:
     delete files outside the run (the run directory itself may be a link: that is where the user
     put the run).
     """
-    target = Path(os.path.abspath(path))
     for root in list(_ROOTS.values()):
-        try:
-            inside = target.relative_to(root)
-        except ValueError:
-            continue
-        current = root
-        for part in inside.parts[:-1] if action == "write" else inside.parts:
-            current = current / part
-            if current.is_symlink():
-                from .errors import IPGError
+        check_no_link_below(root, path, action)
 
-                raise IPGError(f"refusing to {action} {path}: {current} is a symbolic link inside the run directory "
-                               f"{root}, so the {action} would land outside the run; replace the link with a real "
-                               "folder (or move the whole run directory instead)")
+
+def check_no_link_below(root: str | os.PathLike, path: str | os.PathLike, action: str = "write") -> None:
+    """Refuse to ``action`` ``path`` when a folder between ``root`` (itself allowed to be a link) and it is a
+    symbolic link, for a delete ``path`` itself too: the action would land outside ``root``."""
+    root = Path(os.path.abspath(root))
+    target = Path(os.path.abspath(path))
+    try:
+        inside = target.relative_to(root)
+    except ValueError:
+        return
+    current = root
+    for part in inside.parts[:-1] if action == "write" else inside.parts:
+        current = current / part
+        if current.is_symlink():
+            from .errors import IPGError
+
+            raise IPGError(f"refusing to {action} {path}: {current} is a symbolic link inside the run directory "
+                           f"{root}, so the {action} would land outside the run; replace the link with a real "
+                           "folder (or move the whole run directory instead)")
+
+
+def secondary_rank() -> bool:
+    """Whether this process is a rank other than 0 of an initialised ``torch.distributed`` process group (the
+    process group says so, never an environment variable: ``RANK`` set outside ``torchrun`` means nothing)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group
+    return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 def remove_tree(path: str | os.PathLike) -> None:
@@ -176,13 +192,11 @@ def run_lock(run_dir: str | os.PathLike, lock_hint: bool = True) -> Iterator[Non
     naming the process that holds it, instead of both writing files that disagree. The lock is
     re-entrant within a process (the pipeline holds it while its stages take it again) and is
     released by the kernel when its holder dies, so a killed run never leaves a stale lock.
-    Only the main process of a ``torchrun`` job takes it (the ranks share the directory).
+    Only rank 0 of an initialised ``torch.distributed`` process group takes it (the ranks share the directory;
+    the other ranks are guarded against links all the same); ``RANK`` in the environment alone changes nothing.
     ``lock_hint``: the busy message suggests ``--name`` (not for commands that take a run directory).
     While held, writes and deletions inside it never go through a symbolic link (:func:`check_inside_run`).
     """
-    if int(os.environ.get("RANK", "0")) != 0:
-        yield
-        return
     import fcntl
 
     path = make_dir(run_dir)
@@ -196,20 +210,23 @@ def run_lock(run_dir: str | os.PathLike, lock_hint: bool = True) -> Iterator[Non
             fd, depth = _HELD[key]
             _HELD[key] = (fd, depth - 1)
         return
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-        os.close(fd)
-        from .errors import IPGError
+    fd = None  # the other ranks of a process group share rank 0's lock, and are guarded all the same
+    if not secondary_rank():
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            from .errors import IPGError
 
-        raise IPGError(f"run directory {path} is in use by {holder}; wait for it to finish"
-                       + (", or give this run another name (--name)" if lock_hint else "")) from None
-    import sys
+            raise IPGError(f"run directory {path} is in use by {holder}; wait for it to finish"
+                           + (", or give this run another name (--name)" if lock_hint else "")) from None
+        import sys
 
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"process {os.getpid()} ({' '.join(sys.argv)[:200]})".encode(), 0)
+        os.ftruncate(fd, 0)
+        # an argument that is not UTF-8 (a surrogate escape) is written escaped, never a UnicodeEncodeError
+        os.pwrite(fd, f"process {os.getpid()} ({' '.join(sys.argv)[:200]})".encode("utf-8", "backslashreplace"), 0)
     _HELD[key] = (fd, 1)
     _ROOTS[key] = Path(os.path.abspath(path))
     try:
@@ -217,4 +234,5 @@ def run_lock(run_dir: str | os.PathLike, lock_hint: bool = True) -> Iterator[Non
     finally:
         _HELD.pop(key, None)
         _ROOTS.pop(key, None)
-        os.close(fd)  # closing the descriptor releases the lock
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock

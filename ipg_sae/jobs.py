@@ -375,6 +375,7 @@ class ExportJobConfig:
     out_dir: str | None = None  # where the TransformerLens copy goes (default: <sae>_transformer_lens)
     model: str | None = None  # the model it reads (default: the one named in the SAE's ipg_sae.json)
     check: bool = True  # load the model and compare the bridge's residual and activations with this project's
+    force: bool = False  # replace files in out_dir that an earlier export of this SAE did not write
 
     def validate(self) -> None:
         if not self.sae or not (Path(self.sae) / "cfg.json").is_file():
@@ -383,19 +384,29 @@ class ExportJobConfig:
 
 
 def run_export(cfg: ExportJobConfig) -> dict:
-    """Write the TransformerLens copy of an SAE and, with ``check``, verify it through sae-lens's bridge."""
+    """Write the TransformerLens copy of an SAE and, with ``check``, verify it through sae-lens's bridge.
+
+    The SAE is checked intact (its recorded weights digest) whatever ``check`` says, and with ``check`` the model
+    is named and loaded before anything is written; a copy that fails its check is not left behind."""
     from .export import export_for_transformer_lens, round_trip
     from .models import model_source
-    from .saes import SIDECAR
+    from .saes import SIDECAR, check_sidecar
 
     sae_dir = Path(cfg.sae)
-    out = export_for_transformer_lens(sae_dir, cfg.out_dir or f"{str(sae_dir).rstrip('/')}_transformer_lens")
-    summary: dict = {"exported": str(out)}
+    out_dir = cfg.out_dir or f"{str(sae_dir).rstrip('/')}_transformer_lens"
+    side = check_sidecar(sae_dir)  # a tampered SAE or a sidecar that is not an object: one line, nothing written
+    summary: dict = {}
+    check = None
     if cfg.check:
-        sidecar = sae_dir / SIDECAR
-        name = cfg.model or (read_json(sidecar).get("model_name") if sidecar.is_file() else None)
+        name = cfg.model or (side or {}).get("model_name")
         if not name:
-            raise IPGError(f"{sae_dir} does not name its model (no {SIDECAR}); pass --model NAME, or --check false")
+            raise IPGError(f"{sae_dir} does not name its model (no model_name in {SIDECAR}); pass --model NAME, or "
+                           "--check false")
         model, tokenizer = load_model(name)
-        summary.update(round_trip(model, tokenizer, model_source(name), sae_dir, out))
+
+        def check(staged: Path) -> None:
+            summary.update(round_trip(model, tokenizer, model_source(name), sae_dir, staged))
+
+    out = export_for_transformer_lens(sae_dir, out_dir, force=cfg.force, check=check)
+    summary.update(exported=str(out))
     return summary

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
+from .digest import UnstableIdentity, code_identity
 from .errors import IPGError
 
 # --------------------------------------------------------------------------- numbers
@@ -299,17 +300,28 @@ class Reward:
     """A named reward; ``score`` also extracts and judges the answer for reporting.
 
     ``identity`` is what saved outputs that hold its values are keyed by: the name, and for a user
-    function the digest of its source and of its module's file, so that editing the function
-    makes every stage and cell that stored its rewards stale.
+    callable :func:`digest.code_identity` (its module's file, its code, and everything it closes over:
+    defaults, closure values, the globals it names, a partial's arguments, an instance's class and
+    state, recursively, so that editing a helper module it uses makes every stage and cell that stored
+    its rewards stale). It is the same in every process. A callable that closes over a value with no
+    stable digest has no identity: asking for it (to key or to resume stored results) raises
+    :class:`IPGError` naming that value, rather than silently recomputing or reusing.
     """
 
-    def __init__(self, name: str, value: _ValueFn, code: str | None = None):
+    def __init__(self, name: str, value: _ValueFn, code: str | None = None, unstable: str | None = None):
         self.name = name
         self._value = value
-        self.code = code  # digest of a user function's code (None for a built-in)
+        self.code = code  # digest of a user callable's code (None for a built-in)
+        self._unstable = unstable  # why a user callable has no stable identity
 
     @property
     def identity(self) -> dict:
+        if self._unstable:
+            raise IPGError(
+                f"reward {self.name!r}: {self._unstable}, so results stored with it could not be matched by a "
+                "rerun; make the reward a module-level function, or give that value state or a repr without "
+                "a memory address"
+            )
         return {"name": self.name, "code": self.code}
 
     def score(self, prompt: str, completion: str, reference: str, n_generated_tokens: int) -> Score:
@@ -363,30 +375,10 @@ def _user_reward(name: str, fn: RewardFn) -> Reward:
     def value(prompt: str, completion: str, reference: str, n_tokens: int, correct: bool) -> float:
         return _check_reward_value(name, fn(prompt, completion, reference))
 
-    return Reward(name, value, code=code_digest(fn))
-
-
-def code_digest(fn: Callable) -> str:
-    """sha256 of a function's source and of its module's file (what it computes can depend on either); the
-    function's compiled code when its source cannot be read."""
-    import hashlib
-    import inspect
-    import sys
-
-    h = hashlib.sha256()
     try:
-        h.update(inspect.getsource(fn).encode())
-    except (OSError, TypeError):
-        code = getattr(fn, "__code__", None)
-        h.update(repr(code.co_code if code is not None else fn).encode())
-    module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    path = getattr(module, "__file__", None)
-    if path:
-        try:
-            h.update(open(path, "rb").read())
-        except OSError:
-            pass
-    return h.hexdigest()
+        return Reward(name, value, code=code_identity(fn))
+    except UnstableIdentity as e:
+        return Reward(name, value, unstable=str(e))
 
 
 def _check_reward_value(name: str, value: object) -> float:

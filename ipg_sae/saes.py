@@ -85,7 +85,7 @@ def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | 
         path = Path(spec.path).expanduser()
         if not (path / "cfg.json").is_file():
             raise IPGError(f"{path} is not an SAE directory (no cfg.json); give a directory saved in sae-lens format")
-        sidecar = _check_sidecar(path)
+        sidecar = check_sidecar(path)
         try:
             sae = SAE.load_from_disk(str(path), device=str(device))
         except Exception as e:  # sae-lens raises many types; the user needs one line
@@ -179,19 +179,28 @@ def _check_pretrained(release: str, sae_id: str) -> None:
                        "SAE directory (`path:`)")
 
 
-def _check_sidecar(path: Path) -> dict | None:
-    """An SAE this project wrote must still have the weights it was written with; returns its sidecar."""
+def check_sidecar(path: str | Path) -> dict | None:
+    """An SAE this project wrote must still have the weights it was written with; returns its sidecar (``None``
+    for an SAE from elsewhere). A sidecar that is not a JSON object, or whose weights differ, is one line."""
     from .digest import file_digest
     from .io import read_json
 
+    path = Path(path)
     side_path = path / SIDECAR
     if not side_path.is_file():
         return None  # an SAE from elsewhere: nothing recorded to check against
     try:
         side = read_json(side_path)
-        expected = side.get("weights_sha256")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        raise IPGError(f"{side_path} is corrupt; delete it (the SAE then loads unchecked) or retrain the SAE") from None
+    except (ValueError, UnicodeDecodeError):
+        raise IPGError(f"{side_path} is corrupt (not JSON); delete it (the SAE then loads unchecked) or retrain "
+                       "the SAE") from None
+    if not isinstance(side, dict):
+        raise IPGError(f"{side_path} is corrupt: it holds a JSON {_json_kind(side)}, not an object; delete it (the "
+                       "SAE then loads unchecked) or retrain the SAE")
+    expected = side.get("weights_sha256")
+    model_name = side.get("model_name")
+    if model_name is not None and not (isinstance(model_name, str) and model_name.strip()):
+        raise IPGError(f"{side_path}: model_name is {model_name!r}, not a model name; fix it or retrain the SAE")
     if not isinstance(expected, str) or len(expected) != 64:
         raise IPGError(f"{side_path} records no weights_sha256 (it is empty or was stripped), so the SAE's weights "
                        "cannot be checked; retrain the SAE, or delete the sidecar to load it unchecked as an SAE "
@@ -201,6 +210,10 @@ def _check_sidecar(path: Path) -> dict | None:
         raise IPGError(f"{weights} is not the file that was trained (its sha256 differs from the one recorded in "
                        f"{SIDECAR}): it was changed or damaged; retrain the SAE or restore the file")
     return side
+
+
+def _json_kind(value: object) -> str:
+    return {type(None): "null", list: "array", str: "string", bool: "boolean"}.get(type(value), "number")
 
 
 # TransformerLens's from_pretrained defaults; only center_writing_weights changes the residual stream

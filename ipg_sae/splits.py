@@ -15,21 +15,39 @@ from .tasks import Problem, TaskConfig, load_problems
 
 
 def disjoint_splits(tasks: dict[str, TaskConfig]) -> dict[str, list[Problem]]:
-    """Each split's problems (``{name: task}``, in order), after checking no problem is in two splits."""
+    """Each split's problems (``{name: task}``, in order), after checking no problem is in two splits.
+
+    Ids name their source (a file's content digest, a hub split, the generator's seed), so a shared id is the
+    same problem of the same source: the splits' windows overlap. A shared question under two ids is the same
+    question in two sources. Each refusal advises only what can separate the two splits."""
     loaded = {name: load_problems(task) for name, task in tasks.items()}
     owner: dict[str, tuple[str, str]] = {}  # key -> (split, problem id)
     for name, problems in loaded.items():
         if not problems:
             raise IPGError(f"the {name} split has no problems; check its task.n_problems and offset")
         for p in problems:
-            for key in (f"id:{p.id}", f"question:{_normal(p.question)}"):
+            for kind, key in (("id", f"id:{p.id}"), ("question", f"question:{_normal(p.question)}")):
                 if key in owner and owner[key][0] != name:
                     other, other_id = owner[key]
                     raise IPGError(f"problem {p.id} of the {name} split is also in the {other} split (as {other_id}); "
-                                   "give the splits disjoint windows (task.offset, task.n_problems) or another "
-                                   "task.seed")
+                                   + _advice(kind, tasks[name], tasks[other]))
                 owner.setdefault(key, (name, p.id))
     return loaded
+
+
+def _advice(kind: str, task: TaskConfig, other: TaskConfig) -> str:
+    """What can separate two splits that share a problem (``kind``: matched by id, or only by question text)."""
+    seeds = task.name == other.name == "arithmetic"
+    if kind == "id":  # the same source: only the windows (and, for the generator, its seed) can differ
+        return ("both read the same source: give them disjoint windows (task.offset, task.n_problems)"
+                + (" or another task.seed" if seeds else ""))
+    files = [t.path for t in (task, other) if t.path]
+    fixes = ["move one split's window (task.offset, task.n_problems) past it"]
+    if files:
+        fixes.insert(0, f"remove the question from {' or '.join(files)}")
+    if seeds:
+        fixes.append("give one split another task.seed")
+    return "the same question comes from two sources: " + ", or ".join(fixes)
 
 
 def _normal(question: str) -> str:

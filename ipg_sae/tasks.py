@@ -13,7 +13,9 @@ solution when known):
 
 File and hub rows are taken in their stored order: ``offset`` skips rows and
 ``n_problems`` takes the next ones (0 = all), so held-out splits are made with a different
-``offset``. ``seed`` only affects the arithmetic generator.
+``offset``. ``seed`` only affects the arithmetic generator. A problem's id names its source
+(:func:`id_prefix`): ``<task>-<file digest>-<row>`` for a file, ``<task>-<split>-<row>`` for a hub
+split other than ``test``, so two sources never share an id.
 
 Prompts (:func:`build_prompts`) put ``few_shot`` worked examples before the question. The
 examples never come from the evaluated problems: arithmetic draws them from a separate
@@ -83,7 +85,19 @@ def load_problems(cfg: TaskConfig) -> list[Problem]:
             )
         return arithmetic_problems(cfg.n_problems, cfg.level, cfg.seed, cfg.offset)
     rows, source = _load_rows(cfg)
-    return _rows_to_problems(cfg, rows, source)
+    return _rows_to_problems(cfg, rows, source, id_prefix(cfg))
+
+
+def id_prefix(cfg: TaskConfig) -> str:
+    """What a file or hub task's problem ids start with: the task name and its source's identity, so that two
+    sources never share an id. A file: the first 12 hex digits of its content's sha256 (the same file anywhere
+    gives the same ids; an edited one, other ids). A hub dataset: its split, unless it is the default (``test``),
+    whose ids stay ``<task>-<row>``."""
+    if cfg.path is not None:
+        from .digest import file_digest
+
+        return f"{cfg.name}-{file_digest(cfg.path)[:12]}"
+    return cfg.name if cfg.split == TaskConfig.split else f"{cfg.name}-{cfg.split}"
 
 
 def _check_task_name(name: str) -> None:
@@ -183,7 +197,7 @@ def _empty_error(source: str) -> IPGError:
     return IPGError(f"{source} has no rows; point task.path at a file with at least one problem")
 
 
-def _rows_to_problems(cfg: TaskConfig, rows, source: str) -> list[Problem]:
+def _rows_to_problems(cfg: TaskConfig, rows, source: str, prefix: str) -> list[Problem]:
     if len(rows) == 0:
         raise _empty_error(source)
     question_field = cfg.question_field or _DEFAULT_QUESTION_FIELD[cfg.name]
@@ -193,7 +207,7 @@ def _rows_to_problems(cfg: TaskConfig, rows, source: str) -> list[Problem]:
     start, stop = _window(cfg, len(rows), source)
     to_problem = _gsm8k_problem if cfg.name == "gsm8k" else _plain_problem
     return [
-        to_problem(f"{cfg.name}-{start + i:06d}", row, question_field, answer_field, source, start + i)
+        to_problem(f"{prefix}-{start + i:06d}", row, question_field, answer_field, source, start + i)
         for i, row in enumerate(rows.select(range(start, stop)))
     ]
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .io import check_no_link_below
+
 log = logging.getLogger(__name__)
 
 
@@ -118,6 +120,8 @@ class Tracker:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in ("wandb", "wandb-data"):  # W&B's own processes write there, past io's guard: check first
+            check_no_link_below(run_dir, run_dir / folder / "files", "write")
         self.run_dir, self.job_type = run_dir, job_type
         # Artifacts stage under the user data dir unless told otherwise: keep them with the run.
         os.environ.setdefault("WANDB_DATA_DIR", str(run_dir.resolve() / "wandb-data"))

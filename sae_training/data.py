@@ -59,6 +59,19 @@ class TokenRows:
         return h.hexdigest()
 
 
+def check_context_size(cfg: TrainSAEConfig) -> None:
+    """Before any work: ``context_size`` fits the model's positions (read from its config, no weights loaded).
+    A RoPE model would otherwise train silently past the positions it was trained on, a learned-position one
+    fail with an index error."""
+    from ipg_sae.models import context_length, load_tokenizer_and_config
+
+    _, config = load_tokenizer_and_config(cfg.model)
+    limit = context_length(config)
+    if limit and cfg.context_size > limit:
+        raise IPGError(f"context_size {cfg.context_size} is longer than the {limit} positions model "
+                       f"{cfg.model.name!r} takes; lower context_size to at most {limit}")
+
+
 def build_rows(cfg: TrainSAEConfig, tokenizer, model_fingerprint: dict | None = None) -> TokenRows:
     """All rows the config's data gives, in a fixed shuffled order (held-out rows last)."""
     # Enough positions for the token budget plus the held-out rows; more is not read.

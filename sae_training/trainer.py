@@ -36,7 +36,7 @@ from ipg_sae.tracking import Tracker, artifact_name
 from . import checkpoints, distributed
 from .activations import ActivationCache, ActivationSource, ActivationStream, inliers, model_key
 from .config import TrainSAEConfig
-from .data import build_rows, split_rows
+from .data import build_rows, check_context_size, split_rows
 from .evaluate import EvalReference, evaluate, reference, wandb_metrics
 from .saes import build_trainers
 
@@ -64,6 +64,7 @@ def train(cfg: TrainSAEConfig) -> dict:
         Empty on ranks other than 0.
     """
     cfg.validate()
+    check_context_size(cfg)
     owns_group = not torch.distributed.is_initialized()
     threads = torch.get_num_threads()
     d = distributed.setup(cfg.model.device)

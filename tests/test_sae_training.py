@@ -590,3 +590,21 @@ def test_cfg_json_says_which_weights_a_gguf_model_had(tmp_path, tiny_llama_dir, 
     assert "Q4_1.gguf" in meta["model_weights_source"] and "dequantized" in meta["model_weights_source"]
     plain = build_sae(cfg, model, layer=1, device="cpu")  # a local HF directory: its own weights, nothing to say
     assert plain.cfg.metadata.model_weights_source is None
+
+
+@pytest.mark.parametrize("kind,context_size", [("llama", 4096), ("gpt2", 1024)])
+def test_context_size_longer_than_the_models_positions_is_one_line_before_any_work(
+        tmp_path, tiny_tokenizer, kind, context_size, text_file, monkeypatch):
+    """Issue 36, item 6: 4096 on a 512-position RoPE model trained silently; 1024 on GPT-2 was an IndexError."""
+    import sae_training.trainer as trainer
+    from tests import tiny
+
+    model_dir = tmp_path / kind
+    tiny.build_model(kind, model_dir, vocab_size=len(tiny_tokenizer))
+    tiny_tokenizer.save_pretrained(model_dir)
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = make_cfg(tmp_path, model_dir, text_file, context_size=context_size)
+    with pytest.raises(IPGError, match=rf"^context_size {context_size} is longer than the 512 positions model "
+                                       rf".*; lower context_size to at most 512$"):
+        train(cfg)
+    assert not cfg.run_dir.exists()

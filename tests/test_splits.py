@@ -49,3 +49,51 @@ def test_the_pipeline_refuses_a_held_out_window_that_repeats_an_attributed_quest
                  "evaluation.task.n_problems": 50, "evaluation.task.offset": offset}
     with pytest.raises(IPGError, match="also in the attribution split"):
         load_config(PipelineConfig, None, overrides)
+
+
+# ---- issue 36, item 10: file problems are named by their file ------------------------------------
+
+
+def _jsonl(path, questions):
+    import json
+
+    path.write_text("".join(json.dumps({"question": q, "answer": str(i)}) + "\n" for i, q in enumerate(questions)))
+    return str(path)
+
+
+def test_two_jsonl_files_with_no_question_in_common_are_disjoint(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", ["What is 2 + 3?", "What is 7 * 6?"])
+    b = _jsonl(tmp_path / "b.jsonl", ["How many legs has a spider?", "What is 10 - 4?"])
+    loaded = disjoint_splits({"dev": TaskConfig(name="jsonl", path=a, n_problems=0),
+                              "test": TaskConfig(name="jsonl", path=b, n_problems=0)})
+    ids = [p.id for problems in loaded.values() for p in problems]
+    assert len(set(ids)) == 4
+    # an id names the file's content, not its path: a copy elsewhere gives the same ids
+    copy = tmp_path / "elsewhere" / "a.jsonl"
+    copy.parent.mkdir()
+    copy.write_bytes((tmp_path / "a.jsonl").read_bytes())
+    from ipg_sae.tasks import load_problems
+
+    assert [p.id for p in load_problems(TaskConfig(name="jsonl", path=str(copy), n_problems=0))] == ids[:2]
+
+
+def test_overlap_advice_names_only_what_can_separate_the_splits(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", ["What is 2 + 3?", "What is 7 * 6?"])
+    b = _jsonl(tmp_path / "b.jsonl", ["How many legs has a spider?", "What is 7 * 6?"])
+    with pytest.raises(IPGError) as e:  # the same question in two files: no seed to change
+        disjoint_splits({"dev": TaskConfig(name="jsonl", path=a, n_problems=0),
+                         "test": TaskConfig(name="jsonl", path=b, n_problems=0)})
+    assert "task.seed" not in str(e.value) and f"remove the question from {b} or {a}" in str(e.value)
+    with pytest.raises(IPGError) as e:  # one file, overlapping windows
+        disjoint_splits({"dev": TaskConfig(name="jsonl", path=a, n_problems=2),
+                         "test": TaskConfig(name="jsonl", path=a, n_problems=1, offset=1)})
+    assert "disjoint windows (task.offset, task.n_problems)" in str(e.value) and "task.seed" not in str(e.value)
+    with pytest.raises(IPGError, match=r"disjoint windows \(task.offset, task.n_problems\) or another task.seed"):
+        disjoint_splits({"dev": TaskConfig(n_problems=10), "test": TaskConfig(n_problems=10, offset=5)})
+
+
+def test_a_hub_split_other_than_the_default_names_itself_in_the_ids():
+    from ipg_sae.tasks import id_prefix
+
+    assert id_prefix(TaskConfig(name="gsm8k")) == "gsm8k"  # the default split keeps its ids
+    assert id_prefix(TaskConfig(name="gsm8k", split="train")) == "gsm8k-train"

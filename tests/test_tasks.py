@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from ipg_sae.digest import file_digest
 from ipg_sae.errors import IPGError
 from ipg_sae.rewards import answers_match, extract_answer
 from ipg_sae.tasks import (
@@ -138,7 +139,8 @@ def test_arithmetic_needs_positive_n():
 def test_gsm8k_local_jsonl(gsm8k_file):
     problems = load_problems(TaskConfig(name="gsm8k", path=str(gsm8k_file)))
     assert [p.answer for p in problems] == ["72", "1234", "3"]
-    assert [p.id for p in problems] == ["gsm8k-000000", "gsm8k-000001", "gsm8k-000002"]
+    tag = file_digest(gsm8k_file)[:12]  # ids name the file's content (issue 36, item 10)
+    assert [p.id for p in problems] == [f"gsm8k-{tag}-000000", f"gsm8k-{tag}-000001", f"gsm8k-{tag}-000002"]
     first = problems[0]
     assert first.question == GSM8K_ROWS[0]["question"]
     assert "<<" not in first.solution and first.solution.endswith("The answer is 72.")
@@ -146,13 +148,13 @@ def test_gsm8k_local_jsonl(gsm8k_file):
 
 def test_gsm8k_offset_and_count(gsm8k_file):
     problems = load_problems(TaskConfig(name="gsm8k", path=str(gsm8k_file), offset=1, n_problems=1))
-    assert [(p.id, p.answer) for p in problems] == [("gsm8k-000001", "1234")]
+    assert [(p.id, p.answer) for p in problems] == [(f"gsm8k-{file_digest(gsm8k_file)[:12]}-000001", "1234")]
     assert len(load_problems(TaskConfig(name="gsm8k", path=str(gsm8k_file), n_problems=0))) == 3
 
 
 def test_math500_local_jsonl(math_file):
     problems = load_problems(TaskConfig(name="math500", path=str(math_file)))
-    assert problems[0] == Problem(id="math500-000000", question=MATH_ROWS[0]["problem"], answer="\\frac{1}{2}",
+    assert problems[0] == Problem(id=f"math500-{file_digest(math_file)[:12]}-000000", question=MATH_ROWS[0]["problem"], answer="\\frac{1}{2}",
                                   solution=MATH_ROWS[0]["solution"])
     assert problems[1].answer == "32"
 
