@@ -218,6 +218,32 @@ def test_bfloat16_attribution_agrees_with_float64(model_dirs):
     assert float((got - ref).abs().max() / ref.abs().max()) < 0.1
 
 
+def test_bfloat16_splice_casts_w_dec_once_per_engine_and_computes_what_a_per_call_cast_did(model_dirs, monkeypatch):
+    """In half precision the splice's decoder bag runs in float32: the engine casts W_dec once per layer, not once
+    per node pass, and the splice's output is bit for bit the per-call cast's."""
+    import ipg_sae.attribution.engine as engine_mod
+
+    casts = []
+    cast = engine_mod.bag_matrix
+    monkeypatch.setattr(engine_mod, "bag_matrix", lambda w, dtype: (casts.append(dtype), cast(w, dtype))[1])
+    trajs, saes = make_trajs(), topk_saes((1, 2))
+    half, _ = load_model(str(model_dirs("llama")), dtype="bfloat16")
+    attribute(half, saes, trajs, n_steps=4, internal_batch_size=2, progress=False)  # many node passes per prompt
+    assert casts == [torch.bfloat16, torch.bfloat16]  # one per layer, when the engine is built
+    engine = engine_mod.IPGEngine(half, saes)
+    assert engine.w_bag[1].dtype == torch.float32
+    casts.clear()
+    w = engine.w_dec[1]
+    idx = torch.randint(0, w.shape[0], (2, 3, 4))
+    val = torch.rand(2, 3, 4, dtype=torch.bfloat16)
+    s = torch.full_like(val, 0.25)
+    x = torch.randn(2, 3, w.shape[1], dtype=torch.bfloat16)
+    cached = engine_mod._FrozenSplice(w, idx, val, s, w_bag=engine.w_bag[1])(x)
+    per_call = engine_mod._FrozenSplice(w, idx, val, s)(x)
+    assert len(casts) == 1  # only the splice without the engine's copy cast (its own)
+    assert torch.equal(cached, per_call)
+
+
 def test_riemann_variants_converge_to_the_same_value(models):
     model, _ = models("gpt2")
     trajs, saes = make_trajs(), topk_saes((1, 2))
