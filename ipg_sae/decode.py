@@ -206,6 +206,7 @@ which compilers specialise). Hooks on
     """
 
     _compiled: dict[type, Callable] = {}  # per module class, for the process (compiled code is reused)
+    _dynamic: set[type] = set()  # the classes whose compilation was asked for any number of rows
 
     def __init__(self, model):
         from .models import decoder_layers
@@ -236,9 +237,11 @@ which compilers specialise). Hooks on
             try:
                 if cls not in self._compiled:
                     self._compiled[cls] = torch.compile(cls.forward)
-                if args and isinstance(args[0], torch.Tensor) and args[0].shape[0] > 1:
-                    # rows come and go (refills, the shrinking tail): one graph for every batch size
+                if cls not in self._dynamic and args and isinstance(args[0], torch.Tensor) and args[0].shape[0] > 1:
+                    # rows come and go (refills, the shrinking tail): the first compilation is for any batch size
+                    # (marking every call's input, once compiled, only cost time)
                     torch._dynamo.maybe_mark_dynamic(args[0], 0)
+                    self._dynamic.add(cls)
                 return self._compiled[cls](module, *args, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure to compile: decode uncompiled (it computes the same)
                 lines = str(e).strip().splitlines()

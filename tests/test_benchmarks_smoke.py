@@ -83,6 +83,18 @@ def test_sampling(results_dir):
     assert all(n > 0 for n in sec["generated_tokens"].values())
 
 
+def test_sampling_compiled(results_dir):
+    """``--compile``: the loop backend with and without sampling.compile, compile time apart and amortised."""
+    run_script("bench_sampling.py", results_dir, "--compile")
+    sec = section(results_dir, "sampling_compiled")
+    assert {"sampler_loop", "sampler_loop_compiled", "sampler_loop_compiled_amortised"} <= set(sec["tokens_per_s"])
+    assert {"loop/floor", "loop_compiled/floor", "loop_compiled_amortised/floor", "loop_compiled/loop"} <= \
+        set(sec["ratios"])
+    assert sec["compile_s"] >= 0
+    # the amortised figure charges the compile time to the run: never above the compiled run's own rate
+    assert sec["tokens_per_s"]["sampler_loop_compiled_amortised"] <= sec["tokens_per_s"]["sampler_loop_compiled"]
+
+
 def test_faithfulness(results_dir):
     run_script("bench_faithfulness.py", results_dir)
     sec = section(results_dir, "faithfulness")
