@@ -66,6 +66,8 @@ def module_digest(module: torch.nn.Module) -> str:
     if verify_all():
         return tensors_digest(state)
     stamp = state_stamp(state)
+    if stamp is None:
+        return tensors_digest(state)  # no version counters to tell an edit by: hashed every time
     known = _MODULE_DIGESTS.get(module)
     if known is not None and known[0] == stamp:
         return known[1]
@@ -86,10 +88,13 @@ def module_digest(module: torch.nn.Module) -> str:
     return digest
 
 
-def state_stamp(state: dict[str, torch.Tensor]) -> tuple:
+def state_stamp(state: dict[str, torch.Tensor]) -> tuple | None:
     """What changes when any tensor of ``state`` is replaced or written in place through torch: per tensor its
     name, storage address, version counter (every in-place op bumps it, under ``no_grad`` too), dtype, shape,
-    strides, offset and device. Cheap: no tensor is read."""
+    strides, offset and device. Cheap: no tensor is read. None when a tensor keeps no version counter (one made
+    under ``torch.inference_mode``)."""
+    if any(t.is_inference() for t in state.values()):  # (a detached one reads version 0 forever)
+        return None
     return tuple((name, t.data_ptr(), t._version, str(t.dtype), tuple(t.shape), t.stride(), t.storage_offset(),
                   str(t.device)) for name, t in sorted(state.items()))
 
@@ -116,7 +121,9 @@ def remember_weight_files(module: torch.nn.Module, files: Iterable[str | os.Path
     ``extra``: dtype, library versions...) gives: :func:`module_digest` then reads its digest from the user cache
     while the files and the module's tensors stay unchanged. Only for a deterministic load (no weight left
     randomly initialised)."""
-    _LOADED[module] = _Loaded(state_stamp(dict(module.state_dict())), [Path(f) for f in files], extra)
+    stamp = state_stamp(dict(module.state_dict()))
+    if stamp is not None:
+        _LOADED[module] = _Loaded(stamp, [Path(f) for f in files], extra)
 
 
 def text_digest(text: str) -> str:

@@ -223,3 +223,15 @@ def test_a_weight_file_changed_after_the_load_is_not_taken_for_the_loaded_weight
     n = len(counted_hashes)
     module_digest(fresh)
     assert len(counted_hashes) == n + 1  # nothing was cached under the rewritten file's key
+
+
+def test_a_module_without_version_counters_is_hashed_every_time(counted_hashes):
+    """Tensors made under inference_mode keep no version counter, so an edit could not be told: no memo."""
+    from ipg_sae.digest import module_digest
+
+    with torch.inference_mode():
+        layer = torch.nn.Linear(3, 2)
+    first = module_digest(layer)
+    with torch.inference_mode():
+        layer.weight.add_(1.0)
+    assert module_digest(layer) != first and len(counted_hashes) == 2
