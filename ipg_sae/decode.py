@@ -22,10 +22,11 @@ Each token is drawn from ``softmax(logits / T)`` (nucleus-truncated when ``top_p
 inverse-CDF draw from its row's generator, and its log-probability is returned: what
 :class:`ipg_sae.faithfulness.TrajectoryScorer` computes for the same tokens.
 
-With ``compile`` (``sampling.compile``), the decoding steps run every block's norms and MLP
-through ``torch.compile`` (:class:`CompiledStep`): a norm is ~7 small kernels eagerly and one
-fused kernel compiled, the MLP's activation and product one more; at decode shapes these small
-launches, not the matrix products, were a quarter of a step (profiled on an H200).
+With ``compile`` (``sampling.compile``), the decoding steps run every block's norms, MLP and
+rotary embedding through ``torch.compile`` (:class:`CompiledStep`): a norm is ~7 small kernels
+eagerly and one fused kernel compiled, the rotary embedding ~12 and one, the MLP's activation
+and product one more; at decode shapes such small launches and Python were about a quarter of
+a step (profiled on the 2-core CPU, ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import contextlib
 import functools
 import logging
 import math
+import sys
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -193,63 +195,80 @@ def _decode_attention(model) -> Iterator[DecodeAttention | None]:
 
 
 class CompiledStep:
-    """The decoding steps' norms and MLPs as compiled kernels, swapped in only while a step runs (:meth:`active`):
-    the prefill, the scorer and anything else keep the eager modules.
+    """The decoding steps' norms, MLPs and rotary embeddings as compiled kernels, swapped in only while a step runs
+    (:meth:`active`): the prefill, the scorer and anything else keep the eager code.
 
     Every decoder block's direct children that are norms (a class named ``*Norm*``) or its ``mlp``, and the final
     norm, run ``torch.compile(type(m).forward)(m, x)``: one compiled function per module class, which every layer
-    shares (parameters are its inputs, not constants), compiled for any number of rows (and once more for one row,
-which compilers specialise). Hooks on
-    those modules still run (only ``forward`` is replaced). A module that already carries its own ``forward`` (an
+    shares (parameters are its inputs, not constants), compiled for any number of rows (and once more for one
+    row, which compilers specialise). The attention's rotary embedding (``apply_rotary_pos_emb`` of its modeling
+    module: ~12 small kernels per layer and step eagerly) is swapped by name for its compiled self. Hooks on those
+    modules still run (only ``forward`` is replaced). A module that already carries its own ``forward`` (an
     accelerate hook) is left eager. When compilation fails (no C++ compiler on a CPU, a backend without inductor)
     it warns once and the loop decodes uncompiled, with the same results as ``compile: false``.
     """
 
-    _compiled: dict[type, Callable] = {}  # per module class, for the process (compiled code is reused)
-    _dynamic: set[type] = set()  # the classes whose compilation was asked for any number of rows
+    _compiled: dict[Callable, Callable] = {}  # per module class or function, for the process (code is reused)
+    _dynamic: set[Callable] = set()  # those whose compilation was asked for any number of rows
 
     def __init__(self, model):
         from .models import decoder_layers
 
         self.targets = []
         for block in decoder_layers(model):
-            self.targets += [m for name, m in block.named_children() if name == "mlp" or "norm" in type(m).__name__.lower()]
+            self.targets += [m for name, m in block.named_children()
+                             if name == "mlp" or "norm" in type(m).__name__.lower()]
         self.targets += [m for m in model.base_model.children() if "norm" in type(m).__name__.lower()]
         self.targets = [m for m in self.targets if "forward" not in vars(m)]
+        self.functions = []  # (modeling module, its apply_rotary_pos_emb), swapped by name during a step
+        for block in decoder_layers(model):
+            attention = getattr(block, "self_attn", None)
+            module = sys.modules.get(type(attention).__module__) if attention is not None else None
+            fn = getattr(module, "apply_rotary_pos_emb", None)
+            if callable(fn) and (module, fn) not in self.functions:
+                self.functions.append((module, fn))
         self.failed: str | None = None
 
     @contextlib.contextmanager
     def active(self):
-        if self.failed or not self.targets:
+        if self.failed or not (self.targets or self.functions):
             yield
             return
         for m in self.targets:
             m.forward = functools.partial(self._call, m)  # an instance attribute: nn.Module.__call__ runs it
+        for module, fn in self.functions:
+            setattr(module, fn.__name__, functools.partial(self._call, None, _fn=fn))
         try:
             yield
         finally:
             for m in self.targets:
                 vars(m).pop("forward", None)
+            for module, fn in self.functions:
+                setattr(module, fn.__name__, fn)
 
-    def _call(self, module, *args, **kwargs):
+    def _call(self, module, *args, _fn=None, **kwargs):
+        """``module``'s forward (or the function ``_fn``) compiled, or eager once compilation has failed."""
+        prefix = () if _fn is not None else (module,)
         if not self.failed:
-            cls = type(module)
+            key = _fn if _fn is not None else type(module)  # what its compiled code is kept by
             try:
-                if cls not in self._compiled:
-                    self._compiled[cls] = torch.compile(cls.forward)
-                if cls not in self._dynamic and args and isinstance(args[0], torch.Tensor) and args[0].shape[0] > 1:
+                if key not in self._compiled:
+                    self._compiled[key] = torch.compile(_fn if _fn is not None else key.forward)
+                if key not in self._dynamic and args and isinstance(args[0], torch.Tensor) and args[0].shape[0] > 1:
                     # rows come and go (refills, the shrinking tail): the first compilation is for any batch size
-                    # (marking every call's input, once compiled, only cost time)
-                    torch._dynamo.maybe_mark_dynamic(args[0], 0)
-                    self._dynamic.add(cls)
-                return self._compiled[cls](module, *args, **kwargs)
+                    # (marking every call's inputs, once compiled, only cost time)
+                    for x in args:
+                        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == args[0].shape[0]:
+                            torch._dynamo.maybe_mark_dynamic(x, 0)
+                    self._dynamic.add(key)
+                return self._compiled[key](*prefix, *args, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure to compile: decode uncompiled (it computes the same)
                 lines = str(e).strip().splitlines()
                 self.failed = f"{type(e).__name__}: {lines[0][:160] if lines else ''}"
                 msg = f"sampling.compile: torch.compile failed ({self.failed}); decoding uncompiled"
                 log.warning(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        return type(module).forward(module, *args, **kwargs)
+        return (_fn if _fn is not None else type(module).forward)(*prefix, *args, **kwargs)
 
 
 def shared_prefix_length(encoded: list[list[int]]) -> int:

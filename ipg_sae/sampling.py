@@ -42,11 +42,12 @@ class SamplingConfig:
     # same distribution as hf, not the same draws)
     # vllm: vLLM's engine (GPU, unsteered only; pip install vllm), one stream per batch like hf
     backend: Literal["hf", "loop", "vllm"] = "hf"
-    # loop only: run the decoding steps' norms and MLPs as compiled, fused kernels (torch.compile; on a CPU it needs
-    # a C++ compiler, and without one it warns and decodes uncompiled). The first steps pay the compilation (seconds
-    # to a minute, once per process and model class). Not bit for bit the uncompiled loop: the compiled norms round
-    # their sums differently (~1e-7 relative), so log-probabilities agree to ~1e-6 and a draw that falls within that
-    # rounding of a token boundary can pick the neighbouring token; hence off by default and part of cache keys when on
+    # loop only: run the decoding steps' norms, MLPs and rotary embeddings as compiled, fused kernels (torch.compile;
+    # on a CPU it needs a C++ compiler, and without one it warns and decodes uncompiled). The first steps pay the
+    # compilation (seconds to a minute, once per process and model class). Not bit for bit the uncompiled loop: the
+    # compiled norms round their sums differently (~1e-7 relative), so log-probabilities agree to ~1e-6 and a draw
+    # that falls within that rounding of a token boundary can pick the neighbouring token; hence off by default, and
+    # part of cache keys when on
     compile: bool = field(default=False, metadata={"key_omits": False})
 
     def validate(self) -> None:

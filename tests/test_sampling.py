@@ -176,8 +176,8 @@ def test_the_loops_log_probabilities_are_the_scorers_plain_and_steered(setup):
 
 
 def test_the_compiled_decoding_step_draws_the_same_tokens_plain_and_steered(setup):
-    """sampling.compile runs the decoding steps' norms and MLPs compiled (one graph per module class, shared by the
-    layers): the same tokens as the eager loop, plain and steered, whatever the rows; log-probabilities within the
+    """sampling.compile runs the decoding steps' norms, MLPs and rotary embeddings compiled (one graph per module class
+    or function, shared by the layers): the same tokens as the eager loop, plain and steered, whatever the rows; log-probabilities within the
     compiled norms' rounding (their sums are reduced in another order: ~1e-7 relative per norm, not bit for bit)."""
     import dataclasses
 
@@ -193,8 +193,12 @@ def test_the_compiled_decoding_step_draws_the_same_tokens_plain_and_steered(setu
     compiled.validate()
     stops = _frequent_stops(setup)
     seeds = [row_seed(0, p.id, g) for p in problems for g in range(cfg.n_samples)]
+    from transformers.models.llama import modeling_llama
+
+    rotary = modeling_llama.apply_rotary_pos_emb
     step = CompiledStep(model)
     assert len(step.targets) == 3 * 4 + 1  # two norms and the MLP of each of the 4 blocks, and the final norm
+    assert step.functions == [(modeling_llama, rotary)]
     sae = random_sae("topk", hidden_size(model), 1, d_sae=32, k=8)
     for interventions in ([], scale([(1, 0), (1, 3), (1, 5)], 3.0)):
         steer_fn = steering(model, {1: sae}, interventions) if interventions else None
@@ -203,8 +207,9 @@ def test_the_compiled_decoding_step_draws_the_same_tokens_plain_and_steered(setu
             _, fused, logp_fused = decode_loop(model, tok, prompts, compiled, seeds, stops, steer_fn, rows=rows)
             assert fused == eager, (interventions, rows)
             assert logp_fused == pytest.approx(logp_eager, abs=1e-5)
-    assert all("forward" not in vars(m) for m in step.targets)  # the eager modules are back after the loop
-    assert CompiledStep._compiled  # it did compile
+    assert all("forward" not in vars(m) for m in step.targets)  # the eager code is back after the loop
+    assert modeling_llama.apply_rotary_pos_emb is rotary
+    assert {type(m) for m in step.targets} | {rotary} <= set(CompiledStep._compiled)  # it did compile them
 
 
 def test_the_loop_decodes_uncompiled_with_a_warning_when_compilation_fails(setup, monkeypatch):
