@@ -34,7 +34,7 @@ import json
 import os
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -54,7 +54,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 # Per module object (weakly held: a copy or a reloaded model starts afresh): the stamp of its state when its
 # digest was computed, and that digest.
 _MODULE_DIGESTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
-# Per model from load_model: its stamp as loaded, and the cache key its weight files give (None: no key).
+# Per model from load_model: its stamp as loaded, and its weight files as they were then.
 _LOADED: "weakref.WeakKeyDictionary[torch.nn.Module, _Loaded]" = weakref.WeakKeyDictionary()
 
 

@@ -17,6 +17,7 @@ Gemma, Mistral: ``model.model.layers``; GPT-2: ``transformer.h``; GPT-NeoX:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -25,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -410,12 +412,32 @@ def model_fingerprint(model: nn.Module, tokenizer) -> dict:
     cfg = model.config
     arch = {k: getattr(cfg, k, None) for k in ("model_type", "vocab_size", "num_hidden_layers", "n_layer",
                                                  "hidden_size", "n_embd", "num_attention_heads", "n_head")}
-    vocab = sorted(tokenizer.get_vocab().items())
     return {
         "name": getattr(cfg, "_name_or_path", "") or "",
         "arch_sha": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
-        "tokenizer_sha": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16],
+        "tokenizer_sha": _tokenizer_sha(tokenizer),
     }
+
+
+# Per tokenizer object: its size when its vocabulary was hashed, and that hash. Sorting and dumping a 150k-token
+# vocabulary took ~0.4 s per call, and sample() and attribute() fingerprint the model on every call.
+_TOKENIZER_SHAS: "weakref.WeakKeyDictionary[Any, tuple[int, str]]" = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_sha(tokenizer) -> str:
+    """The hash of a tokenizer's vocabulary, once per tokenizer object and size (``add_tokens`` changes the size;
+    the public API has no other way to change a vocabulary)."""
+    size = len(tokenizer)
+    try:
+        known = _TOKENIZER_SHAS.get(tokenizer)
+    except TypeError:  # not weakly referenceable: hashed every time
+        known = None
+    if known is not None and known[0] == size:
+        return known[1]
+    sha = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+    with contextlib.suppress(TypeError):
+        _TOKENIZER_SHAS[tokenizer] = (size, sha)
+    return sha
 
 
 def source_digest(name: str) -> str:

@@ -63,6 +63,23 @@ def test_bad_paths(name, match):
         load_model(name)
 
 
+def test_fingerprint_hashes_a_tokenizers_vocabulary_once_per_size(tiny_llama_dir, monkeypatch):
+    """sample() and attribute() fingerprint the model on every call: the vocabulary is hashed once per tokenizer
+    object, again after add_tokens (which is how a vocabulary changes)."""
+    model, tok = load_model(str(tiny_llama_dir))
+    reads = []
+    get_vocab = tok.get_vocab
+    monkeypatch.setattr(tok, "get_vocab", lambda: (reads.append(1), get_vocab())[1])
+    fp = model_fingerprint(model, tok)
+    assert model_fingerprint(model, tok) == fp and len(reads) == 1
+    tok.add_tokens(["zzzq"])
+    grown = model_fingerprint(model, tok)
+    assert len(reads) == 2 and grown["tokenizer_sha"] != fp["tokenizer_sha"]
+    fresh = type(tok).from_pretrained(tiny_llama_dir)
+    fresh.add_tokens(["zzzq"])
+    assert model_fingerprint(model, fresh) == grown  # the memo gives what hashing gives
+
+
 def test_dir_without_config(tmp_path):
     with pytest.raises(IPGError, match="has no config.json"):
         load_model(str(tmp_path))
