@@ -278,6 +278,7 @@ def main(argv=None) -> dict:
         splits.append(dict(breakdown))
 
     e2e_node_passes: list[float] = []  # the node passes' time inside every attribute() call
+    tokenizer = common.build_tokenizer(shape.vocab)
 
     def run_e2e():
         spent = [0.0]
@@ -294,7 +295,7 @@ def main(argv=None) -> dict:
         IPGEngine.node_pass = timed_node_pass  # the engine attribute() builds is timed from inside
         try:
             attribute(model, {layer: sae}, trajs, n_steps=args.n_steps, internal_batch_size=args.internal_batch_size,
-                      progress=False)
+                      progress=False, tokenizer=tokenizer)  # as the jobs call it: the model is fingerprinted too
         finally:
             IPGEngine.node_pass = node_pass
         e2e_node_passes.append(spent[0])
