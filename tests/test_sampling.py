@@ -236,6 +236,16 @@ def test_the_loop_decodes_uncompiled_with_a_warning_when_compilation_fails(setup
         SamplingConfig(compile=True).validate()
 
 
+def test_sampling_compile_enters_cache_keys_only_when_on():
+    """Samples stored before the option existed stay valid (compile off is the old loop, bit for bit); compiled
+    samples, which can differ by rounding, get keys of their own."""
+    from ipg_sae.digest import key_dict
+
+    plain = SamplingConfig(backend="loop")
+    assert "compile" not in key_dict(plain)
+    assert key_dict(SamplingConfig(backend="loop", compile=True)) == {**key_dict(plain), "compile": True}
+
+
 # ---- backend: vllm (GPU only; here its adapter is tested against a stand-in engine) ---------------------
 
 
