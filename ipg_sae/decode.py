@@ -25,8 +25,9 @@ inverse-CDF draw from its row's generator, and its log-probability is returned: 
 With ``compile`` (``sampling.compile``), the decoding steps run every block's norms, MLP and
 rotary embedding through ``torch.compile`` (:class:`CompiledStep`): a norm is ~7 small kernels
 eagerly and one fused kernel compiled, the rotary embedding ~12 and one, the MLP's activation
-and product one more; at decode shapes such small launches and Python were about a quarter of
-a step (profiled on the 2-core CPU, ``benchmarks/README.md``).
+and product one more. Each compiled call costs ~15 us of its own on a CPU, about what the fused
+operations save there; where launches are dear (a GPU) it should pay more. Whether it pays on a
+machine is what ``benchmarks/bench_sampling.py --compile`` measures.
 """
 
 from __future__ import annotations
