@@ -22,6 +22,14 @@ What is compared, for the same model, prompts, ``G`` samples per prompt and ``ma
   (useful tokens/s, cut after EOS) say how close the sampler gets (the sampler issue's target:
   at least 0.5).
 
+``--compile`` adds the ``loop`` backend with and without ``sampling.compile`` (the decoding steps'
+norms and MLPs compiled by ``torch.compile``): ``sampler_loop`` and ``sampler_loop_compiled`` (with
+``--real``: ``loop_b96_compiled``, plain and steered). Compilation is timed apart, before the
+timed rounds: the first compiled run of a small workload (4 prompts) minus the same run again
+(``compile_s``); the timed rounds then reuse the compiled code. ``*_amortised`` figures charge that
+compile time to one run of the benchmark's workload (``tokens / (time + compile_s)``), as a job
+that compiles once would pay it.
+
 ``--real`` runs the sampler on the offline default model (SmolLM2-135M-Instruct, real weights)
 with the demo's settings instead of random weights: 96 level-1 arithmetic prompts with one
 worked example (about 156 tokens; the demo's held-out sampling), G 4, temperature 0.5, 96 new
@@ -63,6 +71,8 @@ def parse(argv=None):
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--real", action="store_true", help="the offline default model and the demo's prompts")
+    p.add_argument("--compile", action="store_true",
+                   help="also the loop backend with sampling.compile (compile time reported apart and amortised)")
     args = common.finish_args(p.parse_args(argv))
     if args.real:  # the demo's settings unless overridden (the presets are for random-weight shapes)
         args.prompts, args.group_size = args.prompts or 96, args.group_size or 4
@@ -94,6 +104,21 @@ def linear_floor(model, batch: int, device, repeats: int = 5) -> float:
     step()  # warm-up
     best = min(common.timed(step, device) for _ in range(repeats))
     return batch / best
+
+
+def compile_seconds(model, tok, problems, prompts, cfg, **kw) -> float:
+    """The compilation time of ``cfg`` (with ``compile``): a first run of a small workload (4 prompts) minus the
+    same run again, which reuses the compiled code. Also leaves the code compiled for the timed rounds."""
+    import dataclasses
+
+    from ipg_sae.sampling import sample
+
+    small = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, 4 * cfg.n_samples))
+    runs = []
+    for _ in range(2):
+        runs.append(common.timed(lambda: sample(model, tok, problems[:4], prompts[:4], small, reward="correctness",
+                                                progress=False, **kw)))
+    return max(0.0, runs[0] - runs[1])
 
 
 def real_setup(args):
@@ -143,7 +168,7 @@ def main(argv=None) -> dict:
                       eos_token_id=sorted(stops), use_cache=True)
     counts: dict[str, int] = {}
 
-    def run_sampler(name, **kw):
+    def run_sampler(name, cfg=cfg, **kw):
         def fn():
             trajs = sample(model, tok, problems, prompts, cfg, reward="correctness", progress=False, **kw)
             counts[name] = sum(len(t.completion_ids) for t in trajs)
@@ -170,6 +195,17 @@ def main(argv=None) -> dict:
     fns = {"sampler": run_sampler("sampler"), "sampler_steered": run_sampler("sampler_steered",
                                                                               intervention=intervention),
            "generate_loop": generate_loop, "generate_batched": generate_batched}
+    configs = {}
+    compile_s = None
+    if args.compile:
+        import dataclasses
+
+        configs = {"sampler_loop": dataclasses.replace(cfg, backend="loop"),
+                   "sampler_loop_compiled": dataclasses.replace(cfg, backend="loop", compile=True)}
+        fns["sampler_loop"] = run_sampler("sampler_loop", cfg=configs["sampler_loop"])
+        fns["sampler_loop_compiled"] = run_sampler("sampler_loop_compiled", cfg=configs["sampler_loop_compiled"])
+        with common.section_timer("compiling the loop's decoding step"):
+            compile_s = compile_seconds(model, tok, problems, prompts, configs["sampler_loop_compiled"])
     # Warm up every code path cheaply (a full warm-up round would double the run time).
     with torch.no_grad():
         enc = tok(prompts[:1], return_tensors="pt", add_special_tokens=False).to(device)
@@ -197,8 +233,18 @@ def main(argv=None) -> dict:
         "floor_tokens_per_s": round(floor, 2),
     }
     result["ratios"]["steering_overhead"] = round(1 / result["ratios"]["steered/plain"] - 1, 4)
+    if args.compile:
+        amortised = counts["sampler_loop_compiled"] / (min(times["sampler_loop_compiled"]) + compile_s)
+        result["compile_s"] = round(compile_s, 3)
+        result["tokens_per_s"]["sampler_loop_compiled_amortised"] = round(amortised, 2)
+        result["ratios"].update({
+            "loop/floor": round(tps["sampler_loop"] / floor, 4),
+            "loop_compiled/floor": round(tps["sampler_loop_compiled"] / floor, 4),
+            "loop_compiled_amortised/floor": round(amortised / floor, 4),
+            "loop_compiled/loop": round(tps["sampler_loop_compiled"] / tps["sampler_loop"], 4),
+        })
     print(json.dumps(result["tokens_per_s"]), json.dumps(result["ratios"]), flush=True)
-    common.write_section(args, "sampling", result)
+    common.write_section(args, "sampling_compiled" if args.compile else "sampling", result)
     return result
 
 
@@ -215,6 +261,8 @@ def main_real(args) -> dict:
     base = SamplingConfig(n_samples=args.group_size, temperature=0.5, max_new_tokens=96, batch_size=32, seed=0)
     variants = {"hf_b32": base, "loop_b96": dataclasses.replace(base, backend="loop", batch_size=96),
                 "loop_b128": dataclasses.replace(base, backend="loop", batch_size=128)}
+    if args.compile:
+        variants["loop_b96_compiled"] = dataclasses.replace(base, backend="loop", batch_size=96, compile=True)
     selection = [(15, i) for i in range(16)]
     intervention = steering(model, {15: sae}, scale(selection, 0.0))
     counts: dict[str, int] = {}
@@ -231,6 +279,10 @@ def main_real(args) -> dict:
     for name, cfg in variants.items():
         fns[name] = run(name, cfg)
         fns[name + "_steered"] = run(name + "_steered", cfg, intervention=intervention)
+    compile_s = None
+    if args.compile:
+        with common.section_timer("compiling the loop's decoding step"):
+            compile_s = compile_seconds(model, tok, problems, prompts, variants["loop_b96_compiled"])
     times = common.interleaved(fns, repeats=args.repeats, warmup=0, device=args.device)
     tps = {k: counts[k] / min(v) for k, v in times.items()}
     floors = {b: linear_floor(model, b, args.device) for b in sorted({c.batch_size for c in variants.values()})}
@@ -242,10 +294,18 @@ def main_real(args) -> dict:
     for name in variants:
         if name != "hf_b32":
             ratios[f"{name}/hf_b32"] = round(tps[name] / tps["hf_b32"], 4)
+    if args.compile:  # compile time charged to one run of this workload (plain and steered alike)
+        for suffix in ("", "_steered"):
+            name = "loop_b96_compiled" + suffix
+            amortised = counts[name] / (min(times[name]) + compile_s)
+            tps[name + "_amortised"] = amortised
+            ratios[f"{name}_amortised/floor"] = round(amortised / floors[96], 4)
+        ratios["loop_b96_compiled/loop_b96"] = round(tps["loop_b96_compiled"] / tps["loop_b96"], 4)
     result = {
         "config": {"model": "smollm2-135m-instruct", "prompts": len(problems), "group_size": base.n_samples,
                    "max_new_tokens": base.max_new_tokens, "temperature": base.temperature,
-                   "variants": {k: {"backend": c.backend, "batch_size": c.batch_size} for k, c in variants.items()},
+                   "variants": {k: {"backend": c.backend, "batch_size": c.batch_size, "compile": c.compile}
+                                for k, c in variants.items()},
                    "prompt_tokens_mean": round(sum(len(tok(p, add_special_tokens=False)["input_ids"])
                                                    for p in prompts) / len(prompts), 1),
                    "steered_latents": len(selection), "repeats": args.repeats},
@@ -255,8 +315,11 @@ def main_real(args) -> dict:
         "floor_tokens_per_s": {str(b): round(f, 2) for b, f in floors.items()},
         "ratios": ratios,
     }
+    if args.compile:
+        result["compile_s"] = round(compile_s, 3)
     print(json.dumps(result["tokens_per_s"]), json.dumps(ratios), flush=True)
-    common.write_section(args, "sampling_real" if base.n_samples == 4 else f"sampling_real_g{base.n_samples}", result)
+    section = "sampling_real" if base.n_samples == 4 else f"sampling_real_g{base.n_samples}"
+    common.write_section(args, section + ("_compiled" if args.compile else ""), result)
     return result
 
 

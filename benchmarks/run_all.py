@@ -44,6 +44,7 @@ def _get(doc: dict, path: str):
 ROWS = [
     ("attribution", "ratios|ipg/floor", "IPG attribute_group / floor (time)", "<= 1.2"),
     ("attribution", "ratios|attribute_e2e/floor", "attribute() end-to-end / floor (time)", ""),
+    ("attribution", "ratios|attribute_e2e/node_passes", "attribute() end-to-end / its node passes (time)", "<= 1.3"),
     ("attribution", "ratios|naive/ipg", "naive (full model per node, dense gates) / IPG (time)", "> 1"),
     ("attribution", "memory|checkpointing/no_checkpointing", "peak memory, checkpointing / none", "< 1"),
     ("training", "ratios|ours/sae_lens", "train-sae / sae-lens runner (tokens/s)", ">= 1"),

@@ -21,12 +21,23 @@ it acts under ``generate``.
 Each token is drawn from ``softmax(logits / T)`` (nucleus-truncated when ``top_p < 1``) by an
 inverse-CDF draw from its row's generator, and its log-probability is returned: what
 :class:`ipg_sae.faithfulness.TrajectoryScorer` computes for the same tokens.
+
+With ``compile`` (``sampling.compile``), the decoding steps run every block's norms, MLP and
+rotary embedding through ``torch.compile`` (:class:`CompiledStep`): a norm is ~7 small kernels
+eagerly and one fused kernel compiled, the rotary embedding ~12 and one, the MLP's activation
+and product one more. Each compiled call costs ~15 us of its own on a CPU, about what the fused
+operations save there; where launches are dear (a GPU) it should pay more. Whether it pays on a
+machine is what ``benchmarks/bench_sampling.py --compile`` measures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
+import sys
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -37,6 +48,8 @@ from .errors import IPGError
 from .kv_cache import attention_mask, layer_states, repeated, slot_cache
 
 _SLACK = 64  # columns beyond the longest row, so the cache shifts its columns once per ~64 steps, not every step
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -182,6 +195,83 @@ def _decode_attention(model) -> Iterator[DecodeAttention | None]:
         config._attn_implementation = "sdpa"
 
 
+class CompiledStep:
+    """The decoding steps' norms, MLPs and rotary embeddings as compiled kernels, swapped in only while a step runs
+    (:meth:`active`): the prefill, the scorer and anything else keep the eager code.
+
+    Every decoder block's direct children that are norms (a class named ``*Norm*``) or its ``mlp``, and the final
+    norm, run ``torch.compile(type(m).forward)(m, x)``: one compiled function per module class, which every layer
+    shares (parameters are its inputs, not constants), compiled for any number of rows (and once more for one
+    row, which compilers specialise). The attention's rotary embedding (``apply_rotary_pos_emb`` of its modeling
+    module: ~12 small kernels per layer and step eagerly) is swapped by name for its compiled self. Hooks on those
+    modules still run (only ``forward`` is replaced). A module that already carries its own ``forward`` (an
+    accelerate hook) is left eager. When compilation fails (no C++ compiler on a CPU, a backend without inductor)
+    it warns once and the loop decodes uncompiled, with the same results as ``compile: false``.
+    """
+
+    _compiled: dict[Callable, Callable] = {}  # per module class or function, for the process (code is reused)
+    _dynamic: set[Callable] = set()  # those whose compilation was asked for any number of rows
+
+    def __init__(self, model):
+        from .models import decoder_layers
+
+        self.targets = []
+        for block in decoder_layers(model):
+            self.targets += [m for name, m in block.named_children()
+                             if name == "mlp" or "norm" in type(m).__name__.lower()]
+        self.targets += [m for m in model.base_model.children() if "norm" in type(m).__name__.lower()]
+        self.targets = [m for m in self.targets if "forward" not in vars(m)]
+        self.functions = []  # (modeling module, its apply_rotary_pos_emb), swapped by name during a step
+        for block in decoder_layers(model):
+            attention = getattr(block, "self_attn", None)
+            module = sys.modules.get(type(attention).__module__) if attention is not None else None
+            fn = getattr(module, "apply_rotary_pos_emb", None)
+            if callable(fn) and (module, fn) not in self.functions:
+                self.functions.append((module, fn))
+        self.failed: str | None = None
+
+    @contextlib.contextmanager
+    def active(self):
+        if self.failed or not (self.targets or self.functions):
+            yield
+            return
+        for m in self.targets:
+            m.forward = functools.partial(self._call, m)  # an instance attribute: nn.Module.__call__ runs it
+        for module, fn in self.functions:
+            setattr(module, fn.__name__, functools.partial(self._call, None, _fn=fn))
+        try:
+            yield
+        finally:
+            for m in self.targets:
+                vars(m).pop("forward", None)
+            for module, fn in self.functions:
+                setattr(module, fn.__name__, fn)
+
+    def _call(self, module, *args, _fn=None, **kwargs):
+        """``module``'s forward (or the function ``_fn``) compiled, or eager once compilation has failed."""
+        prefix = () if _fn is not None else (module,)
+        if not self.failed:
+            key = _fn if _fn is not None else type(module)  # what its compiled code is kept by
+            try:
+                if key not in self._compiled:
+                    self._compiled[key] = torch.compile(_fn if _fn is not None else key.forward)
+                if key not in self._dynamic and args and isinstance(args[0], torch.Tensor) and args[0].shape[0] > 1:
+                    # rows come and go (refills, the shrinking tail): the first compilation is for any batch size
+                    # (marking every call's inputs, once compiled, only cost time)
+                    for x in args:
+                        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == args[0].shape[0]:
+                            torch._dynamo.maybe_mark_dynamic(x, 0)
+                    self._dynamic.add(key)
+                return self._compiled[key](*prefix, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any failure to compile: decode uncompiled (it computes the same)
+                lines = str(e).strip().splitlines()
+                self.failed = f"{type(e).__name__}: {lines[0][:160] if lines else ''}"
+                msg = f"sampling.compile: torch.compile failed ({self.failed}); decoding uncompiled"
+                log.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return (_fn if _fn is not None else type(module).forward)(*prefix, *args, **kwargs)
+
+
 def shared_prefix_length(encoded: list[list[int]]) -> int:
     """How many leading tokens every prompt shares (each keeps at least its last token: it predicts the first
     generated one)."""
@@ -238,6 +328,7 @@ def decode_loop(model, tokenizer, prompts: list[str], cfg, seeds: list[int], sto
     logp = [0.0] * len(seeds)
     waiting = deque(range(len(seeds)))
     ctx = intervention() if intervention is not None else contextlib.nullcontext()
+    compiled = CompiledStep(model) if getattr(cfg, "compile", False) else None
     with _decode_attention(model) as attention, ctx as handle:
         control = handle if hasattr(handle, "next_call") else None
         prefill = _Prefill(model, encoded, max(1, math.ceil(n_rows / g)), control, device,
@@ -275,7 +366,8 @@ def decode_loop(model, tokenizer, prompts: list[str], cfg, seeds: list[int], sto
                 keep = slots.busy()
                 cache.batch_select_indices(keep.to(device))
                 slots.keep(keep)
-            _step(model, cache, slots, control, longest, capacity, attention)
+            with compiled.active() if compiled is not None else contextlib.nullcontext():
+                _step(model, cache, slots, control, longest, capacity, attention)
     return encoded, out, logp
 
 

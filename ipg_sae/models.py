@@ -17,6 +17,7 @@ Gemma, Mistral: ``model.model.layers``; GPT-2: ``transformer.h``; GPT-NeoX:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -25,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -113,11 +115,20 @@ def load_model(cfg: ModelConfig | str, **kwargs: Any):
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     source = _resolve_source(cfg.name)
-    model, tokenizer = _load_pretrained(source, cfg, dtype)
+    model, tokenizer, complete = _load_pretrained(source, cfg, dtype)
     model.to(device).eval()
     model.requires_grad_(False)
     model.config._name_or_path = cfg.name  # the name the user gave, for provenance
     model.config._ipg_source = str(source)  # where it loads from (a directory or a hub id), for other engines
+    files = _weight_files(source, cfg.revision) if complete else None
+    if files:  # its weight digest can come from its files' (digest.module_digest): no 3 GB hash per process
+        import transformers
+
+        from .digest import remember_weight_files
+
+        remember_weight_files(model, files, dtype=str(dtype), device=device.type, torch=torch.__version__,
+                              transformers=transformers.__version__, trust_remote_code=cfg.trust_remote_code,
+                              model_class=type(model).__name__)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -255,14 +266,35 @@ def _load_pretrained(source: Path | str, cfg: ModelConfig, dtype: torch.dtype):
     common = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, local_files_only=local)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **common)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "trust_remote_code" in str(e):
             raise IPGError(f"{cfg.name} needs custom code; set model.trust_remote_code: true if you trust it") from None
         hint = "check the path" if local else "check the hub id, your network, or use a local directory"
         raise IPGError(f"could not load model {cfg.name!r}: {first[:200]}; {hint}") from None
-    return model, tokenizer
+    # A weight missing from the files is initialised at random: then the files do not determine the model.
+    complete = not (info.get("missing_keys") or info.get("mismatched_keys"))
+    return model, tokenizer, complete
+
+
+def _weight_files(source: Path | str, revision: str | None) -> list[Path] | None:
+    """The files a model loaded from: every file of its directory (a hub id's: its snapshot in the local cache),
+    or None when they cannot be found."""
+    if isinstance(source, Path):
+        folder = source
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json", revision=revision)
+        except Exception:  # noqa: BLE001 - an odd cache only costs the weights' hash
+            return None
+        if not isinstance(cached, str):
+            return None
+        folder = Path(cached).parent
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    return files or None
 
 
 # ---- residual stream --------------------------------------------------------------------
@@ -392,12 +424,32 @@ def model_fingerprint(model: nn.Module, tokenizer) -> dict:
     cfg = model.config
     arch = {k: getattr(cfg, k, None) for k in ("model_type", "vocab_size", "num_hidden_layers", "n_layer",
                                                  "hidden_size", "n_embd", "num_attention_heads", "n_head")}
-    vocab = sorted(tokenizer.get_vocab().items())
     return {
         "name": getattr(cfg, "_name_or_path", "") or "",
         "arch_sha": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
-        "tokenizer_sha": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16],
+        "tokenizer_sha": _tokenizer_sha(tokenizer),
     }
+
+
+# Per tokenizer object: its size when its vocabulary was hashed, and that hash. Sorting and dumping a 150k-token
+# vocabulary took ~0.4 s per call, and sample() and attribute() fingerprint the model on every call.
+_TOKENIZER_SHAS: "weakref.WeakKeyDictionary[Any, tuple[int, str]]" = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_sha(tokenizer) -> str:
+    """The hash of a tokenizer's vocabulary, once per tokenizer object and size (``add_tokens`` changes the size;
+    the public API has no other way to change a vocabulary)."""
+    size = len(tokenizer)
+    try:
+        known = _TOKENIZER_SHAS.get(tokenizer)
+    except TypeError:  # not weakly referenceable: hashed every time
+        known = None
+    if known is not None and known[0] == size:
+        return known[1]
+    sha = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+    with contextlib.suppress(TypeError):
+        _TOKENIZER_SHAS[tokenizer] = (size, sha)
+    return sha
 
 
 def source_digest(name: str) -> str:

@@ -336,6 +336,18 @@ def decoder_matrix(sae) -> torch.Tensor:
     return w
 
 
+def bag_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a splice's decoder bag (``embedding_bag`` over ``W_dec`` rows) runs in for residuals of ``dtype``:
+    float32 in half precision (CUDA has no half-precision backward for its per-sample weights, and float32 sums
+    the k rows more exactly)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def bag_matrix(w_dec: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W_dec`` in :func:`bag_dtype` (a d_sae x d copy in half precision: make it once, not per pass)."""
+    return w_dec.to(bag_dtype(dtype))
+
+
 @torch.no_grad()
 def _check_affine_decoder(sae) -> None:
     gen = torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
@@ -42,6 +42,13 @@ class SamplingConfig:
     # same distribution as hf, not the same draws)
     # vllm: vLLM's engine (GPU, unsteered only; pip install vllm), one stream per batch like hf
     backend: Literal["hf", "loop", "vllm"] = "hf"
+    # loop only: run the decoding steps' norms, MLPs and rotary embeddings as compiled, fused kernels (torch.compile;
+    # on a CPU it needs a C++ compiler, and without one it warns and decodes uncompiled). The first steps pay the
+    # compilation (seconds to a minute, once per process and model class). Not bit for bit the uncompiled loop: the
+    # compiled norms round their sums differently (~1e-7 relative), so log-probabilities agree to ~1e-6 and a draw
+    # that falls within that rounding of a token boundary can pick the neighbouring token; hence off by default, and
+    # part of cache keys when on
+    compile: bool = field(default=False, metadata={"key_omits": False})
 
     def validate(self) -> None:
         if self.n_samples < 1:
@@ -55,6 +62,9 @@ class SamplingConfig:
             raise IPGError("sampling.top_p must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise IPGError("sampling.max_new_tokens must be at least 1")
+        if self.compile and self.backend != "loop":
+            raise IPGError(f"sampling.compile compiles the loop backend's decoding step; sampling.backend is "
+                           f"{self.backend!r}: set sampling.backend: loop or sampling.compile: false")
 
 
 def eos_ids(model, tokenizer) -> set[int]:

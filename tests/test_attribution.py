@@ -218,6 +218,32 @@ def test_bfloat16_attribution_agrees_with_float64(model_dirs):
     assert float((got - ref).abs().max() / ref.abs().max()) < 0.1
 
 
+def test_bfloat16_splice_casts_w_dec_once_per_engine_and_computes_what_a_per_call_cast_did(model_dirs, monkeypatch):
+    """In half precision the splice's decoder bag runs in float32: the engine casts W_dec once per layer, not once
+    per node pass, and the splice's output is bit for bit the per-call cast's."""
+    import ipg_sae.attribution.engine as engine_mod
+
+    casts = []
+    cast = engine_mod.bag_matrix
+    monkeypatch.setattr(engine_mod, "bag_matrix", lambda w, dtype: (casts.append(dtype), cast(w, dtype))[1])
+    trajs, saes = make_trajs(), topk_saes((1, 2))
+    half, _ = load_model(str(model_dirs("llama")), dtype="bfloat16")
+    attribute(half, saes, trajs, n_steps=4, internal_batch_size=2, progress=False)  # many node passes per prompt
+    assert casts == [torch.bfloat16, torch.bfloat16]  # one per layer, when the engine is built
+    engine = engine_mod.IPGEngine(half, saes)
+    assert engine.w_bag[1].dtype == torch.float32
+    casts.clear()
+    w = engine.w_dec[1]
+    idx = torch.randint(0, w.shape[0], (2, 3, 4))
+    val = torch.rand(2, 3, 4, dtype=torch.bfloat16)
+    s = torch.full_like(val, 0.25)
+    x = torch.randn(2, 3, w.shape[1], dtype=torch.bfloat16)
+    cached = engine_mod._FrozenSplice(w, idx, val, s, w_bag=engine.w_bag[1])(x)
+    per_call = engine_mod._FrozenSplice(w, idx, val, s)(x)
+    assert len(casts) == 1  # only the splice without the engine's copy cast (its own)
+    assert torch.equal(cached, per_call)
+
+
 def test_riemann_variants_converge_to_the_same_value(models):
     model, _ = models("gpt2")
     trajs, saes = make_trajs(), topk_saes((1, 2))
@@ -499,6 +525,31 @@ def test_resume_after_a_kill_is_bitwise_identical(models, tmp_path):
     other = attribute(model, saes, trajs, checkpoint_path=ckpt, callback=resumed_groups.append,
                       **{**kw, "n_steps": 2})
     assert len(resumed_groups) == 2 + 6 and not torch.equal(other.attributions[1], reference.attributions[1])
+
+
+def test_attribute_hashes_the_model_once_and_a_weight_changed_in_place_is_not_resumed(model_dirs, tmp_path,
+                                                                                        monkeypatch):
+    """The resume signature holds the model's weight digest: computed once per loaded model and state (it was a full
+    hash per call: 4 of 4.6 s of one group on an H200), yet a parameter changed in place changes it."""
+    import ipg_sae.digest as digest
+
+    monkeypatch.setenv("IPG_SAE_CACHE", str(tmp_path / "cache"))
+    hashed = []
+    real = digest.tensors_digest
+    monkeypatch.setattr(digest, "tensors_digest", lambda t: (hashed.append(len(t)), real(t))[1])
+    model, _ = load_model(str(model_dirs("llama")), dtype="float64")
+    n_model = len(model.state_dict())
+    trajs, saes = make_trajs(n_prompts=2, G=3), topk_saes((1,))
+    kw = dict(n_steps=2, progress=False, checkpoint_path=tmp_path / "ckpt.safetensors")
+    first = attribute(model, saes, trajs, **kw)
+    done = []
+    attribute(model, saes, trajs, callback=done.append, **kw)  # resumes: everything was done
+    assert done == [] and hashed.count(n_model) == 1
+    with torch.no_grad():
+        decoder_layers(model)[2].mlp.up_proj.weight.mul_(1.5)
+    changed = attribute(model, saes, trajs, callback=done.append, **kw)
+    assert len(done) == 2 and hashed.count(n_model) == 2  # not resumed: recomputed, with the new weights
+    assert not torch.equal(changed.attributions[1], first.attributions[1])
 
 
 @pytest.mark.slow

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -59,6 +61,23 @@ def test_fingerprint_distinguishes_tokenizers(tiny_llama_dir, tiny_tokenizer):
 def test_bad_paths(name, match):
     with pytest.raises(IPGError, match=match):
         load_model(name)
+
+
+def test_fingerprint_hashes_a_tokenizers_vocabulary_once_per_size(tiny_llama_dir, monkeypatch):
+    """sample() and attribute() fingerprint the model on every call: the vocabulary is hashed once per tokenizer
+    object, again after add_tokens (which is how a vocabulary changes)."""
+    model, tok = load_model(str(tiny_llama_dir))
+    reads = []
+    get_vocab = tok.get_vocab
+    monkeypatch.setattr(tok, "get_vocab", lambda: (reads.append(1), get_vocab())[1])
+    fp = model_fingerprint(model, tok)
+    assert model_fingerprint(model, tok) == fp and len(reads) == 1
+    tok.add_tokens(["zzzq"])
+    grown = model_fingerprint(model, tok)
+    assert len(reads) == 2 and grown["tokenizer_sha"] != fp["tokenizer_sha"]
+    fresh = type(tok).from_pretrained(tiny_llama_dir)
+    fresh.add_tokens(["zzzq"])
+    assert model_fingerprint(model, fresh) == grown  # the memo gives what hashing gives
 
 
 def test_dir_without_config(tmp_path):
@@ -127,3 +146,109 @@ def test_an_unreachable_hub_fails_at_once(monkeypatch):
     with pytest.raises(IPGError, match="cannot reach the Hugging Face hub"):
         load_model("some-org/not-cached-model")
     assert time.perf_counter() - t0 < 10
+
+
+# ---- the weights' digest: once per loaded model, never per call (issue 40) ----------------------------------------
+
+
+@pytest.fixture
+def counted_hashes(monkeypatch, tmp_path):
+    """Every full hash of a module's tensors (the names of the first tensor of each), in a fresh user cache."""
+    import ipg_sae.digest as digest
+
+    monkeypatch.setenv("IPG_SAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("IPG_SAE_VERIFY", raising=False)
+    calls = []
+    real = digest.tensors_digest
+    monkeypatch.setattr(digest, "tensors_digest", lambda tensors: (calls.append(len(tensors)), real(tensors))[1])
+    return calls
+
+
+def _copy_model_dir(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_models_digest_is_hashed_once_per_state_and_caught_after_an_in_place_change(tiny_llama_dir, counted_hashes):
+    from ipg_sae.digest import module_digest, tensors_digest
+
+    model, _ = load_model(str(tiny_llama_dir))
+    first = module_digest(model)
+    assert module_digest(model) == first and len(counted_hashes) == 1  # the second call hashes nothing
+    weight = decoder_layers(model)[1].mlp.down_proj.weight
+    with torch.no_grad():
+        weight.add_(1e-3)  # in place: same storage, the version counter moves
+    changed = module_digest(model)
+    assert changed != first and changed == tensors_digest(model.state_dict())
+    assert len(counted_hashes) == 3  # the changed state was hashed once (and once more by the check above)
+    with torch.no_grad():
+        weight.sub_(1e-3)  # back to equal values: hashed afresh, and the digest says they are equal again
+    assert module_digest(model) == tensors_digest(model.state_dict())
+    decoder_layers(model)[1].mlp.down_proj.weight = torch.nn.Parameter(weight.detach() * 2, requires_grad=False)
+    assert module_digest(model) not in (first, changed)  # a replaced parameter too
+    model.to(torch.float64)
+    assert module_digest(model) == tensors_digest(model.state_dict())
+
+
+def test_a_loaded_models_digest_comes_from_its_files_and_a_changed_file_is_caught(tiny_llama_dir, tmp_path,
+                                                                                   counted_hashes, monkeypatch):
+    """A second load of unchanged files (a new process, a new stage) hashes no tensor; a weight file edited in place
+    with its modification time put back loads new weights and gets their digest."""
+    from safetensors.torch import load_file, save_file
+
+    from ipg_sae.digest import module_digest, tensors_digest
+
+    folder = _copy_model_dir(tiny_llama_dir, tmp_path / "model")
+    model, _ = load_model(str(folder))
+    first = module_digest(model)
+    assert len(counted_hashes) == 1
+    again, _ = load_model(str(folder))  # a new model object, as a new process would have
+    assert module_digest(again) == first and len(counted_hashes) == 1  # read from the cache: no hash
+    assert module_digest(load_model(str(folder), dtype="float64")[0]) != first  # another dtype: its own digest
+
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(n for n in sorted(tensors) if n.endswith("down_proj.weight"))
+    tensors[name] = tensors[name] + 1e-3
+    st = weights.stat()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == st.st_mtime_ns
+    edited, _ = load_model(str(folder))
+    digest = module_digest(edited)
+    assert digest != first and digest == tensors_digest(edited.state_dict())
+
+    monkeypatch.setenv("IPG_SAE_VERIFY", "1")  # --verify: every call hashes
+    n = len(counted_hashes)
+    assert module_digest(edited) == digest and module_digest(edited) == digest
+    assert len(counted_hashes) == n + 2
+
+
+def test_a_weight_file_changed_after_the_load_is_not_taken_for_the_loaded_weights(tiny_llama_dir, tmp_path,
+                                                                                 counted_hashes):
+    """The files are matched as they were at load: a file rewritten between the load and the first digest does not
+    lend the loaded model its key (the model is hashed, and the cache is not written under the new file's key)."""
+    from ipg_sae.digest import module_digest, tensors_digest
+
+    folder = _copy_model_dir(tiny_llama_dir, tmp_path / "model")
+    model, _ = load_model(str(folder))
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())  # same bytes, new ctime
+    assert module_digest(model) == tensors_digest(model.state_dict())
+    fresh, _ = load_model(str(folder))
+    n = len(counted_hashes)
+    module_digest(fresh)
+    assert len(counted_hashes) == n + 1  # nothing was cached under the rewritten file's key
+
+
+def test_a_module_without_version_counters_is_hashed_every_time(counted_hashes):
+    """Tensors made under inference_mode keep no version counter, so an edit could not be told: no memo."""
+    from ipg_sae.digest import module_digest
+
+    with torch.inference_mode():
+        layer = torch.nn.Linear(3, 2)
+    first = module_digest(layer)
+    with torch.inference_mode():
+        layer.weight.add_(1.0)
+    assert module_digest(layer) != first and len(counted_hashes) == 2

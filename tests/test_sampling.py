@@ -194,6 +194,77 @@ def test_the_loops_log_probabilities_are_the_scorers_plain_and_steered(setup):
         assert scored.tolist() == pytest.approx(logp, abs=2e-3), interventions
 
 
+def test_the_compiled_decoding_step_draws_the_same_tokens_plain_and_steered(setup):
+    """sampling.compile runs the decoding steps' norms, MLPs and rotary embeddings compiled (one graph per module class
+    or function, shared by the layers): the same tokens as the eager loop, plain and steered, whatever the rows; log-probabilities within the
+    compiled norms' rounding (their sums are reduced in another order: ~1e-7 relative per norm, not bit for bit)."""
+    import dataclasses
+
+    from ipg_sae.decode import CompiledStep, decode_loop
+    from ipg_sae.models import hidden_size
+    from ipg_sae.sampling import row_seed
+    from ipg_sae.steering import scale, steering
+    from tests.tiny import random_sae
+
+    model, tok, problems, prompts = setup
+    cfg = _loop_cfg()
+    compiled = dataclasses.replace(cfg, compile=True)
+    compiled.validate()
+    stops = _frequent_stops(setup)
+    seeds = [row_seed(0, p.id, g) for p in problems for g in range(cfg.n_samples)]
+    from transformers.models.llama import modeling_llama
+
+    rotary = modeling_llama.apply_rotary_pos_emb
+    step = CompiledStep(model)
+    assert len(step.targets) == 3 * 4 + 1  # two norms and the MLP of each of the 4 blocks, and the final norm
+    assert step.functions == [(modeling_llama, rotary)]
+    sae = random_sae("topk", hidden_size(model), 1, d_sae=32, k=8)
+    for interventions in ([], scale([(1, 0), (1, 3), (1, 5)], 3.0)):
+        steer_fn = steering(model, {1: sae}, interventions) if interventions else None
+        _, eager, logp_eager = decode_loop(model, tok, prompts, cfg, seeds, stops, steer_fn)
+        for rows in (9, 2):
+            _, fused, logp_fused = decode_loop(model, tok, prompts, compiled, seeds, stops, steer_fn, rows=rows)
+            assert fused == eager, (interventions, rows)
+            assert logp_fused == pytest.approx(logp_eager, abs=1e-5)
+    assert all("forward" not in vars(m) for m in step.targets)  # the eager code is back after the loop
+    assert modeling_llama.apply_rotary_pos_emb is rotary
+    assert {type(m) for m in step.targets} | {rotary} <= set(CompiledStep._compiled)  # it did compile them
+
+
+def test_the_loop_decodes_uncompiled_with_a_warning_when_compilation_fails(setup, monkeypatch):
+    import dataclasses
+
+    from ipg_sae.decode import CompiledStep, decode_loop
+    from ipg_sae.sampling import row_seed
+
+    model, tok, problems, prompts = setup
+    cfg = _loop_cfg(max_new_tokens=4)
+    seeds = [row_seed(0, p.id, g) for p in problems for g in range(cfg.n_samples)]
+
+    def no_compiler(fn, *a, **k):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(CompiledStep, "_compiled", {})
+    want = decode_loop(model, tok, prompts, cfg, seeds, set())
+    with pytest.warns(RuntimeWarning, match=r"^sampling.compile: torch.compile failed \(RuntimeError: InvalidCxxCompiler"
+                                           r": No working C\+\+ compiler found\); decoding uncompiled$") as caught:
+        got = decode_loop(model, tok, prompts, dataclasses.replace(cfg, compile=True), seeds, set())
+    assert len(caught) == 1 and got == want  # warned once, and decoded exactly as uncompiled
+    with pytest.raises(IPGError, match="sampling.compile .* set sampling.backend: loop"):
+        SamplingConfig(compile=True).validate()
+
+
+def test_sampling_compile_enters_cache_keys_only_when_on():
+    """Samples stored before the option existed stay valid (compile off is the old loop, bit for bit); compiled
+    samples, which can differ by rounding, get keys of their own."""
+    from ipg_sae.digest import key_dict
+
+    plain = SamplingConfig(backend="loop")
+    assert "compile" not in key_dict(plain)
+    assert key_dict(SamplingConfig(backend="loop", compile=True)) == {**key_dict(plain), "compile": True}
+
+
 # ---- backend: vllm (GPU only; here its adapter is tested against a stand-in engine) ---------------------
 
 

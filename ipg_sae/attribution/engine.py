@@ -65,7 +65,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import IPGError
 from ..models import (ReplayedBlock, SkippedBlock, block_hidden, context_length, copy_mask_attributes,
                       decoder_layers, replace_block_hidden)
-from ..saes import as_layer_dict, decoder_matrix, encode_active, prepare_sae, variance_sums
+from ..saes import as_layer_dict, bag_dtype, bag_matrix, decoder_matrix, encode_active, prepare_sae, variance_sums
 from ..trajectories import Trajectory
 from .config import AttributionConfig
 from .path import Advantage, advantages, simpson_weights
@@ -180,6 +180,7 @@ class IPGEngine:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.max_positions = context_length(model)
         self.param = next(model.parameters())
+        self.w_bag = {layer: bag_matrix(w, self.param.dtype) for layer, w in self.w_dec.items()}  # cast once
         self.origin: dict[int, torch.Tensor] = {}  # layer -> the path's origin b [d_sae] (set_origin; empty: zero)
 
     def set_origin(self, origin: dict[int, torch.Tensor] | None) -> None:
@@ -526,7 +527,7 @@ class IPGEngine:
                 gate = alpha_rows[:, None].expand(-1, self.w_dec[layer].shape[0]).clone().requires_grad_(requires_grad)
                 leaves[f"origin{layer}"] = gate
                 origin = (clean.origin[layer].to(self.param.dtype), gate)
-            splices[layer] = _FrozenSplice(self.w_dec[layer], idx, val, s, err, recon, scope, origin)
+            splices[layer] = _FrozenSplice(self.w_dec[layer], idx, val, s, err, recon, scope, origin, self.w_bag[layer])
         originals = {i: self.blocks[i] for i in range(self.l_min + 1)}
         handles = []
         try:
@@ -640,18 +641,17 @@ class _FrozenSplice:
     also gets ``-((o - 1) * b) @ W_dec``: at ``c = 0`` each latent sits at ``b_i`` instead of 0.
     """
 
-    def __init__(self, w_dec, idx, val, s, err=None, recon=None, scope=None, origin=None):
-        self.w_dec, self.idx, self.val, self.s = w_dec, idx, val, s
+    def __init__(self, w_dec, idx, val, s, err=None, recon=None, scope=None, origin=None, w_bag=None):
+        self.w_dec, self.idx, self.val, self.s, self.w_bag = w_dec, idx, val, s, w_bag  # w_bag: see bag_matrix
         self.err, self.recon, self.scope, self.origin = err, recon, scope, origin
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         B, T, K = self.idx.shape
         coef = (self.s - 1.0) * self.val
-        # CUDA has no half-precision backward for per_sample_weights (bf16 fails there): in half
-        # precision the bag runs in float32, which also sums the k rows more exactly.
-        bag = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        delta = F.embedding_bag(self.idx.reshape(B * T, K), self.w_dec.to(bag),
-                                per_sample_weights=coef.reshape(B * T, K).to(bag), mode="sum")
+        w_bag = self.w_bag if self.w_bag is not None and self.w_bag.dtype == bag_dtype(x.dtype) \
+            else bag_matrix(self.w_dec, x.dtype)
+        delta = F.embedding_bag(self.idx.reshape(B * T, K), w_bag,
+                                per_sample_weights=coef.reshape(B * T, K).to(w_bag.dtype), mode="sum")
         out = x + delta.view(B, T, -1).to(x.dtype)
         if self.err is not None:
             eps = (x - self.recon.to(x.dtype)) * self.scope.to(x.dtype)
