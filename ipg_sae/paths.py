@@ -49,10 +49,12 @@ from .faithfulness import TrajectoryScorer, estimate
 from .io import read_json, write_json, write_text
 from .jobs import AttributeJobConfig, SelectionConfig, method_dir, run_attribute
 from .models import load_model
+from .rewards import get_reward
 from .sampling import SamplingConfig
 from .saes import load_saes
 from .selection import select
-from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_job_stages, sae_specs
+from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_job_stages, sae_specs,
+                     task_files)
 from .stats import area_under_curve, bootstrap
 from .study import contexts, reward_dir, sample_stage
 from .tasks import TaskConfig
@@ -149,22 +151,30 @@ def _attribution_files(cfg: PathsConfig) -> list[Path]:
     return [f for d in _attribution_dirs(cfg) for f in attribution_files(d)]
 
 
+def origin_files(cfg: PathsConfig) -> list[Path]:
+    """The user's origin files: their contents are in the attribute stage's key (rewritten at the same path, the
+    comparison reruns from there)."""
+    return [Path(o) for o in cfg.origins if o not in ORIGINS]
+
+
 STAGES = [
-    Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, c.reward, c.attribute_prompts),
-          lambda c: sample_stage(c, c.task, c.sampling, "trajectories.jsonl", c.attribute_prompts),
-          outputs=lambda c: [reward_dir(c, c.reward) / "trajectories.jsonl"]),
+    Stage("sample", lambda c: sample_stage(c, c.task, c.sampling, "trajectories.jsonl", c.attribute_prompts),
+          outputs=lambda c: [reward_dir(c, c.reward) / "trajectories.jsonl"],
+          fields=("model", "task", "sampling", "reward", "attribute_prompts"),
+          files=lambda c: [*model_files(c), *task_files(c.task)],
+          identity=lambda c: (model_inputs(c), get_reward(c.reward).identity)),
     SAE_STAGE,
-    Stage("attribute", lambda c: (c.attribution, c.origins, c.methods, c.ks), _run_attribute,
-          outputs=_attribution_files),
-    Stage("heldout", lambda c: (c.heldout, c.heldout_sampling, c.reward),
-          lambda c: sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
-          outputs=lambda c: [reward_dir(c, c.reward) / "heldout.jsonl"]),
-    Stage("single", lambda c: (c.top_latents, c.random_latents, c.single_heldout_problems, c.seed),
-          lambda c: single_latent_effects(c), outputs=lambda c: [c.run_dir / "paths" / "single.json"]),
-    Stage("curves", lambda c: (c.ks, c.gammas), lambda c: set_curves(c),
-          outputs=lambda c: [c.run_dir / "paths" / "curves.json"]),
-    Stage("report", lambda c: (c.n_bootstrap,), lambda c: report(c),
-          outputs=lambda c: [c.run_dir / "paths" / f for f in ("report.md", "summary.json")]),
+    Stage("attribute", _run_attribute, outputs=_attribution_files, fields=("attribution", "origins", "methods", "ks"),
+          files=origin_files),
+    Stage("heldout", lambda c: sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
+          outputs=lambda c: [reward_dir(c, c.reward) / "heldout.jsonl"], fields=("heldout", "heldout_sampling"),
+          files=lambda c: task_files(c.heldout)),
+    Stage("single", lambda c: single_latent_effects(c), outputs=lambda c: [c.run_dir / "paths" / "single.json"],
+          fields=("top_latents", "random_latents", "single_heldout_problems", "seed", "problems_per_batch")),
+    Stage("curves", lambda c: set_curves(c), outputs=lambda c: [c.run_dir / "paths" / "curves.json"],
+          fields=("ks", "gammas")),
+    Stage("report", lambda c: report(c),
+          outputs=lambda c: [c.run_dir / "paths" / f for f in ("report.md", "summary.json")], fields=("n_bootstrap",)),
 ]
 
 

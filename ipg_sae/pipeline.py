@@ -27,10 +27,12 @@ from .explorer import ExplorerConfig
 from .io import run_lock, write_text
 from .jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, SampleJobConfig, SelectionConfig,
                    check_baselines, method_dir, run_attribute, run_evaluate, run_explore, run_sample)
+from .provenance import PROVENANCE_FILE, write_provenance
 from .rewards import get_reward
 from .sampling import SamplingConfig, check_fits_context
 from .splits import disjoint_splits
-from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_stages, sae_specs, train_job
+from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_stages, sae_specs,
+                     task_files, train_job)
 from .tasks import TaskConfig
 from .tracking import attribution_files
 
@@ -100,20 +102,29 @@ def _run_evaluate(cfg: PipelineConfig) -> dict:
     return {"report": str(report), "comparisons": result.comparisons}
 
 
+def _run_attribute(cfg: PipelineConfig) -> dict:
+    summaries = run_attribute(_attribute_job(cfg), group=cfg.name)
+    write_provenance(cfg.run_dir, cfg.task, sae_specs(cfg), get_reward(cfg.reward).identity)
+    return summaries
+
+
 def _attribution_outputs(c: PipelineConfig) -> list[Path]:
-    return [f for method in ["ipg", *c.baselines] for f in attribution_files(method_dir(c.run_dir, method))]
+    files = [f for method in ["ipg", *c.baselines] for f in attribution_files(method_dir(c.run_dir, method))]
+    return files + [c.run_dir / PROVENANCE_FILE]
 
 
 STAGES = [
-    Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, get_reward(c.reward).identity),
-          lambda c: run_sample(_sample_job(c)), outputs=lambda c: [c.run_dir / "trajectories.jsonl"]),
+    Stage("sample", lambda c: run_sample(_sample_job(c)), outputs=lambda c: [c.run_dir / "trajectories.jsonl"],
+          fields=("model", "task", "sampling", "reward"), files=lambda c: [*model_files(c), *task_files(c.task)],
+          identity=lambda c: (model_inputs(c), get_reward(c.reward).identity)),
     SAE_STAGE,
-    Stage("attribute", lambda c: (c.attribution, c.baselines, c.selection),
-          lambda c: run_attribute(_attribute_job(c), group=c.name), outputs=_attribution_outputs),
-    Stage("evaluate", lambda c: (c.evaluation, c.evaluate_baselines), _run_evaluate,
-          outputs=lambda c: [c.run_dir / "eval" / "summary.json", c.run_dir / "report.md"]),
-    Stage("explore", lambda c: (c.explorer,), lambda c: _run_explore(c),
-          outputs=lambda c: [c.run_dir / "explorer" / "index.html", c.run_dir / "explorer" / "data.json"]),
+    Stage("attribute", _run_attribute, outputs=_attribution_outputs,
+          fields=("attribution", "baselines", "selection")),
+    Stage("evaluate", _run_evaluate, outputs=lambda c: [c.run_dir / "eval" / "summary.json", c.run_dir / "report.md"],
+          fields=("evaluation", "evaluate_baselines"), files=lambda c: task_files(c.evaluation.task)),
+    Stage("explore", lambda c: _run_explore(c),
+          outputs=lambda c: [c.run_dir / "explorer" / "index.html", c.run_dir / "explorer" / "data.json"],
+          fields=("explorer",)),
 ]
 
 

@@ -22,7 +22,7 @@ def disjoint_splits(tasks: dict[str, TaskConfig]) -> dict[str, list[Problem]]:
         if not problems:
             raise IPGError(f"the {name} split has no problems; check its task.n_problems and offset")
         for p in problems:
-            for key in (f"id:{p.id}", f"question:{_normal(p.question)}"):
+            for key in (f"id:{p.id}", f"question:{normal_question(p.question)}"):
                 if key in owner and owner[key][0] != name:
                     other, other_id = owner[key]
                     raise IPGError(f"problem {p.id} of the {name} split is also in the {other} split (as {other_id}); "
@@ -32,5 +32,6 @@ def disjoint_splits(tasks: dict[str, TaskConfig]) -> dict[str, list[Problem]]:
     return loaded
 
 
-def _normal(question: str) -> str:
+def normal_question(question: str) -> str:
+    """A question as splits compare it: case and spacing ignored."""
     return re.sub(r"\s+", " ", question.strip().lower())

@@ -51,12 +51,14 @@ from .io import read_json, write_json, write_text
 from .jobs import AttributeJobConfig, SelectionConfig, method_dir, run_attribute
 from .models import load_model
 from .nulls import LatentPool, draw_sets
+from .provenance import PROVENANCE_FILE, read_provenance, sae_identity, write_provenance
 from .rewards import get_reward
 from .sampling import SamplingConfig, eos_ids, sample
 from .saes import as_layer_dict, load_saes
 from .selection import select
-from .splits import disjoint_splits
-from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_job_stages, sae_specs
+from .splits import disjoint_splits, normal_question
+from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_job_stages, sae_specs,
+                     task_files)
 from .stats import bootstrap
 from .steering import Intervention, VectorIntervention, add_vector, scale, steering
 from .steering_bench_report import IPG_BASED, PRACTICE
@@ -283,22 +285,64 @@ def _attribution_dirs(cfg: SteeringBenchConfig) -> dict[str, Path]:
 def _attribution_files(cfg: SteeringBenchConfig) -> list[Path]:
     from .tracking import attribution_files
 
-    return [f for d in _attribution_dirs(cfg).values() for f in attribution_files(d)]
+    files = [f for d in _attribution_dirs(cfg).values() for f in attribution_files(d)]
+    return files + [_attribution_root(cfg) / PROVENANCE_FILE]
 
 
 def _run_attribute(cfg: SteeringBenchConfig) -> dict:
     if cfg.attribution_dir:
-        missing = [m for m, d in _attribution_dirs(cfg).items() if not (d / "attribution.json").is_file()]
-        if missing:
-            raise IPGError(f"steering_bench.attribution_dir {cfg.attribution_dir} has no {missing[0]} attribution; "
-                           "run the job that makes it first (for configs/steering_bench_smollm2.yaml: `ipg-sae study "
-                           "configs/study_smollm2.yaml`, through its attribute stage), or leave attribution_dir "
-                           "empty to attribute here")
+        check_reused_saes(cfg)
         return {"reused": cfg.attribution_dir}
     job = AttributeJobConfig(name=cfg.reward, runs_dir=str(cfg.run_dir), model=cfg.model, saes=sae_specs(cfg),
                              attribution=cfg.attribution, baselines=_baselines(cfg),
                              selection=SelectionConfig(k=max(cfg.grid.ks), n_bootstrap=0), wandb=cfg.wandb)
-    return {m: s["selection"][:8] for m, s in run_attribute(job, group=cfg.name).items()}
+    summaries = run_attribute(job, group=cfg.name)
+    write_provenance(_attribution_root(cfg), cfg.task, sae_specs(cfg), get_reward(cfg.reward).identity)
+    return {m: s["selection"][:8] for m, s in summaries.items()}
+
+
+REUSED = "steering_bench.attribution_dir"
+
+
+def check_reused_attribution(cfg: SteeringBenchConfig) -> None:
+    """Before any work: a reused attribution exists for every method, was made with this reward, and none of its
+    problems is in the dev, test or transfer splits (by id or question text); its SAEs too when they are loaded
+    (trained ones are checked when the attribute stage takes the run up: :func:`check_reused_saes`)."""
+    if not cfg.attribution_dir:
+        return
+    root = _attribution_root(cfg)
+    missing = [m for m, d in _attribution_dirs(cfg).items() if not (d / "attribution.json").is_file()]
+    if missing:
+        raise IPGError(f"{REUSED} {cfg.attribution_dir} has no {missing[0]} attribution; run the job that makes it "
+                       "first (for configs/steering_bench_smollm2.yaml: `ipg-sae study configs/study_smollm2.yaml`, "
+                       "through its attribute stage), or leave attribution_dir empty to attribute here")
+    doc = read_provenance(root, REUSED)
+    if doc.get("reward") != get_reward(cfg.reward).identity:
+        made = doc.get("reward", {}).get("name") if isinstance(doc.get("reward"), dict) else None
+        raise IPGError(f"{REUSED} {root} was attributed with the reward {made!r}, not steering_bench.reward "
+                       f"{cfg.reward!r} (or that reward's code changed since): point it at an attribution of this "
+                       "reward, or leave it empty to attribute here")
+    owner: dict[str, tuple[str, str]] = {}
+    for split, problems in disjoint_splits({k: t for k, t in splits(cfg).items() if k != "attribution"}).items():
+        for p in problems:
+            owner.setdefault(f"id:{p.id}", (split, p.id))
+            owner.setdefault(f"question:{normal_question(p.question)}", (split, p.id))
+    for p in doc["problems"]:
+        hit = owner.get(f"id:{p.get('id')}") or owner.get(f"question:{normal_question(str(p.get('question')))}")
+        if hit:
+            raise IPGError(f"{REUSED} {root} was attributed on problem {p.get('id')}, which is in the {hit[0]} split "
+                           f"(as {hit[1]}): point it at an attribution of other problems, or leave it empty to "
+                           "attribute here")
+    if cfg.sae.load:
+        check_reused_saes(cfg)
+
+
+def check_reused_saes(cfg: SteeringBenchConfig) -> None:
+    """A reused attribution was made with the SAEs this benchmark steers with (by the digests of their files)."""
+    root = _attribution_root(cfg)
+    if read_provenance(root, REUSED).get("saes") != sae_identity(sae_specs(cfg)):
+        raise IPGError(f"{REUSED} {root} was made with other SAEs than steering_bench.sae: point it at an "
+                       "attribution made with these SAEs, or leave it empty to attribute here")
 
 
 def _sample_attribution(cfg: SteeringBenchConfig) -> dict:
@@ -327,7 +371,7 @@ def _diffmean_stage(cfg: SteeringBenchConfig) -> dict:
 
 def _dev_stage(cfg: SteeringBenchConfig) -> dict:
     model, tokenizer = load_model(cfg.model)
-    problems = disjoint_splits(splits(cfg))["dev"]
+    problems = load_problems(cfg.dev)  # checked disjoint from the other splits before any work (run_bench)
     out = sample(model, tokenizer, problems, build_prompts(tokenizer, problems, cfg.dev), cfg.dev_sampling, cfg.reward,
                  desc="dev (unsteered)")
     save_trajectories(_bench(cfg) / "dev.jsonl", out)
@@ -335,28 +379,38 @@ def _dev_stage(cfg: SteeringBenchConfig) -> dict:
 
 
 STAGES = [
-    Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, c.reward, c.attribute_prompts,
-                               c.attribution_dir), _sample_attribution,
-          outputs=lambda c: [_attribution_root(c) / "trajectories.jsonl"]),
+    Stage("sample", _sample_attribution, outputs=lambda c: [_attribution_root(c) / "trajectories.jsonl"],
+          fields=("model", "task", "sampling", "reward", "attribute_prompts", "attribution_dir"),
+          files=lambda c: [*model_files(c), *task_files(c.task), *_reused(c)],
+          identity=lambda c: (model_inputs(c), get_reward(c.reward).identity)),
     SAE_STAGE,
-    Stage("attribute", lambda c: (c.attribution, c.methods, c.grid.ks, c.attribution_dir), _run_attribute,
-          outputs=_attribution_files),
-    Stage("diffmean", lambda c: (), _diffmean_stage, outputs=lambda c: [_bench(c) / "diffmean.safetensors"]),
-    Stage("dev", lambda c: (c.dev, c.dev_sampling, c.reward), _dev_stage, outputs=lambda c: [_bench(c) / "dev.jsonl"]),
-    Stage("tune", lambda c: (c.methods, c.grid, c.min_ess, c.dev_on_policy_samples), lambda c: tune(c),
-          outputs=lambda c: [_bench(c) / "tuning.json"]),
-    Stage("evaluate", lambda c: (c.test, c.transfer, c.eval_sampling, c.eval_seeds, c.nulls, c.seed),
-          lambda c: evaluate_chosen(c), outputs=lambda c: [_bench(c) / "evaluation.json"]),
-    Stage("capability", lambda c: (c.capability_task, c.capability_levels, c.capability_max_tokens),
-          lambda c: capability(c), outputs=lambda c: [_bench(c) / "capability.json"]),
-    Stage("report", lambda c: (c.n_bootstrap,), lambda c: report(c),
-          outputs=lambda c: [_bench(c) / f for f in ("report.md", "leaderboard.json")]),
+    Stage("attribute", _run_attribute, outputs=_attribution_files,
+          fields=("attribution", "methods", "grid.ks", "attribution_dir")),
+    Stage("diffmean", _diffmean_stage, outputs=lambda c: [_bench(c) / "diffmean.safetensors"]),
+    Stage("dev", _dev_stage, outputs=lambda c: [_bench(c) / "dev.jsonl"], fields=("dev", "dev_sampling"),
+          files=lambda c: task_files(c.dev)),
+    Stage("tune", lambda c: tune(c), outputs=lambda c: [_bench(c) / "tuning.json"],
+          fields=("methods", "grid", "min_ess", "dev_on_policy_samples", "seed", "problems_per_batch")),
+    Stage("evaluate", lambda c: evaluate_chosen(c), outputs=lambda c: [_bench(c) / "evaluation.json"],
+          fields=("test", "transfer", "eval_sampling", "eval_seeds", "nulls", "seed"),
+          files=lambda c: task_files(c.test, *c.transfer)),
+    Stage("capability", lambda c: capability(c), outputs=lambda c: [_bench(c) / "capability.json"],
+          fields=("capability_task", "capability_levels", "capability_max_tokens"),
+          files=lambda c: task_files(c.capability_task)),
+    Stage("report", lambda c: report(c), outputs=lambda c: [_bench(c) / f for f in ("report.md", "leaderboard.json")],
+          fields=("n_bootstrap",)),
 ]
+
+
+def _reused(cfg: SteeringBenchConfig) -> list[Path]:
+    """A reused attribution run's folder: its contents are in the key of the stage that takes it up."""
+    return [Path(cfg.attribution_dir)] if cfg.attribution_dir else []
 
 
 def run_bench(cfg: SteeringBenchConfig) -> dict:
     """Run (or resume) every stage of the steering benchmark; return each stage's summary."""
     disjoint_splits(splits(cfg))  # before any work: no problem in two splits
+    check_reused_attribution(cfg)  # and a reused attribution fits (its problems, reward and SAEs)
     checks = [(t, s.max_new_tokens, "max_new_tokens") for t, s in [(cfg.task, cfg.sampling), (cfg.dev, cfg.dev_sampling),
                                                                    (cfg.test, cfg.eval_sampling),
                                                                    *[(t, cfg.eval_sampling) for t in cfg.transfer]]]

@@ -45,11 +45,13 @@ from .io import read_json, write_json, write_text
 from .jobs import AttributeJobConfig, SelectionConfig, check_baselines, method_dir, run_attribute
 from .models import load_model
 from .nulls import LatentPool, draw_sets, set_policy_change
+from .provenance import PROVENANCE_FILE, write_provenance
 from .rewards import get_reward
 from .sampling import SamplingConfig, eos_ids, sample
 from .saes import load_saes
 from .selection import permuted_rankings, select
-from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_job_stages, sae_specs
+from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_job_stages, sae_specs,
+                     task_files)
 from .stats import area_under_curve, bootstrap, null_rank, predicted_direction
 from .study_report import answer, markdown, plot_calibration, plot_curves, plot_null, plot_push, slug
 from .tasks import TaskConfig, build_prompts, load_problems
@@ -177,6 +179,7 @@ def _run_attribute(cfg: StudyConfig) -> dict:
     out = {}
     for reward in cfg.rewards:
         summaries = run_attribute(_attribute_job(cfg, reward), group=cfg.name)
+        write_provenance(reward_dir(cfg, reward), cfg.task, sae_specs(cfg), get_reward(reward).identity)
         out[reward] = {m: {"top": s["selection"][:8], "delta_median": s.get("delta_median"),
                            "mean_nodes": s.get("mean_nodes")} for m, s in summaries.items()}
     return out
@@ -185,7 +188,11 @@ def _run_attribute(cfg: StudyConfig) -> dict:
 def _attribution_files(cfg: StudyConfig) -> list[Path]:
     from .tracking import attribution_files
 
-    return [f for r in cfg.rewards for m in cfg.methods for f in attribution_files(method_dir(reward_dir(cfg, r), m))]
+    files = []
+    for r in cfg.rewards:
+        files += [f for m in cfg.methods for f in attribution_files(method_dir(reward_dir(cfg, r), m))]
+        files.append(reward_dir(cfg, r) / PROVENANCE_FILE)
+    return files
 
 
 def _reward_identities(cfg: StudyConfig) -> list[dict]:
@@ -194,23 +201,23 @@ def _reward_identities(cfg: StudyConfig) -> list[dict]:
 
 
 STAGES = [
-    Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, _reward_identities(c), c.attribute_prompts),
-          lambda c: sample_stage(c, c.task, c.sampling, "trajectories.jsonl", c.attribute_prompts),
-          outputs=lambda c: [reward_dir(c, r) / "trajectories.jsonl" for r in c.rewards]),
+    Stage("sample", lambda c: sample_stage(c, c.task, c.sampling, "trajectories.jsonl", c.attribute_prompts),
+          outputs=lambda c: [reward_dir(c, r) / "trajectories.jsonl" for r in c.rewards],
+          fields=("model", "task", "sampling", "rewards", "attribute_prompts"),
+          files=lambda c: [*model_files(c), *task_files(c.task)],
+          identity=lambda c: (model_inputs(c), _reward_identities(c))),
     SAE_STAGE,
-    Stage("attribute", lambda c: (c.attribution, c.methods, c.ks), _run_attribute, outputs=_attribution_files),
-    Stage("heldout", lambda c: (c.heldout, c.heldout_sampling, _reward_identities(c)),
-          lambda c: sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
-          outputs=lambda c: [reward_dir(c, r) / "heldout.jsonl" for r in c.rewards]),
-    Stage("score", lambda c: (c.k, c.ks, c.gammas, c.null_sets, c.other_null_sets, c.curve_null_sets, c.null_seed,
-                              c.n_bootstrap, c.min_ess, c.scope, c.push_null_sets, c.permutation_sets, c.sign_control,
-                              c.policy_null_sets),
-          lambda c: score(c),
-          outputs=lambda c: [c.run_dir / "study" / "scores.json"]),
-    Stage("confirm", lambda c: (c.confirm_samples, c.confirm_seeds, c.confirm_null_sets, c.confirm_other_rewards),
-          lambda c: confirm(c),
-          outputs=lambda c: [c.run_dir / "study" / "confirm.json"]),
-    Stage("report", lambda c: (), lambda c: report(c),
+    Stage("attribute", _run_attribute, outputs=_attribution_files, fields=("attribution", "methods", "ks")),
+    Stage("heldout", lambda c: sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
+          outputs=lambda c: [reward_dir(c, r) / "heldout.jsonl" for r in c.rewards],
+          fields=("heldout", "heldout_sampling"), files=lambda c: task_files(c.heldout)),
+    Stage("score", lambda c: score(c), outputs=lambda c: [c.run_dir / "study" / "scores.json"],
+          fields=("k", "ks", "gammas", "null_sets", "other_null_sets", "curve_null_sets", "null_seed", "n_bootstrap",
+                  "min_ess", "scope", "push_null_sets", "permutation_sets", "sign_control", "policy_null_sets",
+                  "problems_per_batch")),
+    Stage("confirm", lambda c: confirm(c), outputs=lambda c: [c.run_dir / "study" / "confirm.json"],
+          fields=("confirm_samples", "confirm_seeds", "confirm_null_sets", "confirm_other_rewards")),
+    Stage("report", lambda c: report(c),
           outputs=lambda c: [c.run_dir / "study" / f for f in ("report.md", "summary.json")]),
 ]
 

@@ -160,19 +160,20 @@ def test_editing_a_reward_function_changes_the_keys_of_what_stored_its_rewards(t
 
     from ipg_sae.pipeline import STAGES, PipelineConfig
     from ipg_sae.rewards import get_reward
-    from ipg_sae.stages import stage_key
+    from ipg_sae.stages import declared_view, stage_key
 
     (tmp_path / "myrewards.py").write_text("def reward(prompt, completion, reference):\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = load_config(PipelineConfig, None, {"runs_dir": str(tmp_path / "runs"), "reward": "myrewards:reward",
                                              "sae.load": [{"path": "x"}]})
     sample = next(s for s in STAGES if s.name == "sample")
-    monkeypatch.setattr("ipg_sae.stages.model_inputs", lambda c: {"model": "fixed"})
-    first_identity, first_key = get_reward("myrewards:reward").identity, stage_key(sample.settings(cfg), "")
+    monkeypatch.setattr("ipg_sae.pipeline.model_inputs", lambda c: {"model": "fixed"})
+    view = declared_view(cfg, STAGES, STAGES.index(sample))
+    first_identity, first_key = get_reward("myrewards:reward").identity, stage_key(sample, view, "")
     (tmp_path / "myrewards.py").write_text("def reward(prompt, completion, reference):\n    return 2.0\n")
     importlib.reload(importlib.import_module("myrewards"))
     assert get_reward("myrewards:reward").identity != first_identity
-    assert stage_key(sample.settings(cfg), "") != first_key
+    assert stage_key(sample, view, "") != first_key
     assert get_reward("correctness").identity == {"name": "correctness", "code": None}
 
 
@@ -192,7 +193,7 @@ def test_an_edited_stage_summary_reruns_the_stage(tmp_path, caplog):
         write_text(cfg.run_dir / "out.txt", "x")
         return {"top": [[15, 514]]}
 
-    stages = [Stage("only", lambda c: "settings", run, outputs=lambda c: [c.run_dir / "out.txt"])]
+    stages = [Stage("only", run, outputs=lambda c: [c.run_dir / "out.txt"], identity=lambda c: "settings")]
     job = _Job(tmp_path / "run")
     assert run_stages(job, stages)["only"] == {"top": [[15, 514]]}
     assert run_stages(job, stages)["only"] == {"top": [[15, 514]]} and len(runs) == 1
@@ -277,7 +278,7 @@ def test_a_stale_path_behind_a_link_is_not_deleted(tmp_path):
     job.run_dir.mkdir()
     (job.run_dir / "cache").symlink_to(elsewhere, target_is_directory=True)
     calls = []
-    stages = [Stage("s", lambda c: len(calls), lambda c: calls.append(1) or {}, outputs=lambda c: [],
+    stages = [Stage("s", lambda c: calls.append(1) or {}, outputs=lambda c: [], identity=lambda c: len(calls),
                     stale=lambda c: [c.run_dir / "cache" / "precious.txt"])]
     with run_lock(job.run_dir):
         run_stages(job, stages)

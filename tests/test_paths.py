@@ -72,7 +72,7 @@ def _objective_by_direct_forward(cfg, layer, latent, value):
     return total
 
 
-def test_paths_runs_reports_and_resumes(paths_cfg, caplog):
+def test_paths_runs_reports_and_resumes(paths_cfg, caplog, stage_reads_declared):
     results = run_paths(paths_cfg)
     out = paths_cfg.run_dir / "paths"
     for name in ("single.json", "curves.json", "summary.json", "report.md", "single_latent.png", "curves.png"):

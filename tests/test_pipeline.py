@@ -1,5 +1,7 @@
 """The pipeline end to end on a tiny model: every stage runs, outputs exist, a rerun skips them all."""
 
+import json
+
 import pytest
 
 from ipg_sae.config import load_config
@@ -30,7 +32,7 @@ def pipeline_cfg(tiny_llama_dir, tmp_path, monkeypatch):
     return load_config(PipelineConfig, None, overrides)
 
 
-def test_pipeline_runs_and_resumes(pipeline_cfg, caplog):
+def test_pipeline_runs_and_resumes(pipeline_cfg, caplog, stage_reads_declared):
     import logging
 
     caplog.set_level(logging.INFO)
@@ -53,6 +55,9 @@ def test_pipeline_runs_and_resumes(pipeline_cfg, caplog):
     run_pipeline(pipeline_cfg)
     skipped = [r.getMessage() for r in caplog.records if "already done" in r.getMessage()]
     assert len(skipped) == 5, skipped
+    assert any("trajectories.jsonl" in p for p in stage_reads_declared)  # the watcher saw the stages' reads
+    marker = json.loads((run_dir / "stages" / "attribute.json").read_text())
+    assert 0 < marker["seconds"] <= marker["total_seconds"]
 
 
 def test_changed_setting_reruns_only_downstream(pipeline_cfg, caplog):

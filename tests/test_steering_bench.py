@@ -43,7 +43,7 @@ def bench_cfg(tiny_llama_dir, tmp_path, monkeypatch):
     return load_config(SteeringBenchConfig, None, overrides)
 
 
-def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog):
+def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_reads_declared):
     results = run_bench(bench_cfg)
     out = bench_cfg.run_dir / "bench"
     for name in ("tuning.json", "evaluation.json", "capability.json", "leaderboard.json", "report.md",
@@ -123,6 +123,35 @@ def test_shipped_configs_load_and_the_cpu_splits_are_disjoint():
 
 
 def test_a_missing_reused_attribution_names_the_job_that_makes_it(bench_cfg, tmp_path):
+    """Issue 36 item 12: reported before the sample and SAE stages run."""
     bench_cfg.attribution_dir = str(tmp_path / "runs" / "study" / "correctness")
     with pytest.raises(IPGError, match=r"no ipg attribution; run the job that makes it first .*ipg-sae study"):
         run_bench(bench_cfg)
+    assert not (bench_cfg.run_dir / "stages").exists()
+
+
+def test_a_reused_attribution_is_checked_for_its_problems_reward_and_saes(bench_cfg, tmp_path):
+    """Issue 36 items 1 and 2: an attribution made on the test split's problems, with another reward or with
+    other SAEs is refused before any work, each in one line naming the field and the fix."""
+    import dataclasses
+
+    from ipg_sae.stages import run_stages
+    from ipg_sae.steering_bench import STAGES
+    from tests import tiny
+
+    made = dataclasses.replace(bench_cfg, name="made", methods=["ipg_topk"], nulls=[])
+    run_stages(made, STAGES[:3])  # sample, sae, attribute: an attribution run of `made.task`
+    reuse = dict(name="reuse", attribution_dir=str(made.run_dir / made.reward), methods=["ipg_topk"], nulls=[],
+                 task=dataclasses.replace(bench_cfg.task, offset=400))
+    on_test = dataclasses.replace(bench_cfg, test=made.task, **reuse)  # its problems are the test split
+    with pytest.raises(IPGError, match=r"attribution_dir .* was attributed on problem .* in the test split"):
+        run_bench(on_test)
+    assert not on_test.run_dir.exists()
+    with pytest.raises(IPGError, match=r"attribution_dir .* was attributed with the reward .*not steering_bench.reward"):
+        run_bench(dataclasses.replace(bench_cfg, reward="length", **reuse))
+    other_sae = tmp_path / "other_sae"
+    tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=4).save_model(str(other_sae))
+    other = dataclasses.replace(bench_cfg, sae=dataclasses.replace(bench_cfg.sae, load=[
+        dataclasses.replace(bench_cfg.sae.load[0], path=str(other_sae))]), **reuse)
+    with pytest.raises(IPGError, match=r"attribution_dir .* was made with other SAEs than steering_bench.sae"):
+        run_bench(other)

@@ -42,7 +42,7 @@ def study_cfg(tiny_llama_dir, tmp_path, monkeypatch):
     return load_config(StudyConfig, None, overrides)
 
 
-def test_study_runs_reports_and_resumes(study_cfg, caplog):
+def test_study_runs_reports_and_resumes(study_cfg, caplog, stage_reads_declared):
     import logging
 
     results = run_study(study_cfg)
