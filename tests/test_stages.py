@@ -16,7 +16,7 @@ import pytest
 
 from ipg_sae.config import load_config
 from ipg_sae.io import write_text
-from ipg_sae.stages import ConfigView, Stage, UndeclaredRead, run_stages
+from ipg_sae.experiments.stages import ConfigView, Stage, UndeclaredRead, run_stages
 
 
 @dataclass
@@ -119,7 +119,7 @@ def _tiny_sae(tmp_path: Path) -> str:
 def test_changing_the_bench_seed_reruns_tune(tmp_path):
     """The bench's tune stage seeds its on-policy dev samples with ``seed``: a new seed reruns it (and what
     follows), and nothing before it."""
-    from ipg_sae.steering_bench import STAGES, SteeringBenchConfig
+    from ipg_sae.experiments.steering_bench import STAGES, SteeringBenchConfig
 
     cfg = load_config(SteeringBenchConfig, None, {"runs_dir": str(tmp_path / "runs"),
                                                   "sae.load": [{"path": _tiny_sae(tmp_path)}]})
@@ -134,7 +134,7 @@ def test_changing_the_bench_seed_reruns_tune(tmp_path):
 
 
 def test_an_origin_file_rewritten_at_the_same_path_reruns_the_comparison_from_its_attribution(tmp_path):
-    from ipg_sae.paths import STAGES, PathsConfig
+    from ipg_sae.experiments.origins import STAGES, PathsConfig
 
     origin = tmp_path / "origin.safetensors"
     origin.write_bytes(b"first")

@@ -11,36 +11,7 @@ import pytest
 
 from ipg_sae.config import load_config
 from ipg_sae.errors import IPGError
-from ipg_sae.steering_bench import METHODS, SteeringBenchConfig, run_bench
-
-
-@pytest.fixture
-def bench_cfg(tiny_llama_dir, tmp_path, monkeypatch):
-    from tests import tiny
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    sae_dir = tmp_path / "sae"
-    tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
-    task = {"name": "arithmetic", "n_problems": 4, "few_shot": 0}
-    user_file = tmp_path / "word_problems.jsonl"  # a transfer task the user points at
-    user_file.write_text("".join(json.dumps({"question": f"Sam has {a} pens and buys {a + 3} more. How many now?",
-                                             "answer": str(2 * a + 3)}) + "\n" for a in range(2, 6)))
-    tiny_sampling = {"n_samples": 3, "max_new_tokens": 6, "temperature": 0.7, "batch_size": 12}
-    overrides = {
-        "name": "b", "runs_dir": str(tmp_path / "runs"), "model.name": str(tiny_llama_dir), "task": task,
-        "sampling": tiny_sampling, "sae.load": [{"path": str(sae_dir)}],
-        "attribution.delta_tol": 0.05, "attribution.max_nodes": 9, "reward": "tests.test_study:text_length_is_even",
-        "dev": {**task, "offset": 100}, "dev_sampling": tiny_sampling, "dev_on_policy_samples": 2,
-        "test": {**task, "offset": 200}, "transfer": [{**task, "level": 2, "offset": 300},
-                                                   {"name": "jsonl", "path": str(user_file), "few_shot": 0}],
-        "eval_sampling": {**tiny_sampling, "n_samples": 2}, "eval_seeds": [1, 2],
-        "capability_task": {**task, "n_problems": 1, "offset": 900}, "capability_max_tokens": 32,
-        "grid": {"ks": [1, 2], "gammas": [2.0], "etas": [1.0, 4.0], "alphas": [0.1, 0.5], "projected_ks": [2],
-                 "projected_alphas": [0.5], "instructions": ["Answer with a number.", "Think step by step."],
-                 "max_settings": 4},
-        "min_ess": 0.5, "n_bootstrap": 100,
-    }
-    return load_config(SteeringBenchConfig, None, overrides)
+from ipg_sae.experiments.steering_bench import METHODS, SteeringBenchConfig, run_bench
 
 
 def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_reads_declared):
@@ -113,7 +84,7 @@ def test_shipped_configs_load_and_the_cpu_splits_are_disjoint():
     attribution problems (level 1 repeats questions: the windows were chosen for it); the GPU config (the paper's
     setting) is validated as a config here, not run."""
     from ipg_sae.splits import disjoint_splits
-    from ipg_sae.steering_bench import splits
+    from ipg_sae.experiments.steering_bench import splits
 
     cpu = load_config(SteeringBenchConfig, "configs/steering_bench_smollm2.yaml")
     sizes = {name: len(problems) for name, problems in disjoint_splits(splits(cpu)).items()}
@@ -135,8 +106,8 @@ def test_a_reused_attribution_is_checked_for_its_problems_reward_and_saes(bench_
     other SAEs is refused before any work, each in one line naming the field and the fix."""
     import dataclasses
 
-    from ipg_sae.stages import run_stages
-    from ipg_sae.steering_bench import STAGES
+    from ipg_sae.experiments.stages import run_stages
+    from ipg_sae.experiments.steering_bench import STAGES
     from tests import tiny
 
     made = dataclasses.replace(bench_cfg, name="made", methods=["ipg_topk"], nulls=[])

@@ -1,5 +1,5 @@
 """The path comparison's report: tables, the answer, a scatter of scores against single-latent removals and the
-deletion / insertion curves (:mod:`ipg_sae.paths` computes every number)."""
+deletion / insertion curves (:mod:`ipg_sae.experiments.origins.run` computes every number)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import pyplot, save_figure
+from ...report import pyplot, save_figure
 
 SIDES = {"objective": "attribution objective", "heldout": "held-out accuracy"}
 

@@ -1,6 +1,6 @@
 """The main job: sample -> SAE (train or load) -> attribute -> select -> evaluate -> report.
 
-The stages run through :func:`ipg_sae.stages.run_stages`. Every stage writes its outputs under ``runs/<name>/`` and, when it finishes, a marker
+The stages run through :func:`ipg_sae.experiments.stages.run_stages`. Every stage writes its outputs under ``runs/<name>/`` and, when it finishes, a marker
 ``stages/<stage>.json`` holding its key and the digests of the files it wrote. The key hashes
 everything the outputs depend on: the stage's settings, the inputs that come from outside
 the pipeline (the model's files, the SAEs it loads) and the digests of the files the stages
@@ -19,22 +19,23 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .attribution import AttributionConfig, Baseline
-from .config import JobConfig, dump_yaml
-from .errors import IPGError
-from .evaluation import EvalConfig
-from .explorer import ExplorerConfig
-from .io import run_lock, write_text
-from .jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, SampleJobConfig, SelectionConfig,
+from ..attribution import AttributionConfig, Baseline
+from ..config import JobConfig, dump_yaml
+from ..errors import IPGError
+from ..evaluation import EvalConfig
+from ..explorer import ExplorerConfig
+from ..io import run_lock, write_text
+from ..jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, SampleJobConfig, SelectionConfig,
                    check_baselines, method_dir, run_attribute, run_evaluate, run_explore, run_sample)
-from .provenance import PROVENANCE_FILE, write_provenance
-from .rewards import get_reward
-from .sampling import SamplingConfig, check_fits_context
-from .splits import disjoint_splits
+from ..provenance import PROVENANCE_FILE, write_provenance
+from ..rewards import get_reward
+from ..sampling import SamplingConfig, check_fits_context
+from ..splits import disjoint_splits
+from .common import check_sae
 from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_stages, sae_specs,
                      task_files, train_job)
-from .tasks import TaskConfig
-from .tracking import attribution_files
+from ..tasks import TaskConfig
+from ..tracking import attribution_files
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,7 @@ class PipelineConfig(JobConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.sae.load and not self.sae.train_config:
-            raise IPGError("pipeline.sae needs `load` (SAE entries) or `train_config` (a train-sae YAML)")
+        check_sae("pipeline", self)
         unknown = set(self.evaluate_baselines or []) - set(self.baselines)
         if unknown:
             raise IPGError(f"evaluate_baselines lists {sorted(unknown)}, which are not in `baselines`; add them there")

@@ -7,7 +7,7 @@ latent off; ``mean``: each latent at its mean activation over the attributed tok
 integrated rule ``ipg`` and the local rule ``ipg_local`` (one node at ``c = 1``: the gradient
 times ``f - b``, attribution patching):
 
-1. ``sample``, ``sae``, ``attribute``, ``heldout``: as in the study (:mod:`ipg_sae.study`); each
+1. ``sample``, ``sae``, ``attribute``, ``heldout``: the shared stages (:mod:`ipg_sae.experiments.common`); each
    origin's attribution lives in ``attribution/<origin>/`` (``ipg``) and its ``baselines/``.
 2. ``single`` (per latent): for the top ``top_latents`` of each method and ``random_latents``
    random latents active on the attributed data, the exact effect of moving that latent alone
@@ -34,85 +34,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .attribution import AttributionConfig, AttributionResult
-from .attribution.path import advantages
-from .cells import CellStore, Inputs, LogprobCells
-from .config import JobConfig
-from .errors import IPGError
-from .faithfulness import TrajectoryScorer, estimate
-from .io import read_json, write_json, write_text
-from .jobs import AttributeJobConfig, SelectionConfig, method_dir, run_attribute
-from .models import load_model
-from .rewards import get_reward
-from .sampling import SamplingConfig
-from .saes import load_saes
-from .selection import select
-from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_job_stages, sae_specs,
-                     task_files)
-from .stats import area_under_curve, bootstrap
-from .study import contexts, reward_dir, sample_stage
-from .tasks import TaskConfig
-from .trajectories import Trajectory, load_trajectories, prompt_groups
+from ...attribution import AttributionResult
+from ...attribution.path import advantages
+from ...cells import CellStore, Inputs, LogprobCells
+from ...faithfulness import TrajectoryScorer, estimate
+from ...io import read_json, write_json, write_text
+from ...jobs import method_dir
+from ...models import load_model
+from ...saes import load_saes
+from ...selection import select
+from ...trajectories import Trajectory, load_trajectories, prompt_groups
+from ..common import HELDOUT_STAGE, attribute, attribution_sampling_stage, contexts, reward_dir
+from ..stages import SAE_STAGE, Stage, run_job_stages, sae_specs
+from .config import ORIGINS, PathsConfig
+from .report import markdown, plot_curves, plot_scatter
+from .summary import answer, summarize
 
 log = logging.getLogger(__name__)
-
-ORIGINS = ("zero", "mean")
-PATH_METHODS = ("ipg", "ipg_local")
-
-
-@dataclass
-class PathsConfig(JobConfig):
-    name: str = "paths"
-    task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=96))  # the problems attributed on
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_samples=4, temperature=0.5,
-                                                                            max_new_tokens=96, batch_size=32))
-    sae: SAESourceConfig = field(default_factory=SAESourceConfig)
-    attribution: AttributionConfig = field(default_factory=AttributionConfig)  # path_origin is set per origin
-    reward: str = "correctness"
-    attribute_prompts: int = 60  # the first prompts whose samples got different rewards
-    origins: list[str] = field(default_factory=lambda: list(ORIGINS))
-    methods: list[str] = field(default_factory=lambda: list(PATH_METHODS))  # ipg and/or ipg_local
-    heldout: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=100, offset=1000))
-    heldout_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
-        n_samples=8, temperature=0.5, max_new_tokens=96, batch_size=32))
-    top_latents: int = 64  # per method and origin: its top latents get a single-latent removal
-    random_latents: int = 64  # and this many random latents active on the attributed data
-    single_heldout_problems: int = 0  # held-out problems the single-latent removals are scored on (0: all)
-    ks: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
-    gammas: list[float] = field(default_factory=lambda: [0.0, 2.0])
-    seed: int = 0
-    n_bootstrap: int = 2000
-    problems_per_batch: int = 8
-
-    @property
-    def rewards(self) -> list[str]:  # what the shared sampling stage scores with
-        return [self.reward]
-
-    def validate(self) -> None:
-        super().validate()
-        self.sae.validate()
-        for origin in self.origins:
-            if origin not in ORIGINS and not origin.endswith(".safetensors"):
-                raise IPGError(f"paths.origins lists {origin!r}; use zero, mean or a .safetensors file")
-        if not self.origins or len(set(self.origins)) != len(self.origins):
-            raise IPGError("paths.origins must list at least one origin, each once")
-        if "ipg" not in self.methods or not set(self.methods) <= set(PATH_METHODS):
-            raise IPGError(f"paths.methods {self.methods}: list ipg and optionally ipg_local")
-        if self.top_latents < 1 or self.random_latents < 0 or self.single_heldout_problems < 0:
-            raise IPGError("paths.top_latents must be >= 1, random_latents and single_heldout_problems >= 0")
-        if sorted(self.gammas) != self.gammas or self.gammas[0] != 0.0 or not all(g > 1 for g in self.gammas[1:]):
-            raise IPGError(f"paths.gammas {self.gammas}: give 0 (deletion) then amplifying gammas > 1 (insertion)")
-        if min(self.ks) < 1:
-            raise IPGError(f"paths.ks {self.ks}: every k must be >= 1")
-        if self.heldout_sampling.temperature <= 0 or self.heldout_sampling.top_p != 1:
-            raise IPGError("paths.heldout_sampling needs temperature > 0 and top_p 1 (importance weights need a "
-                           "sampler with full support)")
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -122,20 +65,13 @@ def origin_dir(cfg: PathsConfig, origin: str) -> Path:
     return cfg.run_dir / "attribution" / (origin if origin in ORIGINS else Path(origin).stem)
 
 
-def _attribute_job(cfg: PathsConfig, origin: str) -> AttributeJobConfig:
-    where = origin_dir(cfg, origin)
-    return AttributeJobConfig(name=where.name, runs_dir=str(where.parent), model=cfg.model, saes=sae_specs(cfg),
-                              trajectories=str(reward_dir(cfg, cfg.reward) / "trajectories.jsonl"),
-                              attribution=dataclasses.replace(cfg.attribution, path_origin=origin),
-                              baselines=[m for m in cfg.methods if m != "ipg"],
-                              selection=SelectionConfig(k=max(cfg.ks), n_bootstrap=0, table_size=max(cfg.ks)),
-                              wandb=cfg.wandb)
-
-
 def _run_attribute(cfg: PathsConfig) -> dict:
     out = {}
     for origin in cfg.origins:
-        summaries = run_attribute(_attribute_job(cfg, origin), group=cfg.name)
+        summaries = attribute(cfg, origin_dir(cfg, origin), [m for m in cfg.methods if m != "ipg"], max(cfg.ks),
+                              trajectories=reward_dir(cfg, cfg.reward) / "trajectories.jsonl",
+                              attribution=dataclasses.replace(cfg.attribution, path_origin=origin),
+                              table_size=max(cfg.ks))
         out[origin] = {m: {"top": s["selection"][:8], "delta_median": s.get("delta_median")}
                        for m, s in summaries.items()}
     return out
@@ -146,7 +82,7 @@ def _attribution_dirs(cfg: PathsConfig) -> list[Path]:
 
 
 def _attribution_files(cfg: PathsConfig) -> list[Path]:
-    from .tracking import attribution_files
+    from ...tracking import attribution_files
 
     return [f for d in _attribution_dirs(cfg) for f in attribution_files(d)]
 
@@ -158,17 +94,11 @@ def origin_files(cfg: PathsConfig) -> list[Path]:
 
 
 STAGES = [
-    Stage("sample", lambda c: sample_stage(c, c.task, c.sampling, "trajectories.jsonl", c.attribute_prompts),
-          outputs=lambda c: [reward_dir(c, c.reward) / "trajectories.jsonl"],
-          fields=("model", "task", "sampling", "reward", "attribute_prompts"),
-          files=lambda c: [*model_files(c), *task_files(c.task)],
-          identity=lambda c: (model_inputs(c), get_reward(c.reward).identity)),
+    attribution_sampling_stage("reward", outputs=lambda c: [reward_dir(c, c.reward) / "trajectories.jsonl"]),
     SAE_STAGE,
     Stage("attribute", _run_attribute, outputs=_attribution_files, fields=("attribution", "origins", "methods", "ks"),
           files=origin_files),
-    Stage("heldout", lambda c: sample_stage(c, c.heldout, c.heldout_sampling, "heldout.jsonl"),
-          outputs=lambda c: [reward_dir(c, c.reward) / "heldout.jsonl"], fields=("heldout", "heldout_sampling"),
-          files=lambda c: task_files(c.heldout)),
+    HELDOUT_STAGE,
     Stage("single", lambda c: single_latent_effects(c), outputs=lambda c: [c.run_dir / "paths" / "single.json"],
           fields=("top_latents", "random_latents", "single_heldout_problems", "seed", "problems_per_batch")),
     Stage("curves", lambda c: set_curves(c), outputs=lambda c: [c.run_dir / "paths" / "curves.json"],
@@ -309,91 +239,8 @@ def set_curves(cfg: PathsConfig, progress: bool = True) -> dict:
     return {"cells": len(plan)}
 
 
-# ---- statistics and the report ----------------------------------------------------------------
-
-
-def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rho (Pearson on average ranks); nan when either side is constant."""
-    from scipy.stats import rankdata
-
-    return pearson(rankdata(x), rankdata(y))
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def sign_agreement(x: np.ndarray, y: np.ndarray) -> float:
-    """Share of latents (with both sides non-zero) whose score and effect have the same sign."""
-    both = (np.asarray(x) != 0) & (np.asarray(y) != 0)
-    return float(np.mean(np.sign(x[both]) == np.sign(y[both]))) if both.any() else float("nan")
-
-
-def agreement(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int = 0) -> dict:
-    """Spearman, Pearson and sign agreement of scores ``x`` with effects ``y``, each with a 95% percentile
-    bootstrap interval over latents."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    stats = {"spearman": rank_correlation, "pearson": pearson, "sign": sign_agreement}
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(x), size=(n_boot, len(x)))
-    out = {"n": int(len(x))}
-    for name, fn in stats.items():
-        reps = np.array([fn(x[d], y[d]) for d in draws])
-        reps = reps[np.isfinite(reps)]
-        lo, hi = (np.quantile(reps, [0.025, 0.975]) if len(reps) else (np.nan, np.nan))
-        out[name] = [fn(x, y), float(lo), float(hi)]
-    return out
-
-
-def summarize(cfg: PathsConfig, single: dict, curves: dict) -> dict:
-    """Per origin and method: agreement with single-latent removals (objective and held-out), and the set-level
-    effects with paired intervals and the deletion curve's area."""
-    base = np.array(curves["base"])
-    out: dict = {"per_latent": {}, "sets": {}, "base": float(base.mean())}
-    for origin, doc in single["origins"].items():
-        rows = doc["latents"]
-        effects = {side: np.array([r[side] for r in rows]) for side in ("objective", "heldout")}
-        for method in cfg.methods:
-            scores = np.array([r["scores"][method] for r in rows])
-            out["per_latent"].setdefault(origin, {})[method] = {
-                side: agreement(scores, y, cfg.n_bootstrap, cfg.seed) for side, y in effects.items()}
-    for origin, methods in curves["curves"].items():
-        for method, by_gamma in methods.items():
-            entry = out["sets"].setdefault(origin, {}).setdefault(method, {})
-            for gamma, by_k in by_gamma.items():
-                rows = []
-                for k in map(str, cfg.ks):
-                    x = np.array(by_k[k]["reward"])
-                    effect, lo, hi = bootstrap(x, base, n_boot=cfg.n_bootstrap)
-                    rows.append({"k": int(k), "value": float(x.mean()), "effect": effect, "lo": lo, "hi": hi,
-                                 "ess": by_k[k]["ess"]})
-                entry[gamma] = {"rows": rows, "auc": area_under_curve([r["value"] for r in rows], float(base.mean()))}
-    return out
-
-
-def answer(cfg: PathsConfig, summary: dict) -> str:
-    """The answer in two sentences: which path predicts single-latent removals best, which deletes steepest."""
-    per = [(o, m, v["objective"]["spearman"][0], v["heldout"]["spearman"][0])
-           for o, ms in summary["per_latent"].items() for m, v in ms.items()]
-    best_obj = max(per, key=lambda t: np.nan_to_num(t[2], nan=-2))
-    best_held = max(per, key=lambda t: np.nan_to_num(t[3], nan=-2))
-    dele = [(o, m, v["0.0"]["auc"]) for o, ms in summary["sets"].items() for m, v in ms.items() if "0.0" in v]
-    steepest = min(dele, key=lambda t: t[2]) if dele else None
-    text = (f"Single-latent removals are best predicted by {best_obj[1]} from the {best_obj[0]} origin on the "
-            f"attribution objective (Spearman {best_obj[2]:.2f}) and by {best_held[1]} from the {best_held[0]} origin "
-            f"on held-out reward (Spearman {best_held[3]:.2f}).")
-    if steepest:
-        text += (f" The steepest deletion curve on held-out problems is {steepest[1]} from the {steepest[0]} origin "
-                 f"(mean effect over k {steepest[2] * 100:+.1f} points).")
-    return text
-
-
 def report(cfg: PathsConfig) -> dict:
     """``paths/report.md``, ``paths/summary.json`` and the plots."""
-    from .paths_report import markdown, plot_curves, plot_scatter
 
     out = cfg.run_dir / "paths"
     single, curves = read_json(out / "single.json"), read_json(out / "curves.json")
@@ -411,7 +258,7 @@ def report(cfg: PathsConfig) -> dict:
 def log_to_wandb(cfg: PathsConfig, doc: dict, plots: list[Path]) -> None:
     """The report as one W&B run: the per-latent agreement table, the plots, the answer and each agreement's
     Spearman in the summary, with the lineage from the SAE and every origin's attributions."""
-    from .tracking import Tracker, use_inputs
+    from ...tracking import Tracker, use_inputs
 
     with Tracker(cfg.wandb, cfg.run_dir, cfg.name, "paths") as tracker:
         use_inputs(tracker, saes=sae_specs(cfg), attribution_dirs=_attribution_dirs(cfg))

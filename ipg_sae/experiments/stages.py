@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import load_config
-from .digest import FORMAT_VERSION, json_digest, key_dict, tree_digest
-from .errors import IPGError
-from .io import jsonable, read_json, remove_tree, write_json
-from .models import source_digest
-from .saes import SAESpec
+from ..config import load_config
+from ..digest import FORMAT_VERSION, json_digest, key_dict, tree_digest
+from ..errors import IPGError
+from ..io import jsonable, read_json, remove_tree, write_json
+from ..models import source_digest
+from ..saes import SAESpec
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +199,9 @@ def run_job_stages(cfg, stages: list[Stage], config_file: str, contexts: list) -
     """A staged job's whole run: every ``(task, max_new_tokens, field)`` of ``contexts`` checked against the
     model's context first, then, under the run directory's lock, its config written to ``config_file`` and
     :func:`run_stages`."""
-    from .config import dump_yaml
-    from .io import run_lock, write_text
-    from .sampling import check_fits_context
+    from ..config import dump_yaml
+    from ..io import run_lock, write_text
+    from ..sampling import check_fits_context
 
     check_fits_context(cfg.model, contexts)
     with run_lock(cfg.run_dir):

@@ -35,234 +35,37 @@ import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .attribution import AttributionConfig, AttributionResult
-from .cells import LOGPROBS, TRAJECTORIES, CellStore, Inputs, samples_digest
-from .config import JobConfig
-from .errors import IPGError
-from .evaluation import EvalConfig, degenerate_flags
-from .faithfulness import TrajectoryScorer, estimate
-from .io import read_json, write_json, write_text
-from .jobs import AttributeJobConfig, SelectionConfig, method_dir, run_attribute
-from .models import load_model
-from .nulls import LatentPool, draw_sets
-from .provenance import PROVENANCE_FILE, read_provenance, sae_identity, write_provenance
-from .rewards import get_reward
-from .sampling import SamplingConfig, eos_ids, sample
-from .saes import as_layer_dict, load_saes
-from .selection import select
-from .splits import disjoint_splits, normal_question
-from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_job_stages, sae_specs,
-                     task_files)
-from .stats import bootstrap
-from .steering import Intervention, VectorIntervention, add_vector, scale, steering
-from .steering_bench_report import IPG_BASED, PRACTICE
-from .study import reward_dir, sample_stage
-from .tasks import TaskConfig, build_prompts, load_problems
-from .trajectories import Trajectory, load_trajectories, prompt_groups, save_trajectories
-from .vectors import diffmean, ipg_weighted_step, project_on_latents
+from ...attribution import AttributionResult
+from ...cells import TRAJECTORIES, CellStore, Inputs, LogprobCells
+from ...errors import IPGError
+from ...evaluation import EvalConfig, degenerate_flags
+from ...faithfulness import TrajectoryScorer, estimate
+from ...io import read_json, write_json, write_text
+from ...jobs import method_dir
+from ...models import load_model
+from ...nulls import LatentPool
+from ...provenance import PROVENANCE_FILE, read_provenance, sae_identity, write_provenance
+from ...rewards import get_reward
+from ...sampling import SamplingConfig, eos_ids, sample
+from ...saes import as_layer_dict, load_saes
+from ...splits import disjoint_splits, normal_question
+from ...steering import Intervention, steering
+from ...tasks import TaskConfig, build_prompts, load_problems
+from ...trajectories import Trajectory, load_trajectories, prompt_groups, save_trajectories
+from ...vectors import diffmean
+from ..common import attribute, attribution_sampling_stage, reward_dir, sample_stage
+from ..stages import SAE_STAGE, Stage, run_job_stages, sae_specs, task_files
+from .config import SteeringBenchConfig, splits
+from .recipes import KINDS, UNSTEERED, Ingredients, Recipe, null_recipes, recipes
+from .report import answer, markdown, plot_gain_vs_cost
+from .summary import summarize
 
 log = logging.getLogger(__name__)
-
-LATENT_METHODS = ("ipg_topk", "act", "grad_x_act", "reason_words", "ig_likelihood")  # top k x gamma
-METHODS = (*LATENT_METHODS, "ipg_step", "diffmean", "diffmean_projected", "prompting")
-NULL_RECIPES = ("random_direction", "random_latents")
-SOURCE = {"ipg_topk": "ipg", "ipg_step": "ipg"}  # the attribution each latent method ranks by
-
-
-@dataclass
-class BenchGrid:
-    """The settings each method may try (at most ``max_settings`` each)."""
-
-    ks: list[int] = field(default_factory=lambda: [4, 16, 64])
-    gammas: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0, 4.0])
-    etas: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0])
-    alphas: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32,
-                                                         0.48, 0.64, 0.96])
-    projected_ks: list[int] = field(default_factory=lambda: [16, 64])
-    projected_alphas: list[float] = field(default_factory=lambda: [0.04, 0.08, 0.16, 0.32, 0.64, 1.28])
-    instructions: list[str] = field(default_factory=lambda: [
-        "Solve the problem step by step, then give the final answer as a number.",
-        "Think carefully. Check your arithmetic before you give the final answer.",
-        "Read the question, write the one calculation it needs, and state the result.",
-        "You are a careful math tutor. Show the calculation and end with 'The answer is N.'"])
-    max_settings: int = 12
-
-
-@dataclass
-class SteeringBenchConfig(JobConfig):
-    name: str = "steering_bench"
-    task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=112))  # the problems attributed on
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_samples=4, temperature=0.5,
-                                                                            max_new_tokens=96, batch_size=32))
-    attribute_prompts: int = 60
-    attribution_dir: str | None = None  # an existing attribution run of these problems (ipg + baselines/) to reuse
-    sae: SAESourceConfig = field(default_factory=SAESourceConfig)
-    attribution: AttributionConfig = field(default_factory=AttributionConfig)
-    reward: str = "correctness"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    nulls: list[str] = field(default_factory=lambda: list(NULL_RECIPES))
-    grid: BenchGrid = field(default_factory=BenchGrid)
-    dev: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=50, offset=2000))
-    dev_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
-        n_samples=8, temperature=0.5, max_new_tokens=96, batch_size=32))
-    dev_on_policy_samples: int = 4  # per dev problem, for settings whose off-policy ESS is below min_ess
-    min_ess: float = 0.5  # the ESS floor (fraction of G) for scoring a setting off-policy on dev
-    test: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=100, offset=3000))
-    transfer: list[TaskConfig] = field(default_factory=lambda: [TaskConfig(level=2, n_problems=100, offset=3000)])
-    eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
-        n_samples=4, temperature=0.5, max_new_tokens=96, batch_size=32))
-    eval_seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # x eval_sampling.n_samples per problem
-    capability_task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=8, offset=20000))
-    capability_levels: list[int] = field(default_factory=lambda: [1, 2, 3])  # held-out documents of the SAE corpus
-    capability_max_tokens: int = 256
-    n_bootstrap: int = 2000
-    seed: int = 0
-    problems_per_batch: int = 8
-
-    @property
-    def rewards(self) -> list[str]:  # what the shared sampling stage scores with
-        return [self.reward]
-
-    def validate(self) -> None:
-        super().validate()
-        self.sae.validate()
-        get_reward(self.reward)
-        unknown = [m for m in self.methods if m not in METHODS] + [n for n in self.nulls if n not in NULL_RECIPES]
-        if unknown:
-            raise IPGError(f"steering_bench lists {unknown[0]!r}; methods are {', '.join(METHODS)} and nulls "
-                           f"{', '.join(NULL_RECIPES)}")
-        if "random_latents" in self.nulls and "ipg_topk" not in self.methods:
-            raise IPGError("the random_latents null mirrors ipg_topk's chosen set: add ipg_topk to methods")
-        if "random_direction" in self.nulls and "diffmean" not in self.methods:
-            raise IPGError("the random_direction null mirrors diffmean's chosen coefficient: add diffmean to methods")
-        for name, n in _grid_sizes(self.grid).items():
-            if name in self.methods and not 1 <= n <= self.grid.max_settings:
-                raise IPGError(f"steering_bench.grid gives {name} {n} settings; every method gets 1 to "
-                               f"grid.max_settings ({self.grid.max_settings}): shorten its lists")
-        if self.dev_sampling.temperature <= 0 or self.dev_sampling.top_p != 1:
-            raise IPGError("steering_bench.dev_sampling needs temperature > 0 and top_p 1 (importance weights need a "
-                           "sampler with full support)")
-        if not self.eval_seeds or len(set(self.eval_seeds)) != len(self.eval_seeds):
-            raise IPGError("steering_bench.eval_seeds must list at least one seed, each once")
-        if not self.transfer:
-            raise IPGError("steering_bench.transfer must list at least one task (another task family)")
-
-
-def _grid_sizes(grid: BenchGrid) -> dict[str, int]:
-    topk = len(grid.ks) * len(grid.gammas)
-    return {**{m: topk for m in LATENT_METHODS}, "ipg_step": len(grid.etas), "diffmean": len(grid.alphas),
-            "diffmean_projected": len(grid.projected_ks) * len(grid.projected_alphas),
-            "prompting": len(grid.instructions)}
-
-
-def splits(cfg: SteeringBenchConfig) -> dict[str, TaskConfig]:
-    """Every split by name: attribution, dev, test, transfer-1.. (checked disjoint before any work)."""
-    out = {"attribution": cfg.task, "dev": cfg.dev, "test": cfg.test}
-    out.update({f"transfer-{i + 1}": t for i, t in enumerate(cfg.transfer)})
-    return out
-
-
-# ---- recipes ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Recipe:
-    """One method at one setting: the interventions it steers with and/or the system prompt it uses."""
-
-    method: str
-    setting: dict
-    interventions: list = field(default_factory=list)
-    system_prompt: str | None = None
-    scope: str = "all"  # positions steered: all (the IPG control) or generated (DiffMean)
-
-    @property
-    def label(self) -> str:
-        parts = [f"{k}={v if not isinstance(v, str) else _short(v)}" for k, v in self.setting.items()]
-        return f"{self.method} " + ",".join(parts) if parts else self.method
-
-    def key(self) -> dict:
-        """What the recipe's samples and scores depend on (vectors by digest)."""
-        return {"method": self.method, "setting": self.setting, "system_prompt": self.system_prompt,
-                "scope": self.scope, "interventions": [_describe(iv) for iv in self.interventions]}
-
-
-UNSTEERED = Recipe("unsteered", {})
-
-
-def _short(text: str, n: int = 24) -> str:
-    return text if len(text) <= n else text[:n - 1] + "…"
-
-
-def _describe(iv) -> list:
-    if isinstance(iv, VectorIntervention):
-        digest = hashlib.sha256(iv.vector.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
-        return ["vector", iv.layer, digest, iv.coef, iv.start]
-    return [iv.layer, iv.latent, iv.kind, iv.value, iv.start]
-
-
-@dataclass
-class Ingredients:
-    """What recipes are built from: each method's attribution, the DiffMean vector, the SAEs."""
-
-    results: dict[str, AttributionResult]
-    vector: torch.Tensor
-    layer: int
-    residual_norm: float
-    saes: dict
-
-
-def _vector_recipe(method: str, setting: dict, direction: torch.Tensor, coef: float, layer: int) -> Recipe:
-    return Recipe(method, setting, [add_vector(layer, direction, coef)], scope="generated")
-
-
-def recipes(cfg: SteeringBenchConfig, method: str, ing: Ingredients) -> list[Recipe]:
-    """Every setting ``method`` may try (the grid; at most ``grid.max_settings``)."""
-    g = cfg.grid
-    if method in LATENT_METHODS:
-        result = ing.results[SOURCE.get(method, method)]
-        return [Recipe(method, {"k": k, "gamma": gamma}, scale(select(result, k), gamma))
-                for k in g.ks for gamma in g.gammas]
-    if method == "ipg_step":
-        return [Recipe(method, {"eta": eta}, ipg_weighted_step(ing.results["ipg"], eta)) for eta in g.etas]
-    norm = float(ing.vector.norm())
-    if method == "diffmean":
-        return [_vector_recipe(method, {"alpha": a}, ing.vector / norm, a * ing.residual_norm, ing.layer)
-                for a in g.alphas]
-    if method == "diffmean_projected":
-        out = []
-        sae = ing.saes[ing.layer]
-        for k in g.projected_ks:
-            latents = [i for layer, i in select(ing.results["ipg"], k) if layer == ing.layer]
-            projected = project_on_latents(ing.vector, sae, latents).vector
-            out += [_vector_recipe(method, {"k": k, "alpha": a}, projected / norm, a * ing.residual_norm, ing.layer)
-                    for a in g.projected_alphas]
-        return out
-    if method == "prompting":
-        return [Recipe(method, {"instruction": text}, system_prompt=text) for text in g.instructions]
-    raise IPGError(f"unknown steering method {method!r}")
-
-
-def null_recipes(cfg: SteeringBenchConfig, chosen: dict[str, Recipe], ing: Ingredients, pool: LatentPool) -> list[Recipe]:
-    """The nulls, each mirroring a chosen recipe (same size of push, no selection)."""
-    out = []
-    if "random_direction" in cfg.nulls:
-        dm = chosen["diffmean"]
-        gen = torch.Generator().manual_seed(cfg.seed)
-        direction = torch.randn(ing.vector.shape, generator=gen)
-        out.append(_vector_recipe("random_direction", dict(dm.setting), direction / direction.norm(),
-                                  dm.interventions[0].coef, ing.layer))
-    if "random_latents" in cfg.nulls:
-        top = chosen["ipg_topk"]
-        template = [(iv.layer, iv.latent) for iv in top.interventions]
-        draw = draw_sets("frequency", template, 1, cfg.seed, pool)[0]
-        out.append(Recipe("random_latents", dict(top.setting), scale(draw, top.setting["gamma"])))
-    return out
 
 
 # ---- stages -------------------------------------------------------------------------------------
@@ -273,7 +76,9 @@ def _attribution_root(cfg: SteeringBenchConfig) -> Path:
 
 
 def _baselines(cfg: SteeringBenchConfig) -> list[str]:
-    return [m for m in LATENT_METHODS if m in cfg.methods and m != "ipg_topk"]
+    """The baselines' attributions the chosen methods rank by (IPG's is always made)."""
+    wanted = (k.attribution for name, k in KINDS.items() if name in cfg.methods)
+    return list(dict.fromkeys(a for a in wanted if a not in (None, "ipg")))
 
 
 def _attribution_dirs(cfg: SteeringBenchConfig) -> dict[str, Path]:
@@ -283,7 +88,7 @@ def _attribution_dirs(cfg: SteeringBenchConfig) -> dict[str, Path]:
 
 
 def _attribution_files(cfg: SteeringBenchConfig) -> list[Path]:
-    from .tracking import attribution_files
+    from ...tracking import attribution_files
 
     files = [f for d in _attribution_dirs(cfg).values() for f in attribution_files(d)]
     return files + [_attribution_root(cfg) / PROVENANCE_FILE]
@@ -293,10 +98,7 @@ def _run_attribute(cfg: SteeringBenchConfig) -> dict:
     if cfg.attribution_dir:
         check_reused_saes(cfg)
         return {"reused": cfg.attribution_dir}
-    job = AttributeJobConfig(name=cfg.reward, runs_dir=str(cfg.run_dir), model=cfg.model, saes=sae_specs(cfg),
-                             attribution=cfg.attribution, baselines=_baselines(cfg),
-                             selection=SelectionConfig(k=max(cfg.grid.ks), n_bootstrap=0), wandb=cfg.wandb)
-    summaries = run_attribute(job, group=cfg.name)
+    summaries = attribute(cfg, reward_dir(cfg, cfg.reward), _baselines(cfg), max(cfg.grid.ks))
     write_provenance(_attribution_root(cfg), cfg.task, sae_specs(cfg), get_reward(cfg.reward).identity)
     return {m: s["selection"][:8] for m, s in summaries.items()}
 
@@ -379,10 +181,8 @@ def _dev_stage(cfg: SteeringBenchConfig) -> dict:
 
 
 STAGES = [
-    Stage("sample", _sample_attribution, outputs=lambda c: [_attribution_root(c) / "trajectories.jsonl"],
-          fields=("model", "task", "sampling", "reward", "attribute_prompts", "attribution_dir"),
-          files=lambda c: [*model_files(c), *task_files(c.task), *_reused(c)],
-          identity=lambda c: (model_inputs(c), get_reward(c.reward).identity)),
+    attribution_sampling_stage("reward", ("attribution_dir",), run=_sample_attribution, files=lambda c: _reused(c),
+                               outputs=lambda c: [_attribution_root(c) / "trajectories.jsonl"]),
     SAE_STAGE,
     Stage("attribute", _run_attribute, outputs=_attribution_files,
           fields=("attribution", "methods", "grid.ks", "attribution_dir")),
@@ -438,21 +238,25 @@ class Bench:
             vector = f.get_tensor("vector")
         self.ing = Ingredients(results, vector, int(meta["layer"]), float(meta["residual_norm"]), self.saes)
         self.stops = eos_ids(self.model, self.tokenizer)
-        self._scorers: dict[str, TrajectoryScorer] = {}
+        self._cells: dict[str, LogprobCells] = {}
+
+    def cells(self, samples: list[Trajectory], scope: str) -> LogprobCells:
+        """The off-policy cells on the dev samples, one panel per steered scope (all positions, generated only)."""
+        if scope not in self._cells:
+            scorer = TrajectoryScorer(self.model, samples, self.cfg.dev_sampling.temperature, saes=self.saes,
+                                      problems_per_batch=self.cfg.problems_per_batch, scope=scope)
+            self._cells[scope] = LogprobCells(self.store, scorer, self.inputs, samples,
+                                              self.cfg.dev_sampling.temperature, scope)
+        return self._cells[scope]
 
     def scorer(self, samples: list[Trajectory], scope: str) -> TrajectoryScorer:
-        if scope not in self._scorers:
-            self._scorers[scope] = TrajectoryScorer(self.model, samples, self.cfg.dev_sampling.temperature,
-                                                    saes=self.saes, problems_per_batch=self.cfg.problems_per_batch,
-                                                    scope=scope)
-        return self._scorers[scope]
+        return self.cells(samples, scope).scorer
 
     def logprobs(self, recipe: Recipe, samples: list[Trajectory]) -> torch.Tensor:
-        """Every dev sample's log-probability under ``recipe`` (off-policy cell)."""
-        key = {"estimator": "importance", "samples": samples_digest(samples), "recipe": recipe.key(),
-               "temperature": self.cfg.dev_sampling.temperature, **self._weights(recipe)}
-        compute = lambda: self.scorer(samples, recipe.scope).logprobs(recipe.interventions)  # noqa: E731
-        return self.store.fetch(f"logp_{recipe.label}", key, compute, LOGPROBS, name=recipe.label)
+        """Every dev sample's log-probability under ``recipe`` (an off-policy cell)."""
+        latents = [(iv.layer, iv.latent) for iv in recipe.interventions if isinstance(iv, Intervention)]
+        return self.cells(samples, recipe.scope).steered(recipe.key(), recipe.interventions, latents,
+                                                          f"logp_{recipe.label}", name=recipe.label)
 
     def sampled(self, recipe: Recipe, split: str, task: TaskConfig, sampling: SamplingConfig) -> list[Trajectory]:
         """``recipe``'s on-policy samples of a split (cell)."""
@@ -572,8 +376,8 @@ def evaluate_chosen(cfg: SteeringBenchConfig) -> dict:
 def neutral_texts(cfg: SteeringBenchConfig, tokenizer) -> dict[str, list[str]]:
     """Held-out documents of the SAE corpus (task prompts with worked solutions, never trained on) and the
     generic check texts (prose, code, arithmetic)."""
-    from .saes import CHECK_TEXTS
-    from .tasks import load_problems
+    from ...saes import CHECK_TEXTS
+    from ...tasks import load_problems
 
     corpus = []
     for level in cfg.capability_levels:
@@ -587,7 +391,7 @@ def neutral_texts(cfg: SteeringBenchConfig, tokenizer) -> dict[str, list[str]]:
 def capability(cfg: SteeringBenchConfig) -> dict:
     """Per chosen recipe and null: per-token KL against the unsteered model and the perplexity ratio, on the SAE
     corpus's held-out documents and on generic text (prompting changes no weight or activation: 0 by construction)."""
-    from .capability import capability_cost
+    from ...capability import capability_cost
 
     bench = Bench(cfg)
     chosen = _chosen_recipes(cfg, bench)
@@ -608,33 +412,8 @@ def capability(cfg: SteeringBenchConfig) -> dict:
     return {name: v["generic"]["kl"] for name, v in out.items()}
 
 
-def summarize(cfg: SteeringBenchConfig, evaluation: dict, cap: dict, tuning: dict) -> dict:
-    """Per split and recipe: the accuracy effect against the unsteered run (paired by problem, seeds pooled),
-    length, parse-failure and degenerate rates, the capability cost and the dev choice."""
-    out = {"splits": {}, "dev": tuning, "capability": cap}
-    for split, doc in evaluation["splits"].items():
-        base = doc["recipes"]["unsteered"]
-        rows = {}
-        for name, r in doc["recipes"].items():
-            row = {m: float(np.mean(r[m])) for m in ("reward", "accuracy", "length", "parse_failure", "degenerate")}
-            if name != "unsteered":
-                row["effect"] = list(bootstrap(np.array(r["reward"]), np.array(base["reward"]),
-                                               n_boot=cfg.n_bootstrap))
-                row["length_effect"] = list(bootstrap(np.array(r["length"]), np.array(base["length"]),
-                                                      n_boot=cfg.n_bootstrap))
-            rows[name] = row
-        out["splits"][split] = rows
-        out.setdefault("comparisons", {})[split] = {
-            f"{a} - {b}": list(bootstrap(np.array(doc["recipes"][a]["reward"]), np.array(doc["recipes"][b]["reward"]),
-                                         n_boot=cfg.n_bootstrap))
-            for a in IPG_BASED if a in doc["recipes"] for b in PRACTICE if b in doc["recipes"]}
-    return out
-
-
 def report(cfg: SteeringBenchConfig) -> dict:
     """``bench/report.md``, ``bench/leaderboard.json`` and the plot of accuracy gain against capability cost."""
-    from .steering_bench_report import answer, markdown, plot_gain_vs_cost
-
     out = _bench(cfg)
     summary = summarize(cfg, read_json(out / "evaluation.json"), read_json(out / "capability.json"),
                         read_json(out / "tuning.json"))
@@ -654,7 +433,7 @@ LEADERBOARD_COLUMNS = ["recipe", "setting", "effect", "lo", "hi", "accuracy", "l
 def log_to_wandb(cfg: SteeringBenchConfig, summary: dict, plot: Path) -> None:
     """The report's numbers as one W&B run: a leaderboard table per split, the plot, the answer and each recipe's
     effect in the summary, and the lineage from the SAE and the attributions it steered with."""
-    from .tracking import Tracker, use_inputs
+    from ...tracking import Tracker, use_inputs
 
     with Tracker(cfg.wandb, cfg.run_dir, cfg.name, "steering-bench") as tracker:
         use_inputs(tracker, saes=sae_specs(cfg), attribution_dirs=list(_attribution_dirs(cfg).values()))

@@ -1,5 +1,5 @@
 """The steering benchmark's report: the leaderboard, the one-sentence answer and the plot of accuracy gain
-against capability cost (:mod:`ipg_sae.steering_bench` computes every number)."""
+against capability cost (:mod:`ipg_sae.experiments.steering_bench.run` computes every number)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import pyplot, save_figure
+from ...report import pyplot, save_figure
+from .recipes import group
 
-IPG_BASED = ("ipg_topk", "ipg_step", "diffmean_projected")
-PRACTICE = ("diffmean", "prompting")
 
 
 def _pts(v: list) -> str:
@@ -24,13 +23,13 @@ def _transfer_splits(summary: dict) -> list[str]:
 def answer(cfg, summary: dict) -> str:
     """Does any IPG-based recipe beat DiffMean and prompting on test, and does it transfer?"""
     test = summary["splits"].get("test", {})
-    ipg = [m for m in IPG_BASED if m in test]
+    ipg = [m for m in group("ipg") if m in test]
     if not ipg:
         return "No IPG-based recipe was run."
     best = max(ipg, key=lambda m: test[m]["effect"][0])
     comparisons = summary["comparisons"]["test"]
     parts = []
-    for other in (m for m in PRACTICE if m in test):
+    for other in (m for m in group("practice") if m in test):
         diff = comparisons[f"{best} - {other}"]
         verdict = "beats" if diff[1] > 0 else "loses to" if diff[2] < 0 else "does not separate from"
         parts.append(f"{verdict} {other} ({_pts(test[other]['effect'])}; difference {_pts(diff)})")
@@ -56,7 +55,7 @@ def plot_gain_vs_cost(cfg, summary: dict, path: Path) -> Path:
                 continue
             x = max(cap.get(name, {}).get("generic", {}).get("kl", 0.0), 1e-4)
             e = np.array(row["effect"]) * 100
-            color = "C3" if name in IPG_BASED else "C0" if name in PRACTICE else "grey"
+            color = "C3" if name in group("ipg") else "C0" if name in group("practice") else "grey"
             ax.errorbar([x], [e[0]], yerr=[[e[0] - e[1]], [e[2] - e[0]]], marker="o", color=color, capsize=2)
             ax.annotate(name, (x, e[0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="black", lw=0.8)
