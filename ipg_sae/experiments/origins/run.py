@@ -41,11 +41,11 @@ import torch
 
 from ...attribution import AttributionResult
 from ...attribution.path import advantages
-from ...cells import CellStore, Inputs, LogprobCells
-from ...faithfulness import TrajectoryScorer, estimate
+from ...cells import Inputs
 from ...io import read_json, write_json, write_text
 from ...jobs import method_dir
 from ...models import load_model
+from ...panel import OffPolicyPanel
 from ...saes import load_saes
 from ...selection import select
 from ...trajectories import Trajectory, load_trajectories, prompt_groups
@@ -160,7 +160,6 @@ def single_latent_effects(cfg: PathsConfig, progress: bool = True) -> dict:
 
     model, _ = load_model(cfg.model)
     saes = load_saes(sae_specs(cfg), model)
-    inputs = Inputs.of(model, saes)
     scope = cfg.attribution.scope
     attributed = load_trajectories(reward_dir(cfg, cfg.reward) / "trajectories.jsonl")
     heldout = load_trajectories(reward_dir(cfg, cfg.reward) / "heldout.jsonl")
@@ -169,18 +168,15 @@ def single_latent_effects(cfg: PathsConfig, progress: bool = True) -> dict:
         keep = {i for g in groups[:cfg.single_heldout_problems] for i in g}
         heldout = [t for j, t in enumerate(heldout) if j in keep]
         ids, groups = prompt_groups([t.prompt_id for t in heldout])
-    store = cfg.run_dir / "paths" / "cells"
-    objective = LogprobCells(CellStore(store / "objective"), TrajectoryScorer(
-        model, attributed, 1.0, saes=saes, problems_per_batch=cfg.problems_per_batch, scope=scope,
-        exclude_first=cfg.attribution.exclude_first), inputs, attributed, 1.0, scope)
-    held = LogprobCells(CellStore(store / "heldout"), TrajectoryScorer(
-        model, heldout, cfg.heldout_sampling.temperature, saes=saes, problems_per_batch=cfg.problems_per_batch,
-        scope=scope), inputs, heldout, cfg.heldout_sampling.temperature, scope)
+    store, inputs = cfg.run_dir / "paths" / "cells", Inputs.of(model, saes)
+    objective = OffPolicyPanel.build(model, saes, attributed, 1.0, store / "objective", scope=scope,
+                                     problems_per_batch=cfg.problems_per_batch,
+                                     exclude_first=cfg.attribution.exclude_first, inputs=inputs)
+    held = OffPolicyPanel.build(model, saes, heldout, cfg.heldout_sampling.temperature, store / "heldout",
+                                scope=scope, problems_per_batch=cfg.problems_per_batch, inputs=inputs)
     weights = objective_weights(attributed, cfg.attribution.advantage)
     rewards = torch.tensor([t.reward for t in heldout], dtype=torch.float64)
-    obj_base = objective.logprobs([], 1.0)
-    held_base = held.logprobs([], 1.0)
-    held_base_value = estimate(held_base, held_base, rewards, groups).per_prompt
+    held_base_value = held.estimate(held.base, rewards).per_prompt
     out = {"heldout_problems": len(groups), "attributed_trajectories": len(attributed), "origins": {}}
     for origin in cfg.origins:
         results = _results(cfg, origin)
@@ -192,9 +188,9 @@ def single_latent_effects(cfg: PathsConfig, progress: bool = True) -> dict:
             pair = [(layer, latent)]
             logp = objective.logprobs(pair, 0.0, origin=about, name=f"objective {origin} {layer}:{latent}")
             logp_held = held.logprobs(pair, 0.0, origin=about, name=f"heldout {origin} {layer}:{latent}")
-            removed = estimate(held_base, logp_held, rewards, groups).per_prompt
+            removed = held.estimate(logp_held, rewards).per_prompt
             rows.append({"layer": layer, "latent": latent, "origin_value": about.get((layer, latent), 0.0),
-                         "objective": float((weights * (obj_base - logp)).sum()),
+                         "objective": float((weights * (objective.base - logp)).sum()),
                          "heldout": float((held_base_value - removed).mean()),
                          "heldout_per_problem": (held_base_value - removed).tolist(),
                          "scores": {m: float(r.score[layer][latent]) for m, r in results.items()}})
@@ -214,13 +210,10 @@ def set_curves(cfg: PathsConfig, progress: bool = True) -> dict:
     model, _ = load_model(cfg.model)
     saes = load_saes(sae_specs(cfg), model)
     heldout = load_trajectories(reward_dir(cfg, cfg.reward) / "heldout.jsonl")
-    ids, groups = prompt_groups([t.prompt_id for t in heldout])
-    scorer = TrajectoryScorer(model, heldout, cfg.heldout_sampling.temperature, saes=saes,
-                              problems_per_batch=cfg.problems_per_batch, scope=cfg.attribution.scope)
-    cells = LogprobCells(CellStore(cfg.run_dir / "paths" / "cells" / "curves"), scorer, Inputs.of(model, saes),
-                         heldout, cfg.heldout_sampling.temperature, cfg.attribution.scope)
+    panel = OffPolicyPanel.build(model, saes, heldout, cfg.heldout_sampling.temperature,
+                                 cfg.run_dir / "paths" / "cells" / "curves", scope=cfg.attribution.scope,
+                                 problems_per_batch=cfg.problems_per_batch)
     rewards = torch.tensor([t.reward for t in heldout], dtype=torch.float64)
-    base_logp = cells.logprobs([], 1.0)
     plan = []
     for origin in cfg.origins:
         results = _results(cfg, origin)
@@ -230,12 +223,12 @@ def set_curves(cfg: PathsConfig, progress: bool = True) -> dict:
             plan += [(origin, method, k, gamma, ranked[:k], about) for k in cfg.ks for gamma in cfg.gammas]
     curves: dict = {}
     for origin, method, k, gamma, latents, about in tqdm(plan, desc="path curves", unit="cell", disable=not progress):
-        logp = cells.logprobs(latents, gamma, origin=about, name=f"{origin}/{method}|k{k} x{gamma:g}")
-        est = estimate(base_logp, logp, rewards, groups)
+        est = panel.effect(latents, gamma, rewards, origin=about, name=f"{origin}/{method}|k{k} x{gamma:g}")
         curves.setdefault(origin, {}).setdefault(method, {}).setdefault(str(gamma), {})[str(k)] = {
             "reward": est.per_prompt.tolist(), "ess": float(np.mean(est.ess)), "latents": [list(p) for p in latents]}
-    base = [float(rewards[g].mean()) for g in groups]
-    write_json(cfg.run_dir / "paths" / "curves.json", {"problem_ids": ids, "base": base, "curves": curves})
+    base = [float(rewards[g].mean()) for g in panel.groups]
+    write_json(cfg.run_dir / "paths" / "curves.json", {"problem_ids": panel.problem_ids, "base": base,
+                                                      "curves": curves})
     return {"cells": len(plan)}
 
 

@@ -32,15 +32,15 @@ import numpy as np
 import torch
 
 from ...attribution import AttributionResult
-from ...cells import BASE, CellStore, Inputs, LogprobCells
+from ...cells import BASE
 from ...digest import json_digest
 from ...errors import IPGError
 from ...evaluation import EvalConfig, PerProblem, degenerate_flags, evaluate, unsteered_trajectories
-from ...faithfulness import TrajectoryScorer, estimate
 from ...io import read_json, write_json, write_text
 from ...jobs import method_dir
 from ...models import load_model
 from ...nulls import LatentPool, draw_sets, set_policy_change
+from ...panel import OffPolicyPanel
 from ...provenance import PROVENANCE_FILE, write_provenance
 from ...rewards import get_reward
 from ...sampling import eos_ids
@@ -107,12 +107,10 @@ def run_study(cfg: StudyConfig) -> dict:
 # ---- scoring: every cell, off-policy --------------------------------------------------------
 
 
-def _cells(cfg: StudyConfig, model, saes, heldout: list[Trajectory]) -> LogprobCells:
-    """Off-policy cells on the held-out samples, each saved to ``study/cells/`` as it finishes."""
-    scorer = TrajectoryScorer(model, heldout, cfg.heldout_sampling.temperature, saes=saes,
-                              problems_per_batch=cfg.problems_per_batch, scope=cfg.scope)
-    return LogprobCells(CellStore(cfg.run_dir / "study" / "cells"), scorer, Inputs.of(model, saes), heldout,
-                        cfg.heldout_sampling.temperature, cfg.scope)
+def _panel(cfg: StudyConfig, model, saes, heldout: list[Trajectory]) -> OffPolicyPanel:
+    """The off-policy panel on the held-out samples, each cell saved to ``study/cells/`` as it finishes."""
+    return OffPolicyPanel.build(model, saes, heldout, cfg.heldout_sampling.temperature, cfg.run_dir / "study" / "cells",
+                                scope=cfg.scope, problems_per_batch=cfg.problems_per_batch)
 
 
 def _control_sets(cfg: StudyConfig, reward: str, ranking: dict, pool: LatentPool,
@@ -149,12 +147,11 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
     saes = load_saes(sae_specs(cfg), model)
     heldout = {r: load_trajectories(reward_dir(cfg, r) / "heldout.jsonl") for r in cfg.rewards}
     samples = heldout[cfg.rewards[0]]  # the same samples under every reward
-    cells = _cells(cfg, model, saes, samples)
-    base_logp = cells.logprobs([], 1.0)
-    frequencies = cells.scorer.activation_frequencies()
-    pool = LatentPool.of(saes, frequencies=frequencies, push=cells.scorer.latent_push(),
-                         policy_per_sample=cells.policy_change(progress))
-    problem_ids, groups = prompt_groups([t.prompt_id for t in samples])
+    panel = _panel(cfg, model, saes, samples)
+    base_logp, problem_ids, groups = panel.base, panel.problem_ids, panel.groups
+    frequencies = panel.scorer.activation_frequencies()
+    pool = LatentPool.of(saes, frequencies=frequencies, push=panel.scorer.latent_push(),
+                         policy_per_sample=panel.cells.policy_change(progress))
     stops = eos_ids(model, tokenizer)
     flags = [degenerate_flags(t, EvalConfig(), stops) for t in samples]
     values = {"accuracy": torch.tensor([float(t.correct) for t in samples], dtype=torch.float64),
@@ -179,10 +176,10 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
                                                                                      headline) for gamma in cfg.gammas]
     estimates: dict = {}
     for reward, label, latents, gamma in tqdm(plan, desc="study cells", unit="cell", disable=not progress):
-        logp = cells.logprobs(latents, gamma, name=f"{label} x{gamma:g}")
+        logp = panel.logprobs(latents, gamma, name=f"{label} x{gamma:g}")
         metrics = {"accuracy": values["accuracy"], "length": values["length"], "reward": values[f"reward:{reward}"]}
         metrics.update(parsed=values["parsed"], degenerate=values["degenerate"])
-        est = {name: estimate(base_logp, logp, v, groups) for name, v in metrics.items()}
+        est = {name: panel.estimate(logp, v) for name, v in metrics.items()}
         shift = (logp - base_logp).abs()  # how far the set moves each sample's log-probability: the realised push
         estimates.setdefault(reward, {}).setdefault(label, {})[str(gamma)] = {
             "latents": [list(p) for p in latents], "ess": est["reward"].ess.tolist(),

@@ -1,0 +1,103 @@
+"""The experiments' report modules, on hand-made summaries (no job run): each renders what it is given, and the
+answers' verdicts follow the intervals."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+
+def _bench_row(effect, accuracy=0.5):
+    return {"reward": accuracy, "accuracy": accuracy, "length": 20.0, "parse_failure": 0.1, "degenerate": 0.0,
+            "effect": list(effect), "length_effect": [1.0, -0.5, 2.5]}
+
+
+def _bench_summary(ipg_minus_diffmean):
+    unsteered = {k: v for k, v in _bench_row([0, 0, 0]).items() if k not in ("effect", "length_effect")}
+    rows = {"unsteered": unsteered, "ipg_topk": _bench_row([0.10, 0.05, 0.15], 0.6),
+            "diffmean": _bench_row([0.02, -0.01, 0.05], 0.52)}
+    tuning = {"dev_problems": 50, "min_ess": 0.5, "rows": [
+        {"method": "ipg_topk", "label": "ipg_topk k=4,gamma=2.0", "effect": 0.12, "estimator": "off-policy",
+         "ess": 0.8, "chosen": True},
+        {"method": "diffmean", "label": "diffmean alpha=0.1", "effect": 0.03, "estimator": "on-policy",
+         "chosen": True}]}
+    return {"splits": {"test": rows, "transfer-1": {**rows, "ipg_topk": _bench_row([-0.04, -0.08, -0.01])}},
+            "comparisons": {"test": {"ipg_topk - diffmean": list(ipg_minus_diffmean)}},
+            "capability": {"ipg_topk": {"generic": {"kl": 0.01, "ppl_ratio": 1.02}, "corpus": {"kl": 0.02}},
+                           "diffmean": {"generic": {"kl": 0.05, "ppl_ratio": 1.1}, "corpus": {"kl": 0.04}}},
+            "dev": tuning, "recipes": {"ipg_topk": {"label": "ipg_topk k=4,gamma=2.0"},
+                                       "diffmean": {"label": "diffmean alpha=0.1"}}}
+
+
+BENCH_CFG = SimpleNamespace(reward="correctness", methods=["ipg_topk", "diffmean"], eval_seeds=[1, 2],
+                            eval_sampling=SimpleNamespace(n_samples=4), grid=SimpleNamespace(max_settings=12))
+
+
+@pytest.mark.parametrize("diff, verdict", [([0.08, 0.02, 0.14], "beats diffmean"),
+                                           ([0.08, -0.02, 0.14], "does not separate from diffmean"),
+                                           ([-0.08, -0.12, -0.02], "loses to diffmean")])
+def test_the_bench_answer_follows_the_paired_interval(diff, verdict):
+    from ipg_sae.experiments.steering_bench.report import answer
+
+    text = answer(BENCH_CFG, _bench_summary(diff))
+    assert text.startswith("On test, the best IPG-based recipe is ipg_topk (ipg_topk k=4,gamma=2.0)")
+    assert verdict in text and "On transfer-1 it reverses: -4.0 [-8.0, -1.0] points." in text
+
+
+def test_the_bench_markdown_ranks_by_effect_and_lists_every_dev_choice():
+    from ipg_sae.experiments.steering_bench.report import markdown
+
+    summary = _bench_summary([0.08, 0.02, 0.14])
+    summary["answer"] = "ANSWER"
+    text = markdown(BENCH_CFG, summary)
+    test = text[text.index("## test"):text.index("## transfer-1")]
+    assert test.index("| 1 | ipg_topk |") < test.index("| 2 | diffmean |")
+    assert "| ipg_topk - diffmean | +8.0 [+2.0, +14.0] |" in test and "**Answer.** ANSWER" in text
+    assert "| ipg_topk | 1 | ipg_topk k=4,gamma=2.0 | +12.0 | off-policy | 0.80 |" in text
+    assert "| diffmean | 1 | diffmean alpha=0.1 | +3.0 | on-policy | n/a |" in text
+
+
+def _agreement(rho):
+    return {"n": 10, "spearman": [rho, rho - 0.1, rho + 0.1], "pearson": [rho, rho - 0.2, rho + 0.2],
+            "sign": [0.7, 0.6, 0.8]}
+
+
+def test_the_origin_answer_and_markdown_name_the_best_path():
+    from ipg_sae.experiments.origins.report import markdown
+    from ipg_sae.experiments.origins.summary import answer
+
+    cfg = SimpleNamespace(origins=["zero", "mean"], methods=["ipg", "ipg_local"], ks=[1, 4], gammas=[0.0, 2.0],
+                          top_latents=8, random_latents=8)
+    per_latent = {"zero": {"ipg": {"objective": _agreement(0.9), "heldout": _agreement(0.2)},
+                           "ipg_local": {"objective": _agreement(0.5), "heldout": _agreement(0.6)}},
+                  "mean": {"ipg": {"objective": _agreement(float("nan")), "heldout": _agreement(0.1)},
+                           "ipg_local": {"objective": _agreement(0.3), "heldout": _agreement(0.4)}}}
+    curve = lambda auc: {"rows": [{"k": 1, "value": 0.5, "effect": -0.01, "lo": -0.02, "hi": 0.0, "ess": 0.9},  # noqa: E731
+                                  {"k": 4, "value": 0.4, "effect": -0.1, "lo": -0.15, "hi": -0.05, "ess": 0.7}],
+                         "auc": auc}
+    sets = {o: {m: {"0.0": curve(a), "2.0": curve(0.01)} for m, a in (("ipg", -0.2 if o == "mean" else -0.05),
+                                                                        ("ipg_local", -0.03))} for o in cfg.origins}
+    summary = {"per_latent": per_latent, "sets": sets, "base": 0.5}
+    text = answer(cfg, summary)
+    assert "best predicted by ipg from the zero origin on the attribution objective (Spearman 0.90)" in text
+    assert "by ipg_local from the zero origin on held-out reward (Spearman 0.60)" in text
+    assert "steepest deletion curve on held-out problems is ipg from the mean origin (mean effect over k -20.0" in text
+    doc = {"answer": text, **summary, "heldout_problems": 12}
+    md = markdown(cfg, doc, {"attributed_trajectories": 40, "heldout_problems": 6})
+    assert "| zero | ipg | 10 | 0.90 [0.80, 1.00] |" in md and "| mean | ipg | 10 | n/a |" in md
+    assert "Held-out accuracy without steering 50.0% (12 problems)" in md
+
+
+def test_the_study_answer_states_each_null_it_was_ranked_in():
+    from ipg_sae.experiments.study.report import answer
+
+    cfg = SimpleNamespace(k=16, gammas=[0.0, 2.0], methods=["ipg", "act"])
+    row = lambda effect: {"effect": effect, "lo": effect - 0.02, "hi": effect + 0.02, "null_percentile": 2.0,  # noqa: E731
+                          "p_value": 0.02, "nulls": {"push": {"percentile": 5.0, "p_value": 0.05}}}
+    res = {"methods": {"ipg": {"0.0": row(-0.1), "2.0": row(0.05)}, "act": {"0.0": row(-0.01), "2.0": row(0.0)}},
+           "null": {"0.0": {"n": 50}, "2.0": {"n": 50}}, "nulls": {"0.0": {"push": {"n": 20}}, "2.0": {"push": {"n": 20}}}}
+    text = answer(cfg, "correctness", res)
+    assert "removing IPG's top 16 latents changed" in text and "beats the null" in text
+    assert "against 20 push-matched random sets: 5th percentile (p = 0.05)" in text
+    assert text.endswith("The method whose sets moved it most in the predicted directions: ipg.")
