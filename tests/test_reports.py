@@ -59,8 +59,25 @@ def test_the_bench_markdown_ranks_by_effect_and_lists_every_dev_choice():
 
 
 def _agreement(rho):
-    return {"n": 10, "spearman": [rho, rho - 0.1, rho + 0.1], "pearson": [rho, rho - 0.2, rho + 0.2],
-            "sign": [0.7, 0.6, 0.8]}
+    from ipg_sae.experiments.origins.summary import Agreement
+
+    return Agreement(10, [rho, rho - 0.1, rho + 0.1], [rho, rho - 0.2, rho + 0.2], [0.7, 0.6, 0.8])
+
+
+def _origins_summary():
+    from ipg_sae.experiments.origins.summary import Curve, CurveRow, OriginsSummary
+
+    per_latent = {"zero": {"ipg": {"objective": _agreement(0.9), "heldout": _agreement(0.2)},
+                           "ipg_local": {"objective": _agreement(0.5), "heldout": _agreement(0.6)}},
+                  "mean": {"ipg": {"objective": _agreement(float("nan")), "heldout": _agreement(0.1)},
+                           "ipg_local": {"objective": _agreement(0.3), "heldout": _agreement(0.4)}}}
+
+    def curve(auc):
+        return Curve([CurveRow(1, 0.5, -0.01, -0.02, 0.0, 0.9), CurveRow(4, 0.4, -0.1, -0.15, -0.05, 0.7)], auc)
+
+    sets = {o: {"ipg": {0.0: curve(-0.2 if o == "mean" else -0.05), 2.0: curve(0.01)},
+                "ipg_local": {0.0: curve(-0.03), 2.0: curve(0.01)}} for o in ("zero", "mean")}
+    return OriginsSummary("", per_latent, sets, 0.5, 12, 6, 8, 8, ["zero", "mean"], ["ipg", "ipg_local"])
 
 
 def test_the_origin_answer_and_markdown_name_the_best_path():
@@ -69,24 +86,34 @@ def test_the_origin_answer_and_markdown_name_the_best_path():
 
     cfg = SimpleNamespace(origins=["zero", "mean"], methods=["ipg", "ipg_local"], ks=[1, 4], gammas=[0.0, 2.0],
                           top_latents=8, random_latents=8)
-    per_latent = {"zero": {"ipg": {"objective": _agreement(0.9), "heldout": _agreement(0.2)},
-                           "ipg_local": {"objective": _agreement(0.5), "heldout": _agreement(0.6)}},
-                  "mean": {"ipg": {"objective": _agreement(float("nan")), "heldout": _agreement(0.1)},
-                           "ipg_local": {"objective": _agreement(0.3), "heldout": _agreement(0.4)}}}
-    curve = lambda auc: {"rows": [{"k": 1, "value": 0.5, "effect": -0.01, "lo": -0.02, "hi": 0.0, "ess": 0.9},  # noqa: E731
-                                  {"k": 4, "value": 0.4, "effect": -0.1, "lo": -0.15, "hi": -0.05, "ess": 0.7}],
-                         "auc": auc}
-    sets = {o: {m: {"0.0": curve(a), "2.0": curve(0.01)} for m, a in (("ipg", -0.2 if o == "mean" else -0.05),
-                                                                        ("ipg_local", -0.03))} for o in cfg.origins}
-    summary = {"per_latent": per_latent, "sets": sets, "base": 0.5}
-    text = answer(cfg, summary)
+    summary = _origins_summary()
+    summary.answer = text = answer(summary)
     assert "best predicted by ipg from the zero origin on the attribution objective (Spearman 0.90)" in text
     assert "by ipg_local from the zero origin on held-out reward (Spearman 0.60)" in text
     assert "steepest deletion curve on held-out problems is ipg from the mean origin (mean effect over k -20.0" in text
-    doc = {"answer": text, **summary, "heldout_problems": 12}
-    md = markdown(cfg, doc, {"attributed_trajectories": 40, "heldout_problems": 6})
+    md = markdown(cfg, summary, {"attributed_trajectories": 40, "heldout_problems": 6})
     assert "| zero | ipg | 10 | 0.90 [0.80, 1.00] |" in md and "| mean | ipg | 10 | n/a |" in md
     assert "Held-out accuracy without steering 50.0% (12 problems)" in md
+    assert "| mean | ipg | 0 | -1.0 [-2.0, +0.0] | -10.0 [-15.0, -5.0] | -20.0 |" in md
+
+
+def test_the_origin_summary_saves_and_loads_with_its_format(tmp_path):
+    import json
+
+    from ipg_sae.errors import IPGError
+    from ipg_sae.experiments.origins.summary import OriginsSummary
+
+    summary = _origins_summary()
+    path = summary.save(tmp_path / "summary.json")
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "ipg-sae-origins-summary/1" and set(doc["sets"]["zero"]["ipg"]) == {"0.0", "2.0"}
+    again = OriginsSummary.load(path)
+    assert again.sets["mean"]["ipg"][0.0].auc == -0.2 and again.per_latent["zero"]["ipg"]["objective"].n == 10
+    assert json.dumps(again.to_json()) == json.dumps(summary.to_json())  # NaN included
+    doc["format"] = "old"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(IPGError, match="rerun its report stage"):
+        OriginsSummary.load(path)
 
 
 def test_the_study_answer_states_each_null_it_was_ranked_in():

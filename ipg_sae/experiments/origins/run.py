@@ -53,7 +53,7 @@ from ..common import HELDOUT_STAGE, attribute, attribution_sampling_stage, conte
 from ..stages import SAE_STAGE, Stage, run_job_stages, sae_specs
 from .config import ORIGINS, PathsConfig
 from .report import markdown, plot_curves, plot_scatter
-from .summary import answer, summarize
+from .summary import OriginsSummary, summarize
 
 log = logging.getLogger(__name__)
 
@@ -234,21 +234,17 @@ def set_curves(cfg: PathsConfig, progress: bool = True) -> dict:
 
 def report(cfg: PathsConfig) -> dict:
     """``paths/report.md``, ``paths/summary.json`` and the plots."""
-
     out = cfg.run_dir / "paths"
     single, curves = read_json(out / "single.json"), read_json(out / "curves.json")
     summary = summarize(cfg, single, curves)
     plots = [plot_scatter(cfg, single, summary, out / "single_latent.png"), plot_curves(cfg, summary, out / "curves.png")]
-    doc = {"answer": answer(cfg, summary), **summary, "heldout_problems": len(curves["base"]),
-           "single_heldout_problems": single["heldout_problems"], "top_latents": cfg.top_latents,
-           "random_latents": cfg.random_latents, "origins": cfg.origins, "methods": cfg.methods}
-    write_json(out / "summary.json", doc)
-    write_text(out / "report.md", markdown(cfg, doc, single))
-    log_to_wandb(cfg, doc, plots)
-    return {"answer": doc["answer"], "report": str(out / "report.md"), "plots": [str(p) for p in plots]}
+    summary.save(out / "summary.json")
+    write_text(out / "report.md", markdown(cfg, summary, single))
+    log_to_wandb(cfg, summary, plots)
+    return {"answer": summary.answer, "report": str(out / "report.md"), "plots": [str(p) for p in plots]}
 
 
-def log_to_wandb(cfg: PathsConfig, doc: dict, plots: list[Path]) -> None:
+def log_to_wandb(cfg: PathsConfig, summary: OriginsSummary, plots: list[Path]) -> None:
     """The report as one W&B run: the per-latent agreement table, the plots, the answer and each agreement's
     Spearman in the summary, with the lineage from the SAE and every origin's attributions."""
     from ...tracking import Tracker, use_inputs
@@ -257,13 +253,12 @@ def log_to_wandb(cfg: PathsConfig, doc: dict, plots: list[Path]) -> None:
         use_inputs(tracker, saes=sae_specs(cfg), attribution_dirs=_attribution_dirs(cfg))
         for plot in plots:
             tracker.image(f"paths/{Path(plot).stem}", plot)
-        rows, metrics = [], {"paths/answer": doc["answer"]}
-        for origin, methods in doc["per_latent"].items():
+        rows, metrics = [], {"paths/answer": summary.answer}
+        for origin, methods in summary.per_latent.items():
             for method, sides in methods.items():
                 for side, entry in sides.items():
-                    rows.append([origin, method, side, entry["n"], *entry["spearman"], entry["pearson"][0],
-                                 entry["sign"][0]])
-                    metrics[f"paths/{origin}/{method}/{side}/spearman"] = entry["spearman"][0]
+                    rows.append([origin, method, side, entry.n, *entry.spearman, entry.pearson[0], entry.sign[0]])
+                    metrics[f"paths/{origin}/{method}/{side}/spearman"] = entry.spearman[0]
         tracker.table("paths/per_latent", ["origin", "method", "target", "n", "spearman", "lo", "hi", "pearson",
                                            "sign_agreement"], rows)
         tracker.summary(metrics)
