@@ -22,12 +22,15 @@ def _bench_summary(ipg_minus_diffmean):
          "ess": 0.8, "chosen": True},
         {"method": "diffmean", "label": "diffmean alpha=0.1", "effect": 0.03, "estimator": "on-policy",
          "chosen": True}]}
-    return {"splits": {"test": rows, "transfer-1": {**rows, "ipg_topk": _bench_row([-0.04, -0.08, -0.01])}},
+    from ipg_sae.experiments.steering_bench.summary import FORMAT, BenchSummary
+
+    return BenchSummary.from_json({
+            "splits": {"test": rows, "transfer-1": {**rows, "ipg_topk": _bench_row([-0.04, -0.08, -0.01])}},
             "comparisons": {"test": {"ipg_topk - diffmean": list(ipg_minus_diffmean)}},
             "capability": {"ipg_topk": {"generic": {"kl": 0.01, "ppl_ratio": 1.02}, "corpus": {"kl": 0.02}},
                            "diffmean": {"generic": {"kl": 0.05, "ppl_ratio": 1.1}, "corpus": {"kl": 0.04}}},
             "dev": tuning, "recipes": {"ipg_topk": {"label": "ipg_topk k=4,gamma=2.0"},
-                                       "diffmean": {"label": "diffmean alpha=0.1"}}}
+                                       "diffmean": {"label": "diffmean alpha=0.1"}}, "answer": "", "format": FORMAT})
 
 
 BENCH_CFG = SimpleNamespace(reward="correctness", methods=["ipg_topk", "diffmean"], eval_seeds=[1, 2],
@@ -49,13 +52,27 @@ def test_the_bench_markdown_ranks_by_effect_and_lists_every_dev_choice():
     from ipg_sae.experiments.steering_bench.report import markdown
 
     summary = _bench_summary([0.08, 0.02, 0.14])
-    summary["answer"] = "ANSWER"
+    summary.answer = "ANSWER"
     text = markdown(BENCH_CFG, summary)
     test = text[text.index("## test"):text.index("## transfer-1")]
     assert test.index("| 1 | ipg_topk |") < test.index("| 2 | diffmean |")
     assert "| ipg_topk - diffmean | +8.0 [+2.0, +14.0] |" in test and "**Answer.** ANSWER" in text
     assert "| ipg_topk | 1 | ipg_topk k=4,gamma=2.0 | +12.0 | off-policy | 0.80 |" in text
     assert "| diffmean | 1 | diffmean alpha=0.1 | +3.0 | on-policy | n/a |" in text
+
+
+def test_the_bench_summary_round_trips_its_file(tmp_path):
+    import json
+
+    from ipg_sae.experiments.steering_bench.summary import BenchSummary
+
+    summary = _bench_summary([0.08, 0.02, 0.14])
+    doc = json.loads(summary.save(tmp_path / "leaderboard.json").read_text())
+    assert "effect" not in doc["splits"]["test"]["unsteered"] and doc["comparisons"]["test"] == {
+        "ipg_topk - diffmean": [0.08, 0.02, 0.14]}
+    again = BenchSummary.load(tmp_path / "leaderboard.json")
+    assert again.comparison("test", "ipg_topk", "diffmean").difference == [0.08, 0.02, 0.14]
+    assert again.to_json() == summary.to_json()
 
 
 def _agreement(rho):

@@ -20,22 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..attribution import AttributionConfig, Baseline
-from ..config import JobConfig, dump_yaml
+from ..config import JobConfig
 from ..errors import IPGError
 from ..evaluation import EvalConfig
 from ..explorer import ExplorerConfig
-from ..io import run_lock, write_text
 from ..jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, SampleJobConfig, SelectionConfig,
                    check_baselines, method_dir, run_attribute, run_evaluate, run_explore, run_sample)
 from ..provenance import PROVENANCE_FILE, write_provenance
 from ..rewards import get_reward
-from ..sampling import SamplingConfig, check_fits_context
+from ..sampling import SamplingConfig
 from ..splits import disjoint_splits
-from .common import check_sae
-from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_stages, sae_specs,
-                     task_files, train_job)
 from ..tasks import TaskConfig
 from ..tracking import attribution_files
+from .common import check_sae
+from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_job_stages, sae_specs,
+                     task_files, train_job)
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +136,6 @@ def _run_explore(cfg: PipelineConfig) -> dict:
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every stage not already finished with the same settings; return each stage's summary."""
     evaluation = _evaluate_job(cfg).evaluation
-    check_fits_context(cfg.model, [(cfg.task, cfg.sampling.max_new_tokens, "sampling.max_new_tokens"),
-                                   (evaluation.task, evaluation.sampling.max_new_tokens,
-                                    "evaluation.sampling.max_new_tokens")])
-    with run_lock(cfg.run_dir):
-        write_text(cfg.run_dir / "pipeline_config.yaml", dump_yaml(cfg))
-        return run_stages(cfg, STAGES)
+    return run_job_stages(cfg, STAGES, "pipeline_config.yaml", [
+        (cfg.task, cfg.sampling.max_new_tokens, "sampling.max_new_tokens"),
+        (evaluation.task, evaluation.sampling.max_new_tokens, "evaluation.sampling.max_new_tokens")])

@@ -63,7 +63,7 @@ from ..stages import SAE_STAGE, Stage, run_job_stages, sae_specs, task_files
 from .config import SteeringBenchConfig, splits
 from .recipes import KINDS, UNSTEERED, Ingredients, Recipe, null_recipes, recipes
 from .report import answer, markdown, plot_gain_vs_cost
-from .summary import summarize
+from .summary import BenchSummary, summarize
 
 log = logging.getLogger(__name__)
 
@@ -417,20 +417,19 @@ def report(cfg: SteeringBenchConfig) -> dict:
     out = _bench(cfg)
     summary = summarize(cfg, read_json(out / "evaluation.json"), read_json(out / "capability.json"),
                         read_json(out / "tuning.json"))
-    summary["recipes"] = read_json(out / "evaluation.json")["recipes"]
-    summary["answer"] = answer(cfg, summary)
+    summary.answer = answer(cfg, summary)
     plot = plot_gain_vs_cost(cfg, summary, out / "gain_vs_cost.png")
-    write_json(out / "leaderboard.json", summary)
+    summary.save(out / "leaderboard.json")
     write_text(out / "report.md", markdown(cfg, summary))
     log_to_wandb(cfg, summary, plot)
-    return {"answer": summary["answer"], "report": str(out / "report.md"), "plot": str(plot)}
+    return {"answer": summary.answer, "report": str(out / "report.md"), "plot": str(plot)}
 
 
 LEADERBOARD_COLUMNS = ["recipe", "setting", "effect", "lo", "hi", "accuracy", "length", "parse_failure", "degenerate",
                        "kl_generic", "kl_corpus"]
 
 
-def log_to_wandb(cfg: SteeringBenchConfig, summary: dict, plot: Path) -> None:
+def log_to_wandb(cfg: SteeringBenchConfig, summary: BenchSummary, plot: Path) -> None:
     """The report's numbers as one W&B run: a leaderboard table per split, the plot, the answer and each recipe's
     effect in the summary, and the lineage from the SAE and the attributions it steered with."""
     from ...tracking import Tracker, use_inputs
@@ -438,14 +437,14 @@ def log_to_wandb(cfg: SteeringBenchConfig, summary: dict, plot: Path) -> None:
     with Tracker(cfg.wandb, cfg.run_dir, cfg.name, "steering-bench") as tracker:
         use_inputs(tracker, saes=sae_specs(cfg), attribution_dirs=list(_attribution_dirs(cfg).values()))
         tracker.image("steering_bench/gain_vs_cost", plot)
-        metrics = {"steering_bench/answer": summary["answer"]}
-        for split, rows in summary["splits"].items():
+        metrics = {"steering_bench/answer": summary.answer}
+        for split, rows in summary.splits.items():
             table = []
             for name, row in rows.items():
-                effect = row.get("effect", [0.0, 0.0, 0.0])
-                cost = summary["capability"].get(name, {})
-                table.append([name, json.dumps(summary["recipes"][name]["setting"]), *effect, row["accuracy"],
-                              row["length"], row["parse_failure"], row["degenerate"],
+                effect = row.effect or [0.0, 0.0, 0.0]
+                cost = summary.capability.get(name, {})
+                table.append([name, json.dumps(summary.recipes[name]["setting"]), *effect, row.accuracy,
+                              row.length, row.parse_failure, row.degenerate,
                               cost.get("generic", {}).get("kl", 0.0), cost.get("corpus", {}).get("kl", 0.0)])
                 if name != "unsteered":
                     metrics[f"steering_bench/{split}/{name}/effect"] = effect[0]
