@@ -405,7 +405,8 @@ def _importance_cells(harness: _Harness, sets, active, progress: bool) -> tuple[
     """Off-policy: sample the unsteered policy once (the base cells), then score every (set, gamma) on
     those samples (:mod:`ipg_sae.faithfulness`): one row per problem and cell, holding the
     self-normalised importance estimate of each metric."""
-    from .faithfulness import TrajectoryScorer, estimate
+    from .faithfulness import TrajectoryScorer
+    from .panel import OffPolicyPanel
 
     cfg = harness.cfg
     base_rows, pooled = [], []
@@ -425,14 +426,14 @@ def _importance_cells(harness: _Harness, sets, active, progress: bool) -> tuple[
     groups = dict(zip(*prompt_groups([r["problem_id"] for r in base_rows])))
     index = [groups[pid] for pid in order]
     values = {k: torch.tensor([float(r[k]) for r in base_rows], dtype=torch.float64) for k in _VALUES}
-    base_logp = cells.logprobs([], 1.0, name=BASE)
+    panel = OffPolicyPanel(cells, pooled, order, index, cells.logprobs([], 1.0, name=BASE))  # problems in task order
     samples, ess = list(base_rows), {}
     plan = [Cell(name, float(g), -1) for name in harness.sets for g in cfg.gammas]
     bar = tqdm(plan, desc="evaluate (importance)", unit="cell", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(f"{cell.set} x{cell.gamma:g}")
-        logp = cells.logprobs(harness.sets[cell.set], cell.gamma, name=cell.name)  # gamma 1: the base, weights 1
-        estimates = {k: estimate(base_logp, logp, v, index) for k, v in values.items()}
+        logp = panel.logprobs(harness.sets[cell.set], cell.gamma, name=cell.name)  # gamma 1: the base, weights 1
+        estimates = {k: panel.estimate(logp, v) for k, v in values.items()}
         cell_ess = estimates["correct"].ess
         ess[cell.name] = {"mean": float(cell_ess.mean()), "min": float(cell_ess.min()),
                           "log_ratio_sd": estimates["correct"].log_ratio_sd}
