@@ -145,3 +145,15 @@ def test_the_study_answer_states_each_null_it_was_ranked_in():
     assert "removing IPG's top 16 latents changed" in text and "beats the null" in text
     assert "against 20 push-matched random sets: 5th percentile (p = 0.05)" in text
     assert text.endswith("The method whose sets moved it most in the predicted directions: ipg.")
+
+
+def test_a_study_cell_label_is_written_and_read_back_with_its_fields():
+    from ipg_sae.experiments.study.summary import CellLabel, null_labels
+
+    for label in (CellLabel("ipg", 16), CellLabel("push", 16, 3), CellLabel("null", 4, 0), CellLabel("ipg_bottom", 2)):
+        assert CellLabel.parse(str(label)) == label
+    assert str(CellLabel("perm", 16, 12)) == "perm12|k16" and CellLabel.parse("grad_x_act|k64").draw is None
+    cells = {"ipg|k2": {}, "null0|k2": {}, "null1|k2": {}, "null0|k1": {}, "push0|k2": {}, "policy0|k2": {}}
+    assert null_labels(cells, "frequency", 2) == ["null0|k2", "null1|k2"]
+    assert null_labels(cells, "frequency", None) == ["null0|k2", "null1|k2", "null0|k1"]
+    assert null_labels(cells, "push", 2) == ["push0|k2"] and null_labels(cells, "permutation", 2) == []

@@ -53,8 +53,8 @@ from ..common import HELDOUT_STAGE, attribute, attribution_sampling_stage, conte
 from ..stages import SAE_STAGE, Stage, run_job_stages, sae_specs
 from .config import StudyConfig
 from .report import answer, markdown, plot_calibration, plot_curves, plot_null, plot_push, slug
-from .nulls import FREQUENCY, NULLS
-from .summary import calibration, confirmation_cells, summarize
+from .nulls import FREQUENCY, FREQUENCY_LABEL, NULLS
+from .summary import SIGN_CONTROL, CellLabel, calibration, confirmation_cells, summarize
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,13 @@ def _control_sets(cfg: StudyConfig, reward: str, ranking: dict, pool: LatentPool
     out = []
     ipg = AttributionResult.load(method_dir(reward_dir(cfg, reward), "ipg"))
     if cfg.sign_control:
-        out.append((f"ipg_bottom|k{cfg.k}", select(ipg, cfg.k, bottom=True)))
+        out.append((str(CellLabel(SIGN_CONTROL, cfg.k)), select(ipg, cfg.k, bottom=True)))
     first = reward == cfg.rewards[0]
     for null in NULLS.values():
         n = null.sets(cfg) if first else min(null.sets(cfg), n_others)
         if n:
             draws = null.draw(ranking["ipg"][:cfg.k], cfg.k, n, cfg.null_seed + null.seed_offset, pool, ipg)
-            out += [(f"{null.label}{d}|k{cfg.k}", draw) for d, draw in enumerate(draws)]
+            out += [(str(CellLabel(null.label, cfg.k, d)), draw) for d, draw in enumerate(draws)]
     return out
 
 
@@ -166,12 +166,12 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
         ranking = _rankings(cfg, reward)
         for method, ranked in ranking.items():
             for k in cfg.ks:
-                plan += [(reward, f"{method}|k{k}", ranked[:k], gamma) for gamma in cfg.gammas]
+                plan += [(reward, str(CellLabel(method, k)), ranked[:k], gamma) for gamma in cfg.gammas]
         headline = cfg.null_sets if reward == cfg.rewards[0] else cfg.other_null_sets
         for k in cfg.ks:
             n = headline if k == cfg.k else cfg.curve_null_sets
             for d, draw in enumerate(draw_sets(FREQUENCY, ranking["ipg"][:k], n, cfg.null_seed + k, pool)):
-                plan += [(reward, f"null{d}|k{k}", draw, gamma) for gamma in cfg.gammas]
+                plan += [(reward, str(CellLabel(FREQUENCY_LABEL, k, d)), draw, gamma) for gamma in cfg.gammas]
         plan += [(reward, label, latents, gamma) for label, latents in _control_sets(cfg, reward, ranking, pool,
                                                                                      headline) for gamma in cfg.gammas]
     estimates: dict = {}

@@ -4,7 +4,7 @@ cells are confirmed on-policy, and the calibration of the off-policy estimator a
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -12,14 +12,44 @@ from ...stats import area_under_curve, bootstrap, null_rank, predicted_direction
 from .config import StudyConfig
 from .nulls import FREQUENCY, NULLS, labels
 
+SIGN_CONTROL = "ipg_bottom"  # IPG's bottom k: the label of the sign control's cells
 
 
+
+
+
+@dataclass(frozen=True)
+class CellLabel:
+    """What a scored cell is: a method's (or the sign control's) top ``k``, or draw ``draw`` of a null at ``k``.
+    Written as ``<name>[<draw>]|k<k>`` in ``scores.json`` (``ipg|k16``, ``push3|k16``, ``null0|k4``), where
+    ``name`` is the method or the null's label prefix (:mod:`.nulls`)."""
+
+    name: str
+    k: int
+    draw: int | None = None
+
+    @property
+    def set(self) -> str:
+        """The set's name without its size: ``push3``, ``ipg``."""
+        return f"{self.name}{'' if self.draw is None else self.draw}"
+
+    def __str__(self) -> str:
+        return f"{self.set}|k{self.k}"
+
+    @classmethod
+    def parse(cls, text: str) -> "CellLabel":
+        head, _, k = text.rpartition("|k")
+        for prefix in labels().values():  # a null's draw: its prefix then digits only
+            if head.startswith(prefix) and head[len(prefix):].isdigit():
+                return cls(prefix, int(k), int(head[len(prefix):]))
+        return cls(head, int(k))
 
 
 def null_labels(cells: dict, kind: str, k: int | None) -> list[str]:
     """The labels of one null's cells at ``k`` (at every k when None), in draw order (the order they were scored)."""
-    pattern = re.compile(rf"{re.escape(labels()[kind])}\d+\|k{k if k is not None else '[0-9]+'}")
-    return [label for label in cells if pattern.fullmatch(label)]
+    prefix = labels()[kind]
+    parsed = ((label, CellLabel.parse(label)) for label in cells)
+    return [label for label, p in parsed if p.name == prefix and p.draw is not None and (k is None or p.k == k)]
 
 
 def effect_row(cfg: StudyConfig, cell: dict, base: np.ndarray) -> dict:
@@ -68,7 +98,7 @@ def summarize(cfg: StudyConfig, scores: dict) -> dict:
                         **{m: float(np.mean([np.mean(d[m]) for d in draws])) if all(m in d for d in draws) else None
                            for m in ("abs_log_ratio", "abs_log_ratio_per_token", "first_order_change", "parsed",
                                      "degenerate")}}
-            control = cells.get(f"ipg_bottom|k{cfg.k}", {}).get(gamma)
+            control = cells.get(str(CellLabel(SIGN_CONTROL, cfg.k)), {}).get(gamma)
             if control is not None:
                 row = effect_row(cfg, control, base["reward"])
                 row["as_predicted"] = bool(-direction * row["effect"] > 0)  # the opposite of the top set's
@@ -77,7 +107,7 @@ def summarize(cfg: StudyConfig, scores: dict) -> dict:
                 entry = res["methods"].setdefault(method, {})
                 curve = []
                 for k in cfg.ks:
-                    cell = cells[f"{method}|k{k}"][gamma]
+                    cell = cells[str(CellLabel(method, k))][gamma]
                     row = effect_row(cfg, cell, base["reward"])
                     if k == cfg.k:
                         pct, p = null_rank(row["effect"], null_effects[k], direction)
@@ -108,17 +138,17 @@ def confirmation_cells(cfg: StudyConfig, summary: dict, scores: dict) -> list[di
         res, cells = summary[reward], scores["cells"][reward]
         base = np.array(scores["base"][reward]["reward"])
         for gamma in map(str, cfg.gammas):
-            chosen = [("ipg", f"ipg|k{cfg.k}", "ipg headline")]
+            chosen = [("ipg", str(CellLabel("ipg", cfg.k)), "ipg headline")]
             baselines = [m for m in res["methods"] if m != "ipg"]
             if baselines and headline:
                 best = max(baselines,
                            key=lambda m: predicted_direction(float(gamma)) * res["methods"][m][gamma]["effect"])
-                chosen.append((best, f"{best}|k{cfg.k}", "best baseline"))
-            if f"ipg_bottom|k{cfg.k}" in cells:
-                chosen.append(("ipg_bottom", f"ipg_bottom|k{cfg.k}", "sign control"))
+                chosen.append((best, str(CellLabel(best, cfg.k)), "best baseline"))
+            if str(CellLabel(SIGN_CONTROL, cfg.k)) in cells:
+                chosen.append((SIGN_CONTROL, str(CellLabel(SIGN_CONTROL, cfg.k)), "sign control"))
             for kind in [name for name, null in NULLS.items() if null.confirmed] if headline else ():
                 labels = null_labels(cells, kind, cfg.k)[:cfg.confirm_null_sets]
-                chosen += [(label.split("|")[0], label, f"{kind} null") for label in labels]
+                chosen += [(CellLabel.parse(label).set, label, f"{kind} null") for label in labels]
             for name, label, why in chosen:
                 off = np.array(cells[label][gamma]["reward"])
                 out.append({"reward": reward, "set": f"{name}-k{cfg.k}", "gamma": float(gamma), "why": why,
