@@ -101,7 +101,7 @@ def test_a_missing_reused_attribution_names_the_job_that_makes_it(bench_cfg, tmp
     assert not (bench_cfg.run_dir / "stages").exists()
 
 
-def test_a_reused_attribution_is_checked_for_its_problems_reward_and_saes(bench_cfg, tmp_path):
+def test_a_reused_attribution_is_checked_for_its_problems_reward_and_saes(bench_cfg, tmp_path, stage_reads_declared):
     """Issue 36 items 1 and 2: an attribution made on the test split's problems, with another reward or with
     other SAEs is refused before any work, each in one line naming the field and the fix."""
     import dataclasses
@@ -126,3 +126,8 @@ def test_a_reused_attribution_is_checked_for_its_problems_reward_and_saes(bench_
         dataclasses.replace(bench_cfg.sae.load[0], path=str(other_sae))]), **reuse)
     with pytest.raises(IPGError, match=r"attribution_dir .* was made with other SAEs than steering_bench.sae"):
         run_bench(other)
+    fits = dataclasses.replace(bench_cfg, **reuse)  # other problems, this reward, these SAEs: reused as it is
+    results = run_bench(fits)
+    assert results["sample"] == {"reused": fits.attribution_dir} and results["attribute"] == results["sample"]
+    assert not (fits.run_dir / fits.reward).exists() and (fits.run_dir / "bench" / "leaderboard.json").is_file()
+    assert any(p.startswith(str(made.run_dir)) for p in stage_reads_declared)  # read where it lies, declared
