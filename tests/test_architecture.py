@@ -168,3 +168,17 @@ def test_the_experiments_are_a_layer_above_the_library():
         siblings = {t for t in targets if _experiment_of(t) not in (None, mine)}
         assert not siblings, f"{name} imports another experiment: {sorted(siblings)}"
     assert "ipg_sae.experiments.study" in graph["ipg_sae.cli"]  # the check sees the layer at all
+
+
+def test_no_test_file_imports_another():
+    """Tests stand alone: what several test files share lives in ``conftest.py`` or ``tests/helpers.py``, and a
+    config names reward plugins from ``tests.helpers``, never from another test file."""
+    found = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name} imports {n}" for n in names if re.match(r"tests\.test_", n)]
+        found += [f"{path.name} names {m}" for m in re.findall(r"tests\.(test_\w+):", text) if m != path.stem]
+    assert not found, found

@@ -19,7 +19,7 @@ offline default model and SAE:
 Effects are differences from the unsteered policy on the same held-out samples, with 95%
 paired bootstrap intervals over problems; each method's headline effect is also placed in the
 null (percentile, one-sided rank p-value: :func:`ipg_sae.stats.null_rank`). Stages run as in the
-pipeline (:mod:`ipg_sae.stages`): a rerun reuses what is done, recomputes what changed.
+pipeline (:mod:`ipg_sae.experiments.stages`): a rerun reuses what is done, recomputes what changed.
 """
 
 from __future__ import annotations
