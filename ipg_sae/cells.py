@@ -235,6 +235,16 @@ class LogprobCells:
         compute = lambda: self.scorer.logprobs(scale_about(steer_by, gamma, about) if steer_by else [])  # noqa: E731
         return self.store.fetch(label, key, compute, LOGPROBS, name=name)
 
+    def steered(self, recipe: dict, interventions: Sequence, latents: Sequence[Sequence[int]], label: str,
+                name: str | None = None) -> torch.Tensor:
+        """``log pi'(tau)`` of every sample under any steering (vectors, clamps, scaled sets) that ``recipe``
+        describes in full (its scope included); the key holds ``recipe``, the samples, the temperature and the weights
+        ``latents`` read, not this panel's scope (the recipe's own), so the steering benchmark's cells keep the keys
+        they always had."""
+        key = {"estimator": "importance", "samples": self.context["samples"], "recipe": recipe,
+               "temperature": self.context["temperature"], **self.inputs.steered(latents)}
+        return self.store.fetch(label, key, lambda: self.scorer.logprobs(list(interventions)), LOGPROBS, name=name)
+
     def policy_change(self, progress: bool = False) -> dict[int, np.ndarray]:
         """Each SAE layer's first-order policy change per sample and latent, ``d log pi(tau) / d gamma_i`` signed,
         ``[n_samples, d_sae]`` (:meth:`ipg_sae.faithfulness.TrajectoryScorer.latent_policy_change`), kept in the

@@ -94,13 +94,13 @@ def _evaluate_run():
 
 
 def _pipeline_cfg():
-    from .pipeline import PipelineConfig
+    from .experiments.pipeline import PipelineConfig
 
     return PipelineConfig
 
 
 def _pipeline_run():
-    from .pipeline import run_pipeline
+    from .experiments.pipeline import run_pipeline
 
     def run(cfg):
         from sae_training.report import report as sae_report
@@ -168,13 +168,13 @@ def _export_run():
 
 
 def _study_cfg():
-    from .study import StudyConfig
+    from .experiments.study import StudyConfig
 
     return StudyConfig
 
 
 def _study_run():
-    from .study import run_study
+    from .experiments.study import run_study
 
     def run(cfg):
         results = run_study(cfg)
@@ -185,13 +185,13 @@ def _study_run():
 
 
 def _paths_cfg():
-    from .paths import PathsConfig
+    from .experiments.origins import PathsConfig
 
     return PathsConfig
 
 
 def _paths_run():
-    from .paths import run_paths
+    from .experiments.origins import run_paths
 
     def run(cfg):
         results = run_paths(cfg)
@@ -201,13 +201,13 @@ def _paths_run():
 
 
 def _bench_cfg():
-    from .steering_bench import SteeringBenchConfig
+    from .experiments.steering_bench import SteeringBenchConfig
 
     return SteeringBenchConfig
 
 
 def _bench_run():
-    from .steering_bench import run_bench
+    from .experiments.steering_bench import run_bench
 
     def run(cfg):
         results = run_bench(cfg)

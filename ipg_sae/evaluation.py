@@ -48,7 +48,7 @@ import re
 from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import torch
@@ -322,10 +322,7 @@ def evaluate(model, tokenizer, saes, problems: list[Problem], prompts: list[str]
     saes = as_layer_dict(saes)
     reward = get_reward(reward if reward is not None else cfg.reward)
     harness = _Harness(model, tokenizer, saes, problems, prompts, cfg, reward, out_dir, progress)
-    if cfg.estimator == "importance":
-        samples, all_sets, ess = _importance_cells(harness, sets, active, progress)
-    else:
-        samples, all_sets, ess = _sampled_cells(harness, sets, active, progress), harness.sets, None
+    samples, all_sets, ess = ESTIMATORS[cfg.estimator](harness, sets, active, progress)
     meta = _meta(cfg, problems, all_sets, reward, harness.fingerprint, ess)
     rows, comparisons = summarize_samples(samples, meta)
     result = EvalResult(rows=rows, comparisons=comparisons, samples=samples, meta=meta)
@@ -398,6 +395,10 @@ def _sampled_cells(harness: _Harness, sets, active, progress: bool) -> list[dict
     return [r for rows in done.values() for r in rows]
 
 
+def _on_policy(harness: _Harness, sets, active, progress: bool) -> tuple[list[dict], dict, None]:
+    return _sampled_cells(harness, sets, active, progress), harness.sets, None
+
+
 _VALUES = ("correct", "length", "reward", "parsed", "repetition", "empty", "degenerate")
 
 
@@ -405,7 +406,8 @@ def _importance_cells(harness: _Harness, sets, active, progress: bool) -> tuple[
     """Off-policy: sample the unsteered policy once (the base cells), then score every (set, gamma) on
     those samples (:mod:`ipg_sae.faithfulness`): one row per problem and cell, holding the
     self-normalised importance estimate of each metric."""
-    from .faithfulness import TrajectoryScorer, estimate
+    from .faithfulness import TrajectoryScorer
+    from .panel import OffPolicyPanel
 
     cfg = harness.cfg
     base_rows, pooled = [], []
@@ -425,14 +427,14 @@ def _importance_cells(harness: _Harness, sets, active, progress: bool) -> tuple[
     groups = dict(zip(*prompt_groups([r["problem_id"] for r in base_rows])))
     index = [groups[pid] for pid in order]
     values = {k: torch.tensor([float(r[k]) for r in base_rows], dtype=torch.float64) for k in _VALUES}
-    base_logp = cells.logprobs([], 1.0, name=BASE)
+    panel = OffPolicyPanel(cells, pooled, order, index, cells.logprobs([], 1.0, name=BASE))  # problems in task order
     samples, ess = list(base_rows), {}
     plan = [Cell(name, float(g), -1) for name in harness.sets for g in cfg.gammas]
     bar = tqdm(plan, desc="evaluate (importance)", unit="cell", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(f"{cell.set} x{cell.gamma:g}")
-        logp = cells.logprobs(harness.sets[cell.set], cell.gamma, name=cell.name)  # gamma 1: the base, weights 1
-        estimates = {k: estimate(base_logp, logp, v, index) for k, v in values.items()}
+        logp = panel.logprobs(harness.sets[cell.set], cell.gamma, name=cell.name)  # gamma 1: the base, weights 1
+        estimates = {k: panel.estimate(logp, v) for k, v in values.items()}
         cell_ess = estimates["correct"].ess
         ess[cell.name] = {"mean": float(cell_ess.mean()), "min": float(cell_ess.min()),
                           "log_ratio_sd": estimates["correct"].log_ratio_sd}
@@ -450,6 +452,15 @@ def _importance_cells(harness: _Harness, sets, active, progress: bool) -> tuple[
              "min_ess": cfg.min_ess, "activation_frequencies": None if frequencies is None else
              {str(layer): float((f > 0).mean()) for layer, f in frequencies.items()}}
     return samples, harness.sets, extra
+
+
+# Every estimator by its `eval.estimator` name (a value of `Estimator`): (harness, sets, active latents, progress) ->
+# (per-sample or per-problem rows, the sets evaluated, per-cell ESS or None). A new estimator is a value of
+# `Estimator` and one entry here.
+ESTIMATORS: dict[str, Callable[[_Harness, dict, Any, bool], tuple[list[dict], dict, dict | None]]] = {
+    "importance": _importance_cells,
+    "sampling": _on_policy,
+}
 
 
 def _prepare_sets(model, saes, sets: dict[str, Selection], cfg: EvalConfig, pool: LatentPool) -> dict[str, Selection]:

@@ -26,7 +26,7 @@ def disjoint_splits(tasks: dict[str, TaskConfig]) -> dict[str, list[Problem]]:
         if not problems:
             raise IPGError(f"the {name} split has no problems; check its task.n_problems and offset")
         for p in problems:
-            for kind, key in (("id", f"id:{p.id}"), ("question", f"question:{_normal(p.question)}")):
+            for kind, key in (("id", f"id:{p.id}"), ("question", f"question:{normal_question(p.question)}")):
                 if key in owner and owner[key][0] != name:
                     other, other_id = owner[key]
                     raise IPGError(f"problem {p.id} of the {name} split is also in the {other} split (as {other_id}); "
@@ -50,5 +50,6 @@ def _advice(kind: str, task: TaskConfig, other: TaskConfig) -> str:
     return "the same question comes from two sources: " + ", or ".join(fixes)
 
 
-def _normal(question: str) -> str:
+def normal_question(question: str) -> str:
+    """A question as splits compare it: case and spacing ignored."""
     return re.sub(r"\s+", " ", question.strip().lower())

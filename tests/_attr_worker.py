@@ -16,7 +16,7 @@ def main() -> None:
     from ipg_sae import distributed
     from ipg_sae.attribution import AttributionResult, attribute
     from ipg_sae.models import load_model
-    from tests.test_attribution import shard_inputs
+    from tests.helpers import shard_inputs
 
     model_dir, out_dir, method = sys.argv[1], sys.argv[2], sys.argv[3]
     model, tok = load_model(model_dir, dtype="float64")

@@ -132,8 +132,8 @@ def test_the_effect_machinery_has_one_home():
     homes = {"bootstrap": "ipg_sae.stats", "null_rank": "ipg_sae.stats", "effective_sample_size": "ipg_sae.stats",
              "area_under_curve": "ipg_sae.stats", "predicted_direction": "ipg_sae.stats",
              "uniform_sets": "ipg_sae.nulls", "frequency_matched_sets": "ipg_sae.nulls", "frequency_bins": "ipg_sae.nulls",
-             "CellStore": "ipg_sae.cells", "is_unsteered": "ipg_sae.cells", "run_stages": "ipg_sae.stages",
-             "Stage": "ipg_sae.stages", "run_job": "ipg_sae.command", "load_saes": "ipg_sae.saes",
+             "CellStore": "ipg_sae.cells", "is_unsteered": "ipg_sae.cells", "run_stages": "ipg_sae.experiments.stages",
+             "Stage": "ipg_sae.experiments.stages", "run_job": "ipg_sae.command", "load_saes": "ipg_sae.saes",
              "file_digest": "ipg_sae.digest", "prompt_groups": "ipg_sae.trajectories"}
     defined: dict[str, list[str]] = {}
     for name, path in _modules().items():
@@ -143,4 +143,42 @@ def test_the_effect_machinery_has_one_home():
     assert {k: v for k, v in defined.items()} == {k: [v] for k, v in homes.items()}
     graph = import_graph()
     assert "ipg_sae.cli" not in graph["sae_training.__main__"]
-    assert not {"ipg_sae.jobs", "ipg_sae.pipeline"} & graph["ipg_sae.explorer"]
+    assert not {"ipg_sae.jobs", "ipg_sae.experiments.pipeline"} & graph["ipg_sae.explorer"]
+
+
+EXPERIMENTS = ("ipg_sae.experiments.pipeline", "ipg_sae.experiments.study", "ipg_sae.experiments.origins",
+               "ipg_sae.experiments.steering_bench")
+
+
+def _experiment_of(module: str) -> str | None:
+    return next((e for e in EXPERIMENTS if module == e or module.startswith(e + ".")), None)
+
+
+def test_the_experiments_are_a_layer_above_the_library():
+    """The library never imports an experiment (only the command line does), and no experiment imports another:
+    what two experiments share lives in ``experiments/common.py`` or ``experiments/stages.py``."""
+    graph = import_graph()
+    assert all(_experiment_of(e) == e for e in EXPERIMENTS) and all(e in graph for e in EXPERIMENTS)
+    for name, targets in graph.items():
+        if not name.startswith("ipg_sae.experiments") and name != "ipg_sae.cli":
+            assert not {t for t in targets if t.startswith("ipg_sae.experiments")}, f"{name} imports an experiment"
+        mine = _experiment_of(name)
+        if mine is None:
+            continue
+        siblings = {t for t in targets if _experiment_of(t) not in (None, mine)}
+        assert not siblings, f"{name} imports another experiment: {sorted(siblings)}"
+    assert "ipg_sae.experiments.study" in graph["ipg_sae.cli"]  # the check sees the layer at all
+
+
+def test_no_test_file_imports_another():
+    """Tests stand alone: what several test files share lives in ``conftest.py`` or ``tests/helpers.py``, and a
+    config names reward plugins from ``tests.helpers``, never from another test file."""
+    found = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name} imports {n}" for n in names if re.match(r"tests\.test_", n)]
+        found += [f"{path.name} names {m}" for m in re.findall(r"tests\.(test_\w+):", text) if m != path.stem]
+    assert not found, found

@@ -76,12 +76,12 @@ def test_every_shipped_config_loads():
 
     from ipg_sae.attribution import AttributionConfig
     from ipg_sae.jobs import AttributeJobConfig, EvaluateJobConfig
-    from ipg_sae.pipeline import PipelineConfig
+    from ipg_sae.experiments.pipeline import PipelineConfig
     from sae_training.config import TrainSAEConfig
 
-    from ipg_sae.paths import PathsConfig
-    from ipg_sae.steering_bench import SteeringBenchConfig
-    from ipg_sae.study import StudyConfig
+    from ipg_sae.experiments.origins import PathsConfig
+    from ipg_sae.experiments.steering_bench import SteeringBenchConfig
+    from ipg_sae.experiments.study import StudyConfig
 
     kinds = {"paths_": PathsConfig, "steering_bench_": SteeringBenchConfig,"sample_": SampleJobConfig, "attribute_": AttributeJobConfig, "evaluate_": EvaluateJobConfig,
              "sae_": TrainSAEConfig, "demo": PipelineConfig, "quickstart": PipelineConfig, "pipeline_": PipelineConfig,
@@ -113,7 +113,7 @@ def test_partial_section_keeps_the_fields_own_defaults(tmp_path):
 
 
 def test_pipeline_eval_task_stays_held_out():
-    from ipg_sae.pipeline import PipelineConfig
+    from ipg_sae.experiments.pipeline import PipelineConfig
 
     cfg = load_config(PipelineConfig, None, {"evaluation.task.n_problems": 3, "sae.load": [{"path": "x"}]})
     assert cfg.evaluation.task.offset == 1000 and cfg.evaluation.sampling.n_samples == 1

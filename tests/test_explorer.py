@@ -12,7 +12,6 @@ import torch
 from ipg_sae.explorer import ExplorerConfig, build, load, render
 from ipg_sae.latents import logit_effect
 from tests.browser import find_browser, rendered_dom, screenshot
-from tests.test_pipeline import text_length_mod_7  # noqa: F401  (the reward the run below uses)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def run(tmp_path_factory, tiny_llama_dir):
     common = {"name": "x", "runs_dir": str(root / "runs"), "model.name": str(tiny_llama_dir), "wandb.enabled": False}
     run_sample(load_config(SampleJobConfig, None, {**common, "task.n_problems": 3, "task.few_shot": 0,
                                                    "sampling.n_samples": 3, "sampling.max_new_tokens": 8,
-                                                   "reward": "tests.test_pipeline:text_length_mod_7"}), progress=False)
+                                                   "reward": "tests.helpers:text_length_mod_7"}), progress=False)
     run_attribute(load_config(AttributeJobConfig, None, {
         **common, "saes": [{"path": str(sae_dir)}], "attribution.n_steps": 4, "attribution.token_maps": ["*"],
         "attribution.n_contexts": 12, "baselines": ["act"], "selection.k": 3, "selection.n_bootstrap": 5}),

@@ -27,10 +27,8 @@ from ipg_sae.config import load_config
 from ipg_sae.digest import file_digest, tree_digest
 from ipg_sae.errors import IPGError
 from ipg_sae.io import run_lock, write_text
-from ipg_sae.stages import Stage, run_stages
+from ipg_sae.experiments.stages import Stage, run_stages
 from tests import tiny
-from tests.test_pipeline import pipeline_cfg, text_length_mod_7  # noqa: F401  (a fixture; the runs' reward)
-from tests.test_study import text_length_mod_3  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +52,7 @@ def _flip_byte(path: Path, offset: int = -5) -> None:
 
 def _small_study(tmp_path: Path, model_dir: Path, reward: str, n_problems: int, **overrides):
     """A study config on a tiny model with a random SAE at layer 2, W&B off."""
-    from ipg_sae.study import StudyConfig
+    from ipg_sae.experiments.study import StudyConfig
 
     sae_dir = tmp_path / "sae"
     tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
@@ -68,13 +66,13 @@ def _small_study(tmp_path: Path, model_dir: Path, reward: str, n_problems: int, 
 @pytest.mark.slow
 def test_the_study_reruns_after_the_sae_or_the_model_changes_at_the_same_path(tiny_llama_dir, tmp_path, caplog,
                                                                                monkeypatch):
-    from ipg_sae.study import run_study
+    from ipg_sae.experiments.study import run_study
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_llama_dir, model_dir)
     sae_dir = tmp_path / "sae"
-    cfg = _small_study(tmp_path, model_dir, "tests.test_pipeline:text_length_mod_7", 3, **{
+    cfg = _small_study(tmp_path, model_dir, "tests.helpers:text_length_mod_7", 3, **{
         "sampling.n_samples": 3, "sampling.max_new_tokens": 6, "attribution.n_steps": 2,
         "heldout_sampling.n_samples": 3, "heldout_sampling.max_new_tokens": 6, "k": 2, "ks": [2], "null_sets": 2,
         "other_null_sets": 1, "curve_null_sets": 0, "confirm_samples": 1, "n_bootstrap": 100})
@@ -158,21 +156,22 @@ def test_verify_ignores_the_memo(tmp_path, monkeypatch):
 def test_editing_a_reward_function_changes_the_keys_of_what_stored_its_rewards(tmp_path, monkeypatch):
     import importlib
 
-    from ipg_sae.pipeline import STAGES, PipelineConfig
+    from ipg_sae.experiments.pipeline import STAGES, PipelineConfig
     from ipg_sae.rewards import get_reward
-    from ipg_sae.stages import stage_key
+    from ipg_sae.experiments.stages import declared_view, stage_key
 
     (tmp_path / "myrewards.py").write_text("def reward(prompt, completion, reference):\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = load_config(PipelineConfig, None, {"runs_dir": str(tmp_path / "runs"), "reward": "myrewards:reward",
                                              "sae.load": [{"path": "x"}]})
     sample = next(s for s in STAGES if s.name == "sample")
-    monkeypatch.setattr("ipg_sae.stages.model_inputs", lambda c: {"model": "fixed"})
-    first_identity, first_key = get_reward("myrewards:reward").identity, stage_key(sample.settings(cfg), "")
+    monkeypatch.setattr("ipg_sae.experiments.pipeline.model_inputs", lambda c: {"model": "fixed"})
+    view = declared_view(cfg, STAGES, STAGES.index(sample))
+    first_identity, first_key = get_reward("myrewards:reward").identity, stage_key(sample, view, "")
     (tmp_path / "myrewards.py").write_text("def reward(prompt, completion, reference):\n    return 2.0\n")
     importlib.reload(importlib.import_module("myrewards"))
     assert get_reward("myrewards:reward").identity != first_identity
-    assert stage_key(sample.settings(cfg), "") != first_key
+    assert stage_key(sample, view, "") != first_key
     assert get_reward("correctness").identity == {"name": "correctness", "code": None}
 
 
@@ -192,7 +191,7 @@ def test_an_edited_stage_summary_reruns_the_stage(tmp_path, caplog):
         write_text(cfg.run_dir / "out.txt", "x")
         return {"top": [[15, 514]]}
 
-    stages = [Stage("only", lambda c: "settings", run, outputs=lambda c: [c.run_dir / "out.txt"])]
+    stages = [Stage("only", run, outputs=lambda c: [c.run_dir / "out.txt"], identity=lambda c: "settings")]
     job = _Job(tmp_path / "run")
     assert run_stages(job, stages)["only"] == {"top": [[15, 514]]}
     assert run_stages(job, stages)["only"] == {"top": [[15, 514]]} and len(runs) == 1
@@ -228,7 +227,7 @@ def test_the_embedded_data_survives_every_string_that_could_break_a_script_block
 def test_pipeline_keeps_cells_when_the_bootstrap_changes(pipeline_cfg, caplog):  # noqa: F811
     import dataclasses
 
-    from ipg_sae.pipeline import run_pipeline
+    from ipg_sae.experiments.pipeline import run_pipeline
 
     run_pipeline(pipeline_cfg)
     cells = pipeline_cfg.run_dir / "eval" / "cells"
@@ -277,7 +276,7 @@ def test_a_stale_path_behind_a_link_is_not_deleted(tmp_path):
     job.run_dir.mkdir()
     (job.run_dir / "cache").symlink_to(elsewhere, target_is_directory=True)
     calls = []
-    stages = [Stage("s", lambda c: len(calls), lambda c: calls.append(1) or {}, outputs=lambda c: [],
+    stages = [Stage("s", lambda c: calls.append(1) or {}, outputs=lambda c: [], identity=lambda c: len(calls),
                     stale=lambda c: [c.run_dir / "cache" / "precious.txt"])]
     with run_lock(job.run_dir):
         run_stages(job, stages)
@@ -493,7 +492,7 @@ def test_bad_selection_sources_are_one_line(tmp_path, attribution_dir):
 def test_a_held_out_max_new_tokens_beyond_the_context_fails_before_any_stage(pipeline_cfg):  # noqa: F811
     import dataclasses
 
-    from ipg_sae.pipeline import run_pipeline
+    from ipg_sae.experiments.pipeline import run_pipeline
 
     sampling = dataclasses.replace(pipeline_cfg.evaluation.sampling, max_new_tokens=100_000)
     cfg = dataclasses.replace(pipeline_cfg, evaluation=dataclasses.replace(pipeline_cfg.evaluation, sampling=sampling))
@@ -548,17 +547,13 @@ def test_rewards_that_differ_by_float_noise_have_no_variance():
 
 
 def test_a_study_without_reward_variance_says_so(tiny_llama_dir, tmp_path, monkeypatch):
-    from ipg_sae.study import run_study
+    from ipg_sae.experiments.study import run_study
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = _small_study(tmp_path, tiny_llama_dir, "tests.test_freshness:constant_reward", 2, **{
+    cfg = _small_study(tmp_path, tiny_llama_dir, "tests.helpers:constant_reward", 2, **{
         "sampling.n_samples": 2, "sampling.max_new_tokens": 3, "k": 1, "ks": [1]})
     with pytest.raises(IPGError, match="no attribution prompt's samples got different"):
         run_study(cfg)
-
-
-def constant_reward(prompt, completion, reference):
-    return 1.0
 
 
 # ---- 17: viewing a run never runs its code -------------------------------------------------------------

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_documented_config_loads_and_is_checked(tmp_path, monkeypatch):
     from ipg_sae.config import load_config
-    from ipg_sae.pipeline import PipelineConfig
+    from ipg_sae.experiments.pipeline import PipelineConfig
 
     doc = (REPO / "docs" / "own-model.md").read_text(encoding="utf-8")
     block = re.search(r"```yaml\n(.*?)```", doc, re.S).group(1)

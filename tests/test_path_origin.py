@@ -21,7 +21,7 @@ from ipg_sae.saes import prepare_sae
 from ipg_sae.selection import select
 from tests import tiny
 from ipg_sae.trajectories import Trajectory
-from tests.test_attribution import VOCAB, calibrated_sae, models, model_dirs, planted_answer_latent  # noqa: F401
+from tests.helpers import VOCAB, calibrated_sae, planted_answer_latent
 
 
 def make_trajs(n_prompts=2, G=4, seed=0, prompt_len=8, comp_len=8) -> list[Trajectory]:

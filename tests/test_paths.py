@@ -14,7 +14,7 @@ from ipg_sae.attribution import AttributionResult, advantages
 from ipg_sae.config import load_config
 from ipg_sae.errors import IPGError
 from ipg_sae.models import block_hidden, decoder_layers, load_model, replace_block_hidden
-from ipg_sae.paths import PathsConfig, agreement, origin_dir, run_paths
+from ipg_sae.experiments.origins import PathsConfig, agreement, origin_dir, run_paths
 from ipg_sae.saes import load_saes
 from ipg_sae.trajectories import load_trajectories
 
@@ -30,7 +30,7 @@ def paths_cfg(tiny_llama_dir, tmp_path, monkeypatch):
     overrides = {
         "name": "p", "runs_dir": str(tmp_path / "runs"), "model.name": str(tiny_llama_dir), "task": task,
         "sampling.n_samples": 3, "sampling.max_new_tokens": 6, "sae.load": [{"path": str(sae_dir)}],
-        "attribution.delta_tol": 0.05, "attribution.max_nodes": 9, "reward": "tests.test_study:text_length_is_even",
+        "attribution.delta_tol": 0.05, "attribution.max_nodes": 9, "reward": "tests.helpers:text_length_is_even",
         "heldout": {**task, "offset": 500}, "heldout_sampling.n_samples": 3, "heldout_sampling.max_new_tokens": 6,
         "ks": [1, 2], "top_latents": 3, "random_latents": 3, "single_heldout_problems": 3, "n_bootstrap": 100,
     }
@@ -72,7 +72,7 @@ def _objective_by_direct_forward(cfg, layer, latent, value):
     return total
 
 
-def test_paths_runs_reports_and_resumes(paths_cfg, caplog):
+def test_paths_runs_reports_and_resumes(paths_cfg, caplog, stage_reads_declared):
     results = run_paths(paths_cfg)
     out = paths_cfg.run_dir / "paths"
     for name in ("single.json", "curves.json", "summary.json", "report.md", "single_latent.png", "curves.png"):

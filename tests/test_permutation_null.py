@@ -4,7 +4,6 @@ and on a planted latent it separates the set the reward picked from sets picked 
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 import torch
@@ -12,23 +11,10 @@ import torch
 from ipg_sae.attribution import attribute
 from ipg_sae.errors import IPGError
 from ipg_sae.selection import permuted_ranking, permuted_rankings, reward_permutations, select
-from ipg_sae.trajectories import Trajectory
+from tests.helpers import calibrated_sae, planted_answer_latent, real_F
+from tests.helpers import trajs_with_rewards as make_trajs
+
 pytestmark = pytest.mark.filterwarnings("ignore:the SAE at layer")  # hand-made SAEs: reconstruction is not the point
-
-from tests.test_attribution import VOCAB, calibrated_sae, model_dirs, models, planted_answer_latent, real_F  # noqa: F401
-
-
-def make_trajs(rewards, seed=0, prompt_len=8, comp_len=6) -> list[Trajectory]:
-    """Groups of equal-length trajectories with the given rewards (one row of ``rewards`` per prompt)."""
-    rng = random.Random(seed)
-    out = []
-    for p, row in enumerate(rewards):
-        prompt = [rng.randint(5, VOCAB) for _ in range(prompt_len)]
-        for g, r in enumerate(row):
-            out.append(Trajectory(id=f"p{p}/s{g}", prompt_id=f"p{p}", sample_index=g, prompt="", completion="",
-                                  reference="", prompt_ids=prompt,
-                                  completion_ids=[rng.randint(5, VOCAB) for _ in range(comp_len)], reward=float(r)))
-    return out
 
 
 def test_identity_gives_ipgs_ranking_and_a_shuffle_equals_recomputing_on_shuffled_rewards(models):

@@ -1,36 +1,14 @@
 """The pipeline end to end on a tiny model: every stage runs, outputs exist, a rerun skips them all."""
 
+import json
+
 import pytest
 
 from ipg_sae.config import load_config
-from ipg_sae.pipeline import PipelineConfig, run_pipeline
+from ipg_sae.experiments.pipeline import PipelineConfig, run_pipeline
 
 
-def text_length_mod_7(prompt, completion, reference):
-    """A reward that varies between samples of a random model (which never stops early)."""
-    return float(len(completion) % 7)
-
-
-@pytest.fixture
-def pipeline_cfg(tiny_llama_dir, tmp_path, monkeypatch):
-    from tests import tiny
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    sae_dir = tmp_path / "sae"
-    tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
-    overrides = {
-        "name": "p", "runs_dir": str(tmp_path / "runs"), "model.name": str(tiny_llama_dir),
-        "task.n_problems": 3, "task.few_shot": 0, "sampling.n_samples": 3, "sampling.max_new_tokens": 6,
-        "reward": "tests.test_pipeline:text_length_mod_7", "sae.load": [{"path": str(sae_dir)}], "attribution.n_steps": 2,
-        "baselines": ["act"], "selection.k": 2, "selection.n_bootstrap": 5, "selection.table_size": 5,
-        "evaluation.gammas": [0.0, 2.0], "evaluation.seeds": [0], "evaluation.n_random_sets": 1,
-        "evaluation.task.n_problems": 2, "evaluation.task.few_shot": 0, "evaluation.sampling.max_new_tokens": 6,
-        "evaluation.n_bootstrap": 200,
-    }
-    return load_config(PipelineConfig, None, overrides)
-
-
-def test_pipeline_runs_and_resumes(pipeline_cfg, caplog):
+def test_pipeline_runs_and_resumes(pipeline_cfg, caplog, stage_reads_declared):
     import logging
 
     caplog.set_level(logging.INFO)
@@ -53,6 +31,9 @@ def test_pipeline_runs_and_resumes(pipeline_cfg, caplog):
     run_pipeline(pipeline_cfg)
     skipped = [r.getMessage() for r in caplog.records if "already done" in r.getMessage()]
     assert len(skipped) == 5, skipped
+    assert any("trajectories.jsonl" in p for p in stage_reads_declared)  # the watcher saw the stages' reads
+    marker = json.loads((run_dir / "stages" / "attribute.json").read_text())
+    assert 0 < marker["seconds"] <= marker["total_seconds"]
 
 
 def test_changed_setting_reruns_only_downstream(pipeline_cfg, caplog):

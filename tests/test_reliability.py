@@ -21,15 +21,6 @@ from ipg_sae.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def slow_reward(prompt, completion, reference):
-    time.sleep(0.3)
-    return float(len(completion) % 2)
-
-
-def raising_reward(prompt, completion, reference):
-    raise ZeroDivisionError("the user's bug")
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_llama_dir):
     """A sampled run, an SAE (trained by this project, with its digest) and an attribute config."""
@@ -42,7 +33,7 @@ def setup(tmp_path_factory, tiny_llama_dir):
     write_sae_sidecar(sae_dir, model_name=str(tiny_llama_dir), layer=2)
     rc = main(["sample", "--name", "r", "--runs_dir", str(root / "runs"), "--model.name", str(tiny_llama_dir),
                "--task.n_problems", "4", "--task.few_shot", "0", "--sampling.n_samples", "3",
-               "--sampling.max_new_tokens", "6", "--reward", "tests.test_pipeline:text_length_mod_7", "--no-wandb"])
+               "--sampling.max_new_tokens", "6", "--reward", "tests.helpers:text_length_mod_7", "--no-wandb"])
     assert rc == 0
     cfg = root / "attribute.yaml"
     cfg.write_text(f"name: r\nruns_dir: {root / 'runs'}\nmodel: {{name: {tiny_llama_dir}}}\n"
@@ -178,7 +169,7 @@ def test_faults_give_one_line(setup, tmp_path, capsys):
                              str(model_dir), "--task.n_problems", "1", "--no-wandb"], "cannot write")
     # a reward that raises
     one_line_exit_2(capsys, ["sample", *base, "--task.n_problems", "1", "--sampling.max_new_tokens", "2",
-                             "--reward", "tests.test_reliability:raising_reward"], "raised ZeroDivisionError")
+                             "--reward", "tests.helpers:raising_reward"], "raised ZeroDivisionError")
     # a prompt that leaves no room for max_new_tokens in the context (512 positions)
     one_line_exit_2(capsys, ["sample", *base, "--task.n_problems", "2", "--sampling.max_new_tokens", "600"],
                     "do not leave room for max_new_tokens 600")
@@ -248,7 +239,7 @@ def test_sigterm_stops_with_the_resume_message(setup, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ipg_sae", "sample", "--name", "t", "--runs_dir",
                              str(tmp_path / "runs"), "--model.name", str(model_dir), "--task.n_problems", "40",
                              "--task.few_shot", "0", "--sampling.max_new_tokens", "4", "--no-wandb",
-                             "--reward", "tests.test_reliability:slow_reward"], cwd=REPO, stderr=subprocess.PIPE,
+                             "--reward", "tests.helpers:slow_reward"], cwd=REPO, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     time.sleep(8)  # past the imports and the model load: sampling is under way
     proc.send_signal(signal.SIGTERM)
@@ -268,9 +259,8 @@ def test_an_unreachable_wandb_costs_seconds_not_minutes(tiny_llama_dir, tmp_path
 
     import ipg_sae.tracking as tracking
     from ipg_sae.config import load_config
-    from ipg_sae.pipeline import PipelineConfig, run_pipeline
+    from ipg_sae.experiments.pipeline import PipelineConfig, run_pipeline
     from tests import tiny
-    from tests.test_pipeline import text_length_mod_7  # noqa: F401
 
     sae_dir = tmp_path / "sae"
     tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
@@ -279,7 +269,7 @@ def test_an_unreachable_wandb_costs_seconds_not_minutes(tiny_llama_dir, tmp_path
         return load_config(PipelineConfig, None, {
             "name": name, "runs_dir": str(tmp_path / "runs"), "model.name": str(tiny_llama_dir),
             "task.n_problems": 2, "task.few_shot": 0, "sampling.n_samples": 2, "sampling.max_new_tokens": 4,
-            "reward": "tests.test_pipeline:text_length_mod_7", "sae.load": [{"path": str(sae_dir)}],
+            "reward": "tests.helpers:text_length_mod_7", "sae.load": [{"path": str(sae_dir)}],
             "attribution.n_steps": 2, "baselines": [], "selection.k": 2, "selection.n_bootstrap": 0,
             "evaluation.gammas": [0.0], "evaluation.seeds": [0], "evaluation.n_random_sets": 0,
             "evaluation.task.n_problems": 2, "evaluation.task.few_shot": 0,

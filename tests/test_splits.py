@@ -38,7 +38,7 @@ def test_the_pipeline_refuses_a_held_out_window_that_repeats_an_attributed_quest
 
     from ipg_sae.config import load_config
     from ipg_sae.errors import IPGError
-    from ipg_sae.pipeline import PipelineConfig
+    from ipg_sae.experiments.pipeline import PipelineConfig
     from ipg_sae.tasks import TaskConfig, load_problems
 
     norm = lambda q: re.sub(r"\s+", " ", q.strip().lower())  # noqa: E731

@@ -11,39 +11,10 @@ import pytest
 
 from ipg_sae.config import load_config
 from ipg_sae.errors import IPGError
-from ipg_sae.steering_bench import METHODS, SteeringBenchConfig, run_bench
+from ipg_sae.experiments.steering_bench import METHODS, SteeringBenchConfig, run_bench
 
 
-@pytest.fixture
-def bench_cfg(tiny_llama_dir, tmp_path, monkeypatch):
-    from tests import tiny
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    sae_dir = tmp_path / "sae"
-    tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
-    task = {"name": "arithmetic", "n_problems": 4, "few_shot": 0}
-    user_file = tmp_path / "word_problems.jsonl"  # a transfer task the user points at
-    user_file.write_text("".join(json.dumps({"question": f"Sam has {a} pens and buys {a + 3} more. How many now?",
-                                             "answer": str(2 * a + 3)}) + "\n" for a in range(2, 6)))
-    tiny_sampling = {"n_samples": 3, "max_new_tokens": 6, "temperature": 0.7, "batch_size": 12}
-    overrides = {
-        "name": "b", "runs_dir": str(tmp_path / "runs"), "model.name": str(tiny_llama_dir), "task": task,
-        "sampling": tiny_sampling, "sae.load": [{"path": str(sae_dir)}],
-        "attribution.delta_tol": 0.05, "attribution.max_nodes": 9, "reward": "tests.test_study:text_length_is_even",
-        "dev": {**task, "offset": 100}, "dev_sampling": tiny_sampling, "dev_on_policy_samples": 2,
-        "test": {**task, "offset": 200}, "transfer": [{**task, "level": 2, "offset": 300},
-                                                   {"name": "jsonl", "path": str(user_file), "few_shot": 0}],
-        "eval_sampling": {**tiny_sampling, "n_samples": 2}, "eval_seeds": [1, 2],
-        "capability_task": {**task, "n_problems": 1, "offset": 900}, "capability_max_tokens": 32,
-        "grid": {"ks": [1, 2], "gammas": [2.0], "etas": [1.0, 4.0], "alphas": [0.1, 0.5], "projected_ks": [2],
-                 "projected_alphas": [0.5], "instructions": ["Answer with a number.", "Think step by step."],
-                 "max_settings": 4},
-        "min_ess": 0.5, "n_bootstrap": 100,
-    }
-    return load_config(SteeringBenchConfig, None, overrides)
-
-
-def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog):
+def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_reads_declared):
     results = run_bench(bench_cfg)
     out = bench_cfg.run_dir / "bench"
     for name in ("tuning.json", "evaluation.json", "capability.json", "leaderboard.json", "report.md",
@@ -113,7 +84,7 @@ def test_shipped_configs_load_and_the_cpu_splits_are_disjoint():
     attribution problems (level 1 repeats questions: the windows were chosen for it); the GPU config (the paper's
     setting) is validated as a config here, not run."""
     from ipg_sae.splits import disjoint_splits
-    from ipg_sae.steering_bench import splits
+    from ipg_sae.experiments.steering_bench import splits
 
     cpu = load_config(SteeringBenchConfig, "configs/steering_bench_smollm2.yaml")
     sizes = {name: len(problems) for name, problems in disjoint_splits(splits(cpu)).items()}
@@ -123,6 +94,40 @@ def test_shipped_configs_load_and_the_cpu_splits_are_disjoint():
 
 
 def test_a_missing_reused_attribution_names_the_job_that_makes_it(bench_cfg, tmp_path):
+    """Issue 36 item 12: reported before the sample and SAE stages run."""
     bench_cfg.attribution_dir = str(tmp_path / "runs" / "study" / "correctness")
     with pytest.raises(IPGError, match=r"no ipg attribution; run the job that makes it first .*ipg-sae study"):
         run_bench(bench_cfg)
+    assert not (bench_cfg.run_dir / "stages").exists()
+
+
+def test_a_reused_attribution_is_checked_for_its_problems_reward_and_saes(bench_cfg, tmp_path, stage_reads_declared):
+    """Issue 36 items 1 and 2: an attribution made on the test split's problems, with another reward or with
+    other SAEs is refused before any work, each in one line naming the field and the fix."""
+    import dataclasses
+
+    from ipg_sae.experiments.stages import run_stages
+    from ipg_sae.experiments.steering_bench import STAGES
+    from tests import tiny
+
+    made = dataclasses.replace(bench_cfg, name="made", methods=["ipg_topk"], nulls=[])
+    run_stages(made, STAGES[:3])  # sample, sae, attribute: an attribution run of `made.task`
+    reuse = dict(name="reuse", attribution_dir=str(made.run_dir / made.reward), methods=["ipg_topk"], nulls=[],
+                 task=dataclasses.replace(bench_cfg.task, offset=400))
+    on_test = dataclasses.replace(bench_cfg, test=made.task, **reuse)  # its problems are the test split
+    with pytest.raises(IPGError, match=r"attribution_dir .* was attributed on problem .* in the test split"):
+        run_bench(on_test)
+    assert not on_test.run_dir.exists()
+    with pytest.raises(IPGError, match=r"attribution_dir .* was attributed with the reward .*not steering_bench.reward"):
+        run_bench(dataclasses.replace(bench_cfg, reward="length", **reuse))
+    other_sae = tmp_path / "other_sae"
+    tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=4).save_model(str(other_sae))
+    other = dataclasses.replace(bench_cfg, sae=dataclasses.replace(bench_cfg.sae, load=[
+        dataclasses.replace(bench_cfg.sae.load[0], path=str(other_sae))]), **reuse)
+    with pytest.raises(IPGError, match=r"attribution_dir .* was made with other SAEs than steering_bench.sae"):
+        run_bench(other)
+    fits = dataclasses.replace(bench_cfg, **reuse)  # other problems, this reward, these SAEs: reused as it is
+    results = run_bench(fits)
+    assert results["sample"] == {"reused": fits.attribution_dir} and results["attribute"] == results["sample"]
+    assert not (fits.run_dir / fits.reward).exists() and (fits.run_dir / "bench" / "leaderboard.json").is_file()
+    assert any(p.startswith(str(made.run_dir)) for p in stage_reads_declared)  # read where it lies, declared

@@ -8,53 +8,22 @@ import pytest
 
 from ipg_sae.config import load_config
 from ipg_sae.errors import IPGError
-from ipg_sae.study import StudyConfig, run_study
+from ipg_sae.experiments.study import StudyConfig, run_study
 
 
-def text_length_mod_3(prompt, completion, reference):
-    """A reward that varies between samples of a random model."""
-    return float(len(completion) % 3)
-
-
-def text_length_is_even(prompt, completion, reference):
-    """A 0/1 reward (the reward-permutation null needs non-zero advantages: 0/1 rewards in mixed groups)."""
-    return float(len(completion) % 2 == 0)
-
-
-@pytest.fixture
-def study_cfg(tiny_llama_dir, tmp_path, monkeypatch):
-    from tests import tiny
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    sae_dir = tmp_path / "sae"
-    tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
-    task = {"name": "arithmetic", "n_problems": 3, "few_shot": 0}
-    overrides = {
-        "name": "s", "runs_dir": str(tmp_path / "runs"), "model.name": str(tiny_llama_dir), "task": task,
-        "sampling.n_samples": 3, "sampling.max_new_tokens": 6, "sae.load": [{"path": str(sae_dir)}],
-        "attribution.delta_tol": 0.05, "attribution.max_nodes": 9,
-        "rewards": ["tests.test_pipeline:text_length_mod_7", "tests.test_study:text_length_is_even"],
-        "methods": ["ipg", "act"],
-        "heldout": {**task, "offset": 500}, "heldout_sampling.n_samples": 3, "heldout_sampling.max_new_tokens": 6,
-        "k": 2, "ks": [1, 2], "null_sets": 4, "other_null_sets": 3, "curve_null_sets": 2, "confirm_samples": 2, "n_bootstrap": 200,
-        "push_null_sets": 3, "policy_null_sets": 3, "permutation_sets": 5,
-    }
-    return load_config(StudyConfig, None, overrides)
-
-
-def test_study_runs_reports_and_resumes(study_cfg, caplog):
+def test_study_runs_reports_and_resumes(study_cfg, caplog, stage_reads_declared):
     import logging
 
     results = run_study(study_cfg)
     out = study_cfg.run_dir / "study"
     for name in ("scores.json", "confirm.json", "summary.json", "report.md",
-                 "curves_tests.test_pipeline_text_length_mod_7.png", "push_tests.test_pipeline_text_length_mod_7.png",
+                 "curves_tests.helpers_text_length_mod_7.png", "push_tests.helpers_text_length_mod_7.png",
                  "calibration.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    length = summary["rewards"]["tests.test_pipeline:text_length_mod_7"]
+    length = summary["rewards"]["tests.helpers:text_length_mod_7"]
     assert length["null_size"] == {"0.0": 4, "2.0": 4}
-    binary = summary["rewards"]["tests.test_study:text_length_is_even"]
+    binary = summary["rewards"]["tests.helpers:text_length_is_even"]
     assert binary["null_size"] == {"0.0": 3, "2.0": 3}
     for gamma in ("0.0", "2.0"):  # the controls: push-matched sets, the reward-permutation null, the sign control
         assert {kind: null["n"] for kind, null in binary["nulls"][gamma].items()} == {
@@ -74,7 +43,7 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
     ipg = length["methods"]["ipg"]["2.0"]
     assert ipg["lo"] <= ipg["effect"] <= ipg["hi"] and 0 <= ipg["null_percentile"] <= 100 and 0 < ipg["p_value"] <= 1
     assert set(length["auc"]) == {"ipg", "act"}
-    answer = summary["answer"]["tests.test_pipeline:text_length_mod_7"]
+    answer = summary["answer"]["tests.helpers:text_length_mod_7"]
     assert "IPG's top 2 latents" in answer and "matched random sets" in answer
     cells = summary["confirmation"]  # on-policy effects, paired with an unsteered run of the same seeds
     assert {c["why"] for c in cells} >= {"ipg headline", "best baseline", "sign control", "push null"}
@@ -105,7 +74,7 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog):
     assert set(check["unsteered_accuracy_by_seed"]) == {str(s) for s in study_cfg.confirm_seeds}
     gap = check["unsteered_minus_heldout_accuracy"]
     assert gap[1] <= gap[0] <= gap[2]
-    rows = (out / "confirm" / "tests.test_pipeline_text_length_mod_7" / "samples.csv").read_text().splitlines()
+    rows = (out / "confirm" / "tests.helpers_text_length_mod_7" / "samples.csv").read_text().splitlines()
     assert len(rows) - 1 >= 3 * 2 * 4 * (1 + len({(c["set"], c["gamma"]) for c in cells}))  # every cell's rows kept
     assert "## On-policy effects" in (out / "report.md").read_text()
     assert results["report"]["answer"] == summary["answer"]
@@ -121,7 +90,8 @@ def test_regeneration_check_finds_a_sample_that_differs(study_cfg):
     import numpy as np
 
     from ipg_sae.models import load_model
-    from ipg_sae.study import regeneration_check, reward_dir, sample_stage
+    from ipg_sae.experiments.common import reward_dir, sample_stage
+    from ipg_sae.experiments.study.run import regeneration_check
     from ipg_sae.tasks import build_prompts, load_problems
     from ipg_sae.trajectories import load_trajectories, save_trajectories
 

@@ -11,8 +11,8 @@ from ipg_sae.models import capture_residuals
 from ipg_sae.steering import steer
 from ipg_sae.trajectories import Trajectory
 from ipg_sae.vectors import diffmean, ipg_weighted_step
-from tests.test_attribution import calibrated_sae, model_dirs, models  # noqa: F401
-from tests.test_permutation_null import make_trajs
+from tests.helpers import calibrated_sae
+from tests.helpers import trajs_with_rewards as make_trajs
 
 pytestmark = pytest.mark.filterwarnings("ignore:the SAE at layer")  # hand-made SAEs: reconstruction is not the point
 

@@ -123,7 +123,7 @@ def random_sae(arch: str, d_in: int, layer: int, d_sae: int = 96, k: int = 8, se
 
 
 def sample_tiny(model_dir, n_problems: int, n_samples: int, max_new_tokens: int,
-                reward: str = "tests.test_pipeline:text_length_mod_7"):
+                reward: str = "tests.helpers:text_length_mod_7"):
     """``(model, tokenizer, trajectories)``: a tiny model loaded from ``model_dir`` and its samples of the first
     ``n_problems`` arithmetic problems (no few-shot example)."""
     from ipg_sae.models import load_model

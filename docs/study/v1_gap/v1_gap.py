@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import ipg_sae
 from ipg_sae.config import load_config
-from ipg_sae.study import StudyConfig
+from ipg_sae.experiments.study import StudyConfig
 from ipg_sae.models import load_model
 from ipg_sae.tasks import load_problems, build_prompts
 from ipg_sae.sampling import sample

@@ -1,5 +1,5 @@
 """The steering benchmark's report: the leaderboard, the one-sentence answer and the plot of accuracy gain
-against capability cost (:mod:`ipg_sae.steering_bench` computes every number)."""
+against capability cost (:mod:`ipg_sae.experiments.steering_bench.run` computes every number)."""
 
 from __future__ import annotations
 
@@ -7,56 +7,55 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import pyplot, save_figure
+from ...report import pyplot, save_figure
+from .recipes import group
 
-IPG_BASED = ("ipg_topk", "ipg_step", "diffmean_projected")
-PRACTICE = ("diffmean", "prompting")
 
 
 def _pts(v: list) -> str:
     return f"{v[0] * 100:+.1f} [{v[1] * 100:+.1f}, {v[2] * 100:+.1f}]"
 
 
-def _transfer_splits(summary: dict) -> list[str]:
-    return [s for s in summary["splits"] if s.startswith("transfer")]
+def _transfer_splits(summary) -> list[str]:
+    return [s for s in summary.splits if s.startswith("transfer")]
 
 
-def answer(cfg, summary: dict) -> str:
-    """Does any IPG-based recipe beat DiffMean and prompting on test, and does it transfer?"""
-    test = summary["splits"].get("test", {})
-    ipg = [m for m in IPG_BASED if m in test]
+def answer(cfg, summary) -> str:
+    """Does any IPG-based recipe beat DiffMean and prompting on test, and does it transfer? (``summary``: a
+    :class:`~.summary.BenchSummary`)"""
+    test = summary.splits.get("test", {})
+    ipg = [m for m in group("ipg") if m in test]
     if not ipg:
         return "No IPG-based recipe was run."
-    best = max(ipg, key=lambda m: test[m]["effect"][0])
-    comparisons = summary["comparisons"]["test"]
+    best = max(ipg, key=lambda m: test[m].effect[0])
     parts = []
-    for other in (m for m in PRACTICE if m in test):
-        diff = comparisons[f"{best} - {other}"]
+    for other in (m for m in group("practice") if m in test):
+        diff = summary.comparison("test", best, other).difference
         verdict = "beats" if diff[1] > 0 else "loses to" if diff[2] < 0 else "does not separate from"
-        parts.append(f"{verdict} {other} ({_pts(test[other]['effect'])}; difference {_pts(diff)})")
-    text = (f"On test, the best IPG-based recipe is {best} ({summary['recipes'][best]['label']}): {cfg.reward} "
-            f"{_pts(test[best]['effect'])} points against no steering; it " + ", and ".join(parts) + ".")
+        parts.append(f"{verdict} {other} ({_pts(test[other].effect)}; difference {_pts(diff)})")
+    text = (f"On test, the best IPG-based recipe is {best} ({summary.recipes[best]['label']}): {cfg.reward} "
+            f"{_pts(test[best].effect)} points against no steering; it " + ", and ".join(parts) + ".")
     for split in _transfer_splits(summary):
-        row = summary["splits"][split][best]
-        carries = ("carries over" if row["effect"][1] > 0 else "reverses" if row["effect"][2] < 0 else
+        row = summary.splits[split][best]
+        carries = ("carries over" if row.effect[1] > 0 else "reverses" if row.effect[2] < 0 else
                    "does not carry over (its interval includes 0)")
-        text += f" On {split} it {carries}: {_pts(row['effect'])} points."
+        text += f" On {split} it {carries}: {_pts(row.effect)} points."
     return text
 
 
-def plot_gain_vs_cost(cfg, summary: dict, path: Path) -> Path:
+def plot_gain_vs_cost(cfg, summary, path: Path) -> Path:
     """Accuracy effect (with its interval) against per-token KL on generic text, one panel per split."""
     plt = pyplot()
-    split_names = list(summary["splits"])
+    split_names = list(summary.splits)
     fig, axes = plt.subplots(1, len(split_names), figsize=(5.4 * len(split_names), 4.2), squeeze=False)
-    cap = summary["capability"]
+    cap = summary.capability
     for ax, split in zip(axes[0], split_names):
-        for j, (name, row) in enumerate(summary["splits"][split].items()):
+        for j, (name, row) in enumerate(summary.splits[split].items()):
             if name == "unsteered":
                 continue
             x = max(cap.get(name, {}).get("generic", {}).get("kl", 0.0), 1e-4)
-            e = np.array(row["effect"]) * 100
-            color = "C3" if name in IPG_BASED else "C0" if name in PRACTICE else "grey"
+            e = np.array(row.effect) * 100
+            color = "C3" if name in group("ipg") else "C0" if name in group("practice") else "grey"
             ax.errorbar([x], [e[0]], yerr=[[e[0] - e[1]], [e[2] - e[0]]], marker="o", color=color, capsize=2)
             ax.annotate(name, (x, e[0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="black", lw=0.8)
@@ -73,39 +72,40 @@ def plot_gain_vs_cost(cfg, summary: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def markdown(cfg, summary: dict) -> str:
-    tuning = summary["dev"]
+def markdown(cfg, summary) -> str:
+    """The report of a :class:`~.summary.BenchSummary`."""
+    tuning = summary.dev
     lines = ["# Steering that helps? IPG-based recipes against DiffMean, prompting and the baselines", "",
-             f"**Answer.** {summary['answer']}", "",
+             f"**Answer.** {summary.answer}", "",
              f"Each method's setting was chosen on {tuning['dev_problems']} dev problems (at most "
              f"{cfg.grid.max_settings} settings each; off-policy where the mean ESS was at least {tuning['min_ess']:g} "
              f"of G, on-policy otherwise), then run on-policy: {len(cfg.eval_seeds)} seeds x "
              f"{cfg.eval_sampling.n_samples} samples per problem, paired by problem and seed with the unsteered run. "
              f"Effects on the reward ({cfg.reward}; accuracy for correctness) in points (x100) with 95% paired "
              "bootstrap intervals over problems.", ""]
-    cap = summary["capability"]
-    for split, rows in summary["splits"].items():
+    cap = summary.capability
+    for split, rows in summary.splits.items():
         base = rows["unsteered"]
-        lines += [f"## {split}", "", f"Unsteered: {cfg.reward} {base['reward']:.3f}, accuracy {base['accuracy'] * 100:.1f}%, length "
-                  f"{base['length']:.1f} tokens, parse failures {base['parse_failure'] * 100:.1f}%, degenerate "
-                  f"{base['degenerate'] * 100:.1f}%.", "",
+        lines += [f"## {split}", "", f"Unsteered: {cfg.reward} {base.reward:.3f}, accuracy {base.accuracy * 100:.1f}%, length "
+                  f"{base.length:.1f} tokens, parse failures {base.parse_failure * 100:.1f}%, degenerate "
+                  f"{base.degenerate * 100:.1f}%.", "",
                   "| rank | method | chosen setting | effect (pts) | accuracy | length effect (tokens) | parse failures "
                   "| degenerate | KL/token corpus | KL/token generic | ppl ratio generic |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        ranked = sorted((n for n in rows if n != "unsteered"), key=lambda n: -rows[n]["effect"][0])
+        ranked = sorted((n for n in rows if n != "unsteered"), key=lambda n: -rows[n].effect[0])
         for rank, name in enumerate(ranked, 1):
             r, c = rows[name], cap.get(name, {})
-            le = r["length_effect"]
-            lines.append(f"| {rank} | {name} | {summary['recipes'][name]['label']} | {_pts(r['effect'])} | "
-                         f"{r['accuracy'] * 100:.1f}% | "
-                         f"{le[0]:+.1f} [{le[1]:+.1f}, {le[2]:+.1f}] | {r['parse_failure'] * 100:.1f}% | "
-                         f"{r['degenerate'] * 100:.1f}% | {c.get('corpus', {}).get('kl', float('nan')):.4f} | "
+            le = r.length_effect
+            lines.append(f"| {rank} | {name} | {summary.recipes[name]['label']} | {_pts(r.effect)} | "
+                         f"{r.accuracy * 100:.1f}% | "
+                         f"{le[0]:+.1f} [{le[1]:+.1f}, {le[2]:+.1f}] | {r.parse_failure * 100:.1f}% | "
+                         f"{r.degenerate * 100:.1f}% | {c.get('corpus', {}).get('kl', float('nan')):.4f} | "
                          f"{c.get('generic', {}).get('kl', float('nan')):.4f} | "
                          f"{c.get('generic', {}).get('ppl_ratio', float('nan')):.3f} |")
-        comparisons = summary.get("comparisons", {}).get(split, {})
+        comparisons = summary.comparisons.get(split, [])
         if comparisons:  # paired by problem: IPG-based recipes against what practitioners use
             lines += ["", "| IPG-based minus practice | difference (pts) |", "|---|---|"]
-            lines += [f"| {pair} | {_pts(diff)} |" for pair, diff in comparisons.items()]
+            lines += [f"| {c.label} | {_pts(c.difference)} |" for c in comparisons]
         lines.append("")
     lines += ["![gain vs cost](gain_vs_cost.png)", "", "## Dev choices", "",
               "Dev effects choose a setting; they are not results (the best of up to 12 noisy scores is biased "

@@ -1,6 +1,6 @@
 """The main job: sample -> SAE (train or load) -> attribute -> select -> evaluate -> report.
 
-The stages run through :func:`ipg_sae.stages.run_stages`. Every stage writes its outputs under ``runs/<name>/`` and, when it finishes, a marker
+The stages run through :func:`ipg_sae.experiments.stages.run_stages`. Every stage writes its outputs under ``runs/<name>/`` and, when it finishes, a marker
 ``stages/<stage>.json`` holding its key and the digests of the files it wrote. The key hashes
 everything the outputs depend on: the stage's settings, the inputs that come from outside
 the pipeline (the model's files, the SAEs it loads) and the digests of the files the stages
@@ -19,20 +19,22 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .attribution import AttributionConfig, Baseline
-from .config import JobConfig, dump_yaml
-from .errors import IPGError
-from .evaluation import EvalConfig
-from .explorer import ExplorerConfig
-from .io import run_lock, write_text
-from .jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, SampleJobConfig, SelectionConfig,
+from ..attribution import AttributionConfig, Baseline
+from ..config import JobConfig
+from ..errors import IPGError
+from ..evaluation import EvalConfig
+from ..explorer import ExplorerConfig
+from ..jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, SampleJobConfig, SelectionConfig,
                    check_baselines, method_dir, run_attribute, run_evaluate, run_explore, run_sample)
-from .rewards import get_reward
-from .sampling import SamplingConfig, check_fits_context
-from .splits import disjoint_splits
-from .stages import SAE_STAGE, SAESourceConfig, Stage, model_inputs, run_stages, sae_specs, train_job
-from .tasks import TaskConfig
-from .tracking import attribution_files
+from ..provenance import PROVENANCE_FILE, write_provenance
+from ..rewards import get_reward
+from ..sampling import SamplingConfig
+from ..splits import disjoint_splits
+from ..tasks import TaskConfig
+from ..tracking import attribution_files
+from .common import check_sae
+from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_job_stages, sae_specs,
+                     task_files, train_job)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,7 @@ class PipelineConfig(JobConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.sae.load and not self.sae.train_config:
-            raise IPGError("pipeline.sae needs `load` (SAE entries) or `train_config` (a train-sae YAML)")
+        check_sae("pipeline", self)
         unknown = set(self.evaluate_baselines or []) - set(self.baselines)
         if unknown:
             raise IPGError(f"evaluate_baselines lists {sorted(unknown)}, which are not in `baselines`; add them there")
@@ -100,20 +101,29 @@ def _run_evaluate(cfg: PipelineConfig) -> dict:
     return {"report": str(report), "comparisons": result.comparisons}
 
 
+def _run_attribute(cfg: PipelineConfig) -> dict:
+    summaries = run_attribute(_attribute_job(cfg), group=cfg.name)
+    write_provenance(cfg.run_dir, cfg.task, sae_specs(cfg), get_reward(cfg.reward).identity)
+    return summaries
+
+
 def _attribution_outputs(c: PipelineConfig) -> list[Path]:
-    return [f for method in ["ipg", *c.baselines] for f in attribution_files(method_dir(c.run_dir, method))]
+    files = [f for method in ["ipg", *c.baselines] for f in attribution_files(method_dir(c.run_dir, method))]
+    return files + [c.run_dir / PROVENANCE_FILE]
 
 
 STAGES = [
-    Stage("sample", lambda c: (c.model, model_inputs(c), c.task, c.sampling, get_reward(c.reward).identity),
-          lambda c: run_sample(_sample_job(c)), outputs=lambda c: [c.run_dir / "trajectories.jsonl"]),
+    Stage("sample", lambda c: run_sample(_sample_job(c)), outputs=lambda c: [c.run_dir / "trajectories.jsonl"],
+          fields=("model", "task", "sampling", "reward"), files=lambda c: [*model_files(c), *task_files(c.task)],
+          identity=lambda c: (model_inputs(c), get_reward(c.reward).identity)),
     SAE_STAGE,
-    Stage("attribute", lambda c: (c.attribution, c.baselines, c.selection),
-          lambda c: run_attribute(_attribute_job(c), group=c.name), outputs=_attribution_outputs),
-    Stage("evaluate", lambda c: (c.evaluation, c.evaluate_baselines), _run_evaluate,
-          outputs=lambda c: [c.run_dir / "eval" / "summary.json", c.run_dir / "report.md"]),
-    Stage("explore", lambda c: (c.explorer,), lambda c: _run_explore(c),
-          outputs=lambda c: [c.run_dir / "explorer" / "index.html", c.run_dir / "explorer" / "data.json"]),
+    Stage("attribute", _run_attribute, outputs=_attribution_outputs,
+          fields=("attribution", "baselines", "selection")),
+    Stage("evaluate", _run_evaluate, outputs=lambda c: [c.run_dir / "eval" / "summary.json", c.run_dir / "report.md"],
+          fields=("evaluation", "evaluate_baselines"), files=lambda c: task_files(c.evaluation.task)),
+    Stage("explore", lambda c: _run_explore(c),
+          outputs=lambda c: [c.run_dir / "explorer" / "index.html", c.run_dir / "explorer" / "data.json"],
+          fields=("explorer",)),
 ]
 
 
@@ -126,9 +136,6 @@ def _run_explore(cfg: PipelineConfig) -> dict:
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every stage not already finished with the same settings; return each stage's summary."""
     evaluation = _evaluate_job(cfg).evaluation
-    check_fits_context(cfg.model, [(cfg.task, cfg.sampling.max_new_tokens, "sampling.max_new_tokens"),
-                                   (evaluation.task, evaluation.sampling.max_new_tokens,
-                                    "evaluation.sampling.max_new_tokens")])
-    with run_lock(cfg.run_dir):
-        write_text(cfg.run_dir / "pipeline_config.yaml", dump_yaml(cfg))
-        return run_stages(cfg, STAGES)
+    return run_job_stages(cfg, STAGES, "pipeline_config.yaml", [
+        (cfg.task, cfg.sampling.max_new_tokens, "sampling.max_new_tokens"),
+        (evaluation.task, evaluation.sampling.max_new_tokens, "evaluation.sampling.max_new_tokens")])

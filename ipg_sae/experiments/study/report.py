@@ -1,7 +1,7 @@
 """The faithfulness study's report: its plots, its Markdown and its one-sentence answers.
 
-Pure rendering of :func:`ipg_sae.study.summarize`'s numbers (``cfg`` is the study's config);
-:func:`ipg_sae.study.report` reads the stage outputs, calls these and logs to W&B.
+Pure rendering of :func:`ipg_sae.experiments.study.summary.summarize`'s numbers (``cfg`` is the study's config);
+:func:`ipg_sae.experiments.study.run.report` reads the stage outputs, calls these and logs to W&B.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import pyplot, save_figure
-from .stats import predicted_direction
+from ...report import pyplot, save_figure
+from ...stats import predicted_direction
+from .nulls import NULLS, colors
 
 METRIC = {"correctness": ("accuracy", "{:.1%}", 100, "pts"), "length": ("mean length", "{:.1f}", 1, "tokens")}
 
@@ -82,7 +83,7 @@ def plot_null(cfg, reward: str, res: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-NULL_COLOR = {"frequency": "darkgrey", "push": "C9", "policy": "C5", "permutation": "C1"}
+NULL_COLOR = colors()  # each registered null's color (:mod:`.nulls`)
 
 
 def plot_push(cfg, reward: str, res: dict, path: Path) -> Path:
@@ -119,7 +120,7 @@ def plot_push(cfg, reward: str, res: dict, path: Path) -> Path:
 
 
 WHY_COLOR = {"ipg headline": "C3", "best baseline": "C0", "sign control": "C2",
-             **{f"{kind} null": color for kind, color in NULL_COLOR.items() if kind != "frequency"}}
+             **{f"{kind} null": null.color for kind, null in NULLS.items()}}
 
 
 def plot_calibration(confirmation: list, path: Path) -> Path:
@@ -166,8 +167,7 @@ def answer(cfg, reward: str, res: dict) -> str:
                      f"{fmt(reward, row['hi'], True)}], {row['null_percentile']:.0f}th percentile of "
                      f"{res['null'][gamma]['n']} matched random sets (p = {row['p_value']:.2f}: "
                      f"{'beats' if beats else 'does not beat'} the null)")
-        for kind, name in (("push", "push-matched random sets"), ("policy", "policy-change-matched random sets"),
-                           ("permutation", "sets IPG picks on shuffled rewards")):
+        for kind, name in ((kind, null.description) for kind, null in NULLS.items()):
             if kind in row.get("nulls", {}):
                 rank = row["nulls"][kind]
                 parts[-1] += (f"; against {res['nulls'][gamma][kind]['n']} {name}: {rank['percentile']:.0f}th "

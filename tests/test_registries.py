@@ -1,0 +1,70 @@
+"""Where a change goes, checked: a null registered with the study's registry and a recipe registered with the
+benchmark's are drawn, scored, confirmed, tuned, evaluated and reported by a tiny study and a tiny benchmark, with
+no other edit (``docs/architecture.md``, "Where a change goes")."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ipg_sae.config import load_config
+from ipg_sae.errors import IPGError
+
+
+@pytest.fixture
+def toy_null():
+    from ipg_sae.experiments.study import nulls
+
+    entry = nulls.register(nulls.ControlNull("toy", "toy", 101, nulls.random_sets("uniform"), "toy random sets",
+                                             default_sets=2))
+    yield entry
+    del nulls.NULLS["toy"]
+
+
+@pytest.fixture
+def toy_recipe():
+    from ipg_sae.experiments.steering_bench import recipes
+    from ipg_sae.selection import select
+    from ipg_sae.steering import scale
+
+    kind = recipes.register(recipes.RecipeKind(
+        "toy_top1", "ipg", settings=lambda grid: [{"gamma": g} for g in grid.gammas],
+        build=lambda method, s, ing: recipes.Recipe(method, s, scale(select(ing.results["ipg"], 1), s["gamma"])),
+        attribution="ipg"))
+    yield kind
+    del recipes.KINDS["toy_top1"]
+
+
+def test_a_registered_null_is_drawn_summarised_confirmed_and_reported(toy_null, study_overrides):
+    from ipg_sae.experiments.study import StudyConfig, run_study
+
+    cfg = load_config(StudyConfig, None, {**study_overrides, "null_counts": {"toy": 2}})
+    run_study(cfg)
+    out = cfg.run_dir / "study"
+    first = cfg.rewards[0]
+    scores = json.loads((out / "scores.json").read_text())
+    assert {"toy0|k2", "toy1|k2"} <= set(scores["cells"][first])
+    summary = json.loads((out / "summary.json").read_text())
+    for gamma, nulls in summary["rewards"][first]["nulls"].items():
+        assert nulls["toy"]["n"] == 2 and len(nulls["toy"]["effects"]) == 2
+        assert "toy" in summary["rewards"][first]["methods"]["ipg"][gamma]["nulls"]  # IPG ranked in it
+    assert any(c["why"] == "toy null" for c in summary["confirmation"])  # sampled on-policy
+    report = (out / "report.md").read_text()
+    assert "| toy null |" in report and "toy random sets" in report
+    with pytest.raises(IPGError, match="study.null_counts"):
+        load_config(StudyConfig, None, {**study_overrides, "null_counts": {"not_registered": 1}})
+
+
+def test_a_registered_recipe_is_tuned_evaluated_and_compared(toy_recipe, bench_overrides):
+    from ipg_sae.experiments.steering_bench import SteeringBenchConfig, run_bench
+
+    cfg = load_config(SteeringBenchConfig, None, {**bench_overrides, "methods": ["ipg_topk", "diffmean", "toy_top1"],
+                                                  "nulls": []})
+    run_bench(cfg)
+    out = cfg.run_dir / "bench"
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert tuning["chosen"]["toy_top1"] == {"gamma": 2.0}
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert "toy_top1" in board["splits"]["test"] and "toy_top1 - diffmean" in board["comparisons"]["test"]
+    assert "toy_top1" in (out / "report.md").read_text()
