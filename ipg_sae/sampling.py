@@ -55,6 +55,9 @@ class SamplingConfig:
             raise IPGError("sampling.top_p must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise IPGError("sampling.max_new_tokens must be at least 1")
+        if self.batch_size < 1:
+            raise IPGError(f"sampling.batch_size is {self.batch_size}; it must be at least 1 (sequences decoded at "
+                           "once, e.g. 16)")
 
 
 def eos_ids(model, tokenizer) -> set[int]:

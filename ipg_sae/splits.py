@@ -22,7 +22,7 @@ def disjoint_splits(tasks: dict[str, TaskConfig]) -> dict[str, list[Problem]]:
         if not problems:
             raise IPGError(f"the {name} split has no problems; check its task.n_problems and offset")
         for p in problems:
-            for key in (f"id:{p.id}", f"question:{_normal(p.question)}"):
+            for key in (f"id:{p.id}", f"question:{question_key(p.question)}"):
                 if key in owner and owner[key][0] != name:
                     other, other_id = owner[key]
                     raise IPGError(f"problem {p.id} of the {name} split is also in the {other} split (as {other_id}); "
@@ -32,5 +32,8 @@ def disjoint_splits(tasks: dict[str, TaskConfig]) -> dict[str, list[Problem]]:
     return loaded
 
 
-def _normal(question: str) -> str:
-    return re.sub(r"\s+", " ", question.strip().lower())
+def question_key(question: str) -> str:
+    """A question's text as splits compare it: lower case, runs of whitespace as one space, and no whitespace next
+    to punctuation (``"3 + 5 ?"`` and ``"3+5?"`` are the same question)."""
+    text = re.sub(r"\s+", " ", question.strip().lower())
+    return re.sub(r" ?([^\w\s]) ?", r"\1", text)
