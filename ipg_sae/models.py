@@ -102,6 +102,7 @@ def load_model(cfg: ModelConfig | str, **kwargs: Any):
     dtype = resolve_dtype(cfg.dtype, device)
     source = _resolve_source(cfg.name)
     model, tokenizer = _load_pretrained(source, cfg, dtype)
+    check_finite_weights(model, cfg.name)
     model.to(device).eval()
     model.requires_grad_(False)
     model.config._name_or_path = cfg.name  # the name the user gave, for provenance
@@ -109,6 +110,16 @@ def load_model(cfg: ModelConfig | str, **kwargs: Any):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_finite_weights(model: nn.Module, name: str) -> None:
+    """Refuse a model with an inf or NaN weight (a damaged or overflowed checkpoint): every logit it gives is
+    non-finite, and generation fails deep inside the sampler."""
+    for param_name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            kind = "NaN" if bool(torch.isnan(p).any()) else "inf"
+            raise IPGError(f"model {name!r}: its weight {param_name} holds {kind} values, so every output would be "
+                           "non-finite; the checkpoint is damaged or overflowed: re-download or re-save it")
 
 
 def resolve_device(device: str) -> torch.device:

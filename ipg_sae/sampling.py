@@ -184,7 +184,14 @@ def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: i
         kwargs.update(temperature=None, top_p=None, top_k=None)
     ctx = intervention() if intervention is not None else contextlib.nullcontext()
     with torch.no_grad(), ctx:
-        generated = model.generate(**enc, **kwargs)
+        try:
+            generated = model.generate(**enc, **kwargs)
+        except RuntimeError as e:  # torch.multinomial on inf/NaN probabilities
+            if "inf" not in str(e) and "nan" not in str(e):
+                raise
+            name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+            raise IPGError(f"model {name!r} gave non-finite logits (inf or NaN) while sampling; check its weights "
+                           "(a damaged checkpoint), use model.dtype float32, or lower the steering strength") from None
     width = enc["input_ids"].shape[1]
     prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
     completions = []
