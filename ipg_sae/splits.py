@@ -8,6 +8,7 @@ name the same problem differently: another offset of the same generator, a JSONL
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from .errors import IPGError
@@ -37,3 +38,27 @@ def question_key(question: str) -> str:
     to punctuation (``"3 + 5 ?"`` and ``"3+5?"`` are the same question)."""
     text = re.sub(r"\s+", " ", question.strip().lower())
     return re.sub(r" ?([^\w\s]) ?", r"\1", text)
+
+
+def problem_sets(cfg, skip: tuple[str, ...] = ("sae",)) -> list[TaskConfig]:
+    """Every problem set (:class:`TaskConfig`) a job config names, at any depth (attribution, held-out, dev, test,
+    transfer splits), once each; the fields named in ``skip`` (the SAE's own training recipe) are not searched."""
+    found: list[TaskConfig] = []
+
+    def walk(node) -> None:
+        if isinstance(node, TaskConfig):
+            if node not in found:
+                found.append(node)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                if f.name not in skip:
+                    walk(getattr(node, f.name))
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    walk(cfg)
+    return found

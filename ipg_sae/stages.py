@@ -142,8 +142,13 @@ def train_job(cfg):
     from sae_training.config import TrainSAEConfig
 
     overrides = {**cfg.sae.train_overrides, "name": cfg.name, "runs_dir": cfg.runs_dir}
+    from .splits import problem_sets
+
     train = load_config(TrainSAEConfig, cfg.sae.train_config, overrides)
-    return dataclasses.replace(train, model=cfg.model, wandb=dataclasses.replace(train.wandb, enabled=cfg.wandb.enabled))
+    # the SAE never trains on a question the job attributes on or evaluates on (every split it names)
+    exclude = [*train.data.exclude_tasks, *(t for t in problem_sets(cfg) if t not in train.data.exclude_tasks)]
+    return dataclasses.replace(train, model=cfg.model, wandb=dataclasses.replace(train.wandb, enabled=cfg.wandb.enabled),
+                               data=dataclasses.replace(train.data, exclude_tasks=exclude))
 
 
 def sae_specs(cfg) -> list[SAESpec]:
@@ -161,6 +166,13 @@ def sae_inputs(cfg) -> dict:
 
 def run_sae_stage(cfg) -> dict:
     if cfg.sae.load:
+        from sae_training.data import check_corpus_disjoint
+
+        from .splits import problem_sets
+
+        for spec in cfg.sae.load:  # an SAE trained here never saw a question the job attributes or evaluates on
+            if spec.path:
+                check_corpus_disjoint(spec.path, problem_sets(cfg))
         return {"loaded": [dataclasses.asdict(s) for s in cfg.sae.load]}
     from sae_training import train
 
