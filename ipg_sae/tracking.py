@@ -122,6 +122,12 @@ class Tracker:
         # Artifacts stage under the user data dir unless told otherwise: keep them with the run.
         os.environ.setdefault("WANDB_DATA_DIR", str(run_dir.resolve() / "wandb-data"))
         os.environ.setdefault("WANDB_SILENT", "true")
+        free = _free_bytes(run_dir / "wandb" if (run_dir / "wandb").is_dir() else run_dir)
+        if free is not None and free < MIN_FREE_BYTES:
+            log.warning("W&B is off for this job: only %d KiB are free on the disk of %s; free disk space to log to "
+                        "W&B (local outputs are unaffected)", free // 1024, run_dir / "wandb")
+            self.mode = "disabled"
+            return
         if self.mode == "online":
             self._check_reachable(run_dir)
         start = lambda: self._init(cfg, run_dir, name, job_type, config or {}, group)  # noqa: E731
@@ -152,10 +158,12 @@ class Tracker:
         run_id = ids.get(job_type)
         # absolute: W&B's service process resolves a relative dir from its own working directory, which is where
         # the first run of this process started, not where this one does
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{name}-{job_type}", job_type=job_type,
-                              group=group or cfg.group or name, tags=cfg.tags or None, config=config,
-                              dir=str(run_dir.resolve()), mode=self.mode, reinit="finish_previous", id=run_id,
-                              resume="allow" if run_id else None, settings=wandb.Settings(init_timeout=60))
+        with _no_logging_tracebacks():  # W&B's own log files on a full disk: no traceback per line
+            self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{name}-{job_type}", job_type=job_type,
+                                  group=group or cfg.group or name, tags=cfg.tags or None, config=config,
+                                  dir=str(run_dir.resolve()), mode=self.mode, reinit="finish_previous", id=run_id,
+                                  resume="allow" if run_id else None, settings=wandb.Settings(init_timeout=60))
+        _quiet_wandb()
         if run_id is None:
             _write_ids(run_dir, {**ids, job_type: self.run.id})
 
@@ -167,6 +175,7 @@ class Tracker:
         try:
             return fn()
         except Exception as e:  # W&B must never take a run down with it
+            _quiet_wandb()
             log.warning("W&B logging failed (%s: %s); continuing without W&B, local outputs are unaffected",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self.run = None
@@ -243,6 +252,44 @@ class Tracker:
 
     def __exit__(self, exc_type, *exc) -> None:
         self.finish(completed=exc_type is None)  # killed or failed: the rerun continues this W&B run
+
+
+MIN_FREE_BYTES = 4 << 20  # below this on the run directory's disk, W&B is not started (its files would not fit)
+
+
+def _free_bytes(path: Path) -> int | None:
+    import shutil
+
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _no_logging_tracebacks():
+    previous = logging.raiseExceptions
+    logging.raiseExceptions = False
+    try:
+        yield
+    finally:
+        logging.raiseExceptions = previous
+
+
+def _quiet_wandb() -> None:
+    """Keep a failing W&B (a full disk, a service that died) to the one warning :class:`Tracker` gives: W&B's own
+    log files report their write errors as tracebacks on stderr (``--- Logging error ---``), and its client's
+    event loop warns once per message sent to a service that is gone (``asyncio: socket.send() raised
+    exception``), a hundred lines or more at exit."""
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    for name in ["wandb", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("wandb"))]:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            handler.handleError = _ignore_record
+
+
+def _ignore_record(record) -> None:
+    """``logging.Handler.handleError`` for W&B's handlers: a log line W&B cannot write is dropped silently."""
 
 
 def artifact_name(kind: str, path: str | Path) -> str:
