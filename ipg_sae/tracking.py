@@ -8,7 +8,13 @@ Mode: ``wandb.mode: auto`` (default) logs online when the user is logged in to W
 
 A W&B server that cannot be reached is found out once per process, with a short connection
 probe before the first online run: the process then logs offline, says so once, and says how
-to sync later (a pipeline does not wait on the network at every stage).
+to sync later (a pipeline does not wait on the network at every stage). Every W&B network wait has
+one total deadline: the probe (:data:`PROBE_S`, the whole answer, not each read: a host that sends
+a byte a second fails it), starting an online run and uploading what is left when it ends
+(:func:`deadline_s`; what is not uploaded stays in ``runs/<name>/wandb/`` for ``wandb sync``).
+An offline run, and W&B's own usage telemetry (``WANDB_ERROR_REPORTING``, off unless set), send
+nothing at exit. A full disk turns W&B off with one warning (W&B's own log files never print
+tracebacks).
 
 Lineage: each job logs what it made as an artifact (trajectories, SAE, attribution result)
 and declares what it used (:meth:`Tracker.use`), so W&B's lineage graph shows
@@ -86,9 +92,35 @@ def logged_in() -> bool:
     return bool(auth and auth[2])
 
 
-def probe(timeout: float = 3.0) -> str | None:
-    """None when the W&B server answers an HTTP request within ``timeout`` seconds (any status: it is there),
-    else why not. A server that accepts connections but never answers is unreachable too."""
+PROBE_S = 3.0  # the probe's total deadline (connect, send, the whole answer)
+
+
+def deadline_s() -> float:
+    """The total deadline, in seconds, of each other W&B network wait: starting an online run (``wandb.init``) and
+    uploading what is left when it ends (``run.finish``, and W&B's own exit hook). ``$IPG_SAE_WANDB_TIMEOUT``
+    raises it for large online artifacts; what is not uploaded in time stays in ``runs/<name>/wandb/`` for
+    ``wandb sync``."""
+    try:
+        value = float(os.environ.get("IPG_SAE_WANDB_TIMEOUT", "") or 10.0)
+    except ValueError:
+        value = 10.0
+    return value if value > 0 else 10.0
+
+
+def probe(timeout: float = PROBE_S) -> str | None:
+    """None when the W&B server answers an HTTP request within ``timeout`` seconds in all (any status: it is
+    there), else why not. A server that accepts connections but never answers, or answers a byte at a time, is
+    unreachable too: the deadline is total, not per read."""
+    import threading
+
+    outcome: list[str | None] = []
+    thread = threading.Thread(target=lambda: outcome.append(_head(timeout)), daemon=True, name="ipg-sae-wandb-probe")
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def _head(timeout: float) -> str | None:
     import socket
     import urllib.error
     import urllib.request
@@ -107,6 +139,17 @@ def probe(timeout: float = 3.0) -> str | None:
         return f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
 
 
+def _no_telemetry() -> None:
+    """An offline run sends nothing: W&B's usage telemetry otherwise posts to the server at exit (and waits on a
+    silent one)."""
+    try:
+        from wandb.analytics.opentelemetry import opentelemetry_proxy
+
+        opentelemetry_proxy.disable()
+    except (ImportError, AttributeError):
+        pass
+
+
 class Tracker:
     """A W&B run, or a no-op when W&B is off or broken."""
 
@@ -122,6 +165,9 @@ class Tracker:
         # Artifacts stage under the user data dir unless told otherwise: keep them with the run.
         os.environ.setdefault("WANDB_DATA_DIR", str(run_dir.resolve() / "wandb-data"))
         os.environ.setdefault("WANDB_SILENT", "true")
+        # W&B's own usage telemetry and error reports post to the server when the process exits, and wait ~10 s on
+        # one that does not answer; they are not the run's logging (WANDB_ERROR_REPORTING=true turns them back on)
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         free = _free_bytes(run_dir / "wandb" if (run_dir / "wandb").is_dir() else run_dir)
         if free is not None and free < MIN_FREE_BYTES:
             log.warning("W&B is off for this job: only %d KiB are free on the disk of %s; free disk space to log to "
@@ -158,11 +204,15 @@ class Tracker:
         run_id = ids.get(job_type)
         # absolute: W&B's service process resolves a relative dir from its own working directory, which is where
         # the first run of this process started, not where this one does
+        if self.mode == "offline":
+            _no_telemetry()
+        # every network wait bounded: starting the run, and uploading the rest when it ends (or at exit)
+        waits = dict(init_timeout=deadline_s(), finish_timeout=deadline_s()) if self.mode == "online" else {}
         with _no_logging_tracebacks():  # W&B's own log files on a full disk: no traceback per line
             self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{name}-{job_type}", job_type=job_type,
                                   group=group or cfg.group or name, tags=cfg.tags or None, config=config,
                                   dir=str(run_dir.resolve()), mode=self.mode, reinit="finish_previous", id=run_id,
-                                  resume="allow" if run_id else None, settings=wandb.Settings(init_timeout=60))
+                                  resume="allow" if run_id else None, settings=wandb.Settings(**waits))
         _quiet_wandb()
         if run_id is None:
             _write_ids(run_dir, {**ids, job_type: self.run.id})
