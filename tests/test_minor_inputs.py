@@ -76,3 +76,10 @@ def test_a_folder_at_features_csv_is_refused_and_nothing_written_inside(tmp_path
         write_feature_table(folder, [{"layer": 2, "latent": 1, "rank": 1}])
     assert list(folder.iterdir()) == []
     assert write_feature_table(tmp_path / "run2", [{"layer": 2, "latent": 1, "rank": 1}]).name == "features.csv"
+
+
+def test_problems_per_batch_zero_is_refused_not_treated_as_one():
+    from ipg_sae.faithfulness import TrajectoryScorer
+
+    with pytest.raises(IPGError, match="problems_per_batch is 0"):
+        TrajectoryScorer(None, [], 0.5, problems_per_batch=0)
