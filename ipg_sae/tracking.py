@@ -331,11 +331,20 @@ def _quiet_wandb() -> None:
     log files report their write errors as tracebacks on stderr (``--- Logging error ---``), and its client's
     event loop warns once per message sent to a service that is gone (``asyncio: socket.send() raised
     exception``), a hundred lines or more at exit."""
-    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DeadSocketWarnings) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DeadSocketWarnings())
     for name in ["wandb", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("wandb"))]:
         logger = logging.getLogger(name)
         for handler in logger.handlers:
             handler.handleError = _ignore_record
+
+
+class _DeadSocketWarnings(logging.Filter):
+    """Drops asyncio's "socket.send() raised exception." (W&B's client writing to its service after it died)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("socket.send() raised exception")
 
 
 def _ignore_record(record) -> None:
