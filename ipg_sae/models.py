@@ -122,6 +122,15 @@ def check_finite_weights(model: nn.Module, name: str) -> None:
                            "non-finite; the checkpoint is damaged or overflowed: re-download or re-save it")
 
 
+def check_finite_logits(logits: torch.Tensor, model: nn.Module) -> None:
+    """Refuse logits holding NaN or +inf (an overflowed model, a damaged checkpoint, an extreme steering strength):
+    a sampler would draw garbage tokens from them, or fail deep inside."""
+    if logits.numel() and not bool(torch.isfinite(logits.amax())):  # NaN propagates through the max, +inf is it
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        raise IPGError(f"model {name!r} gave non-finite logits (inf or NaN) while sampling; check its weights (a "
+                       "damaged checkpoint), use model.dtype float32, or lower the steering strength")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

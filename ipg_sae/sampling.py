@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .decode import decode_loop
 from .errors import IPGError
-from .models import context_length, model_fingerprint
+from .models import check_finite_logits, context_length, model_fingerprint
 from .rewards import Reward, get_reward
 from .tasks import Problem, TaskConfig
 from .trajectories import Trajectory
@@ -184,14 +184,7 @@ def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: i
         kwargs.update(temperature=None, top_p=None, top_k=None)
     ctx = intervention() if intervention is not None else contextlib.nullcontext()
     with torch.no_grad(), ctx:
-        try:
-            generated = model.generate(**enc, **kwargs)
-        except RuntimeError as e:  # torch.multinomial on inf/NaN probabilities
-            if "inf" not in str(e) and "nan" not in str(e):
-                raise
-            name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-            raise IPGError(f"model {name!r} gave non-finite logits (inf or NaN) while sampling; check its weights "
-                           "(a damaged checkpoint), use model.dtype float32, or lower the steering strength") from None
+        generated = model.generate(**enc, **kwargs, logits_processor=[_FiniteLogits(model)])
     width = enc["input_ids"].shape[1]
     prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
     completions = []
@@ -199,6 +192,18 @@ def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: i
         cut = next((i + 1 for i, tok in enumerate(row) if tok in stops), len(row))
         completions.append(row[:cut])
     return prompt_ids, completions
+
+
+class _FiniteLogits:
+    """A logits processor that refuses non-finite logits at every step (``models.check_finite_logits``): torch's
+    sampler fails on them with a traceback, greedy decoding silently emits token 0."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, scores):
+        check_finite_logits(scores, self.model)
+        return scores
 
 
 _VLLM_ENGINES: dict = {}  # model source -> vllm.LLM, built once per process

@@ -44,7 +44,10 @@ def test_sample_on_that_model_is_one_line_and_exit_2(inf_model_dir, tmp_path, ca
     assert code == 2 and "Traceback" not in err and "holds inf values" in err and str(d) in err
 
 
-def test_non_finite_logits_while_sampling_name_the_model(tiny_llama_dir):
+@pytest.mark.parametrize("backend, temperature", [("hf", 0.7), ("loop", 0.7), ("hf", 0.0), ("loop", 0.0)])
+def test_non_finite_logits_while_sampling_name_the_model(tiny_llama_dir, backend, temperature):
+    """Sampling fails with a traceback on them (hf: torch.multinomial; loop: an index error); greedy decoding emits
+    token 0 silently."""
     from ipg_sae.models import load_model
     from ipg_sae.sampling import SamplingConfig, sample
     from ipg_sae.tasks import TaskConfig, build_prompts, load_problems
@@ -56,4 +59,5 @@ def test_non_finite_logits_while_sampling_name_the_model(tiny_llama_dir):
     problems = load_problems(task)
     with pytest.raises(IPGError, match="gave non-finite logits"):
         sample(model, tok, problems, build_prompts(tok, problems, task),
-               SamplingConfig(n_samples=2, max_new_tokens=4), "correctness", progress=False)
+               SamplingConfig(n_samples=2 if temperature else 1, temperature=temperature, max_new_tokens=4,
+                              backend=backend), "correctness", progress=False)
