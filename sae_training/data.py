@@ -131,8 +131,9 @@ def _documents(data: DataConfig, tokenizer, needed: int, fingerprint: dict | Non
         stream = _task_documents(data, tokenizer)
     else:
         stream = _trajectory_documents(data, tokenizer, fingerprint)
+    dropped = [0]
     if data.source != "task" and data.exclude_tasks:
-        stream = _without_questions(stream, excluded_questions(data), tokenizer)
+        stream = _without_questions(stream, excluded_questions(data), tokenizer, dropped)
     docs, total = [], 0
     for doc in stream:
         if len(doc) < 2:
@@ -141,6 +142,9 @@ def _documents(data: DataConfig, tokenizer, needed: int, fingerprint: dict | Non
         total += len(doc)
         if total >= needed or (data.max_documents and len(docs) >= data.max_documents):
             break
+    if not docs and dropped[0]:
+        raise IPGError(f"every document of data source {data.source!r} holds a question of a problem set the job "
+                       "attributes on or evaluates on (data.exclude_tasks); train the SAE on other text")
     if not docs:
         raise IPGError(f"data source {data.source!r} gave no documents with at least 2 tokens; check the data settings")
     log.info("read %d documents, %d tokens", len(docs), total)
@@ -194,20 +198,21 @@ def _task_documents(data: DataConfig, tokenizer) -> Iterator[list[int]]:
         yield _with_eos(tokenizer(text, add_special_tokens=False).input_ids, tokenizer)
 
 
-def _without_questions(stream: Iterator[list[int]], excluded: set[str], tokenizer) -> Iterator[list[int]]:
-    """The documents of a text or trajectories corpus that hold none of the ``excluded`` questions."""
+def _without_questions(stream: Iterator[list[int]], excluded: set[str], tokenizer,
+                       dropped: list[int]) -> Iterator[list[int]]:
+    """The documents of a text or trajectories corpus that hold none of the ``excluded`` questions (``dropped[0]``
+    counts the others)."""
     from ipg_sae.splits import question_key
 
-    dropped = 0
     for doc in stream:
         text = question_key(tokenizer.decode(doc, skip_special_tokens=True))
         if any(q in text for q in excluded):
-            dropped += 1
+            dropped[0] += 1
+            if dropped[0] == 1:
+                log.info("SAE corpus: leaving out the documents that hold a question of an evaluation split "
+                         "(data.exclude_tasks)")
             continue
         yield doc
-    if dropped:
-        log.info("SAE corpus: left out %d documents holding a question of an evaluation split (data.exclude_tasks)",
-                 dropped)
 
 
 def _trajectory_documents(data: DataConfig, tokenizer, fingerprint: dict | None) -> Iterator[list[int]]:

@@ -84,3 +84,17 @@ def test_a_text_corpus_drops_documents_holding_an_excluded_question(tmp_path, ti
     assert len(read(data)) == 3
     kept = read(dataclasses.replace(data, exclude_tasks=[task]))
     assert len(kept) == 2 and not any("Here is one" in d for d in kept)
+
+
+def test_a_corpus_made_only_of_evaluation_questions_is_refused_by_name(tmp_path, tiny_tokenizer):
+    from sae_training.config import DataConfig
+    from sae_training.data import _documents
+
+    from ipg_sae.tasks import TaskConfig
+
+    task = TaskConfig(n_problems=2, few_shot=0)
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": f"{p.question} The answer is {p.answer}."}) + "\n"
+                            for p in load_problems(task)))
+    with pytest.raises(IPGError, match="every document .* holds a question .*data.exclude_tasks"):
+        _documents(DataConfig(source="text", path=str(path), exclude_tasks=[task]), tiny_tokenizer, 10**6, None)
