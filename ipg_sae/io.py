@@ -30,10 +30,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success."""
     path = Path(path)
     check_inside_run(path, "write")
-    if path.is_dir():
-        from .errors import IPGError
-
-        raise IPGError(f"{path} is a folder where a file is to be written; move or remove that folder, then rerun")
+    if path.is_dir():  # refused before anything is written (the command line names it, with the fix)
+        raise IsADirectoryError(errno.EISDIR, "a folder is where this file goes", str(path))
     make_dir(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

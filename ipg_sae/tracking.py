@@ -58,6 +58,7 @@ class WandbConfig:
 
 DEFAULT_HOST = "https://api.wandb.ai"
 _unreachable: str | None = None  # set once per process when the W&B server cannot be reached
+_LOW_DISK: set[str] = set()  # run directories whose disk was too full for W&B (said once each)
 
 
 def resolve_mode(cfg: WandbConfig) -> str:
@@ -170,8 +171,10 @@ class Tracker:
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         free = _free_bytes(run_dir / "wandb" if (run_dir / "wandb").is_dir() else run_dir)
         if free is not None and free < MIN_FREE_BYTES:
-            log.warning("W&B is off for this job: only %d KiB are free on the disk of %s; free disk space to log to "
-                        "W&B (local outputs are unaffected)", free // 1024, run_dir / "wandb")
+            if str(run_dir) not in _LOW_DISK:  # said once per run directory and process
+                _LOW_DISK.add(str(run_dir))
+                log.warning("W&B is off: only %d KiB are free on the disk of %s; free disk space to log to W&B "
+                            "(local outputs are unaffected)", free // 1024, run_dir / "wandb")
             self.mode = "disabled"
             return
         if self.mode == "online":

@@ -72,9 +72,10 @@ def test_a_folder_at_features_csv_is_refused_and_nothing_written_inside(tmp_path
 
     folder = tmp_path / "run" / "features.csv"
     folder.mkdir(parents=True)
-    with pytest.raises(IPGError, match=r"features\.csv is a folder"):
+    with pytest.raises(IsADirectoryError) as err:
         write_feature_table(folder, [{"layer": 2, "latent": 1, "rank": 1}])
-    assert list(folder.iterdir()) == []
+    assert err.value.filename == str(folder)  # the command line prints it as one line: move or remove that folder
+    assert list(folder.iterdir()) == [] and not list(folder.parent.glob(".*.tmp"))
     assert write_feature_table(tmp_path / "run2", [{"layer": 2, "latent": 1, "rank": 1}]).name == "features.csv"
 
 
@@ -83,3 +84,15 @@ def test_problems_per_batch_zero_is_refused_not_treated_as_one():
 
     with pytest.raises(IPGError, match="problems_per_batch is 0"):
         TrajectoryScorer(None, [], 0.5, problems_per_batch=0)
+
+
+def test_a_folder_where_an_output_goes_is_one_line_with_its_fix(tmp_path, tiny_llama_dir, capsys):
+    from ipg_sae.cli import main
+
+    (tmp_path / "t" / "trajectories.jsonl").mkdir(parents=True)
+    code = main(["sample", "--name", "t", "--runs_dir", str(tmp_path), "--model.name", str(tiny_llama_dir),
+                 "--task.n_problems", "2", "--task.few_shot", "0", "--sampling.n_samples", "2",
+                 "--sampling.max_new_tokens", "4", "--no-wandb"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: cannot write or read {tmp_path / 't' / 'trajectories.jsonl'}")
+    assert "move or remove that folder" in err[-1] and not list((tmp_path / "t" / "trajectories.jsonl").iterdir())
