@@ -41,8 +41,10 @@ def run_job(args: argparse.Namespace, cfg_cls, job, resumes: bool = True) -> int
         if args.debug:
             raise
         where = f" {e.filename}" if e.filename else ""
-        print(f"error: cannot write or read{where}: {e.strerror or e}; free disk space or fix the permissions, then "
-              "rerun the same command to resume", file=sys.stderr)
+        fix = ("move or remove that folder" if isinstance(e, IsADirectoryError) else
+               "free disk space or fix the permissions")
+        print(f"error: cannot write or read{where}: {e.strerror or e}; {fix}, then rerun the same command to resume",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         kind = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"

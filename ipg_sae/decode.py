@@ -46,6 +46,7 @@ import torch
 
 from .errors import IPGError
 from .kv_cache import attention_mask, layer_states, repeated, slot_cache
+from .models import check_finite_logits
 
 _SLACK = 64  # columns beyond the longest row, so the cache shifts its columns once per ~64 steps, not every step
 
@@ -349,6 +350,7 @@ def decode_loop(model, tokenizer, prompts: list[str], cfg, seeds: list[int], sto
             if not len(busy):
                 break
             logits = slots.logits if len(busy) == len(slots.owner) else slots.logits[busy.to(device)]
+            check_finite_logits(logits, model)
             tokens, token_logp = draw_tokens(logits.cpu(), cfg, [generators[int(r)] for r in slots.owner[busy]])
             for j, row in enumerate(busy.tolist()):
                 sample = int(slots.owner[row])

@@ -122,12 +122,16 @@ class TrajectoryScorer:
         if not temperature > 0:
             raise IPGError(f"importance sampling needs a sampling temperature > 0 (got {temperature}): greedy "
                            "decoding puts all its probability on one continuation")
+        for name, value in (("problems_per_batch", problems_per_batch), ("rows_per_pass", rows_per_pass)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise IPGError(f"{name} is {value!r}; it must be a whole number >= 1 (problems scored together, "
+                               "e.g. 8)")
         self.model, self.temperature = model, float(temperature)
         self.saes = as_layer_dict(saes or {})
         self.tree = prefix_tree(trajectories)
         self.trajectories = list(trajectories)
         self.n = len(trajectories)
-        self.batch, self.rows_per_pass = max(1, problems_per_batch), max(1, rows_per_pass)
+        self.batch, self.rows_per_pass = problems_per_batch, rows_per_pass
         self.scope, self.exclude_first = scope, exclude_first
         self.base = model.base_model
         self.blocks = decoder_layers(model)

@@ -30,6 +30,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success."""
     path = Path(path)
     check_inside_run(path, "write")
+    if path.is_dir():  # refused before anything is written (the command line names it, with the fix)
+        raise IsADirectoryError(errno.EISDIR, "a folder is where this file goes", str(path))
     make_dir(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -80,17 +82,27 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [row for _, row in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """``(line number, row)`` for each non-blank line of a JSONL file; an IPGError naming the line for a line that is
+    not UTF-8 or not JSON."""
+    from .errors import IPGError
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise IPGError(f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                               "fix or remove that line") from None
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((line_no, json.loads(line)))
             except json.JSONDecodeError as e:
-                from .errors import IPGError
-
                 raise IPGError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix or remove that line") from None
     return rows
 

@@ -116,6 +116,7 @@ def load_model(cfg: ModelConfig | str, **kwargs: Any):
     dtype = resolve_dtype(cfg.dtype, device)
     source = _resolve_source(cfg.name)
     model, tokenizer, complete = _load_pretrained(source, cfg, dtype)
+    check_finite_weights(model, cfg.name)
     model.to(device).eval()
     model.requires_grad_(False)
     model.config._name_or_path = cfg.name  # the name the user gave, for provenance
@@ -132,6 +133,25 @@ def load_model(cfg: ModelConfig | str, **kwargs: Any):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_finite_weights(model: nn.Module, name: str) -> None:
+    """Refuse a model with an inf or NaN weight (a damaged or overflowed checkpoint): every logit it gives is
+    non-finite, and generation fails deep inside the sampler."""
+    for param_name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            kind = "NaN" if bool(torch.isnan(p).any()) else "inf"
+            raise IPGError(f"model {name!r}: its weight {param_name} holds {kind} values, so every output would be "
+                           "non-finite; the checkpoint is damaged or overflowed: re-download or re-save it")
+
+
+def check_finite_logits(logits: torch.Tensor, model: nn.Module) -> None:
+    """Refuse logits holding NaN or +inf (an overflowed model, a damaged checkpoint, an extreme steering strength):
+    a sampler would draw garbage tokens from them, or fail deep inside."""
+    if logits.numel() and not bool(torch.isfinite(logits.amax())):  # NaN propagates through the max, +inf is it
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        raise IPGError(f"model {name!r} gave non-finite logits (inf or NaN) while sampling; check its weights (a "
+                       "damaged checkpoint), use model.dtype float32, or lower the steering strength")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .decode import decode_loop
 from .errors import IPGError
-from .models import context_length, model_fingerprint
+from .models import check_finite_logits, context_length, model_fingerprint
 from .rewards import Reward, get_reward
 from .tasks import Problem, TaskConfig
 from .trajectories import Trajectory
@@ -65,6 +65,9 @@ class SamplingConfig:
         if self.compile and self.backend != "loop":
             raise IPGError(f"sampling.compile compiles the loop backend's decoding step; sampling.backend is "
                            f"{self.backend!r}: set sampling.backend: loop or sampling.compile: false")
+        if self.batch_size < 1:
+            raise IPGError(f"sampling.batch_size is {self.batch_size}; it must be at least 1 (sequences decoded at "
+                           "once, e.g. 16)")
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -221,7 +224,7 @@ def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: i
         kwargs["stopping_criteria"] = StoppingCriteriaList([_OnStep(on_step, enc["input_ids"].shape[1])])
     ctx = intervention() if intervention is not None else contextlib.nullcontext()
     with torch.no_grad(), ctx:
-        generated = model.generate(**enc, **kwargs)
+        generated = model.generate(**enc, **kwargs, logits_processor=[_FiniteLogits(model)])
     width = enc["input_ids"].shape[1]
     prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
     completions = []
@@ -229,6 +232,18 @@ def _generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: i
         cut = next((i + 1 for i, tok in enumerate(row) if tok in stops), len(row))
         completions.append(row[:cut])
     return prompt_ids, completions
+
+
+class _FiniteLogits:
+    """A logits processor that refuses non-finite logits at every step (``models.check_finite_logits``): torch's
+    sampler fails on them with a traceback, greedy decoding silently emits token 0."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, scores):
+        check_finite_logits(scores, self.model)
+        return scores
 
 
 _VLLM_ENGINES: dict = {}  # model source -> vllm.LLM, built once per process

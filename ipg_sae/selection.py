@@ -378,7 +378,7 @@ def write_feature_table(path: str | Path, rows: list[dict]) -> Path:
     from .io import atomic_path
 
     path = Path(path)
-    if path.is_dir() or not path.suffix:
+    if path.suffix.lower() != ".csv" and (path.is_dir() or not path.suffix):
         path = path / "features.csv"
     columns = list(rows[0]) if rows else list(TABLE_COLUMNS)
     with atomic_path(path) as tmp:
@@ -505,7 +505,18 @@ def _ranked(path: Path) -> Selection:
     """A feature table's latents in rank order (file order where ranks tie or are missing)."""
     rows = read_feature_table(path)
     if "rank" in rows[0] and all(r["rank"] not in ("", None) for r in rows):
-        rows.sort(key=lambda r: float(r["rank"]))  # stable: ties keep file order
+        ranks = []
+        for i, r in enumerate(rows, 2):  # line 1 is the header
+            try:
+                rank = float(r["rank"])
+            except ValueError:
+                rank = math.nan
+            if not math.isfinite(rank):
+                raise IPGError(f"{path}:{i}: rank {r['rank']!r} is not a finite number; write a number (1 = best) or "
+                               "leave the rank column empty")
+            ranks.append(rank)
+        order = sorted(range(len(rows)), key=ranks.__getitem__)  # stable: ties keep file order
+        rows = [rows[i] for i in order]
     return as_selection(rows, where=str(path))
 
 

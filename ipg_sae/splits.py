@@ -8,6 +8,7 @@ name the same problem differently: another offset of the same generator, a JSONL
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from .errors import IPGError
@@ -26,7 +27,7 @@ def disjoint_splits(tasks: dict[str, TaskConfig]) -> dict[str, list[Problem]]:
         if not problems:
             raise IPGError(f"the {name} split has no problems; check its task.n_problems and offset")
         for p in problems:
-            for kind, key in (("id", f"id:{p.id}"), ("question", f"question:{normal_question(p.question)}")):
+            for kind, key in (("id", f"id:{p.id}"), ("question", f"question:{question_key(p.question)}")):
                 if key in owner and owner[key][0] != name:
                     other, other_id = owner[key]
                     raise IPGError(f"problem {p.id} of the {name} split is also in the {other} split (as {other_id}); "
@@ -50,6 +51,32 @@ def _advice(kind: str, task: TaskConfig, other: TaskConfig) -> str:
     return "the same question comes from two sources: " + ", or ".join(fixes)
 
 
-def normal_question(question: str) -> str:
-    """A question as splits compare it: case and spacing ignored."""
-    return re.sub(r"\s+", " ", question.strip().lower())
+def question_key(question: str) -> str:
+    """A question's text as splits compare it: lower case, runs of whitespace as one space, and no whitespace next
+    to punctuation (``"3 + 5 ?"`` and ``"3+5?"`` are the same question)."""
+    text = re.sub(r"\s+", " ", question.strip().lower())
+    return re.sub(r" ?([^\w\s]) ?", r"\1", text)
+
+
+def problem_sets(cfg, skip: tuple[str, ...] = ("sae",)) -> list[TaskConfig]:
+    """Every problem set (:class:`TaskConfig`) a job config names, at any depth (attribution, held-out, dev, test,
+    transfer splits), once each; the fields named in ``skip`` (the SAE's own training recipe) are not searched."""
+    found: list[TaskConfig] = []
+
+    def walk(node) -> None:
+        if isinstance(node, TaskConfig):
+            if node not in found:
+                found.append(node)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                if f.name not in skip:
+                    walk(getattr(node, f.name))
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    walk(cfg)
+    return found

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
@@ -407,6 +408,19 @@ def generate(model: nn.Module, saes, interventions: Sequence[Intervention], scop
 # ---- selections --------------------------------------------------------------------------
 
 
+def _whole(value) -> int:
+    """``value`` as an int when it is one exactly (``5``, ``"5"``, ``5.0``); ValueError for ``5.7``, ``True``, ``"x"``."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if isinstance(value, str):
+        return int(value.strip())
+    return operator.index(value)
+
+
 def as_selection(pairs: Iterable, where: str = "selection") -> Selection:
     """Normalize ``[(layer, latent)]``, ``[[l, i]]``, ``[{"layer": l, "latent": i}]`` or ``["l:i"]`` to a Selection."""
     out: Selection = []
@@ -423,10 +437,10 @@ def as_selection(pairs: Iterable, where: str = "selection") -> Selection:
                 pair = tuple(item)
                 if len(pair) != 2:
                     raise ValueError
-            layer, latent = (int(v) for v in pair)
+            layer, latent = (_whole(v) for v in pair)
         except (KeyError, TypeError, ValueError):
-            raise IPGError(f"{where}: entry {n} ({item!r}) is not a (layer, latent) pair; write it as [layer, latent] "
-                           "or 'layer:latent'") from None
+            raise IPGError(f"{where}: entry {n} ({item!r}) is not a (layer, latent) pair of whole numbers; write it as "
+                           "[layer, latent] or 'layer:latent'") from None
         out.append((layer, latent))
     if len(set(out)) != len(out):
         raise IPGError(f"{where} lists a (layer, latent) pair twice; remove the duplicate")

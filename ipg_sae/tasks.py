@@ -231,6 +231,9 @@ def _field_text(row: dict, field: str, source: str, index: int) -> str:
     value = row.get(field)
     if value is None or not str(value).strip():
         raise IPGError(f"{source} row {index} has an empty {field!r}; fill it in or remove that row")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise IPGError(f"{source} row {index}: {field!r} is a {type(value).__name__} ({value!r:.40}), not text or a "
+                       f"number; write it as a single value, e.g. \"10\"")
     return str(value).strip()
 
 

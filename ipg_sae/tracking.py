@@ -8,7 +8,13 @@ Mode: ``wandb.mode: auto`` (default) logs online when the user is logged in to W
 
 A W&B server that cannot be reached is found out once per process, with a short connection
 probe before the first online run: the process then logs offline, says so once, and says how
-to sync later (a pipeline does not wait on the network at every stage).
+to sync later (a pipeline does not wait on the network at every stage). Every W&B network wait has
+one total deadline: the probe (:data:`PROBE_S`, the whole answer, not each read: a host that sends
+a byte a second fails it), starting an online run and uploading what is left when it ends
+(:func:`deadline_s`; what is not uploaded stays in ``runs/<name>/wandb/`` for ``wandb sync``).
+An offline run, and W&B's own usage telemetry (``WANDB_ERROR_REPORTING``, off unless set), send
+nothing at exit. A full disk turns W&B off with one warning (W&B's own log files never print
+tracebacks).
 
 Lineage: each job logs what it made as an artifact (trajectories, SAE, attribution result)
 and declares what it used (:meth:`Tracker.use`), so W&B's lineage graph shows
@@ -54,6 +60,7 @@ class WandbConfig:
 
 DEFAULT_HOST = "https://api.wandb.ai"
 _unreachable: str | None = None  # set once per process when the W&B server cannot be reached
+_LOW_DISK: set[str] = set()  # run directories whose disk was too full for W&B (said once each)
 
 
 def resolve_mode(cfg: WandbConfig) -> str:
@@ -88,9 +95,35 @@ def logged_in() -> bool:
     return bool(auth and auth[2])
 
 
-def probe(timeout: float = 3.0) -> str | None:
-    """None when the W&B server answers an HTTP request within ``timeout`` seconds (any status: it is there),
-    else why not. A server that accepts connections but never answers is unreachable too."""
+PROBE_S = 3.0  # the probe's total deadline (connect, send, the whole answer)
+
+
+def deadline_s() -> float:
+    """The total deadline, in seconds, of each other W&B network wait: starting an online run (``wandb.init``) and
+    uploading what is left when it ends (``run.finish``, and W&B's own exit hook). ``$IPG_SAE_WANDB_TIMEOUT``
+    raises it for large online artifacts; what is not uploaded in time stays in ``runs/<name>/wandb/`` for
+    ``wandb sync``."""
+    try:
+        value = float(os.environ.get("IPG_SAE_WANDB_TIMEOUT", "") or 10.0)
+    except ValueError:
+        value = 10.0
+    return value if value > 0 else 10.0
+
+
+def probe(timeout: float = PROBE_S) -> str | None:
+    """None when the W&B server answers an HTTP request within ``timeout`` seconds in all (any status: it is
+    there), else why not. A server that accepts connections but never answers, or answers a byte at a time, is
+    unreachable too: the deadline is total, not per read."""
+    import threading
+
+    outcome: list[str | None] = []
+    thread = threading.Thread(target=lambda: outcome.append(_head(timeout)), daemon=True, name="ipg-sae-wandb-probe")
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def _head(timeout: float) -> str | None:
     import socket
     import urllib.error
     import urllib.request
@@ -107,6 +140,17 @@ def probe(timeout: float = 3.0) -> str | None:
         return f"no answer within {timeout:g} s"
     except (OSError, ValueError) as e:
         return f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
+
+
+def _no_telemetry() -> None:
+    """An offline run sends nothing: W&B's usage telemetry otherwise posts to the server at exit (and waits on a
+    silent one)."""
+    try:
+        from wandb.analytics.opentelemetry import opentelemetry_proxy
+
+        opentelemetry_proxy.disable()
+    except (ImportError, AttributeError):
+        pass
 
 
 class Tracker:
@@ -126,6 +170,17 @@ class Tracker:
         # Artifacts stage under the user data dir unless told otherwise: keep them with the run.
         os.environ.setdefault("WANDB_DATA_DIR", str(run_dir.resolve() / "wandb-data"))
         os.environ.setdefault("WANDB_SILENT", "true")
+        # W&B's own usage telemetry and error reports post to the server when the process exits, and wait ~10 s on
+        # one that does not answer; they are not the run's logging (WANDB_ERROR_REPORTING=true turns them back on)
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+        free = _free_bytes(run_dir / "wandb" if (run_dir / "wandb").is_dir() else run_dir)
+        if free is not None and free < MIN_FREE_BYTES:
+            if str(run_dir) not in _LOW_DISK:  # said once per run directory and process
+                _LOW_DISK.add(str(run_dir))
+                log.warning("W&B is off: only %d KiB are free on the disk of %s; free disk space to log to W&B "
+                            "(local outputs are unaffected)", free // 1024, run_dir / "wandb")
+            self.mode = "disabled"
+            return
         if self.mode == "online":
             self._check_reachable(run_dir)
         start = lambda: self._init(cfg, run_dir, name, job_type, config or {}, group)  # noqa: E731
@@ -156,10 +211,16 @@ class Tracker:
         run_id = ids.get(job_type)
         # absolute: W&B's service process resolves a relative dir from its own working directory, which is where
         # the first run of this process started, not where this one does
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{name}-{job_type}", job_type=job_type,
-                              group=group or cfg.group or name, tags=cfg.tags or None, config=config,
-                              dir=str(run_dir.resolve()), mode=self.mode, reinit="finish_previous", id=run_id,
-                              resume="allow" if run_id else None, settings=wandb.Settings(init_timeout=60))
+        if self.mode == "offline":
+            _no_telemetry()
+        # every network wait bounded: starting the run, and uploading the rest when it ends (or at exit)
+        waits = dict(init_timeout=deadline_s(), finish_timeout=deadline_s()) if self.mode == "online" else {}
+        with _no_logging_tracebacks():  # W&B's own log files on a full disk: no traceback per line
+            self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{name}-{job_type}", job_type=job_type,
+                                  group=group or cfg.group or name, tags=cfg.tags or None, config=config,
+                                  dir=str(run_dir.resolve()), mode=self.mode, reinit="finish_previous", id=run_id,
+                                  resume="allow" if run_id else None, settings=wandb.Settings(**waits))
+        _quiet_wandb()
         if run_id is None:
             _write_ids(run_dir, {**ids, job_type: self.run.id})
 
@@ -171,6 +232,7 @@ class Tracker:
         try:
             return fn()
         except Exception as e:  # W&B must never take a run down with it
+            _quiet_wandb()
             log.warning("W&B logging failed (%s: %s); continuing without W&B, local outputs are unaffected",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self.run = None
@@ -248,6 +310,53 @@ class Tracker:
 
     def __exit__(self, exc_type, *exc) -> None:
         self.finish(completed=exc_type is None)  # killed or failed: the rerun continues this W&B run
+
+
+MIN_FREE_BYTES = 4 << 20  # below this on the run directory's disk, W&B is not started (its files would not fit)
+
+
+def _free_bytes(path: Path) -> int | None:
+    import shutil
+
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _no_logging_tracebacks():
+    previous = logging.raiseExceptions
+    logging.raiseExceptions = False
+    try:
+        yield
+    finally:
+        logging.raiseExceptions = previous
+
+
+def _quiet_wandb() -> None:
+    """Keep a failing W&B (a full disk, a service that died) to the one warning :class:`Tracker` gives: W&B's own
+    log files report their write errors as tracebacks on stderr (``--- Logging error ---``), and its client's
+    event loop warns once per message sent to a service that is gone (``asyncio: socket.send() raised
+    exception``), a hundred lines or more at exit."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DeadSocketWarnings) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DeadSocketWarnings())
+    for name in ["wandb", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("wandb"))]:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            handler.handleError = _ignore_record
+
+
+class _DeadSocketWarnings(logging.Filter):
+    """Drops asyncio's "socket.send() raised exception." (W&B's client writing to its service after it died)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("socket.send() raised exception")
+
+
+def _ignore_record(record) -> None:
+    """``logging.Handler.handleError`` for W&B's handlers: a log line W&B cannot write is dropped silently."""
 
 
 def artifact_name(kind: str, path: str | Path) -> str:

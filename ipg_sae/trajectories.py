@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import IPGError
-from .io import read_jsonl, write_jsonl
+from .io import read_jsonl_numbered, write_jsonl
 
 
 @dataclass
@@ -51,7 +51,7 @@ def load_trajectories(path: str | Path) -> list[Trajectory]:
     path = Path(path)
     if not path.is_file():
         raise IPGError(f"trajectories file {path} not found; run `ipg-sae sample` first or fix the path")
-    out = [trajectory_from_row(row, f"{path}:{i}") for i, row in enumerate(read_jsonl(path), 1)]
+    out = [trajectory_from_row(row, f"{path}:{line_no}") for line_no, row in read_jsonl_numbered(path)]
     if not out:
         raise IPGError(f"{path} holds no trajectories; sample some first")
     return out
@@ -83,6 +83,15 @@ def _check_row(row: dict, where: str) -> None:
     for key in ("prompt", "completion", "reference"):
         if key in row and not isinstance(row[key], str):
             raise IPGError(f"{where}: `{key}` must be a string, found {type(row[key]).__name__}; fix that line")
+    if "sample_index" not in row or not isinstance(row["sample_index"], int) or isinstance(row["sample_index"], bool):
+        raise IPGError(f"{where}: `sample_index` must be a whole number (0 for a prompt's first sample), found "
+                       f"{row.get('sample_index')!r:.40}; fix that line")
+    for key in ("answer",):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise IPGError(f"{where}: `{key}` must be a string or null, found {type(row[key]).__name__}; fix that line")
+    if "model" in row and not isinstance(row["model"], dict):
+        raise IPGError(f"{where}: `model` must be an object (the sampler's fingerprint), found "
+                       f"{type(row['model']).__name__}; resample (`ipg-sae sample`) or fix that line")
     if not isinstance(row["reward"], (int, float)) or isinstance(row["reward"], bool):
         raise IPGError(f"{where}: `reward` must be a number, found {row['reward']!r:.40}; fix the reward function "
                        "and resample")

@@ -16,6 +16,8 @@ with a different config is refused instead of silently mixing two runs.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -43,6 +45,33 @@ def latest(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+@contextlib.contextmanager
+def partial_dir(tmp: Path, final: Path, clean: bool = True):
+    """Around the writing of the hidden folder ``tmp`` that becomes ``final``: on a failure the partial folder is
+    removed, and a full disk (which torch.save reports as a bare RuntimeError naming no file) becomes an
+    ``OSError(ENOSPC)`` naming ``final``, which the command line prints as one line."""
+    try:
+        yield
+    except BaseException as e:
+        full = _disk_full(e, tmp)
+        if clean:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full and not isinstance(e, KeyboardInterrupt):
+            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from None
+        raise
+
+
+def _disk_full(e: BaseException, where: Path) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(e):
+        return True
+    try:
+        return isinstance(e, (OSError, RuntimeError)) and shutil.disk_usage(where.parent).free < 1 << 20
+    except OSError:
+        return False
+
+
 def save(root: Path, step: int, trainers: dict, d: Dist, state: dict) -> Path:
     """Write the checkpoint of ``step`` (every process must call this)."""
     final = checkpoint_dir(root, step)
@@ -51,14 +80,16 @@ def save(root: Path, step: int, trainers: dict, d: Dist, state: dict) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while checkpointing
         tmp.mkdir(parents=True)
     d.barrier()
-    for layer, trainer in trainers.items():
+    with partial_dir(tmp, final, clean=d.main):
+        for layer, trainer in trainers.items():
+            if d.main:
+                trainer.save_checkpoint(checkpoint_name=f"layer_{layer}", base_path=tmp)
+            else:
+                trainer.save_trainer_state(tmp / f"rank_{d.rank}" / f"layer_{layer}")
+        d.barrier()
         if d.main:
-            trainer.save_checkpoint(checkpoint_name=f"layer_{layer}", base_path=tmp)
-        else:
-            trainer.save_trainer_state(tmp / f"rank_{d.rank}" / f"layer_{layer}")
-    d.barrier()
+            write_json(tmp / STATE_FILE, {**state, "step": step, "world_size": d.world_size})
     if d.main:
-        write_json(tmp / STATE_FILE, {**state, "step": step, "world_size": d.world_size})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

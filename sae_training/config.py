@@ -36,6 +36,10 @@ class DataConfig:
     task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=500))
     task_levels: list[int] = field(default_factory=list)  # arithmetic: mix these levels (empty = task.level)
     pack: bool = True  # concatenate documents into full context_size rows (False: one padded row each)
+    # Problems the SAE must never see: a document holding one of their questions (compared as splits.question_key)
+    # is left out of the corpus. A job that trains its SAE as a stage adds every problem set it samples or
+    # evaluates on (its attribution, held-out, dev, test and transfer splits).
+    exclude_tasks: list[TaskConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -97,6 +97,45 @@ def split_rows(rows: TokenRows, n_eval: int) -> tuple[TokenRows, TokenRows]:
 # ---- documents --------------------------------------------------------------------------
 
 
+def excluded_questions(data: DataConfig) -> set[str]:
+    """The question texts (as :func:`ipg_sae.splits.question_key`) the corpus must not hold: ``data.exclude_tasks``'s."""
+    from ipg_sae.splits import question_key
+    from ipg_sae.tasks import load_problems
+
+    return {question_key(p.question) for task in data.exclude_tasks for p in load_problems(task)}
+
+
+def task_problems(data: DataConfig) -> list:
+    """The problems a ``task`` corpus is made of, levels interleaved, without those of ``data.exclude_tasks``."""
+    return [p for p, _ in _task_items(data, None)]
+
+
+def _task_items(data: DataConfig, tokenizer) -> list[tuple]:
+    """``(problem, prompt)`` of a ``task`` corpus (prompts None without a tokenizer), levels interleaved so a partial
+    read (token budget reached) still mixes them, less every problem whose question is in ``data.exclude_tasks``."""
+    import dataclasses
+
+    from ipg_sae.splits import question_key
+    from ipg_sae.tasks import build_prompts, load_problems
+
+    per_level = []
+    for level in data.task_levels or [data.task.level]:
+        task = dataclasses.replace(data.task, level=level)
+        problems = load_problems(task)
+        prompts = build_prompts(tokenizer, problems, task) if tokenizer is not None else [None] * len(problems)
+        per_level.append(list(zip(problems, prompts)))
+    items = [item for group in zip(*per_level) for item in group]
+    excluded = excluded_questions(data)
+    kept = [(p, prompt) for p, prompt in items if question_key(p.question) not in excluded]
+    if len(kept) < len(items):
+        log.info("SAE corpus: left out %d of %d problems whose question is in an evaluation split (data.exclude_tasks)",
+                 len(items) - len(kept), len(items))
+    if not kept:
+        raise IPGError("every problem of the SAE's data.task is in an evaluation split (data.exclude_tasks); give "
+                       "data.task another offset or seed")
+    return kept
+
+
 def _documents(data: DataConfig, tokenizer, needed: int, fingerprint: dict | None) -> list[list[int]]:
     """Token-id lists, one per document, stopping once about ``needed`` tokens are read."""
     if data.source == "text":
@@ -105,6 +144,9 @@ def _documents(data: DataConfig, tokenizer, needed: int, fingerprint: dict | Non
         stream = _task_documents(data, tokenizer)
     else:
         stream = _trajectory_documents(data, tokenizer, fingerprint)
+    dropped = [0]
+    if data.source != "task" and data.exclude_tasks:
+        stream = _without_questions(stream, excluded_questions(data), tokenizer, dropped)
     docs, total = [], 0
     for doc in stream:
         if len(doc) < 2:
@@ -113,6 +155,9 @@ def _documents(data: DataConfig, tokenizer, needed: int, fingerprint: dict | Non
         total += len(doc)
         if total >= needed or (data.max_documents and len(docs) >= data.max_documents):
             break
+    if not docs and dropped[0]:
+        raise IPGError(f"every document of data source {data.source!r} holds a question of a problem set the job "
+                       "attributes on or evaluates on (data.exclude_tasks); train the SAE on other text")
     if not docs:
         raise IPGError(f"data source {data.source!r} gave no documents with at least 2 tokens; check the data settings")
     log.info("read %d documents, %d tokens", len(docs), total)
@@ -160,22 +205,27 @@ def _load_text_dataset(data: DataConfig):
 
 def _task_documents(data: DataConfig, tokenizer) -> Iterator[list[int]]:
     """Prompt + worked solution for each problem, the text the policy is attributed on."""
-    import dataclasses
+    for p, prompt in _task_items(data, tokenizer):
+        text = prompt + (p.solution or f"The answer is {p.answer}.")
+        # The chat template already wrote the special tokens; do not add a BOS twice.
+        yield _with_eos(tokenizer(text, add_special_tokens=False).input_ids, tokenizer)
 
-    from ipg_sae.tasks import build_prompts, load_problems
 
-    levels = data.task_levels or [data.task.level]
-    per_level = []
-    for level in levels:
-        task = dataclasses.replace(data.task, level=level)
-        problems = load_problems(task)
-        prompts = build_prompts(tokenizer, problems, task)
-        per_level.append([prompt + (p.solution or f"The answer is {p.answer}.") for prompt, p in zip(prompts, problems)])
-    # Interleave the levels so a partial read (token budget reached) still mixes them.
-    for group in zip(*per_level):
-        for text in group:
-            # The chat template already wrote the special tokens; do not add a BOS twice.
-            yield _with_eos(tokenizer(text, add_special_tokens=False).input_ids, tokenizer)
+def _without_questions(stream: Iterator[list[int]], excluded: set[str], tokenizer,
+                       dropped: list[int]) -> Iterator[list[int]]:
+    """The documents of a text or trajectories corpus that hold none of the ``excluded`` questions (``dropped[0]``
+    counts the others)."""
+    from ipg_sae.splits import question_key
+
+    for doc in stream:
+        text = question_key(tokenizer.decode(doc, skip_special_tokens=True))
+        if any(q in text for q in excluded):
+            dropped[0] += 1
+            if dropped[0] == 1:
+                log.info("SAE corpus: leaving out the documents that hold a question of an evaluation split "
+                         "(data.exclude_tasks)")
+            continue
+        yield doc
 
 
 def _trajectory_documents(data: DataConfig, tokenizer, fingerprint: dict | None) -> Iterator[list[int]]:
@@ -220,3 +270,41 @@ def _pad(docs: list[list[int]], context: int, tokenizer) -> TokenRows:
     mask = attention.bool().clone()
     mask[:, 0] = False
     return TokenRows(tokens, attention, mask)
+
+
+# ---- disjointness from the problems a job evaluates on ------------------------------------
+
+
+def check_corpus_disjoint(sae_path: str, tasks: list) -> None:
+    """Refuse an SAE trained here (its ``train_sae_config.yaml`` beside its ``sae/`` folder) whose ``task`` corpus
+    holds a question of one of ``tasks`` (the problem sets a job attributes on or evaluates on). SAEs from
+    elsewhere, and text or trajectory corpora, whose documents cannot be listed cheaply, are not checked."""
+    from pathlib import Path
+
+    from ipg_sae.config import load_config
+    from ipg_sae.splits import question_key
+    from ipg_sae.tasks import load_problems
+
+    from .config import TrainSAEConfig
+
+    path = Path(sae_path).expanduser()
+    recipe = next((d / "train_sae_config.yaml" for d in (path, path.parent, path.parent.parent)
+                   if (d / "train_sae_config.yaml").is_file()), None)
+    if recipe is None:
+        return
+    try:
+        train = load_config(TrainSAEConfig, recipe)
+    except IPGError as e:
+        log.warning("cannot read %s to check the SAE's corpus against this job's problems (%s)", recipe, e)
+        return
+    if train.data.source != "task":
+        log.info("the SAE %s trained on a %s corpus: not checked against this job's problems", path, train.data.source)
+        return
+    corpus = {question_key(p.question) for p in task_problems(train.data)}
+    for task in tasks:
+        shared = [p for p in load_problems(task) if question_key(p.question) in corpus]
+        if shared:
+            raise IPGError(f"the SAE {path} was trained on {len(shared)} question(s) of a problem set this job uses "
+                           f"({task.name} level {task.level}, offset {task.offset}, e.g. {shared[0].question!r}); "
+                           f"retrain it with that set in data.exclude_tasks of {recipe.name} (a job that trains its "
+                           "SAE excludes its own sets), or choose other problems")

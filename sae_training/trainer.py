@@ -309,8 +309,9 @@ class _Run:
             return final  # written by a run killed after saving: the same weights, never overwritten
         tmp = self.sae_root / f".layer_{layer}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        sae.save_inference_model(str(tmp))
-        write_sae_sidecar(tmp, model_name=self.cfg.model.name, layer=layer)
+        with checkpoints.partial_dir(tmp, final):
+            sae.save_inference_model(str(tmp))
+            write_sae_sidecar(tmp, model_name=self.cfg.model.name, layer=layer)
         os.replace(tmp, final)
         return final
 

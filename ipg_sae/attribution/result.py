@@ -332,6 +332,29 @@ def _check_sidecar(meta: dict, tensors: dict, js: Path) -> tuple:
         values = meta.get(name)
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise bad(name, "a list of ids")
+    for name, n_rows, is_row in (("prompt_ids", len(meta["prompt_ids"]), is_per_prompt),
+                                 ("trajectory_ids", len(meta["trajectory_ids"]), is_per_trajectory)):
+        if len(set(meta[name])) != n_rows:
+            raise bad(name, "a list of distinct ids")
+        for key, tensor in tensors.items():
+            rows = tensor.shape[0] if tensor.dim() else None
+            if key.endswith(".traj.indptr"):
+                rows = rows - 1 if name == "trajectory_ids" else None
+            elif not is_row(key):
+                continue
+            if rows is not None and rows != n_rows:
+                raise bad(name, f"one id per row of {RESULT_FILE} ({key} has {rows} rows, the list {n_rows} ids)")
+    for name, kind, want in (("model", dict, "an object (the model's fingerprint)"),
+                             ("config", dict, "an object (the attribution settings)"),
+                             ("summary", dict, "an object of summary numbers"),
+                             ("saes", list, "a list of objects, one per SAE layer"),
+                             ("token_map_ids", list, "a list of trajectory ids")):
+        if name in meta and not isinstance(meta[name], kind):
+            raise bad(name, want)
+    if not all(isinstance(s, dict) and isinstance(s.get("layer"), int) for s in meta.get("saes", [])):
+        raise bad("saes", "a list of objects, one per SAE layer, each with its `layer`")
+    if not all(isinstance(t, str) for t in meta.get("token_map_ids", [])):
+        raise bad("token_map_ids", "a list of trajectory ids")
     for layer in layers:
         if layer not in d_sae:
             raise bad("d_sae", f"a width for every layer (layer {layer} has none)")

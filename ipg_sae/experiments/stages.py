@@ -255,9 +255,21 @@ def train_job(cfg):
     """The train-sae config of a job whose ``sae`` trains its SAEs (its name, runs_dir, model and W&B)."""
     from sae_training.config import TrainSAEConfig
 
+    from ..splits import problem_sets
+
     overrides = {**cfg.sae.train_overrides, "name": cfg.name, "runs_dir": cfg.runs_dir}
     train = load_config(TrainSAEConfig, cfg.sae.train_config, overrides)
-    return dataclasses.replace(train, model=cfg.model, wandb=dataclasses.replace(train.wandb, enabled=cfg.wandb.enabled))
+    # The SAE never trains on a question the job attributes or evaluates on (every split it names). The splits are
+    # read from the whole config: they are in the SAE stage's key through its identity, this very train config.
+    exclude = [*train.data.exclude_tasks,
+               *(t for t in problem_sets(whole_config(cfg)) if t not in train.data.exclude_tasks)]
+    return dataclasses.replace(train, model=cfg.model, wandb=dataclasses.replace(train.wandb, enabled=cfg.wandb.enabled),
+                               data=dataclasses.replace(train.data, exclude_tasks=exclude))
+
+
+def whole_config(cfg):
+    """The config behind a stage's :class:`ConfigView` (for what a stage's identity already covers)."""
+    return cfg._obj if isinstance(cfg, ConfigView) else cfg
 
 
 def sae_specs(cfg) -> list[SAESpec]:
@@ -276,6 +288,13 @@ def sae_files(cfg) -> list[Path]:
 
 def run_sae_stage(cfg) -> dict:
     if cfg.sae.load:
+        from sae_training.data import check_corpus_disjoint
+
+        from ..splits import problem_sets
+
+        for spec in cfg.sae.load:  # an SAE trained here never saw a question the job attributes or evaluates on
+            if spec.path:
+                check_corpus_disjoint(spec.path, problem_sets(whole_config(cfg)))
         return {"loaded": [dataclasses.asdict(s) for s in cfg.sae.load]}
     from sae_training import train
 

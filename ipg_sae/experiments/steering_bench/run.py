@@ -53,7 +53,7 @@ from ...provenance import PROVENANCE_FILE, read_provenance, sae_identity, write_
 from ...rewards import get_reward
 from ...sampling import SamplingConfig, eos_ids, sample
 from ...saes import as_layer_dict, load_saes
-from ...splits import disjoint_splits, normal_question
+from ...splits import disjoint_splits, question_key
 from ...steering import Intervention, steering
 from ...tasks import TaskConfig, build_prompts, load_problems
 from ...trajectories import Trajectory, load_trajectories, prompt_groups, save_trajectories
@@ -128,9 +128,9 @@ def check_reused_attribution(cfg: SteeringBenchConfig) -> None:
     for split, problems in disjoint_splits({k: t for k, t in splits(cfg).items() if k != "attribution"}).items():
         for p in problems:
             owner.setdefault(f"id:{p.id}", (split, p.id))
-            owner.setdefault(f"question:{normal_question(p.question)}", (split, p.id))
+            owner.setdefault(f"question:{question_key(p.question)}", (split, p.id))
     for p in doc["problems"]:
-        hit = owner.get(f"id:{p.get('id')}") or owner.get(f"question:{normal_question(str(p.get('question')))}")
+        hit = owner.get(f"id:{p.get('id')}") or owner.get(f"question:{question_key(str(p.get('question')))}")
         if hit:
             raise IPGError(f"{REUSED} {root} was attributed on problem {p.get('id')}, which is in the {hit[0]} split "
                            f"(as {hit[1]}): point it at an attribution of other problems, or leave it empty to "
