@@ -141,3 +141,17 @@ def test_cli(results_dir):
     assert set(sec["seconds"]) == {"python", "help", "typo", "command_help"}
     assert all(v > 0 for v in sec["seconds"].values())
     assert set(sec["ratios"]) == {"help/python", "typo/python", "command_help/python"}
+
+
+def test_experiment_cost_reads_stage_markers(tmp_path):
+    """benchmarks/experiment_cost.py: a run's stage totals (total_seconds over resumes), CPU hours, s per cell."""
+    stages = tmp_path / "run" / "stages"
+    stages.mkdir(parents=True)
+    (stages / "score.json").write_text(json.dumps({"hash": "k", "seconds": 50.0, "total_seconds": 300.0}))
+    (stages / "sample.json").write_text(json.dumps({"hash": "k", "seconds": 60.0}))  # an old marker: last run only
+    (stages / "score.partial.json").write_text(json.dumps({"hash": "k", "seconds": 9.0}))  # not a finished stage
+    out = subprocess.run([sys.executable, str(BENCH / "experiment_cost.py"), str(tmp_path / "run"), "--threads", "2",
+                          "--cells", "score=10"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "| score | 300 | 10 | 30 |" in out.stdout and "| sample | 60 |" in out.stdout
+    assert "last run only" in out.stdout and "**360** (0.1 h wall)" in out.stdout and "**0.2 CPU hours**" in out.stdout
