@@ -10,8 +10,8 @@ A W&B server that cannot be reached is found out once per process, with a short 
 probe before the first online run: the process then logs offline, says so once, and says how
 to sync later (a pipeline does not wait on the network at every stage). Every W&B network wait has
 one total deadline: the probe (:data:`PROBE_S`, the whole answer, not each read: a host that sends
-a byte a second fails it), starting an online run and uploading what is left when it ends
-(:func:`deadline_s`; what is not uploaded stays in ``runs/<name>/wandb/`` for ``wandb sync``).
+a byte a second fails it), starting an online run (:func:`deadline_s`) and uploading what is left when it ends
+(:func:`upload_deadline_s`; what is not uploaded stays in ``runs/<name>/wandb/`` for ``wandb sync``).
 An offline run, and W&B's own usage telemetry (``WANDB_ERROR_REPORTING``, off unless set), send
 nothing at exit. A full disk turns W&B off with one warning (W&B's own log files never print
 tracebacks).
@@ -99,15 +99,25 @@ PROBE_S = 3.0  # the probe's total deadline (connect, send, the whole answer)
 
 
 def deadline_s() -> float:
-    """The total deadline, in seconds, of each other W&B network wait: starting an online run (``wandb.init``) and
-    uploading what is left when it ends (``run.finish``, and W&B's own exit hook). ``$IPG_SAE_WANDB_TIMEOUT``
-    raises it for large online artifacts; what is not uploaded in time stays in ``runs/<name>/wandb/`` for
-    ``wandb sync``."""
+    """The total deadline, in seconds, of starting an online run (``wandb.init``): 10 s, or
+    ``$IPG_SAE_WANDB_TIMEOUT``. A server that answered the probe and then stalls costs no more."""
+    return _seconds("IPG_SAE_WANDB_TIMEOUT", 10.0)
+
+
+def upload_deadline_s() -> float:
+    """The total deadline, in seconds, of uploading what is left when an online run ends (``run.finish``, and
+    W&B's own exit hook): 300 s, or ``$IPG_SAE_WANDB_UPLOAD_TIMEOUT``. Longer than the start's because a healthy
+    server may take minutes for a large SAE artifact; what is not uploaded in time stays in
+    ``runs/<name>/wandb/`` for ``wandb sync``."""
+    return _seconds("IPG_SAE_WANDB_UPLOAD_TIMEOUT", 300.0)
+
+
+def _seconds(variable: str, default: float) -> float:
     try:
-        value = float(os.environ.get("IPG_SAE_WANDB_TIMEOUT", "") or 10.0)
+        value = float(os.environ.get(variable, "") or default)
     except ValueError:
-        value = 10.0
-    return value if value > 0 else 10.0
+        value = default
+    return value if value > 0 else default
 
 
 def probe(timeout: float = PROBE_S) -> str | None:
@@ -214,7 +224,7 @@ class Tracker:
         if self.mode == "offline":
             _no_telemetry()
         # every network wait bounded: starting the run, and uploading the rest when it ends (or at exit)
-        waits = dict(init_timeout=deadline_s(), finish_timeout=deadline_s()) if self.mode == "online" else {}
+        waits = dict(init_timeout=deadline_s(), finish_timeout=upload_deadline_s()) if self.mode == "online" else {}
         with _no_logging_tracebacks():  # W&B's own log files on a full disk: no traceback per line
             self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{name}-{job_type}", job_type=job_type,
                                   group=group or cfg.group or name, tags=cfg.tags or None, config=config,
