@@ -72,7 +72,7 @@ def tiny_run(root: Path) -> Path:
               "wandb.enabled": False}
     run_sample(load_config(SampleJobConfig, None, {**common, "task.n_problems": 6, "task.few_shot": 0,
                                                    "sampling.n_samples": 3, "sampling.max_new_tokens": 12,
-                                                   "reward": "tests.test_pipeline:text_length_mod_7"}), progress=False)
+                                                   "reward": "tests.helpers:text_length_mod_7"}), progress=False)
     run_attribute(load_config(AttributeJobConfig, None, {
         **common, "saes": [{"path": str(root / "sae")}], "attribution.n_steps": 2, "baselines": ["act"],
         "selection.k": 4, "selection.n_bootstrap": 0}), progress=False)

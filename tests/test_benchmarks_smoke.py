@@ -123,6 +123,14 @@ def test_scaling(results_dir):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli(results_dir):
+    run_script("bench_cli.py", results_dir)
+    sec = section(results_dir, "cli")
+    assert set(sec["seconds"]) == {"python", "help", "typo", "command_help"}
+    assert all(v > 0 for v in sec["seconds"].values())
+    assert set(sec["ratios"]) == {"help/python", "typo/python", "command_help/python"}
+
+
 def test_run_all_report(results_dir):
     """run_all.py prints (and writes) the ratio table of the merged results file."""
     if not (results_dir / f"{MACHINE}.json").is_file():
@@ -133,14 +141,6 @@ def test_run_all_report(results_dir):
                    "sampler with steering hooks / without", "IPG / floor by tokens"):
         assert needle in table and needle in out.stdout
     assert "not run" not in table
-
-
-def test_cli(results_dir):
-    run_script("bench_cli.py", results_dir)
-    sec = section(results_dir, "cli")
-    assert set(sec["seconds"]) == {"python", "help", "typo", "command_help"}
-    assert all(v > 0 for v in sec["seconds"].values())
-    assert set(sec["ratios"]) == {"help/python", "typo/python", "command_help/python"}
 
 
 def test_experiment_cost_reads_stage_markers(tmp_path):
