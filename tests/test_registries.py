@@ -68,3 +68,39 @@ def test_a_registered_recipe_is_tuned_evaluated_and_compared(toy_recipe, bench_o
     board = json.loads((out / "leaderboard.json").read_text())
     assert "toy_top1" in board["splits"]["test"] and "toy_top1 - diffmean" in board["comparisons"]["test"]
     assert "toy_top1" in (out / "report.md").read_text()
+
+
+@pytest.fixture
+def toy_estimator():
+    """An estimator registered under a new name: the on-policy sampler's rows, each tagged, and its calls counted."""
+    from ipg_sae import evaluation
+
+    calls = []
+    sampling = evaluation.ESTIMATORS["sampling"]
+
+    def toy(harness, sets, active, progress):
+        calls.append(sorted(sets))
+        rows, all_sets, ess = sampling(harness, sets, active, progress)
+        return rows, all_sets, ess
+
+    evaluation.ESTIMATORS["toy"] = toy
+    yield calls
+    del evaluation.ESTIMATORS["toy"]
+
+
+def test_a_registered_estimator_evaluates_a_tiny_pipeline(toy_estimator, pipeline_cfg):
+    """One entry in ``evaluation.ESTIMATORS`` and ``eval.estimator`` names it: validated, dispatched to, saved with
+    the result and reported, with no other edit."""
+    from ipg_sae.evaluation import EvalConfig, EvalResult
+    from ipg_sae.experiments.pipeline import run_pipeline
+
+    pipeline_cfg.evaluation.estimator = "toy"
+    pipeline_cfg.validate()
+    run_pipeline(pipeline_cfg)
+    assert toy_estimator and "ipg" in toy_estimator[0]  # evaluate dispatched to it
+    result = EvalResult.load(pipeline_cfg.run_dir / "eval")
+    assert result.meta.estimator == "toy" and result.rows
+    assert (pipeline_cfg.run_dir / "report.md").is_file()
+    with pytest.raises(IPGError, match="eval.estimator 'not_registered' is not a registered estimator; give one of "
+                                       "importance, sampling, toy"):
+        load_config(EvalConfig, None, {"estimator": "not_registered"})

@@ -49,9 +49,10 @@ from ...selection import select
 from ...stats import bootstrap, predicted_direction
 from ...tasks import build_prompts, load_problems
 from ...trajectories import Trajectory, load_trajectories, prompt_groups
-from ..common import HELDOUT_STAGE, attribute, attribution_sampling_stage, contexts, reward_dir
+from ..common import (HELDOUT_STAGE, attribute, attribution_sampling_stage, check_splits_disjoint, contexts,
+                      reward_dir)
 from ..stages import SAE_STAGE, Stage, run_job_stages, sae_specs
-from .config import StudyConfig
+from .config import StudyConfig, splits
 from .report import answer, markdown, plot_calibration, plot_curves, plot_null, plot_push, slug
 from .nulls import FREQUENCY, FREQUENCY_LABEL, NULLS
 from .summary import SIGN_CONTROL, CellLabel, calibration, confirmation_cells, summarize
@@ -101,6 +102,7 @@ STAGES = [
 
 def run_study(cfg: StudyConfig) -> dict:
     """Run (or resume) every stage of the study; return each stage's summary."""
+    check_splits_disjoint(splits(cfg), on_load=False)  # splits not checked on load (a hub dataset): now
     return run_job_stages(cfg, STAGES, "study_config.yaml", contexts(cfg))
 
 
