@@ -25,13 +25,13 @@ def _corpus(data) -> set[str]:
     return {question_key(p.question) for p in task_problems(data)}
 
 
-@pytest.mark.parametrize("module, cls, path", [("ipg_sae.study", "StudyConfig", "configs/study_smollm2.yaml"),
-                                               ("ipg_sae.pipeline", "PipelineConfig", "configs/demo.yaml"),
-                                               ("ipg_sae.pipeline", "PipelineConfig", "configs/quickstart.yaml")])
+@pytest.mark.parametrize("module, cls, path", [("ipg_sae.experiments.study", "StudyConfig", "configs/study_smollm2.yaml"),
+                                               ("ipg_sae.experiments.pipeline", "PipelineConfig", "configs/demo.yaml"),
+                                               ("ipg_sae.experiments.pipeline", "PipelineConfig", "configs/quickstart.yaml")])
 def test_a_trained_sae_never_sees_a_question_of_the_jobs_splits(module, cls, path):
     import importlib
 
-    from ipg_sae.stages import train_job
+    from ipg_sae.experiments.stages import train_job
 
     cfg = load_config(getattr(importlib.import_module(module), cls), path)
     train = train_job(cfg)
@@ -51,9 +51,9 @@ def _sae_run(tmp_path, train) -> str:
 
 
 def test_the_steering_bench_refuses_an_sae_trained_on_its_transfer_questions(tmp_path):
-    from ipg_sae.stages import run_sae_stage, train_job
-    from ipg_sae.steering_bench import SteeringBenchConfig
-    from ipg_sae.study import StudyConfig
+    from ipg_sae.experiments.stages import run_sae_stage, train_job
+    from ipg_sae.experiments.steering_bench import SteeringBenchConfig
+    from ipg_sae.experiments.study import StudyConfig
 
     study_cfg = load_config(StudyConfig, "configs/study_smollm2.yaml")
     study = train_job(study_cfg)
