@@ -149,8 +149,8 @@ def _study_summary(confirmed: bool = True):
     """A hand-made two-gamma, two-method study of one reward, with its push null and, if ``confirmed``, one
     on-policy cell per gamma."""
     from ipg_sae.experiments.study.labels import CellLabel
-    from ipg_sae.experiments.study.results import (ConfirmedCell, Curve, FrequencyNull, NullDraws, RewardSummary,
-                                                   StudySummary)
+    from ipg_sae.experiments.study.results import (Calibration, ConfirmedCell, Contrast, Curve, FrequencyNull,
+                                                   NullDraws, Regeneration, RewardSummary, StudySummary)
 
     gammas = [0.0, 2.0]
     effect = {("ipg", 0.0): -0.1, ("ipg", 2.0): 0.05, ("act", 0.0): -0.01, ("act", 2.0): 0.0}
@@ -170,9 +170,16 @@ def _study_summary(confirmed: bool = True):
                            latents=[[15, 1]], off_policy_effect=-0.08, on_policy_effect=[-0.07, -0.1, -0.04],
                            on_minus_off=[0.01, -0.02, 0.04], agree=True, on_policy_value=0.23, accuracy=0.23,
                            length=30.0, parsed=1.0, degenerate=0.0, samples=16) for g in gammas] if confirmed else []
+    extra = dict(
+        confirm_samples_per_problem=16, unsteered_on_policy={"correctness": {"reward": 0.3, "correct": 0.3}},
+        calibration={"correctness": Calibration(slope=1.1, intercept=-0.01, correlation=0.8, cells=4)},
+        contrasts=[Contrast(gamma=0.0, against="push null", sets=5, rank=1, ipg_minus=[-0.09, -0.12, -0.06])],
+        regeneration=Regeneration(samples=800, token_identical=800, differing=[], stored_accuracy=0.3,
+                                  regenerated_accuracy=0.3, heldout_seed=0,
+                                  unsteered_minus_heldout_accuracy=[-0.01, -0.03, 0.01],
+                                  unsteered_accuracy_by_seed={"1": 0.29})) if confirmed else {}
     return StudySummary(k=16, ks=[1, 16], gammas=gammas, problems=100, samples_per_problem=8, null_sets=50,
-                        curve_null_sets=3, rewards={"correctness": res}, confirmation=cells,
-                        confirm_samples_per_problem=16 if confirmed else None)
+                        curve_null_sets=3, rewards={"correctness": res}, confirmation=cells, **extra)
 
 
 STUDY_CFG = SimpleNamespace(name="tiny", k=16, ks=[1, 16], gammas=[0.0, 2.0], methods=["ipg", "act"],
@@ -199,6 +206,9 @@ def test_the_study_markdown_renders_a_hand_made_summary():
     assert "| push null | 0 | 20 |" in text and "(opposite sign, as predicted)" in text
     assert "| ipg | -10.0 pts | +5.0 pts |" in text  # the areas under the curves, by gamma
     assert "## On-policy effects" in text and "| ipg-k16 | 0 | ipg headline | -7.0 pts [-10.0 pts, -4.0 pts] |" in text
+    assert "| 0 | push null | 5 | -9.0 pts [-12.0 pts, -6.0 pts] | 1 of 6 |" in text
+    assert "Calibration over the 4 cells: on-policy effect = 1.10 x off-policy effect -1.0 pts" in text
+    assert "regenerated 800 of the 800 held-out samples (seed 0)" in text and "29.0% (seed 1)" in text
     assert "On-policy" not in markdown(STUDY_CFG, _study_summary(confirmed=False))
 
 
@@ -249,6 +259,8 @@ def test_the_committed_study_summary_loads_and_writes_back_its_numbers():
     assert summary.confirmation[0].label.name == "ipg" and summary.confirmation[0].label.k == 16
     assert summary.rewards["correctness"].curves["ipg"][0.0].values is None  # not kept then
     assert summary.rewards["length"].answer.startswith("removing IPG's top 16 latents")
+    assert summary.regeneration.token_identical == 800 and summary.calibration["correctness"].cells == 36
+    assert summary.contrasts[0].against == "best baseline" and summary.contrasts[0].gamma == 0.0
     written = summary.to_json()
     assert written.pop("format")
     for res in written["rewards"].values():

@@ -291,24 +291,24 @@ def on_policy_markdown(summary: StudySummary) -> list[str]:
                       "direction, 1 = first):", "", "| gamma | against | sets | IPG minus [95% CI] | IPG's rank |",
                       "|---|---|---|---|---|"]
             for c in contrasts:
-                d = c["ipg_minus"]
-                lines.append(f"| {c['gamma']:g} | {c['against']} | {c['sets']} | {fmt(reward, d[0], True)} "
-                             f"[{fmt(reward, d[1], True)}, {fmt(reward, d[2], True)}] | {c['rank']} of {c['sets'] + 1} |")
-        cal = (summary.calibration or {}).get(reward) or {}
-        if cal.get("slope") is not None:
-            lines += ["", f"Calibration over the {cal['cells']} cells: on-policy effect = {cal['slope']:.2f} x "
-                      f"off-policy effect {fmt(reward, cal['intercept'], True)} (correlation {cal['correlation']:.2f})."]
+                d = c.ipg_minus
+                lines.append(f"| {c.gamma:g} | {c.against} | {c.sets} | {fmt(reward, d[0], True)} "
+                             f"[{fmt(reward, d[1], True)}, {fmt(reward, d[2], True)}] | {c.rank} of {c.sets + 1} |")
+        cal = (summary.calibration or {}).get(reward)
+        if cal is not None and cal.slope is not None:
+            lines += ["", f"Calibration over the {cal.cells} cells: on-policy effect = {cal.slope:.2f} x "
+                      f"off-policy effect {fmt(reward, cal.intercept, True)} (correlation {cal.correlation:.2f})."]
         lines.append("")
     lines += ["![on-policy effect against the off-policy estimate](calibration.png)", ""]
     check = summary.regeneration
     if check:
-        gap = check["unsteered_minus_heldout_accuracy"]
+        gap = check.unsteered_minus_heldout_accuracy
         lines += ["### The held-out samples, regenerated", "",
-                  f"The evaluation path (the on-policy sampler) regenerated {check['token_identical']} of the "
-                  f"{check['samples']} held-out samples (seed {check['heldout_seed']}) token for token "
-                  f"(accuracy {check['stored_accuracy']:.1%} stored, {check['regenerated_accuracy']:.1%} regenerated). "
+                  f"The evaluation path (the on-policy sampler) regenerated {check.token_identical} of the "
+                  f"{check.samples} held-out samples (seed {check.heldout_seed}) token for token "
+                  f"(accuracy {check.stored_accuracy:.1%} stored, {check.regenerated_accuracy:.1%} regenerated). "
                   f"The on-policy unsteered run (other seeds) minus the held-out samples, paired by problem: "
                   f"{gap[0] * 100:+.1f} pts [{gap[1] * 100:+.1f}, {gap[2] * 100:+.1f}]; the on-policy unsteered "
                   "accuracy seed by seed: " + ", ".join(f"{a:.1%} (seed {s})" for s, a in
-                                                       check.get("unsteered_accuracy_by_seed", {}).items()) + ".", ""]
+                                                       check.unsteered_accuracy_by_seed.items()) + ".", ""]
     return lines

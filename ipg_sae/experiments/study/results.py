@@ -208,11 +208,55 @@ class ConfirmedCell:
 
 
 @dataclass
+class Calibration:
+    """Across one reward's confirmed cells: the on-policy effect regressed on the off-policy one, and their
+    correlation (None with fewer than three cells or no spread)."""
+
+    slope: float | None
+    intercept: float | None
+    correlation: float | None
+    cells: int
+
+
+@dataclass
+class Contrast:
+    """On-policy at one gamma: IPG's headline set minus a group of other confirmed cells (``against``: the best
+    baseline, the sign control, a null's confirmed sets), ``[point, lo, hi]`` paired by problem, and IPG's rank among
+    them in the predicted direction (1: first)."""
+
+    gamma: float
+    against: str
+    sets: int
+    rank: int
+    ipg_minus: list[float]
+
+
+@dataclass
+class Regeneration:
+    """The held-out samples regenerated through the evaluation path: how many came back token for token (the first
+    differing ids), both accuracies, and the on-policy unsteered run minus the held-out samples (paired by problem)
+    with the unsteered accuracy seed by seed."""
+
+    samples: int
+    token_identical: int
+    differing: list[str]
+    stored_accuracy: float
+    regenerated_accuracy: float
+    heldout_seed: int
+    unsteered_minus_heldout_accuracy: list[float]
+    unsteered_accuracy_by_seed: dict[str, float] = field(default_factory=dict)
+
+
+def _calibrations(d: dict | None) -> dict[str, Calibration] | None:
+    return None if d is None else {r: Calibration(**c) for r, c in d.items()}
+
+
+@dataclass
 class StudySummary:
     """Everything the study's report says, per reward (:class:`RewardSummary`), with its settings and, once
     confirmed, the on-policy cells, their calibration against the off-policy estimates, the contrasts of IPG's
-    headline set against the other confirmed cells and the regeneration check of the held-out samples (these last
-    as ``confirm.json`` holds them)."""
+    headline set against the other confirmed cells and the regeneration check of the held-out samples (from
+    ``confirm.json``)."""
 
     k: int
     ks: list[int]
@@ -223,11 +267,11 @@ class StudySummary:
     curve_null_sets: int
     rewards: dict[str, RewardSummary]
     confirmation: list[ConfirmedCell] = field(default_factory=list)
-    calibration: dict[str, dict] | None = None  # per reward: slope, intercept, correlation, cells
+    calibration: dict[str, Calibration] | None = None  # per reward
     confirm_samples_per_problem: int | None = None
-    unsteered_on_policy: dict[str, dict[str, float]] | None = None
-    regeneration: dict | None = None
-    contrasts: list[dict] | None = None
+    unsteered_on_policy: dict[str, dict[str, float]] | None = None  # per reward: reward, correct, length, ... n
+    regeneration: Regeneration | None = None
+    contrasts: list[Contrast] | None = None
     format: str = FORMAT
 
     def with_confirmation(self, confirmed: dict) -> "StudySummary":
@@ -236,19 +280,24 @@ class StudySummary:
 
         return dataclasses.replace(
             self, confirmation=[ConfirmedCell.from_json(c) for c in confirmed.get("cells", [])],
-            calibration=confirmed.get("calibration"), confirm_samples_per_problem=confirmed.get("samples_per_problem"),
-            unsteered_on_policy=confirmed.get("unsteered"), regeneration=confirmed.get("regeneration"),
-            contrasts=confirmed.get("contrasts"))
+            calibration=_calibrations(confirmed.get("calibration")),
+            confirm_samples_per_problem=confirmed.get("samples_per_problem"),
+            unsteered_on_policy=confirmed.get("unsteered"),
+            regeneration=None if confirmed.get("regeneration") is None else Regeneration(**confirmed["regeneration"]),
+            contrasts=None if confirmed.get("contrasts") is None else [Contrast(**c) for c in confirmed["contrasts"]])
 
     def to_json(self) -> dict:
         return {"k": self.k, "ks": self.ks, "gammas": self.gammas, "problems": self.problems,
                 "samples_per_problem": self.samples_per_problem, "null_sets": self.null_sets,
                 "curve_null_sets": self.curve_null_sets, "rewards": {r: s.to_json() for r, s in self.rewards.items()},
                 "confirmation": [c.to_json() for c in self.confirmation],
-                "answer": {r: s.answer for r, s in self.rewards.items()}, "calibration": self.calibration,
+                "answer": {r: s.answer for r, s in self.rewards.items()},
+                "calibration": None if self.calibration is None else {r: vars(c) for r, c in self.calibration.items()},
                 "confirm_samples_per_problem": self.confirm_samples_per_problem,
-                "unsteered_on_policy": self.unsteered_on_policy, "regeneration": self.regeneration,
-                "contrasts": self.contrasts, "format": self.format}
+                "unsteered_on_policy": self.unsteered_on_policy,
+                "regeneration": None if self.regeneration is None else vars(self.regeneration),
+                "contrasts": None if self.contrasts is None else [vars(c) for c in self.contrasts],
+                "format": self.format}
 
     @classmethod
     def from_json(cls, d: dict) -> "StudySummary":
@@ -262,9 +311,11 @@ class StudySummary:
                    curve_null_sets=d["curve_null_sets"],
                    rewards={r: RewardSummary.from_json(s, answers.get(r, "")) for r, s in d["rewards"].items()},
                    confirmation=[ConfirmedCell.from_json(c) for c in d.get("confirmation") or []],
-                   calibration=d.get("calibration"), confirm_samples_per_problem=d.get("confirm_samples_per_problem"),
-                   unsteered_on_policy=d.get("unsteered_on_policy"), regeneration=d.get("regeneration"),
-                   contrasts=d.get("contrasts"))
+                   calibration=_calibrations(d.get("calibration")),
+                   confirm_samples_per_problem=d.get("confirm_samples_per_problem"),
+                   unsteered_on_policy=d.get("unsteered_on_policy"),
+                   regeneration=None if d.get("regeneration") is None else Regeneration(**d["regeneration"]),
+                   contrasts=None if d.get("contrasts") is None else [Contrast(**c) for c in d["contrasts"]])
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_json())
