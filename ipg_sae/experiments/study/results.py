@@ -8,6 +8,7 @@ where it was. A file carries :data:`FORMAT`; one written before the summary was 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,15 +197,14 @@ class ConfirmedCell:
         return f"{self.label.set}-k{self.label.k}"
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in vars(self).items()}
-        out["set"] = self.set
-        return {k: out[k] for k in ("reward", "set", *[f for f in out if f not in ("reward", "set", "label")])}
+        """As ``confirm.json`` holds it: the label written as its ``set`` name, after the reward."""
+        rest = {k: v for k, v in vars(self).items() if k not in ("reward", "label")}
+        return {"reward": self.reward, "set": self.set, **rest}
 
     @classmethod
     def from_json(cls, d: dict) -> "ConfirmedCell":
-        head, _, k = d["set"].rpartition("-k")
-        rest = {k_: v for k_, v in d.items() if k_ != "set"}
-        return cls(label=CellLabel.parse(f"{head}|k{k}"), **rest)
+        name, _, k = d["set"].rpartition("-k")
+        return cls(label=CellLabel.parse(f"{name}|k{k}"), **{f: v for f, v in d.items() if f != "set"})
 
 
 @dataclass
@@ -276,8 +276,6 @@ class StudySummary:
 
     def with_confirmation(self, confirmed: dict) -> "StudySummary":
         """This summary with the confirm stage's results (``confirm.json``; empty: not confirmed)."""
-        import dataclasses
-
         return dataclasses.replace(
             self, confirmation=[ConfirmedCell.from_json(c) for c in confirmed.get("cells", [])],
             calibration=_calibrations(confirmed.get("calibration")),
