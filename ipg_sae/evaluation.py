@@ -58,7 +58,7 @@ from .cells import BASE, TRAJECTORIES, Cell, CellStore, Inputs, LogprobCells, is
 from .errors import IPGError
 from .io import read_json, write_json, write_text
 from .models import model_fingerprint
-from .nulls import LatentPool, NullKind, draw_sets
+from .nulls import NULLS, LatentPool, NullKind, draw_sets
 from .rewards import Reward, get_reward
 from .sampling import SamplingConfig, eos_ids, sample
 from .saes import as_layer_dict
@@ -128,6 +128,9 @@ class EvalConfig:
         if self.repeat_times < 2 or self.repeat_min_span < 2 or self.max_ngram < 1:
             raise IPGError("eval.repeat_times and eval.repeat_min_span must be >= 2 and eval.max_ngram >= 1")
         self.sampling.validate()
+        if self.null is not None and self.null not in NULLS:
+            raise IPGError(f"eval.null {self.null!r} is not a registered null; give one of {', '.join(NULLS)} (or "
+                           "null for the estimator's default)")
         if self.estimator not in ESTIMATORS:
             raise IPGError(f"eval.estimator {self.estimator!r} is not a registered estimator; give one of "
                            f"{', '.join(ESTIMATORS)}")

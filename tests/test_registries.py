@@ -1,6 +1,7 @@
 """Where a change goes, checked: a null registered with the study's registry and a recipe registered with the
-benchmark's are drawn, scored, confirmed, tuned, evaluated and reported by a tiny study and a tiny benchmark, with
-no other edit (``docs/architecture.md``, "Where a change goes")."""
+benchmark's are drawn, scored, confirmed, tuned, evaluated and reported by a tiny study and a tiny benchmark; an
+estimator registered in ``evaluation.ESTIMATORS`` and a kind of null in ``nulls.NULLS`` evaluate a tiny pipeline;
+each with no other edit (``docs/architecture.md``, "Where a change goes")."""
 
 from __future__ import annotations
 
@@ -104,3 +105,34 @@ def test_a_registered_estimator_evaluates_a_tiny_pipeline(toy_estimator, pipelin
     with pytest.raises(IPGError, match="eval.estimator 'not_registered' is not a registered estimator; give one of "
                                        "importance, sampling, toy"):
         load_config(EvalConfig, None, {"estimator": "not_registered"})
+
+
+@pytest.fixture
+def toy_library_null():
+    """A kind of null registered in the library's ``nulls.NULLS``: uniform draws, its calls counted."""
+    from ipg_sae import nulls
+
+    calls = []
+
+    def toy(template, n, seed, pool):
+        calls.append(n)
+        return nulls.uniform_sets(template, n, seed, pool)
+
+    nulls.NULLS["toy"] = toy
+    yield calls
+    del nulls.NULLS["toy"]
+
+
+def test_a_registered_kind_of_null_is_drawn_by_a_tiny_pipeline(toy_library_null, pipeline_cfg):
+    """One entry in ``nulls.NULLS`` and ``eval.null`` names it: validated, drawn and recorded, with no other edit."""
+    from ipg_sae.evaluation import EvalConfig, EvalResult
+    from ipg_sae.experiments.pipeline import run_pipeline
+
+    pipeline_cfg.evaluation.estimator, pipeline_cfg.evaluation.null = "sampling", "toy"
+    pipeline_cfg.validate()
+    run_pipeline(pipeline_cfg)
+    assert toy_library_null == [pipeline_cfg.evaluation.n_random_sets]  # the random sets came from it
+    assert EvalResult.load(pipeline_cfg.run_dir / "eval").meta.null == "toy"
+    with pytest.raises(IPGError, match="eval.null 'not_registered' is not a registered null; give one of uniform, "
+                                       "frequency, push, policy, toy"):
+        load_config(EvalConfig, None, {"null": "not_registered"})
