@@ -58,7 +58,7 @@ from .cells import BASE, TRAJECTORIES, Cell, CellStore, Inputs, LogprobCells, is
 from .errors import IPGError
 from .io import read_json, write_json, write_text
 from .models import model_fingerprint
-from .nulls import LatentPool, NullKind, draw_sets
+from .nulls import NULLS, LatentPool, NullKind, draw_sets
 from .rewards import Reward, get_reward
 from .sampling import SamplingConfig, eos_ids, sample
 from .saes import as_layer_dict
@@ -70,7 +70,8 @@ from .trajectories import Trajectory, prompt_groups
 log = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("accuracy", "length", "reward")
-Estimator = Literal["importance", "sampling"]
+# An estimator's name: a key of `ESTIMATORS` (below), the one list of estimators; `EvalConfig.validate` checks it.
+Estimator = str
 _RANDOM_NAME = "random-draw{}"
 _RANDOM_RE = re.compile(r"^random-draw\d+$")
 
@@ -127,6 +128,12 @@ class EvalConfig:
         if self.repeat_times < 2 or self.repeat_min_span < 2 or self.max_ngram < 1:
             raise IPGError("eval.repeat_times and eval.repeat_min_span must be >= 2 and eval.max_ngram >= 1")
         self.sampling.validate()
+        if self.null is not None and self.null not in NULLS:
+            raise IPGError(f"eval.null {self.null!r} is not a registered null; give one of {', '.join(NULLS)} (or "
+                           "null for the estimator's default)")
+        if self.estimator not in ESTIMATORS:
+            raise IPGError(f"eval.estimator {self.estimator!r} is not a registered estimator; give one of "
+                           f"{', '.join(ESTIMATORS)}")
         if self.estimator == "importance":
             if self.sampling.temperature <= 0 or self.sampling.top_p != 1:
                 raise IPGError("eval.estimator importance reweights samples of the unsteered policy, which needs a "
@@ -454,9 +461,9 @@ def _importance_cells(harness: _Harness, sets, active, progress: bool) -> tuple[
     return samples, harness.sets, extra
 
 
-# Every estimator by its `eval.estimator` name (a value of `Estimator`): (harness, sets, active latents, progress) ->
-# (per-sample or per-problem rows, the sets evaluated, per-cell ESS or None). A new estimator is a value of
-# `Estimator` and one entry here.
+# Every estimator by its `eval.estimator` name, the one list of them (`EvalConfig.validate` checks a name against it):
+# (harness, sets, active latents, progress) -> (per-sample or per-problem rows, the sets evaluated, per-cell ESS or
+# None). A new estimator is one entry here.
 ESTIMATORS: dict[str, Callable[[_Harness, dict, Any, bool], tuple[list[dict], dict, dict | None]]] = {
     "importance": _importance_cells,
     "sampling": _on_policy,

@@ -37,9 +37,9 @@ Not a random draw, so not in :data:`NULLS`: the reward-permutation null
 (:func:`ipg_sae.selection.permuted_rankings`), IPG's own selection rerun with each prompt's
 rewards shuffled. It controls for everything the selection does except the reward.
 
-A new kind of null: a function with this signature, a name in :data:`NullKind` and
-:data:`NULLS`, anything it matches on as a field of :class:`LatentPool`, and a test that the
-drawn sets match the template on that measure.
+A new kind of null: a function with this signature and its name in :data:`NULLS` (the one list of
+kinds: ``eval.null`` is checked against it on load), anything it matches on as a field of
+:class:`LatentPool`, and a test that the drawn sets match the template on that measure.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -56,7 +56,7 @@ from .errors import IPGError
 log = logging.getLogger(__name__)
 
 Selection = list[tuple[int, int]]
-NullKind = Literal["uniform", "frequency", "push", "policy"]
+NullKind = str  # a key of NULLS (below), the one list of kinds
 
 
 @dataclass

@@ -135,4 +135,8 @@ def test_paths_config_is_checked_before_any_work(tmp_path):
         load_config(PathsConfig, None, {**base, "methods": ["ipg_local"]})
     with pytest.raises(IPGError, match="top_p 1"):
         load_config(PathsConfig, None, {**base, "heldout_sampling.top_p": 0.9})
+    with pytest.raises(IPGError, match="paths.problems_per_batch is 0"):
+        load_config(PathsConfig, None, {**base, "problems_per_batch": 0})
+    with pytest.raises(IPGError, match="heldout split is also in the attribution split"):
+        load_config(PathsConfig, None, {**base, "heldout.offset": 50})
     assert not any(tmp_path.iterdir())

@@ -133,18 +133,139 @@ def test_the_origin_summary_saves_and_loads_with_its_format(tmp_path):
         OriginsSummary.load(path)
 
 
+def _study_row(effect, headline=True, **kw):
+    from ipg_sae.experiments.study.results import EffectRow, NullRank
+
+    row = EffectRow(value=0.3 + effect, effect=effect, lo=effect - 0.02, hi=effect + 0.02, accuracy=0.3 + effect,
+                    length=30.0, parsed=0.99, degenerate=0.01, abs_log_ratio=1.5, abs_log_ratio_per_token=0.05,
+                    first_order_change=0.7, ess_mean=0.6, ess_min=0.2, ess_flag=False, **kw)
+    if headline:
+        row.null_percentile, row.p_value, row.vs_null, row.vs_null_lo, row.vs_null_hi = 2.0, 0.02, effect, -0.1, 0.1
+        row.nulls = {"frequency": NullRank(2.0, 0.02), "push": NullRank(5.0, 0.05)}
+    return row
+
+
+def _study_summary(confirmed: bool = True):
+    """A hand-made two-gamma, two-method study of one reward, with its push null and, if ``confirmed``, one
+    on-policy cell per gamma."""
+    from ipg_sae.experiments.study.labels import CellLabel
+    from ipg_sae.experiments.study.results import (Calibration, ConfirmedCell, Contrast, Curve, FrequencyNull,
+                                                   NullDraws, Regeneration, RewardSummary, StudySummary)
+
+    gammas = [0.0, 2.0]
+    effect = {("ipg", 0.0): -0.1, ("ipg", 2.0): 0.05, ("act", 0.0): -0.01, ("act", 2.0): 0.0}
+    null = lambda n: NullDraws(n=n, effects=[0.01 * i for i in range(n)], abs_log_ratios=[1.0] * n,  # noqa: E731
+                               mean_ess=0.7, abs_log_ratio=1.0, abs_log_ratio_per_token=0.04, first_order_change=0.5,
+                               parsed=0.98, degenerate=0.0)
+    res = RewardSummary(
+        base={"accuracy": 0.3, "length": 31.0, "reward": 0.3},
+        methods={m: {g: _study_row(effect[m, g]) for g in gammas} for m in ("ipg", "act")},
+        frequency={g: FrequencyNull(n=50, mean_ess=0.8, band={1: (-0.01, 0.01), 16: (-0.02, 0.02)}) for g in gammas},
+        nulls={g: {"frequency": null(50), "push": null(20)} for g in gammas},
+        sign_control={g: _study_row(0.02, headline=False, as_predicted=True) for g in gammas},
+        curves={m: {g: Curve(auc=effect[m, g], ks=[1, 16], values=[0.3, 0.3 + effect[m, g]], lo=[0.28, 0.25],
+                             hi=[0.32, 0.35]) for g in gammas} for m in ("ipg", "act")},
+        answer="IPG moved it.")
+    cells = [ConfirmedCell(reward="correctness", label=CellLabel("ipg", 16), gamma=g, why="ipg headline",
+                           latents=[[15, 1]], off_policy_effect=-0.08, on_policy_effect=[-0.07, -0.1, -0.04],
+                           on_minus_off=[0.01, -0.02, 0.04], agree=True, on_policy_value=0.23, accuracy=0.23,
+                           length=30.0, parsed=1.0, degenerate=0.0, samples=16) for g in gammas] if confirmed else []
+    extra = dict(
+        confirm_samples_per_problem=16, unsteered_on_policy={"correctness": {"reward": 0.3, "correct": 0.3}},
+        calibration={"correctness": Calibration(slope=1.1, intercept=-0.01, correlation=0.8, cells=4)},
+        contrasts=[Contrast(gamma=0.0, against="push null", sets=5, rank=1, ipg_minus=[-0.09, -0.12, -0.06])],
+        regeneration=Regeneration(samples=800, token_identical=800, differing=[], stored_accuracy=0.3,
+                                  regenerated_accuracy=0.3, heldout_seed=0,
+                                  unsteered_minus_heldout_accuracy=[-0.01, -0.03, 0.01],
+                                  unsteered_accuracy_by_seed={"1": 0.29})) if confirmed else {}
+    return StudySummary(k=16, ks=[1, 16], gammas=gammas, problems=100, samples_per_problem=8, null_sets=50,
+                        curve_null_sets=3, rewards={"correctness": res}, confirmation=cells, **extra)
+
+
+STUDY_CFG = SimpleNamespace(name="tiny", k=16, ks=[1, 16], gammas=[0.0, 2.0], methods=["ipg", "act"],
+                            rewards=["correctness"], null_sets=50, other_null_sets=20, curve_null_sets=3,
+                            heldout_sampling=SimpleNamespace(temperature=0.5))
+
+
 def test_the_study_answer_states_each_null_it_was_ranked_in():
     from ipg_sae.experiments.study.report import answer
 
-    cfg = SimpleNamespace(k=16, gammas=[0.0, 2.0], methods=["ipg", "act"])
-    row = lambda effect: {"effect": effect, "lo": effect - 0.02, "hi": effect + 0.02, "null_percentile": 2.0,  # noqa: E731
-                          "p_value": 0.02, "nulls": {"push": {"percentile": 5.0, "p_value": 0.05}}}
-    res = {"methods": {"ipg": {"0.0": row(-0.1), "2.0": row(0.05)}, "act": {"0.0": row(-0.01), "2.0": row(0.0)}},
-           "null": {"0.0": {"n": 50}, "2.0": {"n": 50}}, "nulls": {"0.0": {"push": {"n": 20}}, "2.0": {"push": {"n": 20}}}}
-    text = answer(cfg, "correctness", res)
-    assert "removing IPG's top 16 latents changed" in text and "beats the null" in text
+    res = _study_summary().rewards["correctness"]
+    text = answer(STUDY_CFG, "correctness", res)
+    assert "removing IPG's top 16 latents changed accuracy by -10.0 pts" in text and "beats the null" in text
     assert "against 20 push-matched random sets: 5th percentile (p = 0.05)" in text
     assert text.endswith("The method whose sets moved it most in the predicted directions: ipg.")
+
+
+def test_the_study_markdown_renders_a_hand_made_summary():
+    from ipg_sae.experiments.study.report import markdown
+
+    text = markdown(STUDY_CFG, _study_summary())
+    assert "**IPG moved it.**" in text and "Held-out problems: 100 x 8 unsteered samples" in text
+    assert "| ipg | 0 | -10.0 pts [-12.0 pts, -8.0 pts] |" in text and "| act | 2 | +0.0 pts" in text
+    assert "| push null | 0 | 20 |" in text and "(opposite sign, as predicted)" in text
+    assert "| ipg | -10.0 pts | +5.0 pts |" in text  # the areas under the curves, by gamma
+    assert "## On-policy effects" in text and "| ipg-k16 | 0 | ipg headline | -7.0 pts [-10.0 pts, -4.0 pts] |" in text
+    assert "| 0 | push null | 5 | -9.0 pts [-12.0 pts, -6.0 pts] | 1 of 6 |" in text
+    assert "Calibration over the 4 cells: on-policy effect = 1.10 x off-policy effect -1.0 pts" in text
+    assert "regenerated 800 of the 800 held-out samples (seed 0)" in text and "29.0% (seed 1)" in text
+    assert "On-policy" not in markdown(STUDY_CFG, _study_summary(confirmed=False))
+
+
+def test_the_study_plots_draw_a_hand_made_summary(tmp_path):
+    from ipg_sae.experiments.study.report import plot_calibration, plot_curves, plot_null, plot_push
+
+    summary = _study_summary()
+    res = summary.rewards["correctness"]
+    for plot in (plot_curves, plot_null, plot_push):
+        assert plot(STUDY_CFG, "correctness", res, tmp_path / f"{plot.__name__}.png").stat().st_size > 0
+    assert plot_calibration(summary.confirmation, tmp_path / "calibration.png").stat().st_size > 0
+
+
+def test_the_study_summary_saves_and_loads_with_its_format(tmp_path):
+    import json
+
+    from ipg_sae.errors import IPGError
+    from ipg_sae.experiments.study.results import FORMAT, StudySummary
+
+    summary = _study_summary()
+    path = tmp_path / "summary.json"
+    summary.save(path)
+    again = StudySummary.load(path)
+    for row in (r for rows in summary.rewards["correctness"].methods.values() for r in rows.values()):
+        row.latents = None  # not saved: scores.json keeps each set
+    assert again == summary and again.gammas == [0.0, 2.0] and isinstance(again.gammas[0], float)
+    assert again.confirmation[0].label.name == "ipg" and again.confirmation[0].set == "ipg-k16"
+    doc = json.loads(path.read_text())
+    assert doc["format"] == FORMAT and list(doc["rewards"]["correctness"]["methods"]["ipg"]) == ["0.0", "2.0"]
+    doc["format"] = "old"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(IPGError, match="rerun its report stage"):
+        StudySummary.load(path)
+
+
+def test_the_committed_study_summary_loads_and_writes_back_its_numbers():
+    """``docs/study/summary.json`` was written before the summary was typed (no format, no curves' points): it
+    loads, and writing it back changes none of its keys' values."""
+    import json
+    from pathlib import Path
+
+    from ipg_sae.experiments.study.results import StudySummary
+
+    path = Path(__file__).parent.parent / "docs" / "study" / "summary.json"
+    summary = StudySummary.load(path)
+    ipg = summary.rewards["correctness"].methods["ipg"][0.0]
+    assert summary.gammas == [0.0, 2.0] and ipg.nulls["push"].percentile == 100.0 and ipg.p_value < 0.05
+    assert summary.confirmation[0].label.name == "ipg" and summary.confirmation[0].label.k == 16
+    assert summary.rewards["correctness"].curves["ipg"][0.0].values is None  # not kept then
+    assert summary.rewards["length"].answer.startswith("removing IPG's top 16 latents")
+    assert summary.regeneration.token_identical == 800 and summary.calibration["correctness"].cells == 36
+    assert summary.contrasts[0].against == "best baseline" and summary.contrasts[0].gamma == 0.0
+    written = summary.to_json()
+    assert written.pop("format")
+    for res in written["rewards"].values():
+        res.pop("curves"), res.pop("null_band")
+    assert json.dumps(written, indent=2) == json.dumps(json.loads(path.read_text()), indent=2)
 
 
 def test_a_study_cell_label_is_written_and_read_back_with_its_fields():

@@ -91,6 +91,8 @@ def test_shipped_configs_load_and_the_cpu_splits_are_disjoint():
     assert sizes == {"attribution": 112, "dev": 50, "test": 100, "transfer-1": 100}
     gpu = load_config(SteeringBenchConfig, "configs/steering_bench_qwen25_math_gsm8k.yaml")
     assert gpu.model.name == "Qwen/Qwen2.5-Math-1.5B-Instruct" and gpu.test.name == "gsm8k"
+    with pytest.raises(IPGError, match="steering_bench.problems_per_batch is 0"):  # on load, not when tuning starts
+        load_config(SteeringBenchConfig, "configs/steering_bench_smollm2.yaml", {"problems_per_batch": 0})
 
 
 def test_a_missing_reused_attribution_names_the_job_that_makes_it(bench_cfg, tmp_path):

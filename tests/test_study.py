@@ -82,7 +82,7 @@ def test_study_runs_reports_and_resumes(study_cfg, caplog, stage_reads_declared)
     caplog.set_level(logging.INFO)
     caplog.clear()
     run_study(study_cfg)
-    assert sum("already done" in r.getMessage() for r in caplog.records) == 7
+    assert sum("already done" in r.getMessage() for r in caplog.records) == 8
 
 
 def test_regeneration_check_finds_a_sample_that_differs(study_cfg):
@@ -118,4 +118,28 @@ def test_study_config_is_checked_before_any_work(tmp_path):
         load_config(StudyConfig, None, {**base, "heldout_sampling.top_p": 0.9})
     with pytest.raises(IPGError, match="unknown reward"):
         load_config(StudyConfig, None, {**base, "rewards": ["correctnes"]})
+    with pytest.raises(IPGError, match="study.problems_per_batch is 0"):  # on load, not when scoring starts
+        load_config(StudyConfig, None, {**base, "problems_per_batch": 0})
+    with pytest.raises(IPGError, match="heldout split is also in the attribution split"):
+        load_config(StudyConfig, None, {**base, "heldout.offset": 50})  # its window overlaps the attributed one
     assert not any(tmp_path.iterdir())
+
+
+def test_shipped_study_config_loads_with_disjoint_splits():
+    """The default model's study: its attributed and held-out windows share no problem (checked on load)."""
+    from ipg_sae.experiments.study.config import splits
+    from ipg_sae.splits import disjoint_splits
+
+    cfg = load_config(StudyConfig, "configs/study_smollm2.yaml")
+    assert {name: len(p) for name, p in disjoint_splits(splits(cfg)).items()} == {"attribution": 112, "heldout": 100}
+
+
+def test_splits_too_dear_to_load_on_load_are_checked_before_the_first_stage(study_overrides, monkeypatch):
+    """A hub dataset is not loaded to validate a config: its splits' overlap is refused by the run, before any work."""
+    from ipg_sae.experiments import common
+
+    monkeypatch.setattr(common, "cheap_to_load", lambda task: False)
+    cfg = load_config(StudyConfig, None, {**study_overrides, "heldout.offset": 1})  # overlaps, yet loads
+    with pytest.raises(IPGError, match="heldout split is also in the attribution split"):
+        run_study(cfg)
+    assert not (cfg.run_dir / "stages").exists()

@@ -9,7 +9,7 @@ from ...config import JobConfig
 from ...errors import IPGError
 from ...sampling import SamplingConfig
 from ...tasks import TaskConfig
-from ..common import check_importance_sampling, check_sae
+from ..common import check_importance_sampling, check_problems_per_batch, check_sae, check_splits_disjoint
 from ..stages import SAESourceConfig
 
 ORIGINS = ("zero", "mean")
@@ -61,3 +61,10 @@ class PathsConfig(JobConfig):
         if min(self.ks) < 1:
             raise IPGError(f"paths.ks {self.ks}: every k must be >= 1")
         check_importance_sampling("paths.heldout_sampling", self.heldout_sampling)
+        check_problems_per_batch("paths.problems_per_batch", self.problems_per_batch)
+        check_splits_disjoint(splits(self), on_load=True)
+
+
+def splits(cfg: PathsConfig) -> dict[str, TaskConfig]:
+    """The problems attributed on and the held-out problems: no problem in both (checked before any work)."""
+    return {"attribution": cfg.task, "heldout": cfg.heldout}

@@ -49,9 +49,10 @@ from ...panel import OffPolicyPanel
 from ...saes import load_saes
 from ...selection import select
 from ...trajectories import Trajectory, load_trajectories, prompt_groups
-from ..common import HELDOUT_STAGE, attribute, attribution_sampling_stage, contexts, reward_dir
+from ..common import (HELDOUT_STAGE, attribute, attribution_sampling_stage, check_splits_disjoint, contexts,
+                      reward_dir)
 from ..stages import SAE_STAGE, Stage, run_job_stages, sae_specs
-from .config import ORIGINS, PathsConfig
+from .config import ORIGINS, PathsConfig, splits
 from .report import markdown, plot_curves, plot_scatter
 from .summary import OriginsSummary, summarize
 
@@ -110,6 +111,7 @@ STAGES = [
 
 def run_paths(cfg: PathsConfig) -> dict:
     """Run (or resume) every stage of the path comparison; return each stage's summary."""
+    check_splits_disjoint(splits(cfg), on_load=False)  # splits not checked on load (a hub dataset): now
     return run_job_stages(cfg, STAGES, "paths_config.yaml", contexts(cfg))
 
 

@@ -11,7 +11,7 @@ from ...errors import IPGError
 from ...rewards import get_reward
 from ...sampling import SamplingConfig
 from ...tasks import TaskConfig
-from ..common import check_importance_sampling, check_sae
+from ..common import check_importance_sampling, check_problems_per_batch, check_sae
 from ..stages import SAESourceConfig
 from .recipes import KINDS, BenchGrid, group, methods
 
@@ -73,6 +73,7 @@ class SteeringBenchConfig(JobConfig):
                 raise IPGError(f"steering_bench.grid gives {name} {n} settings; every method gets 1 to "
                                f"grid.max_settings ({self.grid.max_settings}): shorten its lists")
         check_importance_sampling("steering_bench.dev_sampling", self.dev_sampling)
+        check_problems_per_batch("steering_bench.problems_per_batch", self.problems_per_batch)
         if not self.eval_seeds or len(set(self.eval_seeds)) != len(self.eval_seeds):
             raise IPGError("steering_bench.eval_seeds must list at least one seed, each once")
         if not self.transfer:

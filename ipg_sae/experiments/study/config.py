@@ -11,7 +11,7 @@ from ...jobs import check_baselines
 from ...rewards import get_reward
 from ...sampling import SamplingConfig
 from ...tasks import TaskConfig
-from ..common import check_importance_sampling, check_sae
+from ..common import check_importance_sampling, check_problems_per_batch, check_sae, check_splits_disjoint
 from ..stages import SAESourceConfig
 from .nulls import NULLS
 
@@ -66,6 +66,7 @@ class StudyConfig(JobConfig):
         if sorted(self.gammas) != self.gammas or self.gammas[0] != 0.0 or not all(g > 1 for g in self.gammas[1:]):
             raise IPGError(f"study.gammas {self.gammas}: give 0 (deletion) then amplifying gammas > 1 (insertion)")
         check_importance_sampling("study.heldout_sampling", self.heldout_sampling)
+        check_problems_per_batch("study.problems_per_batch", self.problems_per_batch)
         if self.null_sets < 1 or self.other_null_sets < 1 or self.curve_null_sets < 0:
             raise IPGError("study.null_sets and study.other_null_sets must be >= 1, study.curve_null_sets >= 0")
         unknown = sorted(set(self.null_counts) - set(NULLS))
@@ -75,3 +76,9 @@ class StudyConfig(JobConfig):
         if min(self.push_null_sets, self.policy_null_sets, self.permutation_sets) < 0:
             raise IPGError("study.push_null_sets, study.policy_null_sets and study.permutation_sets must be >= 0 (0: "
                            "that null is not drawn)")
+        check_splits_disjoint(splits(self), on_load=True)
+
+
+def splits(cfg: StudyConfig) -> dict[str, TaskConfig]:
+    """The problems attributed on and the held-out problems: no problem in both (checked before any work)."""
+    return {"attribution": cfg.task, "heldout": cfg.heldout}

@@ -11,10 +11,14 @@ offline default model and SAE:
    and amplified (gamma > 1: insertion), and a null of random sets matched to IPG's set in
    activation frequency on the held-out data, all estimated off-policy on the held-out samples
    (:mod:`ipg_sae.faithfulness`); each cell is saved as it finishes (a killed study resumes);
-6. ``confirm``: the best and the worst cells, and IPG's headline cells, sampled on-policy
+6. ``summarize``: effects with paired intervals, each null's distribution and the ranks in it, the curves (the
+   off-policy part of the typed :class:`~.results.StudySummary`, computed once, saved to
+   ``study/offpolicy_summary.json``);
+7. ``confirm``: the best and the worst cells, and IPG's headline cells, sampled on-policy
    (:func:`ipg_sae.evaluation.evaluate` with ``estimator: sampling``): the estimator is checked
    against the sampler it stands for;
-7. ``report``: ``report.md``, ``summary.json``, curves and null histograms.
+8. ``report``: ``report.md``, ``summary.json`` (the whole summary, with the on-policy part), curves and null
+   histograms.
 
 Effects are differences from the unsteered policy on the same held-out samples, with 95%
 paired bootstrap intervals over problems; each method's headline effect is also placed in the
@@ -49,11 +53,13 @@ from ...selection import select
 from ...stats import bootstrap, predicted_direction
 from ...tasks import build_prompts, load_problems
 from ...trajectories import Trajectory, load_trajectories, prompt_groups
-from ..common import HELDOUT_STAGE, attribute, attribution_sampling_stage, contexts, reward_dir
+from ..common import (HELDOUT_STAGE, attribute, attribution_sampling_stage, check_splits_disjoint, contexts,
+                      reward_dir)
 from ..stages import SAE_STAGE, Stage, run_job_stages, sae_specs
-from .config import StudyConfig
+from .config import StudyConfig, splits
 from .report import answer, markdown, plot_calibration, plot_curves, plot_null, plot_push, slug
 from .nulls import FREQUENCY, FREQUENCY_LABEL, NULLS
+from .results import StudySummary
 from .summary import SIGN_CONTROL, CellLabel, calibration, confirmation_cells, summarize
 
 log = logging.getLogger(__name__)
@@ -92,6 +98,7 @@ STAGES = [
           fields=("k", "ks", "gammas", "null_sets", "other_null_sets", "curve_null_sets", "null_seed", "n_bootstrap",
                   "min_ess", "scope", "push_null_sets", "permutation_sets", "sign_control", "policy_null_sets",
                   "null_counts", "problems_per_batch")),
+    Stage("summarize", lambda c: summarize_stage(c), outputs=lambda c: [_offpolicy_summary(c)]),
     Stage("confirm", lambda c: confirm(c), outputs=lambda c: [c.run_dir / "study" / "confirm.json"],
           fields=("confirm_samples", "confirm_seeds", "confirm_null_sets", "confirm_other_rewards")),
     Stage("report", lambda c: report(c),
@@ -101,6 +108,7 @@ STAGES = [
 
 def run_study(cfg: StudyConfig) -> dict:
     """Run (or resume) every stage of the study; return each stage's summary."""
+    check_splits_disjoint(splits(cfg), on_load=False)  # splits not checked on load (a hub dataset): now
     return run_job_stages(cfg, STAGES, "study_config.yaml", contexts(cfg))
 
 
@@ -198,6 +206,18 @@ def score(cfg: StudyConfig, progress: bool = True) -> dict:
             "problems": len(problem_ids)}
 
 
+def _offpolicy_summary(cfg: StudyConfig) -> Path:
+    return cfg.run_dir / "study" / "offpolicy_summary.json"
+
+
+def summarize_stage(cfg: StudyConfig) -> dict:
+    """The study's statistics from ``scores.json``, once: the off-policy part of its summary, which the confirm
+    stage chooses its cells from and the report stage completes."""
+    summary = summarize(cfg, read_json(cfg.run_dir / "study" / "scores.json"))
+    summary.save(_offpolicy_summary(cfg))
+    return {"rewards": list(summary.rewards)}
+
+
 def confirm(cfg: StudyConfig) -> dict:
     """On-policy effects of the confirmation cells: each sampled under its steering with the same seeds as an
     unsteered run (``confirm_seeds`` x ``confirm_samples`` per problem), the effect paired by problem (and,
@@ -205,7 +225,7 @@ def confirm(cfg: StudyConfig) -> dict:
     the calibration across cells (on-policy effect against off-policy effect). Also checks that the evaluation
     path regenerates the held-out samples token for token (:func:`regeneration_check`)."""
     scores = read_json(cfg.run_dir / "study" / "scores.json")
-    summary = summarize(cfg, scores)
+    summary = StudySummary.load(_offpolicy_summary(cfg))
     model, tokenizer = load_model(cfg.model)
     saes = load_saes(sae_specs(cfg), model)
     problems = load_problems(cfg.heldout)
@@ -332,52 +352,38 @@ def _per_problem(table: PerProblem, name: str, gamma: float | None) -> dict[str,
 # ---- the report ----------------------------------------------------------------------------
 
 def report(cfg: StudyConfig) -> dict:
-    """``study/report.md``, ``study/summary.json`` and the plots; logged to W&B."""
+    """``study/report.md``, ``study/summary.json`` (the :class:`~.results.StudySummary`) and the plots; logged to
+    W&B."""
     from ...tracking import Tracker
 
     out = cfg.run_dir / "study"
-    scores = read_json(out / "scores.json")
-    summary = summarize(cfg, scores)
     confirmed = read_json(out / "confirm.json") if (out / "confirm.json").is_file() else {}
-    confirmation = confirmed.get("cells", [])
+    summary = StudySummary.load(_offpolicy_summary(cfg)).with_confirmation(confirmed)
+    for reward, res in summary.rewards.items():
+        res.answer = answer(cfg, reward, res)
     plots = {}
-    for reward, res in summary.items():
+    for reward, res in summary.rewards.items():
         plots[f"curves_{slug(reward)}"] = plot_curves(cfg, reward, res, out / f"curves_{slug(reward)}.png")
         plots[f"null_{slug(reward)}"] = plot_null(cfg, reward, res, out / f"null_{slug(reward)}.png")
         plots[f"push_{slug(reward)}"] = plot_push(cfg, reward, res, out / f"push_{slug(reward)}.png")
-    if confirmation:
-        plots["calibration"] = plot_calibration(confirmation, out / "calibration.png")
-    compact = {reward: {"base": res["base"], "null_size": {g: n["n"] for g, n in res["null"].items()},
-                        "null_mean_ess": {g: n["mean_ess"] for g, n in res["null"].items()},
-                        "methods": {m: {g: {k: v for k, v in row.items() if k != "latents"} for g, row in rows.items()}
-                                    for m, rows in res["methods"].items()},
-                        "nulls": res["nulls"],
-                        "sign_control": {g: {k: v for k, v in row.items() if k != "latents"}
-                                         for g, row in res["sign_control"].items()},
-                        "auc": {m: {g: c["auc"] for g, c in curves.items()} for m, curves in res["curves"].items()}}
-               for reward, res in summary.items()}
-    doc = {"k": cfg.k, "ks": cfg.ks, "gammas": cfg.gammas, "problems": len(scores["problem_ids"]),
-           "samples_per_problem": scores["samples_per_problem"], "null_sets": cfg.null_sets,
-           "curve_null_sets": cfg.curve_null_sets, "rewards": compact, "confirmation": confirmation,
-           "answer": {reward: answer(cfg, reward, summary[reward]) for reward in summary},
-           "calibration": confirmed.get("calibration"), "confirm_samples_per_problem": confirmed.get("samples_per_problem"),
-           "unsteered_on_policy": confirmed.get("unsteered"), "regeneration": confirmed.get("regeneration"),
-           "contrasts": confirmed.get("contrasts")}
-    write_json(out / "summary.json", doc)
-    write_text(out / "report.md", markdown(cfg, summary, confirmation, doc))
+    if summary.confirmation:
+        plots["calibration"] = plot_calibration(summary.confirmation, out / "calibration.png")
+    summary.save(out / "summary.json")
+    write_text(out / "report.md", markdown(cfg, summary))
     with Tracker(cfg.wandb, cfg.run_dir, cfg.name, "study") as tracker:
         for key, path in plots.items():
             tracker.image(f"study/{key}", path)
-        for reward, res in summary.items():
-            for gamma, null in res["null"].items():
-                tracker.histogram(f"study/null_{reward}_gamma{gamma}", np.array(null["effects"]))
-            rows = [[reward, m, float(g), r["effect"], r["lo"], r["hi"], r.get("null_percentile"), r.get("p_value"),
-                     r["ess_mean"]] for m, rs in res["methods"].items() for g, r in rs.items()]
+        for reward, res in summary.rewards.items():
+            for gamma, null in res.nulls.items():
+                if FREQUENCY in null:
+                    tracker.histogram(f"study/null_{reward}_gamma{gamma}", np.array(null[FREQUENCY].effects))
+            rows = [[reward, m, g, r.effect, r.lo, r.hi, r.null_percentile, r.p_value, r.ess_mean]
+                    for m, rs in res.methods.items() for g, r in rs.items()]
             tracker.table(f"study/{reward}", ["reward", "method", "gamma", "effect", "lo", "hi", "null_percentile",
                                               "p_value", "ess"], rows)
-        if confirmation:
+        if summary.confirmation:
             tracker.table("study/on_policy", ["reward", "set", "gamma", "why", "on_policy_effect", "lo", "hi",
                                               "off_policy_effect", "parsed", "degenerate"],
-                          [[c["reward"], c["set"], c["gamma"], c["why"], *c["on_policy_effect"], c["off_policy_effect"],
-                            c["parsed"], c["degenerate"]] for c in confirmation])
-    return {"answer": doc["answer"], "report": str(out / "report.md")}
+                          [[c.reward, c.set, c.gamma, c.why, *c.on_policy_effect, c.off_policy_effect, c.parsed,
+                            c.degenerate] for c in summary.confirmation])
+    return {"answer": {reward: res.answer for reward, res in summary.rewards.items()}, "report": str(out / "report.md")}

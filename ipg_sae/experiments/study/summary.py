@@ -1,133 +1,102 @@
 """The study's statistics, from its stored per-problem estimates (``study/scores.json``) and on-policy cells:
 effects with paired intervals, each null's distribution and the rank of every method in it, the curves, which
-cells are confirmed on-policy, and the calibration of the off-policy estimator against the on-policy one."""
+cells are confirmed on-policy, and the calibration of the off-policy estimator against the on-policy one.
+
+:func:`summarize` computes the off-policy part once (the ``summarize`` stage saves it); the report stage adds the
+on-policy part (``confirm.json``) and saves the whole :class:`StudySummary` as ``study/summary.json``
+(:mod:`.results`: the typed summary, its format and its file)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 
 from ...stats import area_under_curve, bootstrap, null_rank, predicted_direction
 from .config import StudyConfig
+from .labels import SIGN_CONTROL, CellLabel, null_labels
 from .nulls import FREQUENCY, NULLS, labels
+from .results import Curve, EffectRow, FrequencyNull, NullDraws, NullRank, RewardSummary, StudySummary
 
-SIGN_CONTROL = "ipg_bottom"  # IPG's bottom k: the label of the sign control's cells
-
-
-
-
-
-@dataclass(frozen=True)
-class CellLabel:
-    """What a scored cell is: a method's (or the sign control's) top ``k``, or draw ``draw`` of a null at ``k``.
-    Written as ``<name>[<draw>]|k<k>`` in ``scores.json`` (``ipg|k16``, ``push3|k16``, ``null0|k4``), where
-    ``name`` is the method or the null's label prefix (:mod:`.nulls`)."""
-
-    name: str
-    k: int
-    draw: int | None = None
-
-    @property
-    def set(self) -> str:
-        """The set's name without its size: ``push3``, ``ipg``."""
-        return f"{self.name}{'' if self.draw is None else self.draw}"
-
-    def __str__(self) -> str:
-        return f"{self.set}|k{self.k}"
-
-    @classmethod
-    def parse(cls, text: str) -> "CellLabel":
-        head, _, k = text.rpartition("|k")
-        for prefix in labels().values():  # a null's draw: its prefix then digits only
-            if head.startswith(prefix) and head[len(prefix):].isdigit():
-                return cls(prefix, int(k), int(head[len(prefix):]))
-        return cls(head, int(k))
+__all__ = ["SIGN_CONTROL", "CellLabel", "StudySummary", "calibration", "confirmation_cells", "null_labels",
+           "summarize"]
 
 
-def null_labels(cells: dict, kind: str, k: int | None) -> list[str]:
-    """The labels of one null's cells at ``k`` (at every k when None), in draw order (the order they were scored)."""
-    prefix = labels()[kind]
-    parsed = ((label, CellLabel.parse(label)) for label in cells)
-    return [label for label, p in parsed if p.name == prefix and p.draw is not None and (k is None or p.k == k)]
-
-
-def effect_row(cfg: StudyConfig, cell: dict, base: np.ndarray) -> dict:
+def effect_row(cfg: StudyConfig, cell: dict, base: np.ndarray) -> EffectRow:
     """A cell's effect against no steering (paired bootstrap over problems) and what it did besides."""
     x = np.array(cell["reward"])
     effect, lo, hi = bootstrap(x, base, n_boot=cfg.n_bootstrap, confidence=0.95)
-    return {"value": float(x.mean()), "effect": effect, "lo": lo, "hi": hi,
-            "accuracy": float(np.mean(cell["accuracy"])), "length": float(np.mean(cell["length"])),
-            "parsed": float(np.mean(cell["parsed"])) if "parsed" in cell else None,
-            "degenerate": float(np.mean(cell["degenerate"])) if "degenerate" in cell else None,
-            "abs_log_ratio": cell.get("abs_log_ratio"), "abs_log_ratio_per_token": cell.get("abs_log_ratio_per_token"),
-            "first_order_change": cell.get("first_order_change"),
-            "ess_mean": float(np.mean(cell["ess"])), "ess_min": float(np.min(cell["ess"])),
-            "ess_flag": float(np.mean(cell["ess"])) < cfg.min_ess, "latents": cell["latents"]}
+    return EffectRow(value=float(x.mean()), effect=effect, lo=lo, hi=hi, accuracy=float(np.mean(cell["accuracy"])),
+                     length=float(np.mean(cell["length"])),
+                     parsed=float(np.mean(cell["parsed"])) if "parsed" in cell else None,
+                     degenerate=float(np.mean(cell["degenerate"])) if "degenerate" in cell else None,
+                     abs_log_ratio=cell.get("abs_log_ratio"), abs_log_ratio_per_token=cell.get("abs_log_ratio_per_token"),
+                     first_order_change=cell.get("first_order_change"), ess_mean=float(np.mean(cell["ess"])),
+                     ess_min=float(np.min(cell["ess"])), ess_flag=float(np.mean(cell["ess"])) < cfg.min_ess,
+                     latents=[tuple(p) for p in cell["latents"]])
 
 
-def summarize(cfg: StudyConfig, scores: dict) -> dict:
-    """Effects with paired intervals, the nulls, percentiles, p-values and curve areas, per reward."""
+def summarize(cfg: StudyConfig, scores: dict) -> StudySummary:
+    """Effects with paired intervals, the nulls, percentiles, p-values and curve areas, per reward: the off-policy
+    part of the study's summary (no confirmation yet)."""
     boot = dict(n_boot=cfg.n_bootstrap, confidence=0.95)
-    out = {}
+    rewards = {}
     for reward, cells in scores["cells"].items():
         base = {m: np.array(v) for m, v in scores["base"][reward].items()}
-        res = {"base": {m: float(v.mean()) for m, v in base.items()}, "methods": {}, "null": {}, "curves": {},
-               "nulls": {}, "sign_control": {}}
-        for gamma in map(str, cfg.gammas):
-            direction = predicted_direction(float(gamma))
+        res = RewardSummary(base={m: float(v.mean()) for m, v in base.items()})
+        for g in cfg.gammas:
+            gamma = str(g)  # scores.json's key
+            direction = predicted_direction(g)
             null_effects = {}
             for k in cfg.ks:
                 draws = [cells[label][gamma] for label in null_labels(cells, FREQUENCY, k)]
                 null_effects[k] = [float(np.mean(d["reward"]) - base["reward"].mean()) for d in draws]
             headline_draws = np.array([cells[label][gamma]["reward"]
                                        for label in null_labels(cells, FREQUENCY, cfg.k)])
-            res["null"][gamma] = {"k": cfg.k, "n": len(null_effects[cfg.k]), "effects": null_effects[cfg.k],
-                                  "band": {str(k): [float(np.quantile(e, 0.05)), float(np.quantile(e, 0.95))]
-                                           if e else None for k, e in null_effects.items()},
-                                  "mean_ess": float(np.mean([cells[label][gamma]["ess"]
-                                                             for label in null_labels(cells, FREQUENCY, None)]))}
-            res["nulls"][gamma] = {}
+            res.frequency[g] = FrequencyNull(
+                n=len(null_effects[cfg.k]),
+                band={k: (float(np.quantile(e, 0.05)), float(np.quantile(e, 0.95))) if e else None
+                      for k, e in null_effects.items()},
+                mean_ess=float(np.mean([cells[label][gamma]["ess"] for label in null_labels(cells, FREQUENCY, None)])))
+            res.nulls[g] = {}
             for kind in labels():
                 draws = [cells[label][gamma] for label in null_labels(cells, kind, cfg.k)]
                 if draws:
-                    res["nulls"][gamma][kind] = {
-                        "n": len(draws), "effects": [float(np.mean(d["reward"]) - base["reward"].mean()) for d in draws],
-                        "abs_log_ratios": [d.get("abs_log_ratio") for d in draws],  # each set's realised push
-                        "mean_ess": float(np.mean([np.mean(d["ess"]) for d in draws])),
+                    res.nulls[g][kind] = NullDraws(
+                        n=len(draws), effects=[float(np.mean(d["reward"]) - base["reward"].mean()) for d in draws],
+                        abs_log_ratios=[d.get("abs_log_ratio") for d in draws],  # each set's realised push
+                        mean_ess=float(np.mean([np.mean(d["ess"]) for d in draws])),
                         **{m: float(np.mean([np.mean(d[m]) for d in draws])) if all(m in d for d in draws) else None
                            for m in ("abs_log_ratio", "abs_log_ratio_per_token", "first_order_change", "parsed",
-                                     "degenerate")}}
+                                     "degenerate")})
             control = cells.get(str(CellLabel(SIGN_CONTROL, cfg.k)), {}).get(gamma)
             if control is not None:
                 row = effect_row(cfg, control, base["reward"])
-                row["as_predicted"] = bool(-direction * row["effect"] > 0)  # the opposite of the top set's
-                res["sign_control"][gamma] = row
+                row.as_predicted = bool(-direction * row.effect > 0)  # the opposite of the top set's
+                res.sign_control[g] = row
             for method in cfg.methods:
-                entry = res["methods"].setdefault(method, {})
+                entry = res.methods.setdefault(method, {})
                 curve = []
                 for k in cfg.ks:
                     cell = cells[str(CellLabel(method, k))][gamma]
                     row = effect_row(cfg, cell, base["reward"])
                     if k == cfg.k:
-                        pct, p = null_rank(row["effect"], null_effects[k], direction)
-                        vs, vs_lo, vs_hi = bootstrap(np.array(cell["reward"]), headline_draws, **boot)
-                        row.update(null_percentile=pct, p_value=p, vs_null=vs, vs_null_lo=vs_lo, vs_null_hi=vs_hi)
-                        row["nulls"] = {kind: dict(zip(("percentile", "p_value"),
-                                                       null_rank(row["effect"], null["effects"], direction)))
-                                        for kind, null in res["nulls"][gamma].items()}
-                        entry[gamma] = row
+                        row.null_percentile, row.p_value = null_rank(row.effect, null_effects[k], direction)
+                        row.vs_null, row.vs_null_lo, row.vs_null_hi = bootstrap(np.array(cell["reward"]),
+                                                                                headline_draws, **boot)
+                        row.nulls = {kind: NullRank(*null_rank(row.effect, null.effects, direction))
+                                     for kind, null in res.nulls[g].items()}
+                        entry[g] = row
                     curve.append(row)
-                res["curves"].setdefault(method, {})[gamma] = {
-                    "ks": cfg.ks, "values": [r["value"] for r in curve], "lo": [r["lo"] + res["base"]["reward"]
-                                                                               for r in curve],
-                    "hi": [r["hi"] + res["base"]["reward"] for r in curve],
-                    "auc": area_under_curve([r["value"] for r in curve], res["base"]["reward"])}
-        out[reward] = res
-    return out
+                res.curves.setdefault(method, {})[g] = Curve(
+                    auc=area_under_curve([r.value for r in curve], res.base["reward"]), ks=list(cfg.ks),
+                    values=[r.value for r in curve], lo=[r.lo + res.base["reward"] for r in curve],
+                    hi=[r.hi + res.base["reward"] for r in curve])
+        rewards[reward] = res
+    return StudySummary(k=cfg.k, ks=list(cfg.ks), gammas=list(cfg.gammas), problems=len(scores["problem_ids"]),
+                        samples_per_problem=scores["samples_per_problem"], null_sets=cfg.null_sets,
+                        curve_null_sets=cfg.curve_null_sets, rewards=rewards)
 
 
-def confirmation_cells(cfg: StudyConfig, summary: dict, scores: dict) -> list[dict]:
+def confirmation_cells(cfg: StudyConfig, summary: StudySummary, scores: dict) -> list[dict]:
     """The cells sampled on-policy, at every gamma: for the first reward IPG's headline set, the best baseline's,
     the sign control and the first ``confirm_null_sets`` sets of the push, policy and permutation nulls; for each other
     reward (``confirm_other_rewards``) IPG's headline set and the sign control. Each with its off-policy estimate,
@@ -135,14 +104,14 @@ def confirmation_cells(cfg: StudyConfig, summary: dict, scores: dict) -> list[di
     out = []
     for reward in cfg.rewards if cfg.confirm_other_rewards else cfg.rewards[:1]:
         headline = reward == cfg.rewards[0]
-        res, cells = summary[reward], scores["cells"][reward]
+        res, cells = summary.rewards[reward], scores["cells"][reward]
         base = np.array(scores["base"][reward]["reward"])
-        for gamma in map(str, cfg.gammas):
+        for g in cfg.gammas:
+            gamma = str(g)  # scores.json's key
             chosen = [("ipg", str(CellLabel("ipg", cfg.k)), "ipg headline")]
-            baselines = [m for m in res["methods"] if m != "ipg"]
+            baselines = [m for m in res.methods if m != "ipg"]
             if baselines and headline:
-                best = max(baselines,
-                           key=lambda m: predicted_direction(float(gamma)) * res["methods"][m][gamma]["effect"])
+                best = max(baselines, key=lambda m: predicted_direction(g) * res.methods[m][g].effect)
                 chosen.append((best, str(CellLabel(best, cfg.k)), "best baseline"))
             if str(CellLabel(SIGN_CONTROL, cfg.k)) in cells:
                 chosen.append((SIGN_CONTROL, str(CellLabel(SIGN_CONTROL, cfg.k)), "sign control"))
