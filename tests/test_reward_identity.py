@@ -88,6 +88,16 @@ def test_a_callable_instance_and_a_partial_have_the_same_identity_in_every_proce
     assert _identities(helpers, *NAMES, hash_seed=1) == _identities(helpers, *NAMES, hash_seed=2)
 
 
+def test_the_same_code_in_another_checkout_has_the_same_identity(helpers, tmp_path_factory):
+    """Identity follows the code, not where it lies: a fresh clone elsewhere reuses the stored results."""
+    import shutil
+
+    elsewhere = tmp_path_factory.mktemp("another-checkout")
+    for name in ("consts.py", "helper.py", "user.py"):
+        shutil.copy(helpers / name, elsewhere / name)
+    assert _identities(helpers, *NAMES) == _identities(elsewhere, *NAMES)
+
+
 def test_editing_a_constant_in_a_helper_module_changes_the_identity_of_rewards_built_there(helpers):
     before = _identities(helpers, *NAMES)
     _write(helpers, "helper.py", (helpers / "helper.py").read_text().replace("SCALE = 2.0", "SCALE = 3.0"))
