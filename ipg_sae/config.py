@@ -49,6 +49,14 @@ class JobConfig:
             raise IPGError(f"`name` {self.name!r} must be a plain directory name (it becomes runs/<name>/)")
 
 
+@dataclass
+class StagedJobConfig(JobConfig):
+    """The header of a multi-stage job (pipeline, study, paths, steering-bench): ``force`` lets a rerun replace a
+    stage whose own output files were edited since it wrote them (otherwise it refuses, naming the file)."""
+
+    force: bool = dataclasses.field(default=False, metadata={"key_omits": False})
+
+
 def from_dict(cls: type[T], data: Any, where: str = "config", prefix: str = "") -> T:
     """Build dataclass ``cls`` from a plain dict, validating every field."""
     if not isinstance(data, dict):

@@ -25,6 +25,16 @@ EXPORT_MARKER = "ipg_sae_export.json"  # in an export: which SAE it copies (so a
 _WRITES = ("cfg.json", "sae_weights.safetensors", EXPORT_MARKER)  # every file an export writes
 
 
+def default_export_dir(sae_dir: str | Path) -> Path:
+    """Where ``ipg-sae export`` writes by default: outside every folder a job owns. An SAE a run trained
+    (``<run>/sae/layer_L``) goes to ``<run>/export/layer_L`` (never inside ``sae/``, which the SAE stage owns); any
+    other SAE folder to ``<sae>_transformer_lens`` beside it."""
+    sae_dir = Path(sae_dir)
+    if sae_dir.parent.name == "sae":
+        return sae_dir.parent.parent / "export" / sae_dir.name
+    return sae_dir.parent / f"{sae_dir.name}_transformer_lens"
+
+
 def export_for_transformer_lens(sae_dir: str | Path, out_dir: str | Path, force: bool = False,
                                 check: Callable[[Path], None] | None = None) -> Path:
     """A copy of an SAE this project trained, named the way TransformerLens tools expect.

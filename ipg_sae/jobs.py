@@ -372,7 +372,7 @@ def run_explore(cfg: ExploreJobConfig, group: str | None = None) -> Path:
 @dataclass
 class ExportJobConfig:
     sae: str = ""  # the SAE directory to export (one this project trained, e.g. runs/demo/sae/layer_15)
-    out_dir: str | None = None  # where the TransformerLens copy goes (default: <sae>_transformer_lens)
+    out_dir: str | None = None  # where the copy goes (default: <run>/export/layer_L for <run>/sae/layer_L)
     model: str | None = None  # the model it reads (default: the one named in the SAE's ipg_sae.json)
     check: bool = True  # load the model and compare the bridge's residual and activations with this project's
     force: bool = False  # replace files in out_dir that an earlier export of this SAE did not write
@@ -388,12 +388,12 @@ def run_export(cfg: ExportJobConfig) -> dict:
 
     The SAE is checked intact (its recorded weights digest) whatever ``check`` says, and with ``check`` the model
     is named and loaded before anything is written; a copy that fails its check is not left behind."""
-    from .export import export_for_transformer_lens, round_trip
+    from .export import default_export_dir, export_for_transformer_lens, round_trip
     from .models import model_source
     from .saes import SIDECAR, check_sidecar
 
     sae_dir = Path(cfg.sae)
-    out_dir = cfg.out_dir or f"{str(sae_dir).rstrip('/')}_transformer_lens"
+    out_dir = cfg.out_dir or default_export_dir(sae_dir)
     side = check_sidecar(sae_dir)  # a tampered SAE or a sidecar that is not an object: one line, nothing written
     summary: dict = {}
     check = None

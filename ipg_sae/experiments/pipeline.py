@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..attribution import AttributionConfig, Baseline
-from ..config import JobConfig
+from ..config import StagedJobConfig
 from ..errors import IPGError
 from ..evaluation import EvalConfig
 from ..explorer import ExplorerConfig
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PipelineConfig(JobConfig):
+class PipelineConfig(StagedJobConfig):
     name: str = "pipeline"
     task: TaskConfig = field(default_factory=TaskConfig)  # the problems attributed on
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
