@@ -18,6 +18,7 @@ from ..errors import IPGError
 from ..jobs import AttributeJobConfig, SelectionConfig, run_attribute
 from ..models import load_model
 from ..rewards import get_reward
+from ..saes import SAELoad
 from ..sampling import SamplingConfig, sample
 from ..tasks import TaskConfig, build_prompts, load_problems
 from ..trajectories import Trajectory, prompt_groups, save_trajectories
@@ -102,7 +103,7 @@ def attribute(cfg, where: Path, baselines: list[str], k: int, *, trajectories: P
     """IPG (in ``where``) and ``baselines`` (under ``where/baselines/``) on a run's trajectories (``where``'s own
     ``trajectories.jsonl`` unless given), each method's top ``k`` selected without bootstrap; the summaries."""
     selection = SelectionConfig(k=k, n_bootstrap=0, **({"table_size": table_size} if table_size else {}))
-    job = AttributeJobConfig(name=where.name, runs_dir=str(where.parent), model=cfg.model, saes=sae_specs(cfg),
+    job = AttributeJobConfig(name=where.name, runs_dir=str(where.parent), model=cfg.model, sae=SAELoad(sae_specs(cfg)),
                              trajectories=str(trajectories) if trajectories else None,
                              attribution=attribution or cfg.attribution, baselines=list(baselines),
                              selection=selection, wandb=cfg.wandb)

@@ -28,6 +28,7 @@ from ..jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, Sam
                    check_baselines, method_dir, run_attribute, run_evaluate, run_explore, run_sample)
 from ..provenance import PROVENANCE_FILE, write_provenance
 from ..rewards import get_reward
+from ..saes import SAELoad
 from ..sampling import SamplingConfig
 from ..splits import disjoint_splits
 from ..tasks import TaskConfig
@@ -82,7 +83,7 @@ def _sample_job(cfg: PipelineConfig) -> SampleJobConfig:
 
 
 def _attribute_job(cfg: PipelineConfig) -> AttributeJobConfig:
-    return AttributeJobConfig(name=cfg.name, runs_dir=cfg.runs_dir, model=cfg.model, saes=sae_specs(cfg),
+    return AttributeJobConfig(name=cfg.name, runs_dir=cfg.runs_dir, model=cfg.model, sae=SAELoad(sae_specs(cfg)),
                               attribution=cfg.attribution, baselines=cfg.baselines, selection=cfg.selection,
                               wandb=cfg.wandb)
 
@@ -92,7 +93,7 @@ def _evaluate_job(cfg: PipelineConfig) -> EvaluateJobConfig:
     steered = cfg.evaluate_baselines if cfg.evaluate_baselines is not None else cfg.baselines
     sets.update({b: str(method_dir(cfg.run_dir, b) / "selection.json") for b in steered if b != "random"})
     evaluation = dataclasses.replace(cfg.evaluation, k=cfg.evaluation.k or cfg.selection.k, reward=cfg.reward)
-    return EvaluateJobConfig(name=cfg.name, runs_dir=cfg.runs_dir, model=cfg.model, saes=sae_specs(cfg), sets=sets,
+    return EvaluateJobConfig(name=cfg.name, runs_dir=cfg.runs_dir, model=cfg.model, sae=SAELoad(sae_specs(cfg)), sets=sets,
                              attribution_dir=str(cfg.run_dir), evaluation=evaluation, wandb=cfg.wandb)
 
 

@@ -245,6 +245,8 @@ def run_job_stages(cfg, stages: list[Stage], config_file: str, contexts: list) -
     from ..sampling import check_fits_context
 
     check_fits_context(cfg.model, contexts)
+    if getattr(cfg, "sae", None) is not None:
+        check_sae_sources(cfg)
     with run_lock(cfg.run_dir):
         write_text(cfg.run_dir / config_file, dump_yaml(cfg))
         return run_stages(cfg, stages)
@@ -325,6 +327,35 @@ def sae_files(cfg) -> list[Path]:
     """The local SAE folders a job loads and the train-sae YAML it trains from: the SAE stage's outside files."""
     files = [Path(spec.path) for spec in cfg.sae.load if spec.path]
     return files + ([Path(cfg.sae.train_config)] if not cfg.sae.load and cfg.sae.train_config else [])
+
+
+def check_sae_sources(cfg) -> None:
+    """Before the first stage: every SAE the job loads fits its model (width, layer, residual hook, files or a
+    published SAE available offline), or the SAE it trains does (layers in range, ``context_size`` within the model's
+    positions). Model config and tokenizer only, no weights."""
+    from ..models import config_sizes, load_tokenizer_and_config
+    from ..saes import check_entry
+
+    _, config = load_tokenizer_and_config(cfg.model)
+    for i, spec in enumerate(cfg.sae.load):
+        try:
+            check_entry(spec, config, cfg.model.name)
+        except IPGError as e:
+            raise IPGError(f"sae.load[{i}]: {e}") from None
+    if cfg.sae.load:
+        return
+    from sae_training.data import check_context_size
+
+    train = train_job(cfg)
+    try:
+        check_context_size(train)
+    except IPGError as e:
+        raise IPGError(f"sae.train_config {cfg.sae.train_config}: {e}") from None
+    n = config_sizes(config)[1]
+    bad = [layer for layer in train.layers if n is not None and not 0 <= layer < n]
+    if bad:
+        raise IPGError(f"sae.train_config {cfg.sae.train_config}: layers {bad} are out of range: model "
+                       f"{cfg.model.name!r} has {n} decoder layers (0..{n - 1})")
 
 
 def run_sae_stage(cfg) -> dict:
