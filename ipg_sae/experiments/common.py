@@ -22,7 +22,7 @@ from ..saes import SAELoad
 from ..sampling import SamplingConfig, sample
 from ..tasks import TaskConfig, build_prompts, load_problems
 from ..trajectories import Trajectory, prompt_groups, save_trajectories
-from .stages import Stage, model_files, model_inputs, sae_specs, task_files
+from .stages import Stage, model_files, model_inputs, sae_specs, task_files, train_job
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,15 @@ def contexts(cfg) -> list:
 
 
 def check_sae(job: str, cfg) -> None:
-    """An experiment needs SAEs to load or a train-sae YAML to train them."""
+    """An experiment needs SAEs to load or a train-sae YAML to train them; the train-sae config it would train with
+    is built (and so checked) now, a typo in ``sae.train_overrides`` named in the job's own config file."""
     if not cfg.sae.load and not cfg.sae.train_config:
         raise IPGError(f"{job}.sae needs `load` (SAE entries) or `train_config` (a train-sae YAML)")
+    if not cfg.sae.load:
+        try:
+            train_job(cfg)
+        except IPGError as e:
+            raise IPGError(str(e) if "sae.train_overrides" in str(e) else f"sae.train_config: {e}") from None
 
 
 def check_importance_sampling(field: str, sampling: SamplingConfig) -> None:

@@ -35,7 +35,7 @@ from ..tasks import TaskConfig
 from ..tracking import attribution_files
 from .common import check_sae
 from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_job_stages, sae_specs,
-                     task_files, train_job)
+                     task_files)
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,7 @@ class PipelineConfig(StagedJobConfig):
             raise IPGError(f"evaluate_baselines lists {sorted(unknown)}, which are not in `baselines`; add them there")
         check_baselines(self.baselines)
         get_reward(self.reward)
-        # Every stage's config is built (and so checked) now, before the first stage runs.
-        if not self.sae.load:
-            try:
-                train_job(self)
-            except IPGError as e:
-                raise IPGError(f"sae.train_config: {e}") from None
+        # Every stage's config is built (and so checked) now, before the first stage runs (the SAE's in check_sae).
         dataclasses.replace(self.evaluation, k=self.evaluation.k or self.selection.k, reward=self.reward).validate()
         if all(t.name == "arithmetic" or t.path for t in (self.task, self.evaluation.task)):  # cheap to load here
             # by id and by question text: generated level-1 problems repeat questions across windows

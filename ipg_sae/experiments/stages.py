@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import load_config
+from ..config import check_dotted, load_config, loading_file
 from ..digest import FORMAT_VERSION, file_digest, json_digest, key_dict, tree_digest
 from ..errors import IPGError
 from ..io import jsonable, read_json, remove_tree, write_json
@@ -300,8 +300,12 @@ def train_job(cfg):
 
     from ..splits import problem_sets
 
+    source = loading_file()  # the job's own config file, while it is being loaded and checked
+    where = f"{source + ': ' if source else ''}sae.train_overrides (fields of {cfg.sae.train_config})"
+    check_dotted(TrainSAEConfig, cfg.sae.train_overrides, where)
     overrides = {**cfg.sae.train_overrides, "name": cfg.name, "runs_dir": cfg.runs_dir}
-    train = load_config(TrainSAEConfig, cfg.sae.train_config, overrides)
+    train = load_config(TrainSAEConfig, cfg.sae.train_config, overrides,
+                        overrides_from=f"sae.train_overrides{' of ' + source if source else ''}")
     # The SAE never trains on a question the job attributes or evaluates on (every split it names). The splits are
     # read from the whole config: they are in the SAE stage's key through its identity, this very train config.
     exclude = [*train.data.exclude_tasks,
