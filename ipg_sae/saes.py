@@ -217,32 +217,39 @@ def check_entry(spec: SAESpec, config, model_name: str) -> None:
 
     A local SAE's ``cfg.json`` and sidecar are read (the weights' recorded digest checked); a published SAE is looked
     up in sae-lens's registry, must be cached or the hub reachable, and its config is read where sae-lens can give it
-    (a registry naming another model is a warning: names differ between TransformerLens and the hub). Then the hook
+    (offline too, for releases whose config it infers: then a width that cannot fit is the reason given first); a
+    registry naming another model is a warning (names differ between TransformerLens and the hub). Then the hook
     must be the residual stream, the layer in range, ``d_in`` the model's hidden size."""
     import logging
 
+    from .io import read_json
     from .models import config_sizes
 
     spec.validate()
+    unavailable = None
     if spec.path:
         path = Path(spec.path).expanduser()
         where = str(path)
         if not (path / "cfg.json").is_file():
-            raise IPGError(f"SAE {path} is not an SAE directory (no cfg.json); give a directory saved in sae-lens "
-                           "format")
+            raise IPGError(f"SAE {path} is not an SAE directory (no cfg.json); give a directory saved in sae-lens format")
         check_sidecar(path)
         try:
-            import json
-
-            cfg = json.loads((path / "cfg.json").read_text())
+            cfg = read_json(path / "cfg.json")
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise IPGError(f"{path}/cfg.json cannot be read as JSON ({type(e).__name__}); give an intact SAE "
                            "directory") from None
     else:
-        where = f"{spec.release}/{spec.sae_id}"
-        _check_pretrained(spec.release, spec.sae_id)
+        from huggingface_hub import constants
+        from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
+        where = f"{spec.release}/{spec.sae_id}"
+        try:
+            _check_pretrained(spec.release, spec.sae_id)
+        except IPGError as e:  # offline and not cached: its inferred config may still show that it cannot fit
+            if not (constants.HF_HUB_OFFLINE and "not in the local" in str(e)):
+                raise
+            unavailable = e
         trained_on = get_pretrained_saes_directory()[spec.release].model
         if trained_on and _short(trained_on) not in {_short(n) for n in (model_name, getattr(
                 config, "_name_or_path", "") or "") if n}:
@@ -250,11 +257,9 @@ def check_entry(spec: SAESpec, config, model_name: str) -> None:
                 "SAE %s was published for model %r, but the job's model is %r: its latents may not fit this "
                 "model's residual stream", where, trained_on, model_name)
         try:
-            from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
-
             cfg = load_sae_config_from_huggingface(spec.release, spec.sae_id)
         except Exception:  # sae-lens could not say without downloading: checked again when it is loaded
-            return
+            cfg = {}
     if not isinstance(cfg, dict):
         raise IPGError(f"{where}/cfg.json is not a JSON object; give an intact SAE directory")
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
@@ -265,15 +270,17 @@ def check_entry(spec: SAESpec, config, model_name: str) -> None:
     if spec.layer is not None and hooked is not None and spec.layer != hooked:
         raise IPGError(f"SAE {where} reads {hook}, the output of decoder block {hooked}, but its entry says layer "
                        f"{spec.layer}; remove `layer` (it is read from hook_name) or correct it")
-    if layer is None:
-        raise IPGError(f"cannot tell which layer SAE {where} reads (hook_name {hook!r}); set `layer` in its SAE entry")
-    if n is not None and not 0 <= layer < n:
-        raise IPGError(f"SAE {where} reads layer {layer}, but model {model_name!r} has {n} decoder layers "
-                       f"(0..{n - 1}); give an SAE for one of them")
     d_in = cfg.get("d_in")
     if d_model is not None and isinstance(d_in, int) and d_in != d_model:
         raise IPGError(f"SAE {where} has d_in {d_in}, but model {model_name!r} has hidden size {d_model}: it was "
                        "trained for another model; give an SAE of this model")
+    if n is not None and layer is not None and not 0 <= layer < n:
+        raise IPGError(f"SAE {where} reads layer {layer}, but model {model_name!r} has {n} decoder layers "
+                       f"(0..{n - 1}); give an SAE for one of them")
+    if unavailable is not None:
+        raise unavailable
+    if layer is None and cfg:
+        raise IPGError(f"cannot tell which layer SAE {where} reads (hook_name {hook!r}); set `layer` in its SAE entry")
 
 
 def check_sidecar(path: str | Path) -> dict | None:

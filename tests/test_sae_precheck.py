@@ -40,15 +40,24 @@ def test_a_local_sae_for_a_layer_the_model_lacks_fails_before_sampling(pipeline_
     _nothing_ran(cfg)
 
 
-def test_a_published_sae_not_cached_offline_fails_before_sampling(pipeline_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("release, sae_id, message", [
+    # sae-lens infers Gemma Scope's config offline: the width is the reason given (the quick start + Gemma Scope)
+    ("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical",
+     r"sae.load\[0\]: SAE gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical has d_in 2304, but model .* "
+     r"has hidden size 64"),
+    # a release whose config is a file on the hub: not cached, and offline
+    ("gpt2-small-res-jb", "blocks.8.hook_resid_pre",
+     r"sae.load\[0\]: SAE gpt2-small-res-jb/blocks.8.hook_resid_pre .* is not in the local Hugging Face cache and "
+     r"HF_HUB_OFFLINE is set"),
+])
+def test_a_published_sae_not_cached_offline_fails_before_sampling(pipeline_cfg, tmp_path, monkeypatch, release,
+                                                                  sae_id, message):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    cfg = _with_load(pipeline_cfg, {"release": "gemma-scope-2b-pt-res-canonical",
-                                    "sae_id": "layer_12/width_16k/canonical"})
-    with pytest.raises(IPGError, match=r"sae.load\[0\]: SAE gemma-scope-2b-pt-res-canonical/layer_12/width_16k/"
-                                       r"canonical .* is not in the local Hugging Face cache and HF_HUB_OFFLINE"):
+    cfg = _with_load(pipeline_cfg, {"release": release, "sae_id": sae_id})
+    with pytest.raises(IPGError, match=message):
         run_pipeline(cfg)
     _nothing_ran(cfg)
 
