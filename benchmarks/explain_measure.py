@@ -74,7 +74,7 @@ def tiny_run(root: Path) -> Path:
                                                    "sampling.n_samples": 3, "sampling.max_new_tokens": 12,
                                                    "reward": "tests.helpers:text_length_mod_7"}), progress=False)
     run_attribute(load_config(AttributeJobConfig, None, {
-        **common, "saes": [{"path": str(root / "sae")}], "attribution.n_steps": 2, "baselines": ["act"],
+        **common, "sae.load": [{"path": str(root / "sae")}], "attribution.n_steps": 2, "baselines": ["act"],
         "selection.k": 4, "selection.n_bootstrap": 0}), progress=False)
     return root / "runs" / "smoke"
 
@@ -182,7 +182,7 @@ def arad_filter(run_dir: Path, found, ipg_top, args) -> dict:
     write_json(out / "ipg_top.json", {"selection": [list(p) for p in top]})
     run_cfg = yaml.safe_load((run_dir / "attribute_config.yaml").read_text(encoding="utf-8"))
     cfg = {"name": f"{run_dir.name}-arad", "runs_dir": str(run_dir.parent), "model": run_cfg["model"],
-           "saes": run_cfg["saes"], "attribution_dir": str(run_dir),
+           "sae": {"load": (run_cfg.get("sae") or {}).get("load") or run_cfg["saes"]}, "attribution_dir": str(run_dir),
            "sets": {"ipg": str(out / "ipg_top.json"), "ipg_output_filtered": str(out / "ipg_output_filtered.json")},
            "evaluation": {"k": len(top)}}
     write_text(out / "evaluate_filtered.yaml", yaml.safe_dump(cfg, sort_keys=False))

@@ -13,6 +13,7 @@ header, :class:`JobConfig`: its run directory (``runs_dir/name``), the model and
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import difflib
 import re
@@ -47,6 +48,14 @@ class JobConfig:
     def validate(self) -> None:
         if self.name in ("", ".", "..") or "/" in self.name:
             raise IPGError(f"`name` {self.name!r} must be a plain directory name (it becomes runs/<name>/)")
+
+
+@dataclass
+class StagedJobConfig(JobConfig):
+    """The header of a multi-stage job (pipeline, study, paths, steering-bench): ``force`` lets a rerun replace a
+    stage whose own output files were edited since it wrote them (otherwise it refuses, naming the file)."""
+
+    force: bool = dataclasses.field(default=False, metadata={"key_omits": False})
 
 
 def from_dict(cls: type[T], data: Any, where: str = "config", prefix: str = "") -> T:
@@ -99,8 +108,44 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
-    """Load ``cls`` from a YAML file (or only defaults when ``path`` is None), then apply dotted overrides."""
+_LOADING: contextvars.ContextVar[str | None] = contextvars.ContextVar("ipg_sae_config_file", default=None)
+
+
+def loading_file() -> str | None:
+    """The config file :func:`load_config` is loading now (None outside it): nested configs built while it is
+    checked (a pipeline's train-sae config) name it in their errors."""
+    return _LOADING.get()
+
+
+def check_dotted(cls: type, keys, where: str) -> None:
+    """Every dotted key (``training_tokens``, ``data.task.n_problems``) names a field of dataclass ``cls``;
+    else one line naming ``where``, the field and the closest valid one."""
+    for dotted in keys:
+        node, prefix = cls, ""
+        for part in str(dotted).split("."):
+            fields = {f.name: f for f in dataclasses.fields(node) if f.init}
+            if part not in fields:
+                raise IPGError(f"{where}: unknown field `{_join(prefix, part)}`{_did_you_mean(part, fields, prefix)}; "
+                               f"valid fields here: {', '.join(sorted(fields))}")
+            prefix = _join(prefix, part)
+            typ = _is_optional(typing.get_type_hints(node)[part])[1]
+            if not (isinstance(typ, type) and dataclasses.is_dataclass(typ)):
+                break
+            node = typ
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None,
+                overrides_from: str = "command-line overrides") -> T:
+    """Load ``cls`` from a YAML file (or only defaults when ``path`` is None), then apply dotted overrides
+    (``overrides_from`` says where they came from, for errors)."""
+    token = _LOADING.set(str(path) if path else None)
+    try:
+        return _load_config(cls, path, overrides, overrides_from)
+    finally:
+        _LOADING.reset(token)
+
+
+def _load_config(cls: type[T], path, overrides, overrides_from: str) -> T:
     data: dict = {}
     where = str(path) if path else "defaults"
     if path is not None:
@@ -116,7 +161,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any]
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     if overrides:
-        where += " + command-line overrides"
+        where += f" + {overrides_from}"
     return from_dict(cls, data, where=where)
 
 

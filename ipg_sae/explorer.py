@@ -247,7 +247,7 @@ def _load_run_model(run_dir: Path, model, tokenizer, saes, trust_remote_code: bo
 
     from .config import from_dict
     from .models import ModelConfig, load_model
-    from .saes import SAESpec, load_saes
+    from .saes import SAESpec, load_saes, sae_entries
 
     cfg_path = run_dir / "attribute_config.yaml"
     if not cfg_path.is_file():
@@ -256,7 +256,7 @@ def _load_run_model(run_dir: Path, model, tokenizer, saes, trust_remote_code: bo
     try:
         data = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
         model_cfg = from_dict(ModelConfig, data.get("model") or {}, where=str(cfg_path), prefix="model")
-        specs = [from_dict(SAESpec, s, where=str(cfg_path), prefix="saes") for s in data.get("saes") or []]
+        specs = [from_dict(SAESpec, s, where=str(cfg_path), prefix="sae.load") for s in sae_entries(data)]
     except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError) as e:
         raise IPGError(f"{cfg_path} is not a readable attribute config ({e}); pass model, tokenizer and saes to "
                        "explorer.build") from None

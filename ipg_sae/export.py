@@ -25,6 +25,16 @@ EXPORT_MARKER = "ipg_sae_export.json"  # in an export: which SAE it copies (so a
 _WRITES = ("cfg.json", "sae_weights.safetensors", EXPORT_MARKER)  # every file an export writes
 
 
+def default_export_dir(sae_dir: str | Path) -> Path:
+    """Where ``ipg-sae export`` writes by default: outside every folder a job owns. An SAE a run trained
+    (``<run>/sae/layer_L``) goes to ``<run>/export/layer_L`` (never inside ``sae/``, which the SAE stage owns); any
+    other SAE folder to ``<sae>_transformer_lens`` beside it."""
+    sae_dir = Path(sae_dir)
+    if sae_dir.parent.name == "sae":
+        return sae_dir.parent.parent / "export" / sae_dir.name
+    return sae_dir.parent / f"{sae_dir.name}_transformer_lens"
+
+
 def export_for_transformer_lens(sae_dir: str | Path, out_dir: str | Path, force: bool = False,
                                 check: Callable[[Path], None] | None = None) -> Path:
     """A copy of an SAE this project trained, named the way TransformerLens tools expect.
@@ -131,13 +141,26 @@ def transformer_lens_bridge(model, tokenizer, model_name: str, sae_dirs=()):
     directory (for the offline default, the directory its GGUF was dequantized into).
     """
     try:
-        from sae_lens import SAE, SAETransformerBridge
+        from sae_lens import SAETransformerBridge
     except ImportError:
         raise IPGError("the TransformerLens bridge needs sae-lens with transformer-lens 3 (pip install "
                        "'transformer-lens>=3'); both are pinned by this project's install") from None
     device = next(model.parameters()).device
     bridge = SAETransformerBridge.boot_transformers(model_name, hf_model=model, tokenizer=tokenizer, device=device)
-    return bridge, [SAE.load_from_disk(str(d), device=str(device)) for d in sae_dirs]
+    return bridge, [load_exported(d, device=str(device)) for d in sae_dirs]
+
+
+def load_exported(sae_dir: str | Path, device: str = "cpu"):
+    """An exported SAE loaded with sae-lens, without its advice to load the model through
+    ``HookedSAETransformer.from_pretrained_no_processing`` (which does not know this project's models; the bridge
+    is the way here)."""
+    import warnings
+
+    from sae_lens import SAE
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*non-empty model_from_pretrained_kwargs", category=UserWarning)
+        return SAE.load_from_disk(str(sae_dir), device=device)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from .explorer import ExplorerConfig
 from .io import read_json, run_lock, write_json, write_text
 from .models import load_model
 from .rewards import get_reward
-from .saes import SAESpec, load_saes
+from .saes import SAELoad, SAESpec, load_saes, take_old_saes
 from .selection import Normalize, RankBy
 from .sampling import SamplingConfig, sample
 from .tasks import TaskConfig, build_prompts, load_problems
@@ -122,7 +122,8 @@ class SelectionConfig:
 @dataclass
 class AttributeJobConfig(JobConfig):
     name: str = "attribute"
-    saes: list[SAESpec] = field(default_factory=list)  # one SAE per layer: {path: dir} or {release, sae_id}
+    sae: SAELoad = field(default_factory=SAELoad)  # sae: {load: [{path: dir} or {release, sae_id}, ...]}, one per layer
+    saes: list[SAESpec] | None = None  # deprecated spelling of sae.load (moved there, with a warning)
     trajectories: str | None = None  # default: runs/<name>/trajectories.jsonl
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     baselines: list[Baseline] = field(default_factory=list)  # also run these (act, reason_words, grad_x_act, ...)
@@ -130,9 +131,13 @@ class AttributeJobConfig(JobConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.saes:
-            raise IPGError("no SAE given: add an entry under `saes:` (path: <sae dir>, or release + sae_id)")
+        if not self.sae.load:
+            raise IPGError("no SAE given: add an entry under `sae: {load: [...]}` (path: <sae dir>, or release + "
+                           "sae_id)")
         check_baselines(self.baselines)
+
+    def __post_init__(self) -> None:
+        take_old_saes(self)
 
 
 def check_baselines(names: list[str]) -> None:
@@ -159,7 +164,7 @@ def run_attribute(cfg: AttributeJobConfig, progress: bool = True, group: str | N
     run_dir = cfg.run_dir
     trajectories = load_trajectories(cfg.trajectories or run_dir / "trajectories.jsonl")
     model, tokenizer = load_model(model_cfg)
-    saes = load_saes(cfg.saes, model, tokenizer)
+    saes = load_saes(cfg.sae.load, model, tokenizer)
     cfg.selection.check_width(saes)
     with run_lock(run_dir):
         return _attribute(cfg, trajectories, model, tokenizer, saes, main, progress, group)
@@ -172,13 +177,13 @@ def _attribute(cfg: AttributeJobConfig, trajectories, model, tokenizer, saes, ma
     run_dir = cfg.run_dir
     if main:
         write_text(run_dir / "attribute_config.yaml", dump_yaml(cfg))
-    sources = {layer: dataclasses.asdict(spec) for layer, spec in zip(saes, cfg.saes)}
+    sources = {layer: dataclasses.asdict(spec) for layer, spec in zip(saes, cfg.sae.load)}
     logging_cfg = cfg.wandb if main else dataclasses.replace(cfg.wandb, enabled=False)
     summaries = {}
     for method in ["ipg", *cfg.baselines]:
         out = method_dir(run_dir, method)
         with Tracker(logging_cfg, run_dir, cfg.name, f"attribute-{method}", to_dict(cfg), group=group) as tracker:
-            use_inputs(tracker, trajectories_path=cfg.trajectories or run_dir / "trajectories.jsonl", saes=cfg.saes)
+            use_inputs(tracker, trajectories_path=cfg.trajectories or run_dir / "trajectories.jsonl", saes=cfg.sae.load)
             acfg = dataclasses.replace(cfg.attribution, baseline=method)
             result = run_attribution(
                 model, saes, trajectories, acfg, tokenizer=tokenizer, out_dir=out, progress=progress and main,
@@ -233,11 +238,15 @@ def _write_selection(cfg: AttributeJobConfig, method: str, out: Path, result, to
 @dataclass
 class EvaluateJobConfig(JobConfig):
     name: str = "evaluate"
-    saes: list[SAESpec] = field(default_factory=list)
+    sae: SAELoad = field(default_factory=SAELoad)  # sae: {load: [...]}, as in attribute and the pipeline
+    saes: list[SAESpec] | None = None  # deprecated spelling of sae.load (moved there, with a warning)
     # Sets to compare: name -> a source load_selection accepts (result dir, features.csv, "layer:latent" list).
     sets: dict[str, Any] = field(default_factory=dict)
     attribution_dir: str | None = None  # its prompt ids are checked for overlap; its active latents seed random sets
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        take_old_saes(self)
 
 
 def _set_dirs(sets: dict) -> list[Path]:
@@ -263,7 +272,7 @@ def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | Non
     if not cfg.sets:
         raise IPGError("no sets to evaluate: add `sets: {ipg: <attribution run dir or features.csv>}`")
     model, tokenizer = load_model(cfg.model)
-    saes = load_saes(cfg.saes, model, tokenizer)
+    saes = load_saes(cfg.sae.load, model, tokenizer)
     k = cfg.evaluation.k
     sets = {name: load_selection(source, k=k) for name, source in cfg.sets.items()}
     active = prompt_ids = scores = None
@@ -276,7 +285,7 @@ def run_evaluate(cfg: EvaluateJobConfig, progress: bool = True, group: str | Non
     prompts = build_prompts(tokenizer, problems, cfg.evaluation.task)
     with run_lock(run_dir), Tracker(cfg.wandb, run_dir, cfg.name, "evaluate", to_dict(cfg), group=group) as tracker:
         write_text(run_dir / "evaluate_config.yaml", dump_yaml(cfg))
-        use_inputs(tracker, saes=cfg.saes, attribution_dirs=_set_dirs(cfg.sets))
+        use_inputs(tracker, saes=cfg.sae.load, attribution_dirs=_set_dirs(cfg.sets))
         result = evaluate(model, tokenizer, saes, problems, prompts, sets, cfg.evaluation, out_dir=run_dir / "eval",
                           active=active, attribution_prompt_ids=prompt_ids, progress=progress)
         history, summary = evaluation_metrics(result)
@@ -372,7 +381,7 @@ def run_explore(cfg: ExploreJobConfig, group: str | None = None) -> Path:
 @dataclass
 class ExportJobConfig:
     sae: str = ""  # the SAE directory to export (one this project trained, e.g. runs/demo/sae/layer_15)
-    out_dir: str | None = None  # where the TransformerLens copy goes (default: <sae>_transformer_lens)
+    out_dir: str | None = None  # where the copy goes (default: <run>/export/layer_L for <run>/sae/layer_L)
     model: str | None = None  # the model it reads (default: the one named in the SAE's ipg_sae.json)
     check: bool = True  # load the model and compare the bridge's residual and activations with this project's
     force: bool = False  # replace files in out_dir that an earlier export of this SAE did not write
@@ -388,12 +397,12 @@ def run_export(cfg: ExportJobConfig) -> dict:
 
     The SAE is checked intact (its recorded weights digest) whatever ``check`` says, and with ``check`` the model
     is named and loaded before anything is written; a copy that fails its check is not left behind."""
-    from .export import export_for_transformer_lens, round_trip
+    from .export import default_export_dir, export_for_transformer_lens, round_trip
     from .models import model_source
     from .saes import SIDECAR, check_sidecar
 
     sae_dir = Path(cfg.sae)
-    out_dir = cfg.out_dir or f"{str(sae_dir).rstrip('/')}_transformer_lens"
+    out_dir = cfg.out_dir or default_export_dir(sae_dir)
     side = check_sidecar(sae_dir)  # a tampered SAE or a sidecar that is not an object: one line, nothing written
     summary: dict = {}
     check = None

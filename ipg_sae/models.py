@@ -346,6 +346,16 @@ def hidden_size(model: nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[1])
 
 
+def config_sizes(config) -> tuple[int | None, int | None]:
+    """``(hidden size, decoder layers)`` from a model's config, no weights (None where the config does not say)."""
+    config = getattr(config, "text_config", None) or config
+
+    def first(*keys):
+        return next((int(getattr(config, k)) for k in keys if isinstance(getattr(config, k, None), int)), None)
+
+    return first("hidden_size", "n_embd", "d_model"), first("num_hidden_layers", "n_layer", "num_layers")
+
+
 def context_length(model) -> int | None:
     """The most positions the model (or a model config) takes (None when its config does not say)."""
     config = getattr(model, "config", model)

@@ -27,7 +27,7 @@ import contextlib
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -57,6 +57,36 @@ class SAESpec:
             raise IPGError("an SAE entry needs exactly one of `path` (local directory) or `release` + `sae_id`")
         if self.release and not self.sae_id:
             raise IPGError(f"SAE release {self.release!r} needs an `sae_id`")
+
+
+@dataclass
+class SAELoad:
+    """``sae:`` in the attribute and evaluate configs: the same spelling as the pipeline's and the experiments'
+    ``sae: {load: [...]}`` (which may train instead)."""
+
+    load: list[SAESpec] = field(default_factory=list)  # one SAE per layer: {path: dir} or {release, sae_id}
+
+
+def sae_entries(data: dict) -> list:
+    """The SAE entries of a job config read as YAML: ``sae.load``, or ``saes`` (the old spelling) in older runs."""
+    sae = data.get("sae")
+    return (sae.get("load") if isinstance(sae, dict) else None) or data.get("saes") or []
+
+
+def take_old_saes(job) -> None:
+    """A job config written with the old spelling ``saes: [...]``: its entries move to ``sae.load``, with one line
+    saying so (both at once is refused)."""
+    import logging
+
+    if not job.saes:
+        return
+    if job.sae.load:
+        raise IPGError("the config names SAEs under both `saes:` (the old spelling) and `sae.load`; keep only "
+                       "sae: {load: [...]}")
+    logging.getLogger(__name__).warning("`saes: [...]` is deprecated; write `sae: {load: [...]}` (the pipeline's "
+                                        "spelling) instead")
+    job.sae = SAELoad(load=list(job.saes))
+    job.saes = None
 
 
 def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | torch.device = "cpu", tokenizer=None):
@@ -170,13 +200,87 @@ def _check_pretrained(release: str, sae_id: str) -> None:
         cached = any(r.repo_id == lookup.repo_id for r in scan_cache_dir().repos)
     except Exception:  # no cache directory yet
         cached = False
-    if cached or constants.HF_HUB_OFFLINE:
+    if cached:
         return
+    if constants.HF_HUB_OFFLINE:
+        raise IPGError(f"SAE {release}/{sae_id} ({lookup.repo_id}) is not in the local Hugging Face cache and "
+                       "HF_HUB_OFFLINE is set; download it once online, or give a local SAE directory (`path:`)")
     why = hub_unreachable()
     if why:
         raise IPGError(f"cannot reach the Hugging Face hub ({why}) to download SAE {release}/{sae_id} "
                        f"({lookup.repo_id}), which is not in the local cache; check your network, or give a local "
                        "SAE directory (`path:`)")
+
+
+def check_entry(spec: SAESpec, config, model_name: str) -> None:
+    """Before any work: an SAE entry fits the model whose config (``transformers`` config, no weights) is given.
+
+    A local SAE's ``cfg.json`` and sidecar are read (the weights' recorded digest checked); a published SAE is looked
+    up in sae-lens's registry, must be cached or the hub reachable, and its config is read where sae-lens can give it
+    (offline too, for releases whose config it infers: then a width that cannot fit is the reason given first); a
+    registry naming another model is a warning (names differ between TransformerLens and the hub). Then the hook
+    must be the residual stream, the layer in range, ``d_in`` the model's hidden size."""
+    import logging
+
+    from .io import read_json
+    from .models import config_sizes
+
+    spec.validate()
+    unavailable = None
+    if spec.path:
+        path = Path(spec.path).expanduser()
+        where = str(path)
+        if not (path / "cfg.json").is_file():
+            raise IPGError(f"SAE {path} is not an SAE directory (no cfg.json); give a directory saved in sae-lens format")
+        check_sidecar(path)
+        try:
+            cfg = read_json(path / "cfg.json")
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise IPGError(f"{path}/cfg.json cannot be read as JSON ({type(e).__name__}); give an intact SAE "
+                           "directory") from None
+    else:
+        from huggingface_hub import constants
+        from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+        where = f"{spec.release}/{spec.sae_id}"
+        try:
+            _check_pretrained(spec.release, spec.sae_id)
+        except IPGError as e:  # offline and not cached: its inferred config may still show that it cannot fit
+            if not (constants.HF_HUB_OFFLINE and "not in the local" in str(e)):
+                raise
+            unavailable = e
+        trained_on = get_pretrained_saes_directory()[spec.release].model
+        if trained_on and _short(trained_on) not in {_short(n) for n in (model_name, getattr(
+                config, "_name_or_path", "") or "") if n}:
+            logging.getLogger(__name__).warning(
+                "SAE %s was published for model %r, but the job's model is %r: its latents may not fit this "
+                "model's residual stream", where, trained_on, model_name)
+        try:
+            cfg = load_sae_config_from_huggingface(spec.release, spec.sae_id)
+        except Exception:  # sae-lens could not say without downloading: checked again when it is loaded
+            cfg = {}
+    if not isinstance(cfg, dict):
+        raise IPGError(f"{where}/cfg.json is not a JSON object; give an intact SAE directory")
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    hook = meta.get("hook_name") or cfg.get("hook_name")
+    hooked = hook_layer(hook)  # refuses non-residual hooks
+    d_model, n = config_sizes(config)
+    layer = spec.layer if spec.layer is not None else hooked
+    if spec.layer is not None and hooked is not None and spec.layer != hooked:
+        raise IPGError(f"SAE {where} reads {hook}, the output of decoder block {hooked}, but its entry says layer "
+                       f"{spec.layer}; remove `layer` (it is read from hook_name) or correct it")
+    d_in = cfg.get("d_in")
+    if d_model is not None and isinstance(d_in, int) and d_in != d_model:
+        raise IPGError(f"SAE {where} has d_in {d_in}, but model {model_name!r} has hidden size {d_model}: it was "
+                       "trained for another model; give an SAE of this model")
+    if n is not None and layer is not None and not 0 <= layer < n:
+        raise IPGError(f"SAE {where} reads layer {layer}, but model {model_name!r} has {n} decoder layers "
+                       f"(0..{n - 1}); give an SAE for one of them")
+    if unavailable is not None:
+        raise unavailable
+    if layer is None and cfg:
+        raise IPGError(f"cannot tell which layer SAE {where} reads (hook_name {hook!r}); set `layer` in its SAE entry")
 
 
 def check_sidecar(path: str | Path) -> dict | None:

@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory, tiny_llama_dir):
                                                    "sampling.n_samples": 3, "sampling.max_new_tokens": 12,
                                                    "reward": "length"}), progress=False)
     run_attribute(load_config(AttributeJobConfig, None, {
-        **common, "saes": [{"path": str(sae_dir)}], "attribution.n_steps": 2, "baselines": ["act"],
+        **common, "sae.load": [{"path": str(sae_dir)}], "attribution.n_steps": 2, "baselines": ["act"],
         "selection.k": 3, "selection.n_bootstrap": 0, "selection.table_size": 5}), progress=False)
     out = root / "runs" / "x"
     assert main(["explain", str(out), "--no-wandb", "--top", "6", "--baseline_top", "2", "--save_every", "2",

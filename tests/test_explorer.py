@@ -29,11 +29,11 @@ def run(tmp_path_factory, tiny_llama_dir):
                                                    "sampling.n_samples": 3, "sampling.max_new_tokens": 8,
                                                    "reward": "tests.helpers:text_length_mod_7"}), progress=False)
     run_attribute(load_config(AttributeJobConfig, None, {
-        **common, "saes": [{"path": str(sae_dir)}], "attribution.n_steps": 4, "attribution.token_maps": ["*"],
+        **common, "sae.load": [{"path": str(sae_dir)}], "attribution.n_steps": 4, "attribution.token_maps": ["*"],
         "attribution.n_contexts": 12, "baselines": ["act"], "selection.k": 3, "selection.n_bootstrap": 5}),
         progress=False)
     run_evaluate(load_config(EvaluateJobConfig, None, {
-        **common, "saes": [{"path": str(sae_dir)}], "sets": {"ipg": str(root / "runs" / "x" / "selection.json")},
+        **common, "sae.load": [{"path": str(sae_dir)}], "sets": {"ipg": str(root / "runs" / "x" / "selection.json")},
         "attribution_dir": str(root / "runs" / "x"), "evaluation.k": 3, "evaluation.gammas": [0.0],
         "evaluation.seeds": [0], "evaluation.n_random_sets": 1, "evaluation.n_bootstrap": 200,
         "evaluation.task.n_problems": 2, "evaluation.task.few_shot": 0, "evaluation.estimator": "sampling",

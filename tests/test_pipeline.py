@@ -1,6 +1,7 @@
 """The pipeline end to end on a tiny model: every stage runs, outputs exist, a rerun skips them all."""
 
 import json
+import re
 
 import pytest
 
@@ -107,19 +108,22 @@ def test_pipeline_command_prints_what_each_stage_found(pipeline_cfg, tmp_path, c
 def test_edited_outputs_and_inputs_rerun_what_depends_on_them(pipeline_cfg, tmp_path, caplog):
     """A stage is reused only if its key (settings + outside inputs + upstream outputs) matches and its
     own output files are the ones it wrote."""
+    import dataclasses
     import logging
 
     from ipg_sae.errors import IPGError
 
     run_pipeline(pipeline_cfg)
     caplog.set_level(logging.INFO)
-    # an edited output of the first stage: it reruns (and, with new trajectories, everything after it)
+    # an edited output of the first stage: refused, naming it; with force it reruns (and everything after it)
     traj = pipeline_cfg.run_dir / "trajectories.jsonl"
     traj.write_text(traj.read_text() + "\n")
+    with pytest.raises(IPGError, match=re.escape(f"stage sample: its output file {traj} changed since")):
+        run_pipeline(pipeline_cfg)
     caplog.clear()
-    run_pipeline(pipeline_cfg)
+    run_pipeline(dataclasses.replace(pipeline_cfg, force=True))
     msgs = " ".join(r.getMessage() for r in caplog.records)
-    assert "stage sample: its output files changed since; rerunning it" in msgs
+    assert f"stage sample: its output file {traj} changed since (--force true); rerunning it" in msgs
     # a loaded SAE whose weights changed (same path): sample is reused, everything downstream reruns
     from tests import tiny
 

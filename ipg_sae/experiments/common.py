@@ -18,11 +18,12 @@ from ..errors import IPGError
 from ..jobs import AttributeJobConfig, SelectionConfig, run_attribute
 from ..models import load_model
 from ..rewards import get_reward
+from ..saes import SAELoad
 from ..splits import disjoint_splits
 from ..sampling import SamplingConfig, sample
 from ..tasks import TaskConfig, build_prompts, load_problems
 from ..trajectories import Trajectory, prompt_groups, save_trajectories
-from .stages import Stage, model_files, model_inputs, sae_specs, task_files
+from .stages import Stage, model_files, model_inputs, sae_specs, task_files, train_job
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def attribute(cfg, where: Path, baselines: list[str], k: int, *, trajectories: P
     """IPG (in ``where``) and ``baselines`` (under ``where/baselines/``) on a run's trajectories (``where``'s own
     ``trajectories.jsonl`` unless given), each method's top ``k`` selected without bootstrap; the summaries."""
     selection = SelectionConfig(k=k, n_bootstrap=0, **({"table_size": table_size} if table_size else {}))
-    job = AttributeJobConfig(name=where.name, runs_dir=str(where.parent), model=cfg.model, saes=sae_specs(cfg),
+    job = AttributeJobConfig(name=where.name, runs_dir=str(where.parent), model=cfg.model, sae=SAELoad(sae_specs(cfg)),
                              trajectories=str(trajectories) if trajectories else None,
                              attribution=attribution or cfg.attribution, baselines=list(baselines),
                              selection=selection, wandb=cfg.wandb)
@@ -117,9 +118,15 @@ def contexts(cfg) -> list:
 
 
 def check_sae(job: str, cfg) -> None:
-    """An experiment needs SAEs to load or a train-sae YAML to train them."""
+    """An experiment needs SAEs to load or a train-sae YAML to train them; the train-sae config it would train with
+    is built (and so checked) now, a typo in ``sae.train_overrides`` named in the job's own config file."""
     if not cfg.sae.load and not cfg.sae.train_config:
         raise IPGError(f"{job}.sae needs `load` (SAE entries) or `train_config` (a train-sae YAML)")
+    if not cfg.sae.load:
+        try:
+            train_job(cfg)
+        except IPGError as e:
+            raise IPGError(str(e) if "sae.train_overrides" in str(e) else f"sae.train_config: {e}") from None
 
 
 def check_importance_sampling(field: str, sampling: SamplingConfig) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..attribution import AttributionConfig, Baseline
-from ..config import JobConfig
+from ..config import StagedJobConfig
 from ..errors import IPGError
 from ..evaluation import EvalConfig
 from ..explorer import ExplorerConfig
@@ -28,19 +28,20 @@ from ..jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, Sam
                    check_baselines, method_dir, run_attribute, run_evaluate, run_explore, run_sample)
 from ..provenance import PROVENANCE_FILE, write_provenance
 from ..rewards import get_reward
+from ..saes import SAELoad
 from ..sampling import SamplingConfig
 from ..splits import disjoint_splits
 from ..tasks import TaskConfig
 from ..tracking import attribution_files
 from .common import check_sae
 from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_job_stages, sae_specs,
-                     task_files, train_job)
+                     task_files)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PipelineConfig(JobConfig):
+class PipelineConfig(StagedJobConfig):
     name: str = "pipeline"
     task: TaskConfig = field(default_factory=TaskConfig)  # the problems attributed on
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -61,12 +62,7 @@ class PipelineConfig(JobConfig):
             raise IPGError(f"evaluate_baselines lists {sorted(unknown)}, which are not in `baselines`; add them there")
         check_baselines(self.baselines)
         get_reward(self.reward)
-        # Every stage's config is built (and so checked) now, before the first stage runs.
-        if not self.sae.load:
-            try:
-                train_job(self)
-            except IPGError as e:
-                raise IPGError(f"sae.train_config: {e}") from None
+        # Every stage's config is built (and so checked) now, before the first stage runs (the SAE's in check_sae).
         dataclasses.replace(self.evaluation, k=self.evaluation.k or self.selection.k, reward=self.reward).validate()
         if all(t.name == "arithmetic" or t.path for t in (self.task, self.evaluation.task)):  # cheap to load here
             # by id and by question text: generated level-1 problems repeat questions across windows
@@ -82,7 +78,7 @@ def _sample_job(cfg: PipelineConfig) -> SampleJobConfig:
 
 
 def _attribute_job(cfg: PipelineConfig) -> AttributeJobConfig:
-    return AttributeJobConfig(name=cfg.name, runs_dir=cfg.runs_dir, model=cfg.model, saes=sae_specs(cfg),
+    return AttributeJobConfig(name=cfg.name, runs_dir=cfg.runs_dir, model=cfg.model, sae=SAELoad(sae_specs(cfg)),
                               attribution=cfg.attribution, baselines=cfg.baselines, selection=cfg.selection,
                               wandb=cfg.wandb)
 
@@ -92,7 +88,7 @@ def _evaluate_job(cfg: PipelineConfig) -> EvaluateJobConfig:
     steered = cfg.evaluate_baselines if cfg.evaluate_baselines is not None else cfg.baselines
     sets.update({b: str(method_dir(cfg.run_dir, b) / "selection.json") for b in steered if b != "random"})
     evaluation = dataclasses.replace(cfg.evaluation, k=cfg.evaluation.k or cfg.selection.k, reward=cfg.reward)
-    return EvaluateJobConfig(name=cfg.name, runs_dir=cfg.runs_dir, model=cfg.model, saes=sae_specs(cfg), sets=sets,
+    return EvaluateJobConfig(name=cfg.name, runs_dir=cfg.runs_dir, model=cfg.model, sae=SAELoad(sae_specs(cfg)), sets=sets,
                              attribution_dir=str(cfg.run_dir), evaluation=evaluation, wandb=cfg.wandb)
 
 

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import load_config
-from ..digest import FORMAT_VERSION, json_digest, key_dict, tree_digest
+from ..config import check_dotted, load_config, loading_file
+from ..digest import FORMAT_VERSION, file_digest, json_digest, key_dict, tree_digest
 from ..errors import IPGError
 from ..io import jsonable, read_json, remove_tree, write_json
 from ..models import source_digest
@@ -130,8 +130,13 @@ def stage_key(stage: Stage, view, upstream: str) -> str:
 
 
 def run_stages(cfg, stages: list[Stage]) -> dict:
-    """Run ``stages`` in order under ``cfg.run_dir``, reusing each one whose key and outputs still match."""
+    """Run ``stages`` in order under ``cfg.run_dir``, reusing each one whose key and outputs still match.
+
+    A stage's outputs are the files it wrote (recorded in its marker): a file someone else put beside them (an
+    export inside ``sae/``) is neither checked nor deleted. A finished stage whose own files were edited or removed
+    since is refused, naming the file, unless the job runs with ``force`` (``--force true``)."""
     run_dir = cfg.run_dir
+    force = bool(getattr(cfg, "force", False))
     upstream, results, allowed = "", {}, []
     for i, stage in enumerate(stages):
         view = declared_view(cfg, stages, i)
@@ -139,23 +144,28 @@ def run_stages(cfg, stages: list[Stage]) -> dict:
         allowed += [Path(p) for p in stage.files(view)]
         marker = run_dir / "stages" / f"{stage.name}.json"
         done = _read_marker(marker)
-        outputs = tree_digest(stage.outputs(cfg)) if done else {}
+        recorded = done.get("outputs") if done and isinstance(done.get("outputs"), dict) else {}
+        changed = _changed_outputs(stage, cfg, recorded) if done else []
         intact = done is not None and done.get("summary_sha256") == json_digest(done.get("summary"))
-        if done and done["hash"] == key and done.get("outputs") == outputs and intact:
+        if done and done["hash"] == key and not changed and intact:
             log.info("stage %s: already done with these settings and inputs (key %s) and its %d output files are "
-                     "the ones it wrote: reused", stage.name, key, len(outputs))
+                     "the ones it wrote: reused", stage.name, key, len(recorded))
             results[stage.name] = done.get("summary")
+            outputs = recorded
         else:
-            if done:  # finished before, but its settings, inputs or outputs changed: partial outputs are stale
+            if done:  # finished before, but its settings, inputs or outputs changed: its partial outputs are stale
+                if done["hash"] == key and changed and not force:
+                    raise IPGError(f"stage {stage.name}: its output file {changed[0]} changed since it wrote it"
+                                   f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; restore it, or "
+                                   f"rerun with --force true to redo the stage (the files it wrote are replaced)")
                 why = ("settings or inputs changed" if done["hash"] != key else
-                       "its output files changed since" if done.get("outputs") != outputs else
+                       f"its output file {changed[0]} changed since (--force true)" if changed else
                        "its marker's summary was edited")
                 log.warning("stage %s: %s; rerunning it", stage.name, why)
-                for path in stage.stale(cfg):
-                    log.info("stage %s: removing %s", stage.name, path)
-                    remove_tree(path)
+                _remove_stale(stage, cfg, recorded)
+            before = tree_digest(p for p in stage.outputs(cfg) if Path(p).is_dir())
             summary, seconds, total = _run_one(stage, view, key, marker, allowed)
-            outputs = tree_digest(stage.outputs(cfg))
+            outputs = _written(stage, cfg, recorded, before)
             write_json(marker, {"hash": key, "seconds": seconds, "total_seconds": total, "outputs": outputs,
                                 "summary": summary, "summary_sha256": json_digest(summary)})
             marker.with_suffix(".partial.json").unlink(missing_ok=True)
@@ -163,6 +173,37 @@ def run_stages(cfg, stages: list[Stage]) -> dict:
         allowed += [Path(p) for p in stage.outputs(cfg)]
         upstream = json_digest(outputs) + key
     return results
+
+
+def _changed_outputs(stage: Stage, cfg, recorded: dict) -> list[str]:
+    """The files a finished stage wrote (its marker's ``outputs``) that are no longer as it wrote them (edited,
+    removed, or present where it wrote none); files that appeared beside them since are not its business."""
+    return [path for path, digest in recorded.items()
+            if (file_digest(Path(path)) if Path(path).is_file() else "missing") != digest]
+
+
+def _written(stage: Stage, cfg, recorded: dict, before: dict) -> dict[str, str]:
+    """The digests of the files the stage wrote: its declared output files and, under its output folders, the
+    files that are new or changed since it started or that its previous run wrote (a file that lay there untouched
+    before it ran is someone else's)."""
+    return {path: digest for path, digest in tree_digest(stage.outputs(cfg)).items()
+            if path in recorded or path not in before or before[path] != digest}
+
+
+def _remove_stale(stage: Stage, cfg, recorded: dict) -> None:
+    """Remove a stage's stale partial outputs before it reruns: under its output folders only the files it wrote
+    (never what someone put beside them); its other stale paths (checkpoints, caches) whole."""
+    outputs = [Path(p) for p in stage.outputs(cfg)]
+    for path in stage.stale(cfg):
+        path = Path(path)
+        if any(path == o or path.is_relative_to(o) or o.is_relative_to(path) for o in outputs if o.is_dir()):
+            for file in recorded:
+                if Path(file).is_relative_to(path):
+                    log.info("stage %s: removing %s", stage.name, file)
+                    remove_tree(file)
+        elif path.exists() or path.is_symlink():
+            log.info("stage %s: removing %s", stage.name, path)
+            remove_tree(path)
 
 
 def _run_one(stage: Stage, view: ConfigView, key: str, marker: Path, allowed: list[Path]) -> tuple:
@@ -204,6 +245,8 @@ def run_job_stages(cfg, stages: list[Stage], config_file: str, contexts: list) -
     from ..sampling import check_fits_context
 
     check_fits_context(cfg.model, contexts)
+    if getattr(cfg, "sae", None) is not None:
+        check_sae_sources(cfg)
     with run_lock(cfg.run_dir):
         write_text(cfg.run_dir / config_file, dump_yaml(cfg))
         return run_stages(cfg, stages)
@@ -257,8 +300,12 @@ def train_job(cfg):
 
     from ..splits import problem_sets
 
+    source = loading_file()  # the job's own config file, while it is being loaded and checked
+    where = f"{source + ': ' if source else ''}sae.train_overrides (fields of {cfg.sae.train_config})"
+    check_dotted(TrainSAEConfig, cfg.sae.train_overrides, where)
     overrides = {**cfg.sae.train_overrides, "name": cfg.name, "runs_dir": cfg.runs_dir}
-    train = load_config(TrainSAEConfig, cfg.sae.train_config, overrides)
+    train = load_config(TrainSAEConfig, cfg.sae.train_config, overrides,
+                        overrides_from=f"sae.train_overrides{' of ' + source if source else ''}")
     # The SAE never trains on a question the job attributes or evaluates on (every split it names). The splits are
     # read from the whole config: they are in the SAE stage's key through its identity, this very train config.
     exclude = [*train.data.exclude_tasks,
@@ -284,6 +331,35 @@ def sae_files(cfg) -> list[Path]:
     """The local SAE folders a job loads and the train-sae YAML it trains from: the SAE stage's outside files."""
     files = [Path(spec.path) for spec in cfg.sae.load if spec.path]
     return files + ([Path(cfg.sae.train_config)] if not cfg.sae.load and cfg.sae.train_config else [])
+
+
+def check_sae_sources(cfg) -> None:
+    """Before the first stage: every SAE the job loads fits its model (width, layer, residual hook, files or a
+    published SAE available offline), or the SAE it trains does (layers in range, ``context_size`` within the model's
+    positions). Model config and tokenizer only, no weights."""
+    from ..models import config_sizes, load_tokenizer_and_config
+    from ..saes import check_entry
+
+    _, config = load_tokenizer_and_config(cfg.model)
+    for i, spec in enumerate(cfg.sae.load):
+        try:
+            check_entry(spec, config, cfg.model.name)
+        except IPGError as e:
+            raise IPGError(f"sae.load[{i}]: {e}") from None
+    if cfg.sae.load:
+        return
+    from sae_training.data import check_context_size
+
+    train = train_job(cfg)
+    try:
+        check_context_size(train)
+    except IPGError as e:
+        raise IPGError(f"sae.train_config {cfg.sae.train_config}: {e}") from None
+    n = config_sizes(config)[1]
+    bad = [layer for layer in train.layers if n is not None and not 0 <= layer < n]
+    if bad:
+        raise IPGError(f"sae.train_config {cfg.sae.train_config}: layers {bad} are out of range: model "
+                       f"{cfg.model.name!r} has {n} decoder layers (0..{n - 1})")
 
 
 def run_sae_stage(cfg) -> dict:

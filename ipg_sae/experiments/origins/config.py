@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...attribution import AttributionConfig
-from ...config import JobConfig
+from ...config import StagedJobConfig
 from ...errors import IPGError
 from ...sampling import SamplingConfig
 from ...tasks import TaskConfig
@@ -17,7 +17,7 @@ PATH_METHODS = ("ipg", "ipg_local")
 
 
 @dataclass
-class PathsConfig(JobConfig):
+class PathsConfig(StagedJobConfig):
     name: str = "paths"
     task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=96))  # the problems attributed on
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_samples=4, temperature=0.5,

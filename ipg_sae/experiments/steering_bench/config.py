@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...attribution import AttributionConfig
-from ...config import JobConfig
+from ...config import StagedJobConfig
 from ...errors import IPGError
 from ...rewards import get_reward
 from ...sampling import SamplingConfig
@@ -20,7 +20,7 @@ NULL_RECIPES = group("null")
 
 
 @dataclass
-class SteeringBenchConfig(JobConfig):
+class SteeringBenchConfig(StagedJobConfig):
     name: str = "steering_bench"
     task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=112))  # the problems attributed on
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_samples=4, temperature=0.5,

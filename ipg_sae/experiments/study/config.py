@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...attribution import AttributionConfig, Baseline
-from ...config import JobConfig
+from ...config import StagedJobConfig
 from ...errors import IPGError
 from ...jobs import check_baselines
 from ...rewards import get_reward
@@ -17,7 +17,7 @@ from .nulls import NULLS
 
 
 @dataclass
-class StudyConfig(JobConfig):
+class StudyConfig(StagedJobConfig):
     name: str = "study"
     task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=96))  # the problems attributed on
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_samples=4, temperature=0.5,
