@@ -70,6 +70,14 @@ from .trajectories import Trajectory, prompt_groups
 log = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("accuracy", "length", "reward")
+def _closest(name: str, registry) -> str:
+    """`` (did you mean `x`?)`` for the registered name closest to a mistyped one, else nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(registry), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
 # An estimator's name: a key of `ESTIMATORS` (below), the one list of estimators; `EvalConfig.validate` checks it.
 Estimator = str
 _RANDOM_NAME = "random-draw{}"
@@ -129,11 +137,11 @@ class EvalConfig:
             raise IPGError("eval.repeat_times and eval.repeat_min_span must be >= 2 and eval.max_ngram >= 1")
         self.sampling.validate()
         if self.null is not None and self.null not in NULLS:
-            raise IPGError(f"eval.null {self.null!r} is not a registered null; give one of {', '.join(NULLS)} (or "
-                           "null for the estimator's default)")
+            raise IPGError(f"eval.null {self.null!r} is not a registered null{_closest(self.null, NULLS)}; give one "
+                           f"of {', '.join(NULLS)} (or null for the estimator's default)")
         if self.estimator not in ESTIMATORS:
-            raise IPGError(f"eval.estimator {self.estimator!r} is not a registered estimator; give one of "
-                           f"{', '.join(ESTIMATORS)}")
+            raise IPGError(f"eval.estimator {self.estimator!r} is not a registered estimator"
+                           f"{_closest(self.estimator, ESTIMATORS)}; give one of {', '.join(ESTIMATORS)}")
         if self.estimator == "importance":
             if self.sampling.temperature <= 0 or self.sampling.top_p != 1:
                 raise IPGError("eval.estimator importance reweights samples of the unsteered policy, which needs a "

@@ -105,6 +105,9 @@ def test_a_registered_estimator_evaluates_a_tiny_pipeline(toy_estimator, pipelin
     with pytest.raises(IPGError, match="eval.estimator 'not_registered' is not a registered estimator; give one of "
                                        "importance, sampling, toy"):
         load_config(EvalConfig, None, {"estimator": "not_registered"})
+    with pytest.raises(IPGError, match="eval.estimator 'importnce' is not a registered estimator "
+                                       r"\(did you mean `importance`\?\)"):
+        load_config(EvalConfig, None, {"estimator": "importnce"})
 
 
 @pytest.fixture
@@ -136,3 +139,5 @@ def test_a_registered_kind_of_null_is_drawn_by_a_tiny_pipeline(toy_library_null,
     with pytest.raises(IPGError, match="eval.null 'not_registered' is not a registered null; give one of uniform, "
                                        "frequency, push, policy, toy"):
         load_config(EvalConfig, None, {"null": "not_registered"})
+    with pytest.raises(IPGError, match=r"eval.null 'frequncy' is not a registered null \(did you mean `frequency`\?\)"):
+        load_config(EvalConfig, None, {"null": "frequncy"})
