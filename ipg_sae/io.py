@@ -248,3 +248,26 @@ def run_lock(run_dir: str | os.PathLike, lock_hint: bool = True) -> Iterator[Non
         _ROOTS.pop(key, None)
         if fd is not None:
             os.close(fd)  # closing the descriptor releases the lock
+
+
+class JSONFile:
+    """A typed result saved as one JSON file (a study's, an origin comparison's, a benchmark's summary): ``save``
+    writes ``to_json()`` atomically; ``load`` reads it back through ``from_json(doc, where)`` and turns a file that
+    is not one (a missing key, a wrong type) into one line naming the file. Subclasses define ``to_json``,
+    ``from_json`` and ``KIND`` (what the file is, for that line)."""
+
+    KIND = "result"
+
+    def save(self, path: str | Path) -> Path:
+        write_json(path, self.to_json())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        from .errors import IPGError
+
+        try:
+            return cls.from_json(read_json(path), str(path))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise IPGError(f"{path} is not a {cls.KIND} ({type(e).__name__}: {e}); rerun the report stage that "
+                           "writes it") from None

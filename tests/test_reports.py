@@ -131,6 +131,11 @@ def test_the_origin_summary_saves_and_loads_with_its_format(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(IPGError, match="rerun its report stage"):
         OriginsSummary.load(path)
+    del doc["per_latent"]  # a file that is not one at all: one line naming it, not a KeyError
+    doc["format"] = "ipg-sae-origins-summary/1"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(IPGError, match=rf"^{path} is not a summary of an origin comparison \(KeyError"):
+        OriginsSummary.load(path)
 
 
 def _study_row(effect, headline=True, **kw):

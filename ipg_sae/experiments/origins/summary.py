@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import IPGError
-from ...io import read_json, write_json
+from ...io import JSONFile
 from ...stats import area_under_curve, bootstrap
 from .config import PathsConfig
 
@@ -83,9 +83,10 @@ class Curve:
 
 
 @dataclass
-class OriginsSummary:
+class OriginsSummary(JSONFile):
     """Everything the report says (saved as ``paths/summary.json``): per origin and method, the agreement with
     single-latent removals on each side, and the set curves per gamma (a float here; a string key in the file)."""
+    KIND = "summary of an origin comparison"
 
     answer: str
     per_latent: dict[str, dict[str, dict[str, Agreement]]]  # origin -> method -> side
@@ -117,14 +118,6 @@ class OriginsSummary:
         sets = {o: {m: {float(g): Curve([CurveRow(**r) for r in c["rows"]], c["auc"]) for g, c in by_gamma.items()}
                     for m, by_gamma in methods.items()} for o, methods in doc["sets"].items()}
         return cls(per_latent=per_latent, sets=sets, **fields)
-
-    def save(self, path: Path) -> Path:
-        write_json(path, self.to_json())
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> "OriginsSummary":
-        return cls.from_json(read_json(path), str(path))
 
 
 def summarize(cfg: PathsConfig, single: dict, curves: dict) -> OriginsSummary:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import IPGError
-from ...io import read_json, write_json
+from ...io import JSONFile
 from ...stats import bootstrap
 from .config import SteeringBenchConfig
 from .recipes import group
@@ -50,10 +50,11 @@ class Comparison:
 
 
 @dataclass
-class BenchSummary:
+class BenchSummary(JSONFile):
     """Everything the report says (saved as ``bench/leaderboard.json``): per split, each recipe's row and the
     IPG-based-minus-practice comparisons; the dev tuning and the capability costs as stored; each recipe's chosen
     setting; the answer."""
+    KIND = "steering-benchmark summary"
 
     splits: dict[str, dict[str, Row]]
     dev: dict  # tuning.json
@@ -82,14 +83,6 @@ class BenchSummary:
         comparisons = {s: [Comparison(*label.split(" - ", 1), diff) for label, diff in cs.items()]
                        for s, cs in doc["comparisons"].items()}
         return cls(splits, doc["dev"], doc["capability"], comparisons, doc["recipes"], doc["answer"])
-
-    def save(self, path: Path) -> Path:
-        write_json(path, self.to_json())
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> "BenchSummary":
-        return cls.from_json(read_json(path), str(path))
 
 
 def summarize(cfg: SteeringBenchConfig, evaluation: dict, cap: dict, tuning: dict) -> BenchSummary:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import IPGError
-from ...io import read_json, write_json
+from ...io import JSONFile
 from .labels import CellLabel
 
 FORMAT = "ipg-sae-study-summary/1"
@@ -252,11 +252,12 @@ def _calibrations(d: dict | None) -> dict[str, Calibration] | None:
 
 
 @dataclass
-class StudySummary:
+class StudySummary(JSONFile):
     """Everything the study's report says, per reward (:class:`RewardSummary`), with its settings and, once
     confirmed, the on-policy cells, their calibration against the off-policy estimates, the contrasts of IPG's
     headline set against the other confirmed cells and the regeneration check of the held-out samples (from
     ``confirm.json``)."""
+    KIND = "study summary"
 
     k: int
     ks: list[int]
@@ -298,10 +299,10 @@ class StudySummary:
                 "format": self.format}
 
     @classmethod
-    def from_json(cls, d: dict) -> "StudySummary":
+    def from_json(cls, d: dict, where: str = "summary") -> "StudySummary":
         fmt = d.get("format", FORMAT)  # no format: written before the summary was typed, read as this format
         if fmt != FORMAT:
-            raise IPGError(f"a study summary of format {fmt!r}, not {FORMAT!r}: rerun its report stage "
+            raise IPGError(f"{where}: a study summary of format {fmt!r}, not {FORMAT!r}: rerun its report stage "
                            "(ipg-sae study CONFIG) to rewrite it from its stored cells")
         answers = d.get("answer") or {}
         return cls(k=d["k"], ks=d["ks"], gammas=[float(g) for g in d["gammas"]], problems=d["problems"],
@@ -314,14 +315,3 @@ class StudySummary:
                    unsteered_on_policy=d.get("unsteered_on_policy"),
                    regeneration=None if d.get("regeneration") is None else Regeneration(**d["regeneration"]),
                    contrasts=None if d.get("contrasts") is None else [Contrast(**c) for c in d["contrasts"]])
-
-    def save(self, path: str | Path) -> None:
-        write_json(path, self.to_json())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "StudySummary":
-        try:
-            return cls.from_json(read_json(path))
-        except (KeyError, TypeError, ValueError) as e:
-            raise IPGError(f"{path} is not a study summary ({type(e).__name__}: {e}); rerun the study's report stage "
-                           "to rewrite it") from None
