@@ -149,7 +149,7 @@ def bench_overrides(tiny_llama_dir, tmp_path, monkeypatch):
         "capability_task": {**task, "n_problems": 1, "offset": 900}, "capability_max_tokens": 32,
         "grid": {"ks": [1, 2], "gammas": [2.0], "etas": [1.0, 4.0], "alphas": [0.1, 0.5], "projected_ks": [2],
                  "projected_alphas": [0.5], "instructions": ["Answer with a number.", "Think step by step."],
-                 "max_settings": 4},
+                 "shots": [0, 1], "shot_instructions": 1, "dev_draws": 3, "test_draws": 2, "max_settings": 4},
         "min_ess": 0.5, "n_bootstrap": 100,
     }
     return overrides

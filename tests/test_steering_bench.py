@@ -21,9 +21,11 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
                  "gain_vs_cost.png", "diffmean.safetensors"):
         assert (out / name).is_file(), name
     tuning = json.loads((out / "tuning.json").read_text())
-    assert set(tuning["chosen"]) == set(METHODS)
-    for method in METHODS:  # each method tried its whole grid, within the budget, and one setting was chosen
-        rows = [r for r in tuning["rows"] if r["method"] == method]
+    drawn = ("ipg_step_permuted", "ipg_step_shuffled")  # the step's nulls: one choice per dev draw
+    assert set(tuning["chosen"]) == {m for m in METHODS if m not in drawn} | {f"{m}#{d}" for m in drawn
+                                                                            for d in range(3)}
+    for name in tuning["chosen"]:  # each method (draw) tried its whole grid, within the budget, and chose one
+        rows = [r for r in tuning["rows"] if r["name"] == name]
         assert 1 <= len(rows) <= 4 and sum(bool(r.get("chosen")) for r in rows) == 1
         assert all(r["estimator"] in ("off-policy", "on-policy") for r in rows)
     assert all(r["estimator"] == "on-policy" for r in tuning["rows"] if r["method"] == "prompting")
@@ -32,7 +34,8 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
     assert len(json.loads((out / "evaluation.json").read_text())["splits"]["transfer-2"]["recipes"]["unsteered"]
                ["problems"]) == 4  # every problem of the user's file
     for split, rows in board["splits"].items():
-        assert set(rows) == {"unsteered", *METHODS, "random_direction", "random_latents"}
+        assert set(rows) == {"unsteered", *(m for m in METHODS if m not in drawn), "random_direction",
+                             "random_latents", *(f"{m}#{d}" for m in drawn for d in range(2))}  # 2 test draws
         for name, row in rows.items():
             assert 0 <= row["parse_failure"] <= 1 and 0 <= row["degenerate"] <= 1
             if name != "unsteered":

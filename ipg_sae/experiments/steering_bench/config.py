@@ -15,7 +15,7 @@ from ..common import check_importance_sampling, check_sae
 from ..stages import SAESourceConfig
 from .recipes import KINDS, BenchGrid, group, methods
 
-METHODS = methods()  # the shipped methods (the default of `methods`); the registry may hold more
+METHODS = methods(default_only=True)  # the shipped methods (the default of `methods`); the registry may hold more
 NULL_RECIPES = group("null")
 
 
@@ -72,6 +72,9 @@ class SteeringBenchConfig(JobConfig):
             if not 1 <= n <= self.grid.max_settings:
                 raise IPGError(f"steering_bench.grid gives {name} {n} settings; every method gets 1 to "
                                f"grid.max_settings ({self.grid.max_settings}): shorten its lists")
+        if not 1 <= self.grid.test_draws <= self.grid.dev_draws:
+            raise IPGError(f"steering_bench.grid.test_draws is {self.grid.test_draws}: the step's nulls run 1 to "
+                           f"grid.dev_draws ({self.grid.dev_draws}) of their dev draws on test")
         check_importance_sampling("steering_bench.dev_sampling", self.dev_sampling)
         if not self.eval_seeds or len(set(self.eval_seeds)) != len(self.eval_seeds):
             raise IPGError("steering_bench.eval_seeds must list at least one seed, each once")

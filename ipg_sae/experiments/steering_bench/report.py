@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ...report import pyplot, save_figure
-from .recipes import group
-
+from .recipes import group, in_group
 
 
 def _pts(v: list) -> str:
@@ -20,20 +19,28 @@ def _transfer_splits(summary) -> list[str]:
     return [s for s in summary.splits if s.startswith("transfer")]
 
 
+def best_on_dev(summary, candidates: list[str]) -> str:
+    """The candidate with the largest chosen dev effect (``tuning.json``): the report's "best" is picked on dev,
+    never on test (ties: the first in registration order)."""
+    dev = {r["name"] if "name" in r else r["method"]: r["effect"] for r in summary.dev.get("rows", []) if r.get("chosen")}
+    return max(candidates, key=lambda m: dev.get(m, float("-inf")))
+
+
 def answer(cfg, summary) -> str:
     """Does any IPG-based recipe beat DiffMean and prompting on test, and does it transfer? (``summary``: a
-    :class:`~.summary.BenchSummary`)"""
+    :class:`~.summary.BenchSummary`; the best IPG-based recipe is the one with the largest dev effect)"""
     test = summary.splits.get("test", {})
     ipg = [m for m in group("ipg") if m in test]
     if not ipg:
         return "No IPG-based recipe was run."
-    best = max(ipg, key=lambda m: test[m].effect[0])
+    best = best_on_dev(summary, ipg)
     parts = []
     for other in (m for m in group("practice") if m in test):
         diff = summary.comparison("test", best, other).difference
         verdict = "beats" if diff[1] > 0 else "loses to" if diff[2] < 0 else "does not separate from"
         parts.append(f"{verdict} {other} ({_pts(test[other].effect)}; difference {_pts(diff)})")
-    text = (f"On test, the best IPG-based recipe is {best} ({summary.recipes[best]['label']}): {cfg.reward} "
+    text = (f"On test, the best IPG-based recipe is {best} ({summary.recipes[best]['label']}; chosen by its dev "
+            f"effect, not its test effect): {cfg.reward} "
             f"{_pts(test[best].effect)} points against no steering; it " + ", and ".join(parts) + ".")
     for split in _transfer_splits(summary):
         row = summary.splits[split][best]
@@ -55,7 +62,7 @@ def plot_gain_vs_cost(cfg, summary, path: Path) -> Path:
                 continue
             x = max(cap.get(name, {}).get("generic", {}).get("kl", 0.0), 1e-4)
             e = np.array(row.effect) * 100
-            color = "C3" if name in group("ipg") else "C0" if name in group("practice") else "grey"
+            color = "C3" if in_group(name, "ipg") else "C0" if in_group(name, "practice") else "grey"
             ax.errorbar([x], [e[0]], yerr=[[e[0] - e[1]], [e[2] - e[0]]], marker="o", color=color, capsize=2)
             ax.annotate(name, (x, e[0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="black", lw=0.8)

@@ -57,11 +57,11 @@ from ...splits import disjoint_splits, question_key
 from ...steering import Intervention, steering
 from ...tasks import TaskConfig, build_prompts, load_problems
 from ...trajectories import Trajectory, load_trajectories, prompt_groups, save_trajectories
-from ...vectors import diffmean
+from ...vectors import diffmean, latent_diffmean
 from ..common import attribute, attribution_sampling_stage, reward_dir, sample_stage
 from ..stages import SAE_STAGE, Stage, run_job_stages, sae_specs, task_files
 from .config import SteeringBenchConfig, splits
-from .recipes import KINDS, UNSTEERED, Ingredients, Recipe, null_recipes, recipes
+from .recipes import KINDS, UNSTEERED, Ingredients, Recipe, kind_of, null_recipes, recipes, tuned_name
 from .report import answer, markdown, plot_gain_vs_cost
 from .summary import BenchSummary, summarize
 
@@ -171,6 +171,27 @@ def _diffmean_stage(cfg: SteeringBenchConfig) -> dict:
     return {"layer": dm.layer, "norm": float(dm.vector.norm()), "residual_norm": dm.residual_norm}
 
 
+def _vectors_stage(cfg: SteeringBenchConfig) -> dict:
+    """DiffMean in the latent basis (every SAE layer) and DiffMean at ``grid.diffmean_layers``, from the
+    attribution trajectories: ``bench/vectors.safetensors``."""
+    from safetensors.torch import save_file
+
+    model, _ = load_model(cfg.model)
+    saes = as_layer_dict(load_saes(sae_specs(cfg), model))
+    trajectories = load_trajectories(_attribution_root(cfg) / "trajectories.jsonl")
+    tensors, meta = {}, {}
+    for layer, w in latent_diffmean(model, saes, trajectories).items():
+        tensors[f"latent_{layer}"] = w.contiguous()
+    for layer in cfg.grid.diffmean_layers:
+        dm = diffmean(model, trajectories, layer)
+        tensors[f"residual_{layer}"] = dm.vector.contiguous()
+        meta[f"residual_norm_{layer}"] = repr(dm.residual_norm)
+    path = _bench(cfg) / "vectors.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return {name: float(t.norm()) for name, t in tensors.items()}
+
+
 def _dev_stage(cfg: SteeringBenchConfig) -> dict:
     model, tokenizer = load_model(cfg.model)
     problems = load_problems(cfg.dev)  # checked disjoint from the other splits before any work (run_bench)
@@ -187,12 +208,14 @@ STAGES = [
     Stage("attribute", _run_attribute, outputs=_attribution_files,
           fields=("attribution", "methods", "grid.ks", "attribution_dir")),
     Stage("diffmean", _diffmean_stage, outputs=lambda c: [_bench(c) / "diffmean.safetensors"]),
+    Stage("vectors", _vectors_stage, outputs=lambda c: [_bench(c) / "vectors.safetensors"],
+          fields=("grid.diffmean_layers",)),
     Stage("dev", _dev_stage, outputs=lambda c: [_bench(c) / "dev.jsonl"], fields=("dev", "dev_sampling"),
           files=lambda c: task_files(c.dev)),
     Stage("tune", lambda c: tune(c), outputs=lambda c: [_bench(c) / "tuning.json"],
           fields=("methods", "grid", "min_ess", "dev_on_policy_samples", "seed", "problems_per_batch")),
     Stage("evaluate", lambda c: evaluate_chosen(c), outputs=lambda c: [_bench(c) / "evaluation.json"],
-          fields=("test", "transfer", "eval_sampling", "eval_seeds", "nulls", "seed"),
+          fields=("test", "transfer", "eval_sampling", "eval_seeds", "nulls", "seed", "grid.test_draws"),
           files=lambda c: task_files(c.test, *c.transfer)),
     Stage("capability", lambda c: capability(c), outputs=lambda c: [_bench(c) / "capability.json"],
           fields=("capability_task", "capability_levels", "capability_max_tokens"),
@@ -236,7 +259,17 @@ class Bench:
         with safe_open(str(_bench(cfg) / "diffmean.safetensors"), "pt") as f:
             meta = f.metadata()
             vector = f.get_tensor("vector")
-        self.ing = Ingredients(results, vector, int(meta["layer"]), float(meta["residual_norm"]), self.saes)
+        latent, layer_vectors = {}, {}
+        with safe_open(str(_bench(cfg) / "vectors.safetensors"), "pt") as f:
+            meta_v = f.metadata() or {}
+            for name in f.keys():
+                kind, layer = name.rsplit("_", 1)
+                if kind == "latent":
+                    latent[int(layer)] = f.get_tensor(name)
+                else:
+                    layer_vectors[int(layer)] = (f.get_tensor(name), float(meta_v[f"residual_norm_{layer}"]))
+        self.ing = Ingredients(results, vector, int(meta["layer"]), float(meta["residual_norm"]), self.saes,
+                               latent, layer_vectors, cfg.seed)
         self.stops = eos_ids(self.model, self.tokenizer)
         self._cells: dict[str, LogprobCells] = {}
 
@@ -262,6 +295,8 @@ class Bench:
         """``recipe``'s on-policy samples of a split (cell)."""
         problems = load_problems(task)
         prompt_task = dataclasses.replace(task, system_prompt=recipe.system_prompt) if recipe.system_prompt else task
+        if recipe.few_shot is not None:
+            prompt_task = dataclasses.replace(prompt_task, few_shot=recipe.few_shot)
         prompts = build_prompts(self.tokenizer, problems, prompt_task)
         key = {"estimator": "sampling", "split": split, "task": dataclasses.asdict(task), "recipe": recipe.key(),
                "sampling": dataclasses.asdict(sampling), "reward": self.reward.identity,
@@ -306,7 +341,7 @@ def tune(cfg: SteeringBenchConfig, progress: bool = True) -> dict:
     rows = []
     plan = [(m, r) for m in cfg.methods for r in recipes(cfg, m, bench.ing)]
     for method, recipe in tqdm(plan, desc="tune on dev", unit="setting", disable=not progress):
-        row = {"method": method, "setting": recipe.setting, "label": recipe.label}
+        row = {"method": method, "name": tuned_name(recipe), "setting": recipe.setting, "label": recipe.label}
         if recipe.interventions:
             est = estimate(base, bench.logprobs(recipe, dev), rewards, groups)
             row["ess"] = float(np.mean(est.ess))
@@ -320,10 +355,10 @@ def tune(cfg: SteeringBenchConfig, progress: bool = True) -> dict:
             row.update(estimator="on-policy", value=value, effect=value - on_base)
         rows.append(row)
     chosen = {}
-    for method in cfg.methods:
-        best = max((r for r in rows if r["method"] == method), key=lambda r: r["effect"])
+    for name in dict.fromkeys(r["name"] for r in rows):  # each method, each draw of a method with draws
+        best = max((r for r in rows if r["name"] == name), key=lambda r: r["effect"])
         best["chosen"] = True
-        chosen[method] = best["setting"]
+        chosen[name] = best["setting"]
     write_json(_bench(cfg) / "tuning.json", {"rows": rows, "chosen": chosen, "dev_reward": base_value,
                                              "dev_problems": len(ids), "min_ess": cfg.min_ess})
     return {"chosen": chosen}
@@ -332,11 +367,13 @@ def tune(cfg: SteeringBenchConfig, progress: bool = True) -> dict:
 def _chosen_recipes(cfg: SteeringBenchConfig, bench: Bench) -> dict[str, Recipe]:
     tuning = read_json(_bench(cfg) / "tuning.json")
     out = {}
-    for method, setting in tuning["chosen"].items():
-        matches = [r for r in recipes(cfg, method, bench.ing) if _jsonable(r.setting) == setting]
+    for name, setting in tuning["chosen"].items():
+        if "draw" in setting and setting["draw"] >= cfg.grid.test_draws:
+            continue  # a null's dev-only draw
+        matches = [r for r in recipes(cfg, kind_of(name), bench.ing) if _jsonable(r.setting) == setting]
         if len(matches) != 1:
-            raise IPGError(f"the chosen {method} setting {setting} is not in the grid any more; rerun the tune stage")
-        out[method] = matches[0]
+            raise IPGError(f"the chosen {name} setting {setting} is not in the grid any more; rerun the tune stage")
+        out[name] = matches[0]
     return out
 
 

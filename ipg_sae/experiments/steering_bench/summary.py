@@ -13,7 +13,7 @@ from ...errors import IPGError
 from ...io import read_json, write_json
 from ...stats import bootstrap
 from .config import SteeringBenchConfig
-from .recipes import group
+from .recipes import group, in_group
 
 FORMAT = "ipg-sae-steering-bench-summary/1"
 METRICS = ("reward", "accuracy", "length", "parse_failure", "degenerate")
@@ -112,4 +112,8 @@ def summarize(cfg: SteeringBenchConfig, evaluation: dict, cap: dict, tuning: dic
         comparisons[split] = [
             Comparison(a, b, list(bootstrap(np.array(recipes[a]["reward"]), np.array(recipes[b]["reward"]), **boot)))
             for a in group("ipg") if a in recipes for b in group("practice") if b in recipes]
+        comparisons[split] += [  # the step against its own nulls and comparators in the same format
+            Comparison("ipg_step", b, list(bootstrap(np.array(recipes["ipg_step"]["reward"]),
+                                                     np.array(recipes[b]["reward"]), **boot)))
+            for b in recipes if "ipg_step" in recipes and in_group(b, "control")]
     return BenchSummary(splits, tuning, cap, comparisons, evaluation["recipes"])
