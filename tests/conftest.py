@@ -146,7 +146,7 @@ def bench_overrides(tiny_llama_dir, tmp_path, monkeypatch):
         "test": {**task, "offset": 200}, "transfer": [{**task, "level": 2, "offset": 300},
                                                    {"name": "jsonl", "path": str(user_file), "few_shot": 0}],
         "eval_sampling": {**tiny_sampling, "n_samples": 2}, "eval_seeds": [1, 2],
-        "capability_task": {**task, "n_problems": 1, "offset": 900}, "capability_max_tokens": 32,
+        "capability_task": {**task, "n_problems": 1, "offset": 900}, "capability_max_tokens": 32, "offtask_texts": 2,
         "grid": {"ks": [1, 2], "gammas": [2.0], "etas": [1.0, 4.0], "alphas": [0.1, 0.5], "projected_ks": [2],
                  "projected_alphas": [0.5], "instructions": ["Answer with a number.", "Think step by step."],
                  "shots": [0, 1], "shot_instructions": 1, "dev_draws": 3, "test_draws": 2, "max_settings": 4},

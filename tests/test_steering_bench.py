@@ -45,6 +45,8 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
         evaluation["splits"]["test"]["recipes"]["ipg_topk"]["problems"]  # paired by problem
     cap = json.loads((out / "capability.json").read_text())
     assert cap["prompting"]["generic"]["kl"] == 0.0 and cap["diffmean"]["generic"]["kl"] > 0
+    assert cap["diffmean"]["offtask"]["kl"] > 0 and cap["diffmean"]["offtask"]["tokens"] > 0  # off-task English
+    assert "KL/token corpus (in-domain)" in (out / "report.md").read_text()
     assert "best IPG-based recipe" in board["answer"] and results["report"]["answer"] == board["answer"]
     report_md = (out / "report.md").read_text()
     assert "## test" in report_md
@@ -134,3 +136,28 @@ def test_a_reused_attribution_is_checked_for_its_problems_reward_and_saes(bench_
     assert results["sample"] == {"reused": fits.attribution_dir} and results["attribute"] == results["sample"]
     assert not (fits.run_dir / fits.reward).exists() and (fits.run_dir / "bench" / "leaderboard.json").is_file()
     assert any(p.startswith(str(made.run_dir)) for p in stage_reads_declared)  # read where it lies, declared
+
+
+def test_the_offtask_text_ships_with_its_source_and_license_and_holds_20k_tokens():
+    """Issue 37 item 5: at least 20,000 tokens of general English ship offline (counted here with a
+    tokenizer-independent lower bound: words and punctuation marks; the slow test counts with the default model's
+    tokenizer), in documents short enough that ``capability_max_tokens`` truncates none."""
+    from importlib.resources import files
+
+    from ipg_sae.capability import OFFTASK_FILE, offtask_texts, proxy_tokens
+
+    header = [line for line in files("ipg_sae").joinpath(OFFTASK_FILE).read_text().splitlines() if line.startswith("#")]
+    assert any("fortunes-min" in line for line in header) and any("Redistribution" in line for line in header)
+    docs = offtask_texts()
+    assert sum(proxy_tokens(d) for d in docs) >= 20_000 and max(len(d) for d in docs) <= 640
+    assert not any(d.startswith("#") for d in docs) and offtask_texts(max_texts=3) == docs[:3]
+
+
+@pytest.mark.slow
+def test_the_offtask_text_holds_20k_tokens_of_the_default_tokenizer():
+    from ipg_sae.capability import offtask_texts
+    from ipg_sae.models import ModelConfig, load_tokenizer_and_config
+
+    tokenizer, _ = load_tokenizer_and_config(ModelConfig())
+    counts = [len(tokenizer(d)["input_ids"]) for d in offtask_texts()]
+    assert sum(counts) >= 20_000 and max(counts) <= 256  # capability_max_tokens: no document truncated

@@ -46,6 +46,7 @@ class SteeringBenchConfig(JobConfig):
     capability_task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=8, offset=20000))
     capability_levels: list[int] = field(default_factory=lambda: [1, 2, 3])  # held-out documents of the SAE corpus
     capability_max_tokens: int = 256
+    offtask_texts: int = 0  # off-task English documents for the capability cost (ipg_sae/data; 0 = all, ~26.7k tokens)
     n_bootstrap: int = 2000
     seed: int = 0
     problems_per_batch: int = 8

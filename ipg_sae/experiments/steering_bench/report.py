@@ -50,8 +50,13 @@ def answer(cfg, summary) -> str:
     return text
 
 
+def _offtask(cost: dict) -> dict:
+    return cost.get("offtask") or cost.get("generic", {})
+
+
 def plot_gain_vs_cost(cfg, summary, path: Path) -> Path:
-    """Accuracy effect (with its interval) against per-token KL on generic text, one panel per split."""
+    """Accuracy effect (with its interval) against per-token KL on off-task text (generic text where a stored
+    capability file has none), one panel per split."""
     plt = pyplot()
     split_names = list(summary.splits)
     fig, axes = plt.subplots(1, len(split_names), figsize=(5.4 * len(split_names), 4.2), squeeze=False)
@@ -60,20 +65,20 @@ def plot_gain_vs_cost(cfg, summary, path: Path) -> Path:
         for j, (name, row) in enumerate(summary.splits[split].items()):
             if name == "unsteered":
                 continue
-            x = max(cap.get(name, {}).get("generic", {}).get("kl", 0.0), 1e-4)
+            x = max(_offtask(cap.get(name, {})).get("kl", 0.0), 1e-4)
             e = np.array(row.effect) * 100
             color = "C3" if in_group(name, "ipg") else "C0" if in_group(name, "practice") else "grey"
             ax.errorbar([x], [e[0]], yerr=[[e[0] - e[1]], [e[2] - e[0]]], marker="o", color=color, capsize=2)
             ax.annotate(name, (x, e[0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("KL per token on generic text (nats)")
+        ax.set_xlabel("KL per token on off-task text (nats)")
         ax.set_ylabel(f"{cfg.reward} effect vs no steering (points, on-policy)")
         ax.set_title(split)
     fig.suptitle(f"steering: {cfg.reward} gain against capability cost (red: IPG-based, blue: DiffMean and prompting, "
                  "grey: other baselines and nulls)", fontsize=9)
     # One note under both panels: per-panel notes this long overlap each other.
-    fig.text(0.5, 0.005, "capability cost: KL per token to the unsteered model on generic text; prompting costs 0 "
+    fig.text(0.5, 0.005, "capability cost: KL per token to the unsteered model on off-task English; prompting costs 0 "
              "and is drawn at 1e-4", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     return save_figure(fig, path)
@@ -97,8 +102,8 @@ def markdown(cfg, summary) -> str:
                   f"{base.length:.1f} tokens, parse failures {base.parse_failure * 100:.1f}%, degenerate "
                   f"{base.degenerate * 100:.1f}%.", "",
                   "| rank | method | chosen setting | effect (pts) | accuracy | length effect (tokens) | parse failures "
-                  "| degenerate | KL/token corpus | KL/token generic | ppl ratio generic |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| degenerate | KL/token corpus (in-domain) | KL/token generic | KL/token off-task | ppl ratio "
+                  "off-task |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         ranked = sorted((n for n in rows if n != "unsteered"), key=lambda n: -rows[n].effect[0])
         for rank, name in enumerate(ranked, 1):
             r, c = rows[name], cap.get(name, {})
@@ -108,7 +113,8 @@ def markdown(cfg, summary) -> str:
                          f"{le[0]:+.1f} [{le[1]:+.1f}, {le[2]:+.1f}] | {r.parse_failure * 100:.1f}% | "
                          f"{r.degenerate * 100:.1f}% | {c.get('corpus', {}).get('kl', float('nan')):.4f} | "
                          f"{c.get('generic', {}).get('kl', float('nan')):.4f} | "
-                         f"{c.get('generic', {}).get('ppl_ratio', float('nan')):.3f} |")
+                         f"{c.get('offtask', {}).get('kl', float('nan')):.4f} | "
+                         f"{c.get('offtask', {}).get('ppl_ratio', float('nan')):.3f} |")
         comparisons = summary.comparisons.get(split, [])
         if comparisons:  # paired by problem: IPG-based recipes against what practitioners use
             lines += ["", "| IPG-based minus practice | difference (pts) |", "|---|---|"]

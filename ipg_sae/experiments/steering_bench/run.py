@@ -218,7 +218,7 @@ STAGES = [
           fields=("test", "transfer", "eval_sampling", "eval_seeds", "nulls", "seed", "grid.test_draws"),
           files=lambda c: task_files(c.test, *c.transfer)),
     Stage("capability", lambda c: capability(c), outputs=lambda c: [_bench(c) / "capability.json"],
-          fields=("capability_task", "capability_levels", "capability_max_tokens"),
+          fields=("capability_task", "capability_levels", "capability_max_tokens", "offtask_texts"),
           files=lambda c: task_files(c.capability_task)),
     Stage("report", lambda c: report(c), outputs=lambda c: [_bench(c) / f for f in ("report.md", "leaderboard.json")],
           fields=("n_bootstrap",)),
@@ -412,7 +412,9 @@ def evaluate_chosen(cfg: SteeringBenchConfig) -> dict:
 
 def neutral_texts(cfg: SteeringBenchConfig, tokenizer) -> dict[str, list[str]]:
     """Held-out documents of the SAE corpus (task prompts with worked solutions, never trained on) and the
-    generic check texts (prose, code, arithmetic)."""
+    generic check texts (prose, code, arithmetic), both in-domain or near it; and the off-task English text that
+    ships with the package (:func:`ipg_sae.capability.offtask_texts`: ~26.7k tokens of BSD fortunes)."""
+    from ...capability import offtask_texts
     from ...saes import CHECK_TEXTS
     from ...tasks import load_problems
 
@@ -422,7 +424,7 @@ def neutral_texts(cfg: SteeringBenchConfig, tokenizer) -> dict[str, list[str]]:
         problems = load_problems(task)
         corpus += [p + (q.solution or f"The answer is {q.answer}.")
                    for p, q in zip(build_prompts(tokenizer, problems, task), problems)]
-    return {"corpus": corpus, "generic": list(CHECK_TEXTS)}
+    return {"corpus": corpus, "generic": list(CHECK_TEXTS), "offtask": offtask_texts(max_texts=cfg.offtask_texts or None)}
 
 
 def capability(cfg: SteeringBenchConfig) -> dict:
@@ -463,7 +465,7 @@ def report(cfg: SteeringBenchConfig) -> dict:
 
 
 LEADERBOARD_COLUMNS = ["recipe", "setting", "effect", "lo", "hi", "accuracy", "length", "parse_failure", "degenerate",
-                       "kl_generic", "kl_corpus"]
+                       "kl_generic", "kl_corpus", "kl_offtask"]
 
 
 def log_to_wandb(cfg: SteeringBenchConfig, summary: BenchSummary, plot: Path) -> None:
@@ -482,7 +484,8 @@ def log_to_wandb(cfg: SteeringBenchConfig, summary: BenchSummary, plot: Path) ->
                 cost = summary.capability.get(name, {})
                 table.append([name, json.dumps(summary.recipes[name]["setting"]), *effect, row.accuracy,
                               row.length, row.parse_failure, row.degenerate,
-                              cost.get("generic", {}).get("kl", 0.0), cost.get("corpus", {}).get("kl", 0.0)])
+                              cost.get("generic", {}).get("kl", 0.0), cost.get("corpus", {}).get("kl", 0.0),
+                              cost.get("offtask", {}).get("kl", 0.0)])
                 if name != "unsteered":
                     metrics[f"steering_bench/{split}/{name}/effect"] = effect[0]
             tracker.table(f"steering_bench/{split}", LEADERBOARD_COLUMNS, table)
