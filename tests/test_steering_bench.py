@@ -40,6 +40,7 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
             assert 0 <= row["parse_failure"] <= 1 and 0 <= row["degenerate"] <= 1
             if name != "unsteered":
                 assert row["effect"][1] <= row["effect"][0] <= row["effect"][2]
+                assert 0 <= row["helped"] and 0 <= row["hurt"] and row["helped"] + row["hurt"] <= 1
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["splits"]["test"]["recipes"]["unsteered"]["problems"] == \
         evaluation["splits"]["test"]["recipes"]["ipg_topk"]["problems"]  # paired by problem
@@ -69,6 +70,12 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
     assert any("stage tune: already done" in r.getMessage() for r in caplog.records)
     after = json.loads((out / "evaluation.json").read_text())["splits"]["test"]["recipes"]["unsteered"]["problems"]
     assert after != evaluation["splits"]["test"]["recipes"]["unsteered"]["problems"]
+
+
+def test_helped_and_hurt_count_problems_whose_mean_reward_rose_or_fell():
+    from ipg_sae.experiments.steering_bench.summary import helped_hurt
+
+    assert helped_hurt([1.0, 0.5, 0.0, 0.25], [0.5, 0.5, 0.25, 0.0]) == (0.5, 0.25)
 
 
 def test_overlapping_splits_are_refused_before_any_work(tmp_path):

@@ -101,14 +101,16 @@ def markdown(cfg, summary) -> str:
         lines += [f"## {split}", "", f"Unsteered: {cfg.reward} {base.reward:.3f}, accuracy {base.accuracy * 100:.1f}%, length "
                   f"{base.length:.1f} tokens, parse failures {base.parse_failure * 100:.1f}%, degenerate "
                   f"{base.degenerate * 100:.1f}%.", "",
-                  "| rank | method | chosen setting | effect (pts) | accuracy | length effect (tokens) | parse failures "
+                  "| rank | method | chosen setting | effect (pts) | helped / hurt | accuracy | length effect (tokens) "
+                  "| parse failures "
                   "| degenerate | KL/token corpus (in-domain) | KL/token generic | KL/token off-task | ppl ratio "
-                  "off-task |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "off-task |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         ranked = sorted((n for n in rows if n != "unsteered"), key=lambda n: -rows[n].effect[0])
         for rank, name in enumerate(ranked, 1):
             r, c = rows[name], cap.get(name, {})
             le = r.length_effect
-            lines.append(f"| {rank} | {name} | {summary.recipes[name]['label']} | {_pts(r.effect)} | "
+            shares = f"{r.helped * 100:.0f}% / {r.hurt * 100:.0f}%" if r.helped is not None else "n/a"
+            lines.append(f"| {rank} | {name} | {summary.recipes[name]['label']} | {_pts(r.effect)} | {shares} | "
                          f"{r.accuracy * 100:.1f}% | "
                          f"{le[0]:+.1f} [{le[1]:+.1f}, {le[2]:+.1f}] | {r.parse_failure * 100:.1f}% | "
                          f"{r.degenerate * 100:.1f}% | {c.get('corpus', {}).get('kl', float('nan')):.4f} | "

@@ -31,6 +31,8 @@ class Row:
     degenerate: float
     effect: list[float] | None = None
     length_effect: list[float] | None = None
+    helped: float | None = None  # share of problems whose mean reward (seeds pooled) rose against the unsteered run
+    hurt: float | None = None  # ... and fell
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -92,6 +94,14 @@ class BenchSummary:
         return cls.from_json(read_json(path), str(path))
 
 
+def helped_hurt(reward: list[float], base: list[float]) -> tuple[float, float]:
+    """The shares of problems (paired by position) whose mean reward rose and fell against ``base``."""
+    diff = np.asarray(reward, dtype=float) - np.asarray(base, dtype=float)
+    if diff.size == 0:
+        return 0.0, 0.0
+    return float((diff > 0).mean()), float((diff < 0).mean())
+
+
 def summarize(cfg: SteeringBenchConfig, evaluation: dict, cap: dict, tuning: dict) -> BenchSummary:
     """Per split and recipe: the accuracy effect against the unsteered run (paired by problem, seeds pooled),
     length, parse-failure and degenerate rates, the capability cost and the dev choice (the answer is the
@@ -107,6 +117,7 @@ def summarize(cfg: SteeringBenchConfig, evaluation: dict, cap: dict, tuning: dic
             if name != "unsteered":
                 row.effect = list(bootstrap(np.array(r["reward"]), np.array(base["reward"]), **boot))
                 row.length_effect = list(bootstrap(np.array(r["length"]), np.array(base["length"]), **boot))
+                row.helped, row.hurt = helped_hurt(r["reward"], base["reward"])
             rows[name] = row
         splits[split] = rows
         comparisons[split] = [
