@@ -34,7 +34,7 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
     assert len(json.loads((out / "evaluation.json").read_text())["splits"]["transfer-2"]["recipes"]["unsteered"]
                ["problems"]) == 4  # every problem of the user's file
     for split, rows in board["splits"].items():
-        assert set(rows) == {"unsteered", *(m for m in METHODS if m not in drawn), "random_direction",
+        assert {n for n in rows if not n.endswith("@push")} == {"unsteered", *(m for m in METHODS if m not in drawn), "random_direction",
                              "random_latents", *(f"{m}#{d}" for m in drawn for d in range(2))}  # 2 test draws
         for name, row in rows.items():
             assert 0 <= row["parse_failure"] <= 1 and 0 <= row["degenerate"] <= 1
@@ -48,6 +48,12 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
     assert cap["prompting"]["generic"]["kl"] == 0.0 and cap["diffmean"]["generic"]["kl"] > 0
     assert cap["diffmean"]["offtask"]["kl"] > 0 and cap["diffmean"]["offtask"]["tokens"] > 0  # off-task English
     assert "KL/token corpus (in-domain)" in (out / "report.md").read_text()
+    matched = json.loads((out / "matched.json").read_text())  # push matching, on the off-task text
+    assert matched["reference"] == "ipg_step" and matched["recipes"]
+    for name, m in matched["recipes"].items():  # each within the stated tolerance of the step's KL, or flagged
+        assert m["matched"] == (abs(m["kl"] - matched["target_kl"]) <= matched["rtol"] * matched["target_kl"])
+        assert name in board["splits"]["test"]
+    assert matched["recipes"]["ipg_step@push"]["matched"] and matched["recipes"]["diffmean@push"]["matched"]
     assert "best IPG-based recipe" in board["answer"] and results["report"]["answer"] == board["answer"]
     report_md = (out / "report.md").read_text()
     assert "## test" in report_md
@@ -168,3 +174,16 @@ def test_the_offtask_text_holds_20k_tokens_of_the_default_tokenizer():
     tokenizer, _ = load_tokenizer_and_config(ModelConfig())
     counts = [len(tokenizer(d)["input_ids"]) for d in offtask_texts()]
     assert sum(counts) >= 20_000 and max(counts) <= 256  # capability_max_tokens: no document truncated
+
+
+def test_push_matching_hits_its_target_within_the_tolerance():
+    """Issue 37 item 2: the bracketing bisection finds the multiple whose KL is within rtol of the target, on
+    monotone curves of several shapes; an unreachable target is flagged, not faked."""
+    from ipg_sae.experiments.steering_bench.push import match_push
+
+    for curve in (lambda t: 0.01 * t ** 2, lambda t: 0.3 * (1 - 2.718 ** (-t)), lambda t: 1e-4 * t ** 3 + 0.002 * t):
+        for target in (0.0005, 0.02, 0.1):
+            m = match_push(curve, target, rtol=0.05)
+            assert m.matched and abs(curve(m.t) - target) <= 0.05 * target, (target, m)
+    m = match_push(lambda t: 0.01 * (1 - 2.718 ** (-t)), 0.5, rtol=0.05)  # saturates below the target
+    assert not m.matched and m.kl < 0.5

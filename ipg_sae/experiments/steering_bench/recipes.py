@@ -159,8 +159,9 @@ def group(name: str) -> tuple[str, ...]:
 
 
 def kind_of(name: str) -> str:
-    """The method of an evaluated name (``ipg_step_permuted#3`` -> ``ipg_step_permuted``)."""
-    return name.split("#", 1)[0]
+    """The method of an evaluated name (``ipg_step_permuted#3`` -> ``ipg_step_permuted``; ``diffmean@push`` ->
+    ``diffmean``)."""
+    return name.split("@", 1)[0].split("#", 1)[0]
 
 
 def in_group(name: str, which: str) -> bool:

@@ -62,6 +62,7 @@ from ..common import attribute, attribution_sampling_stage, reward_dir, sample_s
 from ..stages import SAE_STAGE, Stage, run_job_stages, sae_specs, task_files
 from .config import SteeringBenchConfig, splits
 from .recipes import KINDS, UNSTEERED, Ingredients, Recipe, kind_of, null_recipes, recipes, tuned_name
+from .push import matched_recipes
 from .report import answer, markdown, plot_gain_vs_cost
 from .summary import BenchSummary, summarize
 
@@ -214,6 +215,8 @@ STAGES = [
           files=lambda c: task_files(c.dev)),
     Stage("tune", lambda c: tune(c), outputs=lambda c: [_bench(c) / "tuning.json"],
           fields=("methods", "grid", "min_ess", "dev_on_policy_samples", "seed", "problems_per_batch")),
+    Stage("match", lambda c: match(c), outputs=lambda c: [_bench(c) / "matched.json"],
+          fields=("match_reference", "match_texts", "match_rtol", "grid.test_draws", "capability_max_tokens")),
     Stage("evaluate", lambda c: evaluate_chosen(c), outputs=lambda c: [_bench(c) / "evaluation.json"],
           fields=("test", "transfer", "eval_sampling", "eval_seeds", "nulls", "seed", "grid.test_draws"),
           files=lambda c: task_files(c.test, *c.transfer)),
@@ -386,13 +389,41 @@ def _pool(cfg: SteeringBenchConfig, bench: Bench) -> LatentPool:
     return LatentPool.of(bench.saes, frequencies=bench.scorer(dev, "all").activation_frequencies())
 
 
+def match(cfg: SteeringBenchConfig) -> dict:
+    """Every chosen recipe with a push knob also at the setting whose off-task KL/token matches
+    ``match_reference``'s chosen setting's (:mod:`.push`): ``bench/matched.json``. Reads no test data."""
+    from ...capability import capability_cost, offtask_texts
+
+    if not cfg.match_reference or cfg.match_reference not in cfg.methods:  # (a loaded config refuses the latter)
+        write_json(_bench(cfg) / "matched.json", {"reference": None, "recipes": {}})
+        return {}
+    bench = Bench(cfg)
+    docs = offtask_texts(max_texts=cfg.match_texts)
+
+    def cost(recipe: Recipe) -> float:
+        return capability_cost(bench.model, bench.tokenizer, bench.saes, recipe.interventions, docs,
+                               max_tokens=cfg.capability_max_tokens).kl
+
+    out = matched_recipes(_chosen_recipes(cfg, bench), cfg.match_reference, bench.ing, cost, cfg.match_rtol)
+    write_json(_bench(cfg) / "matched.json", out)
+    return {name: round(r["kl"], 5) for name, r in out["recipes"].items()}
+
+
+def _evaluated(cfg: SteeringBenchConfig, bench: Bench) -> dict[str, Recipe]:
+    """What test, transfer and the capability cost run: the chosen recipes, the nulls mirroring them and the
+    recipes at matched push (``matched.json``)."""
+    chosen = _chosen_recipes(cfg, bench)
+    out = {**chosen, **{r.method: r for r in null_recipes(cfg, chosen, bench.ing, _pool(cfg, bench))}}
+    for name, m in read_json(_bench(cfg) / "matched.json")["recipes"].items():
+        out[name] = KINDS[kind_of(name)].build(m["method"], m["setting"], bench.ing)
+    return out
+
+
 def evaluate_chosen(cfg: SteeringBenchConfig) -> dict:
     """Each chosen recipe (and the nulls and the unsteered model) sampled on-policy on test and every transfer
     split, ``eval_seeds`` x ``eval_sampling.n_samples`` per problem."""
     bench = Bench(cfg)
-    chosen = _chosen_recipes(cfg, bench)
-    everything = {"unsteered": UNSTEERED, **chosen, **{r.method: r for r in null_recipes(cfg, chosen, bench.ing,
-                                                                                        _pool(cfg, bench))}}
+    everything = {"unsteered": UNSTEERED, **_evaluated(cfg, bench)}
     evaluation: dict = {"recipes": {name: {"label": r.label, "setting": r.setting} for name, r in everything.items()},
                         "splits": {}}
     for split, task in splits(cfg).items():
@@ -433,8 +464,7 @@ def capability(cfg: SteeringBenchConfig) -> dict:
     from ...capability import capability_cost
 
     bench = Bench(cfg)
-    chosen = _chosen_recipes(cfg, bench)
-    everything = {**chosen, **{r.method: r for r in null_recipes(cfg, chosen, bench.ing, _pool(cfg, bench))}}
+    everything = _evaluated(cfg, bench)
     texts = neutral_texts(cfg, bench.tokenizer)
     out = {}
     for name, recipe in everything.items():

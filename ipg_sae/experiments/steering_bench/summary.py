@@ -13,7 +13,7 @@ from ...errors import IPGError
 from ...io import read_json, write_json
 from ...stats import bootstrap
 from .config import SteeringBenchConfig
-from .recipes import group, in_group
+from .recipes import group, in_group, kind_of
 
 FORMAT = "ipg-sae-steering-bench-summary/1"
 METRICS = ("reward", "accuracy", "length", "parse_failure", "degenerate")
@@ -126,5 +126,9 @@ def summarize(cfg: SteeringBenchConfig, evaluation: dict, cap: dict, tuning: dic
         comparisons[split] += [  # the step against its own nulls and comparators in the same format
             Comparison("ipg_step", b, list(bootstrap(np.array(recipes["ipg_step"]["reward"]),
                                                      np.array(recipes[b]["reward"]), **boot)))
-            for b in recipes if "ipg_step" in recipes and in_group(b, "control")]
+            for b in recipes if "ipg_step" in recipes and in_group(b, "control") and "@" not in b]
+        comparisons[split] += [  # at matched push: the step (as chosen) against every other recipe at its KL
+            Comparison("ipg_step", b, list(bootstrap(np.array(recipes["ipg_step"]["reward"]),
+                                                     np.array(recipes[b]["reward"]), **boot)))
+            for b in recipes if "ipg_step" in recipes and b.endswith("@push") and kind_of(b) != "ipg_step"]
     return BenchSummary(splits, tuning, cap, comparisons, evaluation["recipes"])
