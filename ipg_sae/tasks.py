@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import IPGError
+from .tasks_transfer import TRANSFER_TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -495,15 +496,7 @@ _TEMPLATES: dict[int, list[_Template]] = {
     2: [_l2_buy_then_give, _l2_boxes_plus_loose, _l2_trays_sold, _l2_pages_left, _l2_bus_stops, _l2_coins_saved],
     3: [_l3_cards, _l3_orchard, _l3_wages, _l3_teams, _l3_shopping],
 }
-
-
-def _add_transfer_family() -> None:  # levels 4-6: other surfaces (ipg_sae.tasks_transfer; it imports _step)
-    from .tasks_transfer import TRANSFER_TEMPLATES
-
-    _TEMPLATES.update(TRANSFER_TEMPLATES)
-
-
-_add_transfer_family()
+_TEMPLATES.update(TRANSFER_TEMPLATES)  # levels 4-6: the transfer family on other surfaces
 
 
 # --------------------------------------------------------------------------- few-shot examples

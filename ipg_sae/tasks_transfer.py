@@ -8,14 +8,25 @@ the level so the unsteered model can be put where it has room (the issue-37 targ
 * level 6: two steps, additions and subtractions of numbers up to 30.
 
 Problem ``i`` depends only on (seed, level, i), like every arithmetic level; ids ``arith-L{level}-s{seed}-i``
-(levels 1-3 keep theirs). The templates use :func:`ipg_sae.tasks._step`'s "a op b = c" solution sentences.
+(levels 1-3 keep theirs). The solutions use the same "a op b = c" sentences as levels 1-3 (:mod:`ipg_sae.tasks`
+imports these templates; this module imports nothing of it).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
-from .tasks import _Generated, _step
+
+@dataclass
+class _Generated:
+    question: str
+    steps: list[str]  # one "a op b = c" sentence per step
+    answer: int
+
+
+def _step(a: int, op: str, b: int, result: int, why: str) -> str:
+    return f"{why} {a} {op} {b} = {result}."
 
 
 def _range(level: int) -> tuple[int, int]:
