@@ -65,6 +65,25 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
     assert run["summary"]["steering_bench/test/ipg_step/effect"] == board["splits"]["test"]["ipg_step"]["effect"][0]
     assert {a["type"] for a in run["used"]} == {"model", "attribution"}  # lineage: the SAE and the attributions
 
+    # A reader applies a shipped recipe folder to the user's file, paired with no steering, without attribution:
+    # the same samples as the bench's own on-policy run of that recipe on that split (same prompts and seeds).
+    from ipg_sae.cli import main
+
+    recipe_dir = out / "recipes" / "ipg_step"
+    assert (recipe_dir / "recipe.json").is_file() and (out / "recipes" / "sae" / "layer_2" / "cfg.json").is_file()
+    assert (out / "recipes" / "diffmean" / "vectors.safetensors").is_file()
+    user = bench_cfg.transfer[1]
+    rc = main(["steer", str(recipe_dir), "--runs_dir", str(bench_cfg.run_dir), "--name", "applied", "--no-wandb",
+               "--task.name", "jsonl", "--task.path", user.path, "--task.few_shot", "0", "--reward", bench_cfg.reward,
+               "--sampling.n_samples", "2", "--sampling.max_new_tokens", "6", "--sampling.temperature", "0.7",
+               "--sampling.batch_size", "12", "--seeds", "[1, 2]", "--n_bootstrap", "50"])
+    assert rc == 0
+    applied = json.loads((bench_cfg.run_dir / "applied" / "apply.json").read_text())
+    bench_rows = evaluation["splits"]["transfer-2"]["recipes"]
+    assert applied["steered"] == pytest.approx(bench_rows["ipg_step"]["reward"])
+    assert applied["unsteered"] == pytest.approx(bench_rows["unsteered"]["reward"])
+    assert applied["effect"][1] <= applied["effect"][0] <= applied["effect"][2]
+
     # Perturb the test data (other problems) and break its cached samples: no dev choice changes.
     before = (out / "tuning.json").read_bytes()
     for cell in (out / "cells").glob("test_*.jsonl"):

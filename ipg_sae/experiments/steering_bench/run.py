@@ -223,6 +223,7 @@ STAGES = [
     Stage("capability", lambda c: capability(c), outputs=lambda c: [_bench(c) / "capability.json"],
           fields=("capability_task", "capability_levels", "capability_max_tokens", "offtask_texts"),
           files=lambda c: task_files(c.capability_task)),
+    Stage("recipes", lambda c: export_recipes(c), outputs=lambda c: [_bench(c) / "recipes"]),
     Stage("report", lambda c: report(c), outputs=lambda c: [_bench(c) / f for f in ("report.md", "leaderboard.json")],
           fields=("n_bootstrap",)),
 ]
@@ -479,6 +480,15 @@ def capability(cfg: SteeringBenchConfig) -> dict:
                                "tokens": cost.n_tokens}
     write_json(_bench(cfg) / "capability.json", out)
     return {name: v["generic"]["kl"] for name, v in out.items()}
+
+
+def export_recipes(cfg: SteeringBenchConfig) -> dict:
+    """Every evaluated recipe as a folder a reader can apply (:mod:`.apply`): ``bench/recipes/``."""
+    from .apply import write_recipes
+
+    bench = Bench(cfg)
+    dirs = {layer: spec.path for layer, spec in zip(sorted(bench.saes), sae_specs(cfg))}
+    return write_recipes(_bench(cfg) / "recipes", _evaluated(cfg, bench), cfg.model.name, dirs)
 
 
 def report(cfg: SteeringBenchConfig) -> dict:
