@@ -206,3 +206,31 @@ def test_push_matching_hits_its_target_within_the_tolerance():
             assert m.matched and abs(curve(m.t) - target) <= 0.05 * target, (target, m)
     m = match_push(lambda t: 0.01 * (1 - 2.718 ** (-t)), 0.5, rtol=0.05)  # saturates below the target
     assert not m.matched and m.kl < 0.5
+
+
+def test_replicates_draw_disjoint_problems_and_their_own_sae_seed():
+    """Issue 37 item 3: each replicate's study and benchmark configs load (the documented commands' overrides);
+    its attributed problems share no question with another replicate's, the study's held-out split or the
+    benchmark's splits, and its SAE's corpus leaves them out; its SAE trains with its own seed. Nothing is run."""
+    import dataclasses
+
+    from ipg_sae.experiments.replicates import REPLICATES, bench_overrides, commands, study_overrides
+    from ipg_sae.experiments.stages import train_job
+    from ipg_sae.experiments.steering_bench import splits
+    from ipg_sae.experiments.study import StudyConfig
+    from ipg_sae.splits import disjoint_splits
+
+    sets = {}
+    for r in REPLICATES:
+        study = load_config(StudyConfig, "configs/study_smollm2.yaml", study_overrides(r))
+        bench = load_config(SteeringBenchConfig, "configs/steering_bench_smollm2.yaml", bench_overrides(r))
+        assert bench.task == study.task and train_job(study).seed == (r if r else 0)
+        sets[f"attribution-r{r}"] = study.task
+        if r == 0:
+            sets.update({k: t for k, t in splits(bench).items() if k != "attribution"}, heldout=study.heldout)
+        assert commands(r)[0].startswith("ipg-sae study configs/study_smollm2.yaml")
+        excluded = [dataclasses.asdict(t) if dataclasses.is_dataclass(t) else t
+                    for t in train_job(study).data.exclude_tasks]
+        assert dataclasses.asdict(study.task) in excluded  # its SAE's corpus leaves its attributed questions out
+    disjoint_splits(sets)  # raises on any shared question
+    assert "--sae.seed 1" in commands(1)[0] and "runs/study_r1/sae/layer_15" in commands(1)[1]
