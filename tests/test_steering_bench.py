@@ -22,8 +22,9 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
         assert (out / name).is_file(), name
     tuning = json.loads((out / "tuning.json").read_text())
     drawn = ("ipg_step_permuted", "ipg_step_shuffled")  # the step's nulls: one choice per dev draw
-    assert set(tuning["chosen"]) == {m for m in METHODS if m not in drawn} | {f"{m}#{d}" for m in drawn
-                                                                            for d in range(3)}
+    tuned = [*METHODS, "diffmean_layer"]  # the fixture adds DiffMean at another layer
+    assert set(tuning["chosen"]) == {m for m in tuned if m not in drawn} | {f"{m}#{d}" for m in drawn
+                                                                          for d in range(3)}
     for name in tuning["chosen"]:  # each method (draw) tried its whole grid, within the budget, and chose one
         rows = [r for r in tuning["rows"] if r["name"] == name]
         assert 1 <= len(rows) <= 4 and sum(bool(r.get("chosen")) for r in rows) == 1
@@ -34,8 +35,10 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
     assert len(json.loads((out / "evaluation.json").read_text())["splits"]["transfer-2"]["recipes"]["unsteered"]
                ["problems"]) == 4  # every problem of the user's file
     for split, rows in board["splits"].items():
-        assert {n for n in rows if not n.endswith("@push")} == {"unsteered", *(m for m in METHODS if m not in drawn), "random_direction",
-                             "random_latents", *(f"{m}#{d}" for m in drawn for d in range(2))}  # 2 test draws
+        shown = drawn if split == "test" else drawn[:1]  # test_only: ipg_step_shuffled
+        assert {n for n in rows if not n.endswith("@push")} == {
+            "unsteered", *(m for m in tuned if m not in drawn), "random_direction", "random_latents",
+            *(f"{m}#{d}" for m in shown for d in range(2))}  # 2 test draws
         for name, row in rows.items():
             assert 0 <= row["parse_failure"] <= 1 and 0 <= row["degenerate"] <= 1
             if name != "unsteered":

@@ -49,6 +49,8 @@ class SteeringBenchConfig(JobConfig):
     match_reference: str = "ipg_step"  # push matching: every recipe also at the setting whose off-task KL/token
     match_texts: int = 24  # ... matches this method's chosen one's, on the first this many off-task documents,
     match_rtol: float = 0.1  # ... within this relative tolerance ("" as match_reference: no matching)
+    match_methods: list[str] = field(default_factory=list)  # the methods matched (empty: every one with a knob)
+    test_only: list[str] = field(default_factory=list)  # recipes run on test only: methods, or "@push" for all matched
     offtask_texts: int = 0  # off-task English documents for the capability cost (ipg_sae/data; 0 = all, ~26.7k tokens)
     n_bootstrap: int = 2000
     seed: int = 0

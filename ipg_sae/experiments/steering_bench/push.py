@@ -81,7 +81,7 @@ def at_multiple(recipe: Recipe, t: float, ing) -> Recipe:
 
 
 def matched_recipes(chosen: dict[str, Recipe], reference: str, ing, cost: Callable[[Recipe], float],
-                    rtol: float) -> dict:
+                    rtol: float, methods: list[str] | None = None) -> dict:
     """Per chosen recipe with a push knob (the reference too, as a check): the setting whose ``cost`` (KL per token
     on the matching text) is within ``rtol`` of the reference's; ``matched.json``'s contents."""
     if reference not in chosen:
@@ -90,7 +90,7 @@ def matched_recipes(chosen: dict[str, Recipe], reference: str, ing, cost: Callab
     target = cost(chosen[reference])
     out = {"reference": reference, "target_kl": target, "rtol": rtol, "recipes": {}}
     for name, recipe in chosen.items():
-        if knob(recipe) is None:
+        if knob(recipe) is None or (methods and kind_of(name) not in methods and name != reference):
             continue
         m = match_push(lambda t: cost(at_multiple(recipe, t, ing)), target, rtol)
         final = at_multiple(recipe, m.t, ing)  # the setting as stored (rounded): its own KL

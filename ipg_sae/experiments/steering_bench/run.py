@@ -216,9 +216,10 @@ STAGES = [
     Stage("tune", lambda c: tune(c), outputs=lambda c: [_bench(c) / "tuning.json"],
           fields=("methods", "grid", "min_ess", "dev_on_policy_samples", "seed", "problems_per_batch")),
     Stage("match", lambda c: match(c), outputs=lambda c: [_bench(c) / "matched.json"],
-          fields=("match_reference", "match_texts", "match_rtol", "grid.test_draws", "capability_max_tokens")),
+          fields=("match_reference", "match_texts", "match_rtol", "match_methods", "grid.test_draws",
+                  "capability_max_tokens")),
     Stage("evaluate", lambda c: evaluate_chosen(c), outputs=lambda c: [_bench(c) / "evaluation.json"],
-          fields=("test", "transfer", "eval_sampling", "eval_seeds", "nulls", "seed", "grid.test_draws"),
+          fields=("test", "transfer", "eval_sampling", "eval_seeds", "nulls", "seed", "grid.test_draws", "test_only"),
           files=lambda c: task_files(c.test, *c.transfer)),
     Stage("capability", lambda c: capability(c), outputs=lambda c: [_bench(c) / "capability.json"],
           fields=("capability_task", "capability_levels", "capability_max_tokens", "offtask_texts"),
@@ -405,7 +406,8 @@ def match(cfg: SteeringBenchConfig) -> dict:
         return capability_cost(bench.model, bench.tokenizer, bench.saes, recipe.interventions, docs,
                                max_tokens=cfg.capability_max_tokens).kl
 
-    out = matched_recipes(_chosen_recipes(cfg, bench), cfg.match_reference, bench.ing, cost, cfg.match_rtol)
+    out = matched_recipes(_chosen_recipes(cfg, bench), cfg.match_reference, bench.ing, cost, cfg.match_rtol,
+                          cfg.match_methods)
     write_json(_bench(cfg) / "matched.json", out)
     return {name: round(r["kl"], 5) for name, r in out["recipes"].items()}
 
@@ -432,6 +434,8 @@ def evaluate_chosen(cfg: SteeringBenchConfig) -> dict:
             continue
         per_recipe = {}
         for name, recipe in everything.items():
+            if split != "test" and (kind_of(name) in cfg.test_only or ("@push" in cfg.test_only and "@" in name)):
+                continue  # a recipe run on test only (a null's draws, the recipes at matched push: compute)
             seeds = [bench.outcomes(bench.sampled(recipe, split, task, dataclasses.replace(cfg.eval_sampling, seed=s)))
                      for s in cfg.eval_seeds]
             per_recipe[name] = {"problems": seeds[0]["problems"],
