@@ -128,7 +128,7 @@ def test_shipped_configs_load_and_the_cpu_splits_are_disjoint():
 
     cpu = load_config(SteeringBenchConfig, "configs/steering_bench_smollm2.yaml")
     sizes = {name: len(problems) for name, problems in disjoint_splits(splits(cpu)).items()}
-    assert sizes == {"attribution": 112, "dev": 50, "test": 100, "transfer-1": 100}
+    assert sizes == {"attribution": 112, "dev": 50, "test": 100, "transfer-1": 100, "transfer-2": 100}
     gpu = load_config(SteeringBenchConfig, "configs/steering_bench_qwen25_math_gsm8k.yaml")
     assert gpu.model.name == "Qwen/Qwen2.5-Math-1.5B-Instruct" and gpu.test.name == "gsm8k"
 
