@@ -237,3 +237,11 @@ def test_replicates_draw_disjoint_problems_and_their_own_sae_seed():
         assert dataclasses.asdict(study.task) in excluded  # its SAE's corpus leaves its attributed questions out
     disjoint_splits(sets)  # raises on any shared question
     assert "--sae.seed 1" in commands(1)[0] and "runs/study_r1/sae/layer_15" in commands(1)[1]
+    import shlex
+
+    from ipg_sae.cli import build_parser
+    from ipg_sae.config import overrides_from_args
+
+    for line, overrides in zip(commands(1), (study_overrides(1), bench_overrides(1))):  # the commands as typed
+        argv = shlex.split(line)[1:]
+        assert overrides_from_args(build_parser(argv[0]).parse_args(argv)) == overrides
