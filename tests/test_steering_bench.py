@@ -57,6 +57,14 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
         assert m["matched"] == (abs(m["kl"] - matched["target_kl"]) <= matched["rtol"] * matched["target_kl"])
         assert name in board["splits"]["test"]
     assert matched["recipes"]["ipg_step@push"]["matched"] and matched["recipes"]["diffmean@push"]["matched"]
+    nulls = board["nulls"]["test"]  # the step against each null's test draws: rank and two-level bootstrap
+    assert set(nulls) == {"ipg_step_permuted", "ipg_step_shuffled"}
+    assert set(board["nulls"]["transfer-1"]) == {"ipg_step_permuted"}  # test_only: ipg_step_shuffled
+    for t in nulls.values():
+        assert len(t["draws"]) == 2 and t["rank_p"] in (1 / 3, 2 / 3, 1.0)
+        assert t["difference"][1] <= t["difference"][0] <= t["difference"][2]
+    report_text = (out / "report.md").read_text()
+    assert "## The step against its nulls' draws (test)" in report_text and "## Matched push" in report_text
     assert "best IPG-based recipe" in board["answer"] and results["report"]["answer"] == board["answer"]
     report_md = (out / "report.md").read_text()
     assert "## test" in report_md
@@ -98,6 +106,15 @@ def test_bench_runs_chooses_on_dev_only_and_reports(bench_cfg, caplog, stage_rea
     assert any("stage tune: already done" in r.getMessage() for r in caplog.records)
     after = json.loads((out / "evaluation.json").read_text())["splits"]["test"]["recipes"]["unsteered"]["problems"]
     assert after != evaluation["splits"]["test"]["recipes"]["unsteered"]["problems"]
+
+
+def test_the_null_test_ranks_the_step_among_the_draws():
+    from ipg_sae.experiments.steering_bench.summary import null_test
+
+    base = [0.0, 0.0, 0.0, 0.0]
+    t = null_test([1.0, 1.0, 0.0, 0.0], [[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]], base, 200)
+    assert t["step"] == 0.5 and t["draws"] == [0.0, 0.25, 0.75] and t["rank_p"] == 2 / 4
+    assert t["difference"][0] == pytest.approx(0.5 - (0.0 + 0.25 + 0.75) / 3)
 
 
 def test_helped_and_hurt_count_problems_whose_mean_reward_rose_or_fell():

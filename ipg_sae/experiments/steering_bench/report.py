@@ -122,6 +122,27 @@ def markdown(cfg, summary) -> str:
             lines += ["", "| IPG-based minus practice | difference (pts) |", "|---|---|"]
             lines += [f"| {c.label} | {_pts(c.difference)} |" for c in comparisons]
         lines.append("")
+    for split, per_null in summary.nulls.items():
+        lines += [f"## The step against its nulls' draws ({split})", "",
+                  "Each draw tuned on dev like the step; rank p = (1 + draws at least as good) / (draws + 1); the "
+                  "difference's interval resamples problems and draws (two-level bootstrap).", "",
+                  "| null | draws | step effect (pts) | draws' effects (pts) | rank p | step minus null (pts) |",
+                  "|---|---|---|---|---|---|"]
+        for kind, t in per_null.items():
+            effects = ", ".join(f"{e * 100:+.1f}" for e in t["draws"])
+            lines.append(f"| {kind} | {len(t['draws'])} | {t['step'] * 100:+.1f} | {effects} | {t['rank_p']:.3f} | "
+                         f"{_pts(t['difference'])} |")
+        lines.append("")
+    if summary.matched.get("recipes"):
+        m = summary.matched
+        lines += ["## Matched push", "",
+                  f"Each recipe below also ran at the setting whose KL/token on off-task text matches {m['reference']}'s "
+                  f"chosen setting ({m['target_kl']:.4f}) within {m['rtol'] * 100:.0f}% (`matched.json`); unmatched "
+                  "ones could not reach it.", "", "| recipe | setting | KL/token (match text) | matched |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {r['label']} | {r['kl']:.4f} | {'yes' if r['matched'] else 'no'} |"
+                  for name, r in m["recipes"].items()]
+        lines.append("")
     lines += ["![gain vs cost](gain_vs_cost.png)", "", "## Dev choices", "",
               "Dev effects choose a setting; they are not results (the best of up to 12 noisy scores is biased "
               "upward, and on-policy dev rests on few samples). Every setting tried is in `tuning.json`.", "",

@@ -499,7 +499,7 @@ def report(cfg: SteeringBenchConfig) -> dict:
     """``bench/report.md``, ``bench/leaderboard.json`` and the plot of accuracy gain against capability cost."""
     out = _bench(cfg)
     summary = summarize(cfg, read_json(out / "evaluation.json"), read_json(out / "capability.json"),
-                        read_json(out / "tuning.json"))
+                        read_json(out / "tuning.json"), read_json(out / "matched.json"))
     summary.answer = answer(cfg, summary)
     plot = plot_gain_vs_cost(cfg, summary, out / "gain_vs_cost.png")
     summary.save(out / "leaderboard.json")
