@@ -48,7 +48,7 @@ class SteeringBenchConfig(JobConfig):
     capability_max_tokens: int = 256
     match_reference: str = "ipg_step"  # push matching: every recipe also at the setting whose off-task KL/token
     match_texts: int = 24  # ... matches this method's chosen one's, on the first this many off-task documents,
-    match_rtol: float = 0.1  # ... within this relative tolerance ("" as match_reference: no matching)
+    match_rtol: float = 0.1  # ... within this relative tolerance (no matching: "" or a reference not in methods)
     match_methods: list[str] = field(default_factory=list)  # the methods matched (empty: every one with a knob)
     test_only: list[str] = field(default_factory=list)  # recipes run on test only: methods, or "@push" for all matched
     offtask_texts: int = 0  # off-task English documents for the capability cost (ipg_sae/data; 0 = all, ~26.7k tokens)
@@ -84,9 +84,9 @@ class SteeringBenchConfig(JobConfig):
         check_importance_sampling("steering_bench.dev_sampling", self.dev_sampling)
         if not self.eval_seeds or len(set(self.eval_seeds)) != len(self.eval_seeds):
             raise IPGError("steering_bench.eval_seeds must list at least one seed, each once")
-        if self.match_reference and self.match_reference not in self.methods:
-            raise IPGError(f"steering_bench.match_reference {self.match_reference!r} is not in methods: add it, or "
-                           "set match_reference to \"\" for no push matching")
+        if self.match_reference and self.match_reference not in methods():
+            raise IPGError(f"steering_bench.match_reference {self.match_reference!r} is not a steering method; name "
+                           "one (it is matched only when in methods), or \"\" for no push matching")
         if not 0 < self.match_rtol < 1 or self.match_texts < 1:
             raise IPGError("steering_bench.match_rtol must be in (0, 1) and match_texts at least 1")
         if not self.transfer:

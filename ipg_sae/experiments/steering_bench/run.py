@@ -396,7 +396,7 @@ def match(cfg: SteeringBenchConfig) -> dict:
     ``match_reference``'s chosen setting's (:mod:`.push`): ``bench/matched.json``. Reads no test data."""
     from ...capability import capability_cost, offtask_texts
 
-    if not cfg.match_reference or cfg.match_reference not in cfg.methods:  # (a loaded config refuses the latter)
+    if not cfg.match_reference or cfg.match_reference not in cfg.methods:  # nothing to match against
         write_json(_bench(cfg) / "matched.json", {"reference": None, "recipes": {}})
         return {}
     bench = Bench(cfg)
