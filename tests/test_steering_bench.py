@@ -262,3 +262,18 @@ def test_replicates_draw_disjoint_problems_and_their_own_sae_seed():
     for line, overrides in zip(commands(1), (study_overrides(1), bench_overrides(1))):  # the commands as typed
         argv = shlex.split(line)[1:]
         assert overrides_from_args(build_parser(argv[0]).parse_args(argv)) == overrides
+
+
+def test_the_replicates_spread_reports_every_replicate_and_the_range():
+    from ipg_sae.experiments.replicates import spread
+
+    def board(step, topk, diff):
+        return {"splits": {"test": {"ipg_step": {"effect": [step, step - 0.04, step + 0.04]},
+                                    "ipg_topk": {"effect": [topk, topk - 0.04, topk + 0.04]}}},
+                "comparisons": {"test": {"ipg_step - diffmean": [diff, diff - 0.05, diff + 0.05]}}}
+
+    out = spread({0: board(0.12, 0.09, 0.12), 1: board(0.05, 0.02, 0.06), 2: board(0.08, 0.10, 0.07)})
+    assert out["ipg_step effect"]["min"] == 0.05 and out["ipg_step effect"]["max"] == 0.12
+    assert out["ipg_topk effect"]["mean"] == pytest.approx(0.07)
+    assert out["ipg_step - diffmean"]["replicates"][1] == pytest.approx([0.06, 0.01, 0.11])
+    assert "ipg_step - prompting" not in out

@@ -37,3 +37,28 @@ def commands(r: int) -> list[str]:
                         for k, v in overrides.items())
     return [f"ipg-sae study configs/study_smollm2.yaml {flags(study_overrides(r))}".strip(),
             f"ipg-sae steering-bench configs/steering_bench_smollm2.yaml {flags(bench_overrides(r))}".strip()]
+
+
+HEADLINE = ("ipg_step", "ipg_topk")  # per replicate: their test effects and their differences with practice
+PRACTICE = ("diffmean", "prompting")
+
+
+def spread(leaderboards: dict[int, dict], split: str = "test") -> dict:
+    """Per replicate (its ``bench/leaderboard.json``, read as a dict) the headline recipes' effects on ``split`` and
+    their paired differences with DiffMean and prompting (``[point, lo, hi]``), and across replicates each one's
+    points' min, max and mean: what the README reports instead of one draw."""
+    rows: dict[str, dict[int, list[float]]] = {}
+    for r, board in sorted(leaderboards.items()):
+        recipes = board["splits"][split]
+        for name in HEADLINE:
+            if name in recipes:
+                rows.setdefault(f"{name} effect", {})[r] = recipes[name]["effect"]
+            for other in PRACTICE:
+                label = f"{name} - {other}"
+                if label in board["comparisons"].get(split, {}):
+                    rows.setdefault(label, {})[r] = board["comparisons"][split][label]
+    out = {}
+    for label, per in rows.items():
+        points = [v[0] for v in per.values()]
+        out[label] = {"replicates": per, "min": min(points), "max": max(points), "mean": sum(points) / len(points)}
+    return out
