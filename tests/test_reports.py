@@ -65,6 +65,10 @@ def test_the_bench_answer_picks_its_best_ipg_recipe_on_dev_not_on_test():
     assert answer(BENCH_CFG, summary).startswith("On test, the best IPG-based recipe is ipg_topk")
     summary.dev["rows"][-1]["effect"] = 0.5  # now best on dev: chosen, whatever test says
     assert best_on_dev(summary, ["ipg_topk", "ipg_step"]) == "ipg_step"
+    summary.nulls = {"test": {"ipg_step_permuted": {"step": 0.3, "draws": [0.01, -0.02, 0.05, 0.0, 0.02],
+                                                    "rank_p": 1 / 6, "difference": [0.29, 0.2, 0.38]}}}
+    assert ("Against its own ipg_step_permuted null (5 draws, each tuned on dev) the step ranks p = 0.17, "
+            "difference +29.0 [+20.0, +38.0]") in answer(BENCH_CFG, summary)
 
 
 def test_the_bench_markdown_ranks_by_effect_and_lists_every_dev_choice():

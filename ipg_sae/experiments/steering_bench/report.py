@@ -42,7 +42,12 @@ def answer(cfg, summary) -> str:
     text = (f"On test, the best IPG-based recipe is {best} ({summary.recipes[best]['label']}; chosen by its dev "
             f"effect, not its test effect): {cfg.reward} "
             f"{_pts(test[best].effect)} points against no steering; it " + ", and ".join(parts) + ".")
+    for kind, t in summary.nulls.get("test", {}).items() if best == "ipg_step" else ():
+        text += (f" Against its own {kind} null ({len(t['draws'])} draws, each tuned on dev) the step ranks p = "
+                 f"{t['rank_p']:.2f}, difference {_pts(t['difference'])} (draws and problems resampled).")
     for split in _transfer_splits(summary):
+        if best not in summary.splits[split]:
+            continue
         row = summary.splits[split][best]
         carries = ("carries over" if row.effect[1] > 0 else "reverses" if row.effect[2] < 0 else
                    "does not carry over (its interval includes 0)")
@@ -147,8 +152,10 @@ def markdown(cfg, summary) -> str:
               "Dev effects choose a setting; they are not results (the best of up to 12 noisy scores is biased "
               "upward, and on-policy dev rests on few samples). Every setting tried is in `tuning.json`.", "",
               "| method | settings tried | chosen | dev effect (pts) | estimator | ESS |", "|---|---|---|---|---|---|"]
-    for method in cfg.methods:
-        rows = [r for r in tuning["rows"] if r["method"] == method]
+    for method in tuning.get("chosen") or cfg.methods:  # each method, each draw of a null with draws
+        rows = [r for r in tuning["rows"] if r.get("name", r["method"]) == method]
+        if not rows:
+            continue
         best = next(r for r in rows if r.get("chosen"))
         ess = f"{best['ess']:.2f}" if "ess" in best else "n/a"
         lines.append(f"| {method} | {len(rows)} | {best['label']} | {best['effect'] * 100:+.1f} | {best['estimator']} "
