@@ -65,6 +65,9 @@ def test_the_bench_answer_picks_its_best_ipg_recipe_on_dev_not_on_test():
     assert answer(BENCH_CFG, summary).startswith("On test, the best IPG-based recipe is ipg_topk")
     summary.dev["rows"][-1]["effect"] = 0.5  # now best on dev: chosen, whatever test says
     assert best_on_dev(summary, ["ipg_topk", "ipg_step"]) == "ipg_step"
+    from ipg_sae.experiments.steering_bench.summary import Comparison
+
+    summary.comparisons["test"].append(Comparison("ipg_step", "diffmean", [0.28, 0.2, 0.36]))
     summary.nulls = {"test": {"ipg_step_permuted": {"step": 0.3, "draws": [0.01, -0.02, 0.05, 0.0, 0.02],
                                                     "rank_p": 1 / 6, "difference": [0.29, 0.2, 0.38]}}}
     assert ("Against its own ipg_step_permuted null (5 draws, each tuned on dev) the step ranks p = 0.17, "
