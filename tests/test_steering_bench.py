@@ -253,6 +253,11 @@ def test_replicates_draw_disjoint_problems_and_their_own_sae_seed():
                     for t in train_job(study).data.exclude_tasks]
         assert dataclasses.asdict(study.task) in excluded  # its SAE's corpus leaves its attributed questions out
     disjoint_splits(sets)  # raises on any shared question
+    from ipg_sae.digest import key_dict
+    from ipg_sae.experiments.stages import SAESourceConfig
+
+    assert "seed" not in key_dict(SAESourceConfig(train_config="x"))  # the published runs' SAE keys stay valid
+    assert key_dict(SAESourceConfig(train_config="x", seed=1))["seed"] == 1
     assert "--sae.seed 1" in commands(1)[0] and "runs/study_r1/sae/layer_15" in commands(1)[1]
     import shlex
 
