@@ -71,3 +71,47 @@ def capability_cost(model, tokenizer, saes, interventions: Sequence, texts: Sequ
     if count == 0:
         raise IPGError("the neutral texts are too short: each needs at least two tokens")
     return CapabilityCost(kl_sum / count, nll_clean / count, nll_steered / count, count)
+
+
+OFFTASK_FILE = "data/offtask_en.txt"
+
+
+def offtask_entries() -> list[str]:
+    """The shipped off-task English text (``ipg_sae/data/offtask_en.txt``: BSD fortune(6) data files from the Debian
+    package fortunes-min, its header naming source and license), one entry per fortune, header excluded."""
+    from importlib.resources import files
+
+    text = files("ipg_sae").joinpath(OFFTASK_FILE).read_text(encoding="utf-8")
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    return [e.strip("\n") for e in body.split("\n%\n") if e.strip()]
+
+
+def offtask_texts(max_chars: int = 640, max_texts: int | None = None) -> list[str]:
+    """The off-task text as documents of at most about ``max_chars`` characters (whole fortunes joined by blank
+    lines; at most about 230 tokens of the default tokenizer at 640 characters, so ``capability_max_tokens`` 256 truncates none), in file order;
+    ``max_texts``: only the first that many (a cheaper, smaller sample)."""
+    docs, current = [], ""
+    pieces = []
+    for entry in offtask_entries():  # an entry longer than max_chars is cut between lines
+        lines, part = entry.split("\n"), ""
+        for line in lines:
+            if part and len(part) + len(line) + 1 > max_chars:
+                pieces.append(part)
+                part = ""
+            part = f"{part}\n{line}" if part else line
+        pieces.append(part)
+    for entry in pieces:
+        if current and len(current) + len(entry) + 2 > max_chars:
+            docs.append(current)
+            current = ""
+        current = f"{current}\n\n{entry}" if current else entry
+    if current:
+        docs.append(current)
+    return docs[:max_texts] if max_texts else docs
+
+
+def proxy_tokens(text: str) -> int:
+    """A tokenizer-independent lower bound on a BPE token count: words and punctuation marks."""
+    import re
+
+    return len(re.findall(r"\w+|[^\w\s]", text))

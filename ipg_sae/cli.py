@@ -216,6 +216,25 @@ def _bench_run():
     return run
 
 
+def _steer_cfg():
+    from .experiments.steering_bench.apply import SteerApplyConfig
+
+    return SteerApplyConfig
+
+
+def _steer_run():
+    from .experiments.steering_bench.apply import run_apply
+
+    def run(cfg):
+        out = run_apply(cfg)
+        e = out["effect"]
+        print(f"{out['label']}: {cfg.reward} {e[0] * 100:+.1f} [{e[1] * 100:+.1f}, {e[2] * 100:+.1f}] points against "
+              f"no steering on {len(out['problems'])} problems; helped {out['helped'] * 100:.0f}%, hurt "
+              f"{out['hurt'] * 100:.0f}%")
+        print(f"results: {cfg.run_dir / 'apply.json'}")
+    return run
+
+
 COMMANDS: dict[str, Command] = {
     "sample": ("sample completions of a task and score them", _sample_cfg, _sample_run),
     "train-sae": ("train SAEs on a model's residual stream", _train_cfg, _train_run),
@@ -228,6 +247,8 @@ COMMANDS: dict[str, Command] = {
               _paths_cfg, _paths_run),
     "steering-bench": ("steering that helps? IPG-based recipes vs DiffMean, prompting and the baselines, on-policy",
                        _bench_cfg, _bench_run),
+    "steer": ("apply a shipped steering recipe (a bench/recipes folder) on-policy to a task or JSONL file, paired "
+              "with the unsteered run", _steer_cfg, _steer_run),
     "explore": ("write a static page showing what each latent is and how it moves the outcome",
                 _explore_cfg, _explore_run),
     "explain": ("explain and score latents with no LLM (n-grams, VocabProj, TokenChange; optionally an LLM)",
@@ -235,11 +256,13 @@ COMMANDS: dict[str, Command] = {
     "export": ("copy an SAE for TransformerLens / sae-lens's SAETransformerBridge and check it loads exactly",
                _export_cfg, _export_run),
 }
-STARTS_OVER = {"sample", "explore", "export"}  # commands that keep no partial work when stopped
+STARTS_OVER = {"sample", "explore", "export", "steer"}  # commands that keep no partial work when stopped
 # Commands whose positional argument is a directory (a config field) rather than a config file.
 RUN_DIR_COMMANDS = {"explore": ("run_dir", "RUN_DIR", "the run directory (e.g. runs/demo)"),
                     "explain": ("run_dir", "RUN_DIR", "the run directory (e.g. runs/demo)"),
-                    "export": ("sae", "SAE_DIR", "the SAE directory (e.g. runs/demo/sae/layer_15)")}  # their positional argument is a run directory, not a config file
+                    "export": ("sae", "SAE_DIR", "the SAE directory (e.g. runs/demo/sae/layer_15)"),
+                    "steer": ("recipe", "RECIPE_DIR", "a recipe folder (e.g. runs/steering_bench/bench/recipes/"
+                              "ipg_step)")}  # their positional argument is a run directory, not a config file
 
 
 class Parser(argparse.ArgumentParser):

@@ -247,7 +247,14 @@ def reward_permutations(result: AttributionResult, n: int, seed: int = 0) -> lis
 
 
 def permuted_ranking(result: AttributionResult, order: torch.Tensor, k: int) -> list[tuple[int, int]]:
-    """IPG's top ``k`` had trajectory ``t`` got the advantage of trajectory ``order[t]`` (same prompt).
+    """IPG's top ``k`` had trajectory ``t`` got the advantage of trajectory ``order[t]`` (same prompt)
+    (:func:`permuted_stats`, ranked as :func:`select` ranks IPG)."""
+    return _rank(permuted_stats(result, order), "mean", k, False, True)
+
+
+def permuted_stats(result: AttributionResult, order: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+    """IPG's per-latent statistics (as :func:`latent_stats`, without ``score``) had trajectory ``t`` got the
+    advantage of trajectory ``order[t]`` (same prompt).
 
     IPG is linear in the advantages (``a_{g,i} = A_g * u_{g,i}``, ``u`` the path integral of
     ``d log pi(tau_g) / d c_i`` times the activation), so each stored per-trajectory row gives
@@ -279,7 +286,7 @@ def permuted_ranking(result: AttributionResult, order: torch.Tensor, k: int) -> 
         weight = shuffled[owner] / advantage[owner] / size[owner_prompt[owner]]
         flat.index_add_(0, owner_prompt[owner] * d + latent, value.double() * weight)
         stats[layer] = _stats(flat.view(result.n_prompts, d)[attributed], result.layer(layer, "active")[attributed])
-    return _rank(stats, "mean", k, False, True)
+    return stats
 
 
 def bootstrap_stability(result: AttributionResult, k: int, n_boot: int = 100, by: str | None = None,

@@ -3,7 +3,8 @@
 A task yields :class:`Problem` records (id, question, short reference answer, worked
 solution when known):
 
-* ``arithmetic`` -- generated word problems with 1, 2 or 3 steps (``level``). Problem ``i``
+* ``arithmetic`` -- generated word problems with 1, 2 or 3 steps (``level``; levels 4-6 are a transfer family
+  on other surfaces, :mod:`ipg_sae.tasks_transfer`). Problem ``i``
   depends only on (seed, level, i), so any ``n_problems``/``offset`` window of the same
   seed agrees with any other, and different seeds give different problems.
 * ``gsm8k`` -- hub ``openai/gsm8k`` (config ``main``) or a local file; the reference is the
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import IPGError
+from .tasks_transfer import TRANSFER_TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class Problem:
 @dataclass
 class TaskConfig:
     name: str = "arithmetic"  # arithmetic | gsm8k | math500 | jsonl
-    level: int = 1  # arithmetic only: 1, 2, 3
+    level: int = 1  # arithmetic only: 1, 2, 3; 4, 5, 6: the transfer family (other surfaces: tasks_transfer)
     n_problems: int = 64  # how many problems to take (after offset); 0 = all for file/hub tasks
     offset: int = 0  # skip this many first problems (held-out splits use a different offset/seed)
     seed: int = 0  # arithmetic: the generator's seed (another seed, other problems)
@@ -286,8 +288,9 @@ def arithmetic_problems(n: int, level: int, seed: int, offset: int = 0) -> list[
 
 
 def _check_level(level: int) -> None:
-    if level not in (1, 2, 3):
-        raise IPGError(f"task.level is {level!r}; arithmetic has levels 1, 2 and 3, set task.level to one of them")
+    if level not in _TEMPLATES:
+        raise IPGError(f"task.level is {level!r}; arithmetic has levels 1, 2 and 3 (and the transfer family's 4, 5 "
+                       "and 6: ipg_sae.tasks_transfer), set task.level to one of them")
 
 
 def _arithmetic_problem(stream: str, level: int, index: int) -> Problem:
@@ -493,6 +496,7 @@ _TEMPLATES: dict[int, list[_Template]] = {
     2: [_l2_buy_then_give, _l2_boxes_plus_loose, _l2_trays_sold, _l2_pages_left, _l2_bus_stops, _l2_coins_saved],
     3: [_l3_cards, _l3_orchard, _l3_wages, _l3_teams, _l3_shopping],
 }
+_TEMPLATES.update(TRANSFER_TEMPLATES)  # levels 4-6: the transfer family on other surfaces
 
 
 # --------------------------------------------------------------------------- few-shot examples

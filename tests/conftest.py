@@ -130,6 +130,8 @@ def bench_overrides(tiny_llama_dir, tmp_path, monkeypatch):
     config overrides."""
     import json
 
+    from ipg_sae.experiments.steering_bench import METHODS
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     sae_dir = tmp_path / "sae"
     tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
@@ -146,11 +148,12 @@ def bench_overrides(tiny_llama_dir, tmp_path, monkeypatch):
         "test": {**task, "offset": 200}, "transfer": [{**task, "level": 2, "offset": 300},
                                                    {"name": "jsonl", "path": str(user_file), "few_shot": 0}],
         "eval_sampling": {**tiny_sampling, "n_samples": 2}, "eval_seeds": [1, 2],
-        "capability_task": {**task, "n_problems": 1, "offset": 900}, "capability_max_tokens": 32,
+        "capability_task": {**task, "n_problems": 1, "offset": 900}, "capability_max_tokens": 32, "offtask_texts": 2,
         "grid": {"ks": [1, 2], "gammas": [2.0], "etas": [1.0, 4.0], "alphas": [0.1, 0.5], "projected_ks": [2],
                  "projected_alphas": [0.5], "instructions": ["Answer with a number.", "Think step by step."],
-                 "max_settings": 4},
-        "min_ess": 0.5, "n_bootstrap": 100,
+                 "shots": [0, 1], "shot_instructions": 1, "diffmean_layers": [1], "layer_alphas": [0.1, 0.5], "dev_draws": 3, "test_draws": 2, "max_settings": 4},
+        "min_ess": 0.5, "n_bootstrap": 100, "test_only": ["ipg_step_shuffled"],
+        "methods": [*METHODS, "diffmean_layer"],
     }
     return overrides
 

@@ -44,8 +44,34 @@ def test_the_bench_answer_follows_the_paired_interval(diff, verdict):
     from ipg_sae.experiments.steering_bench.report import answer
 
     text = answer(BENCH_CFG, _bench_summary(diff))
-    assert text.startswith("On test, the best IPG-based recipe is ipg_topk (ipg_topk k=4,gamma=2.0)")
+    assert text.startswith("On test, the best IPG-based recipe is ipg_topk (ipg_topk k=4,gamma=2.0; chosen by its "
+                           "dev effect")
     assert verdict in text and "On transfer-1 it reverses: -4.0 [-8.0, -1.0] points." in text
+
+
+def test_the_bench_answer_picks_its_best_ipg_recipe_on_dev_not_on_test():
+    """Issue 37 item 8: of two IPG-based recipes, the one with the larger dev effect is "best" even where the other
+    has the larger test effect."""
+    from ipg_sae.experiments.steering_bench.report import answer, best_on_dev
+
+    summary = _bench_summary([0.08, 0.02, 0.14])
+    summary.splits["test"]["ipg_step"] = summary.splits["test"]["ipg_topk"].__class__(
+        **{**_bench_row([0.30, 0.20, 0.40], 0.8)})  # far better on test ...
+    summary.recipes["ipg_step"] = {"label": "ipg_step eta=1.0"}
+    summary.dev["rows"].append({"method": "ipg_step", "name": "ipg_step", "label": "ipg_step eta=1.0", "effect": 0.01,
+                                "estimator": "off-policy", "ess": 0.9, "chosen": True})  # ... but worse on dev
+    assert best_on_dev(summary, ["ipg_topk", "ipg_step"]) == "ipg_topk"
+    summary.splits["transfer-1"]["ipg_step"] = summary.splits["test"]["ipg_step"]
+    assert answer(BENCH_CFG, summary).startswith("On test, the best IPG-based recipe is ipg_topk")
+    summary.dev["rows"][-1]["effect"] = 0.5  # now best on dev: chosen, whatever test says
+    assert best_on_dev(summary, ["ipg_topk", "ipg_step"]) == "ipg_step"
+    from ipg_sae.experiments.steering_bench.summary import Comparison
+
+    summary.comparisons["test"].append(Comparison("ipg_step", "diffmean", [0.28, 0.2, 0.36]))
+    summary.nulls = {"test": {"ipg_step_permuted": {"step": 0.3, "draws": [0.01, -0.02, 0.05, 0.0, 0.02],
+                                                    "rank_p": 1 / 6, "difference": [0.29, 0.2, 0.38]}}}
+    assert ("Against its own ipg_step_permuted null (5 draws, each tuned on dev) the step ranks p = 0.17, "
+            "difference +29.0 [+20.0, +38.0]") in answer(BENCH_CFG, summary)
 
 
 def test_the_bench_markdown_ranks_by_effect_and_lists_every_dev_choice():

@@ -130,7 +130,7 @@ def test_changing_the_bench_seed_reruns_tune(tmp_path):
     assert ran == []
     cfg.seed = 1
     run_stages(cfg, stages)
-    assert ran == ["tune", "evaluate", "capability", "report"]
+    assert ran == ["tune", "match", "evaluate", "capability", "recipes", "report"]
 
 
 def test_an_origin_file_rewritten_at_the_same_path_reruns_the_comparison_from_its_attribution(tmp_path):

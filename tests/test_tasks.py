@@ -122,7 +122,7 @@ def test_load_problems_arithmetic():
     assert problems == arithmetic_problems(5, 2, seed=1, offset=3)
 
 
-@pytest.mark.parametrize("level", [0, 4, -1])
+@pytest.mark.parametrize("level", [0, 7, -1])
 def test_bad_level(level):
     with pytest.raises(IPGError, match="task.level"):
         load_problems(TaskConfig(level=level))
@@ -386,3 +386,35 @@ def test_plain_text_prompt_without_tokenizer():
     problem = Problem("p", "What is 1 + 1?", "2")
     cfg = TaskConfig(few_shot=0, instruction="", system_prompt=None)
     assert format_prompt(None, problem, cfg, []) == "Question: What is 1 + 1?\nAnswer:"
+
+
+def test_levels_1_to_3_are_unchanged_by_the_transfer_family():
+    """Issue 37: adding levels 4-6 changes no existing problem id or text (a digest of 200 problems per level,
+    taken before the transfer family existed)."""
+    import hashlib
+    import json
+
+    rows = [[p.id, p.question, p.answer, p.solution] for level in (1, 2, 3) for p in arithmetic_problems(200, level, 0)]
+    assert hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] == "3e124f03094e74b3"
+
+
+@pytest.mark.parametrize("level, steps", [(4, 1), (5, 1), (6, 2)])
+def test_the_transfer_family_has_other_surfaces_and_right_answers(level, steps):
+    from ipg_sae.tasks_transfer import STEPS
+
+    assert STEPS[level] == steps
+    problems = arithmetic_problems(300, level, seed=0)
+    assert problems == arithmetic_problems(300, level, seed=0) and problems[0].id == f"arith-L{level}-s0-000000"
+    for problem in problems:
+        found = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", problem.solution)
+        assert len(found) == steps and found[-1][3] == problem.answer and int(problem.answer) >= 0
+        assert all(_OPS[op](int(a), int(b)) == int(r) for a, op, b, r in found)
+        assert answers_match(extract_answer(problem.solution), problem.answer)
+
+    def skeleton(q):  # the template: numbers and names stripped
+        return re.sub(r"\d+|\b[A-Z][a-z]+\b", "#", q)
+
+    seen = {skeleton(p.question) for lv in (1, 2, 3) for p in arithmetic_problems(300, lv, seed=0)}
+    assert not seen & {skeleton(p.question) for p in problems}  # no template the attribution levels use
+    if level == 5:
+        assert max(int(p.answer) for p in problems) > 40

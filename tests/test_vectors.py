@@ -114,3 +114,83 @@ def test_projection_on_latents_recovers_a_vector_in_their_span_and_nothing_ortho
     assert project_on_latents(outside, sae, [3, 7, 11]).captured < 1e-10
     half = project_on_latents(inside / inside.norm() + outside / outside.norm(), sae, [3, 7, 11])
     assert half.captured == pytest.approx(0.5, abs=1e-6)
+
+
+def test_the_reward_permuted_step_equals_the_step_recomputed_on_shuffled_rewards(models):
+    """Issue 37: the step's reward-permutation null, from the stored per-trajectory rows, is the IPG-weighted step
+    of an attribution recomputed on the shuffled rewards (fixed quadrature nodes: exact)."""
+    import dataclasses
+
+    from ipg_sae.selection import reward_permutations
+    from ipg_sae.vectors import permuted_step_scores, step_scores, weighted_step
+
+    model, _ = models("llama")
+    trajs = make_trajs([[1, 0, 0, 1], [0, 1, 1, 1], [1, 1, 0, 0]], seed=2)
+    sae = calibrated_sae(model, 2, trajs, d_sae=48)
+    result = attribute(model, {2: sae}, trajs, n_steps=6, progress=False)
+    identity = torch.arange(len(trajs))
+    torch.testing.assert_close(permuted_step_scores(result, identity)[2], step_scores(result)[2])
+    orders = reward_permutations(result, 5, seed=4)
+    assert len(orders) == 5
+    order = orders[1]
+    shuffled = [dataclasses.replace(t, reward=trajs[int(order[i])].reward) for i, t in enumerate(trajs)]
+    recomputed = attribute(model, {2: sae}, shuffled, n_steps=6, progress=False)
+    torch.testing.assert_close(permuted_step_scores(result, order)[2], step_scores(recomputed)[2], rtol=1e-6,
+                               atol=1e-9)
+    got = weighted_step(permuted_step_scores(result, order), 2.0)
+    want = ipg_weighted_step(recomputed, 2.0)
+    assert [(iv.layer, iv.latent) for iv in got] == [(iv.layer, iv.latent) for iv in want]
+    assert [iv.value for iv in got] == pytest.approx([iv.value for iv in want], rel=1e-6)
+    assert got != ipg_weighted_step(result, 2.0)  # the shuffle did change the step
+
+
+def test_the_score_shuffled_step_keeps_the_magnitudes_on_other_latents(models):
+    from ipg_sae.vectors import shuffled_scores
+
+    scores = {2: torch.tensor([0.0, 3.0, -1.0, 0.0, 2.0, 0.5], dtype=torch.float64),
+              5: torch.tensor([0.0, -4.0, 0.0], dtype=torch.float64)}
+    out = shuffled_scores(scores, seed=1)
+    for layer in scores:  # the same scored latents, the same values among them
+        assert torch.equal(out[layer] != 0, scores[layer] != 0)
+    before = sorted(float(v) for s in scores.values() for v in s[s != 0])
+    assert sorted(float(v) for s in out.values() for v in s[s != 0]) == before
+    assert any(not torch.equal(out[layer], scores[layer]) for layer in scores)
+    assert all(torch.equal(shuffled_scores(scores, 1)[layer], out[layer]) for layer in scores)  # seeded
+
+
+def test_diffmean_in_the_latent_basis_finds_a_planted_latent(models):
+    """Issue 37: the advantage-weighted mean difference of SAE latent activations (the latent-basis DiffMean step's
+    weights) is exactly the hand-computed difference and puts a latent that fires only on rewarded
+    trajectories first."""
+    from ipg_sae.vectors import latent_diffmean, weighted_step
+
+    model, _ = models("llama")
+    A, B, P = 77, 78, 5
+    u = torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u /= u.norm()
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        saved = emb[A].clone()
+        emb[A] = emb[B] + 50.0 * u
+    try:
+        prompt = [5, 9, 13, 40, 41]
+        trajs = [_traj(p, g, prompt, [20 + g, 30, A if g % 2 == 0 else B, 31], g % 2 == 0)
+                 for p in range(2) for g in range(4)]
+        sae = calibrated_sae(model, 0, trajs, d_sae=32)
+        xs = torch.cat([capture_residuals(model, torch.tensor([t.prompt_ids + t.completion_ids]), None, [0])[0][0]
+                        for t in trajs]).double()
+        proj = xs @ u
+        with torch.no_grad():  # latent P: fires where the planted direction is (token A), nowhere else
+            sae.W_enc[:, P] = u.to(sae.W_enc.dtype)
+            sae.b_enc[P] = -float(proj.min() + proj.max()) / 2
+        w = latent_diffmean(model, {0: sae}, trajs)[0].double()
+        means = [sae.encode(capture_residuals(model, torch.tensor([t.prompt_ids + t.completion_ids]), None, [0])[0]
+                            [0, 5:]).double().mean(0) for t in trajs]
+        want = torch.stack(means[0::2]).mean(0) - torch.stack(means[1::2]).mean(0)  # 0/1 rewards: high minus low
+        torch.testing.assert_close(w, want.detach(), rtol=1e-4, atol=1e-5)
+        assert int(w.abs().argmax()) == P and float(w[P]) > 0
+        step = {iv.latent: iv.value for iv in weighted_step({0: w}, 1.0)}
+        assert step[P] == pytest.approx(2.0)  # the top latent is doubled at eta 1
+    finally:
+        with torch.no_grad():
+            emb[A] = saved

@@ -288,6 +288,8 @@ class SAESourceConfig:
     load: list[SAESpec] = field(default_factory=list)  # published or local SAEs; when empty, train them
     train_config: str | None = None  # a train-sae YAML (its name, runs_dir and model are the job's)
     train_overrides: dict = field(default_factory=dict)  # dotted overrides of that config, e.g. {training_tokens: 1e6}
+    # the trained SAE's seed (init and data order), over the train config's: a replicate's own SAE (None: the config's)
+    seed: int | None = field(default=None, metadata={"key_omits": None})
 
     def validate(self) -> None:
         if not self.load and not self.train_config:
@@ -304,6 +306,8 @@ def train_job(cfg):
     where = f"{source + ': ' if source else ''}sae.train_overrides (fields of {cfg.sae.train_config})"
     check_dotted(TrainSAEConfig, cfg.sae.train_overrides, where)
     overrides = {**cfg.sae.train_overrides, "name": cfg.name, "runs_dir": cfg.runs_dir}
+    if cfg.sae.seed is not None:
+        overrides["seed"] = cfg.sae.seed
     train = load_config(TrainSAEConfig, cfg.sae.train_config, overrides,
                         overrides_from=f"sae.train_overrides{' of ' + source if source else ''}")
     # The SAE never trains on a question the job attributes or evaluates on (every split it names). The splits are

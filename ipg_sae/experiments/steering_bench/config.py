@@ -15,7 +15,7 @@ from ..common import check_importance_sampling, check_problems_per_batch, check_
 from ..stages import SAESourceConfig
 from .recipes import KINDS, BenchGrid, group, methods
 
-METHODS = methods()  # the shipped methods (the default of `methods`); the registry may hold more
+METHODS = methods(default_only=True)  # the shipped methods (the default of `methods`); the registry may hold more
 NULL_RECIPES = group("null")
 
 
@@ -46,6 +46,12 @@ class SteeringBenchConfig(StagedJobConfig):
     capability_task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=8, offset=20000))
     capability_levels: list[int] = field(default_factory=lambda: [1, 2, 3])  # held-out documents of the SAE corpus
     capability_max_tokens: int = 256
+    match_reference: str = "ipg_step"  # push matching: every recipe also at the setting whose off-task KL/token
+    match_texts: int = 24  # ... matches this method's chosen one's, on the first this many off-task documents,
+    match_rtol: float = 0.1  # ... within this relative tolerance (no matching: "" or a reference not in methods)
+    match_methods: list[str] = field(default_factory=list)  # the methods matched (empty: every one with a knob)
+    test_only: list[str] = field(default_factory=list)  # recipes run on test only: methods, or "@push" for all matched
+    offtask_texts: int = 0  # off-task English documents for the capability cost (ipg_sae/data; 0 = all, ~26.7k tokens)
     n_bootstrap: int = 2000
     seed: int = 0
     problems_per_batch: int = 8
@@ -72,10 +78,18 @@ class SteeringBenchConfig(StagedJobConfig):
             if not 1 <= n <= self.grid.max_settings:
                 raise IPGError(f"steering_bench.grid gives {name} {n} settings; every method gets 1 to "
                                f"grid.max_settings ({self.grid.max_settings}): shorten its lists")
+        if not 1 <= self.grid.test_draws <= self.grid.dev_draws:
+            raise IPGError(f"steering_bench.grid.test_draws is {self.grid.test_draws}: the step's nulls run 1 to "
+                           f"grid.dev_draws ({self.grid.dev_draws}) of their dev draws on test")
         check_importance_sampling("steering_bench.dev_sampling", self.dev_sampling)
         check_problems_per_batch("steering_bench.problems_per_batch", self.problems_per_batch)
         if not self.eval_seeds or len(set(self.eval_seeds)) != len(self.eval_seeds):
             raise IPGError("steering_bench.eval_seeds must list at least one seed, each once")
+        if self.match_reference and self.match_reference not in methods():
+            raise IPGError(f"steering_bench.match_reference {self.match_reference!r} is not a steering method; name "
+                           "one (it is matched only when in methods), or \"\" for no push matching")
+        if not 0 < self.match_rtol < 1 or self.match_texts < 1:
+            raise IPGError("steering_bench.match_rtol must be in (0, 1) and match_texts at least 1")
         if not self.transfer:
             raise IPGError("steering_bench.transfer must list at least one task (another task family)")
 

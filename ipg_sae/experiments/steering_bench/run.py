@@ -57,11 +57,12 @@ from ...splits import disjoint_splits, question_key
 from ...steering import Intervention, steering
 from ...tasks import TaskConfig, build_prompts, load_problems
 from ...trajectories import Trajectory, load_trajectories, prompt_groups, save_trajectories
-from ...vectors import diffmean
+from ...vectors import diffmean, latent_diffmean
 from ..common import attribute, attribution_sampling_stage, reward_dir, sample_stage
 from ..stages import SAE_STAGE, Stage, run_job_stages, sae_specs, task_files
 from .config import SteeringBenchConfig, splits
-from .recipes import KINDS, UNSTEERED, Ingredients, Recipe, null_recipes, recipes
+from .recipes import KINDS, UNSTEERED, Ingredients, Recipe, kind_of, null_recipes, recipes, tuned_name
+from .push import matched_recipes
 from .report import answer, markdown, plot_gain_vs_cost
 from .summary import BenchSummary, summarize
 
@@ -171,6 +172,27 @@ def _diffmean_stage(cfg: SteeringBenchConfig) -> dict:
     return {"layer": dm.layer, "norm": float(dm.vector.norm()), "residual_norm": dm.residual_norm}
 
 
+def _vectors_stage(cfg: SteeringBenchConfig) -> dict:
+    """DiffMean in the latent basis (every SAE layer) and DiffMean at ``grid.diffmean_layers``, from the
+    attribution trajectories: ``bench/vectors.safetensors``."""
+    from safetensors.torch import save_file
+
+    model, _ = load_model(cfg.model)
+    saes = as_layer_dict(load_saes(sae_specs(cfg), model))
+    trajectories = load_trajectories(_attribution_root(cfg) / "trajectories.jsonl")
+    tensors, meta = {}, {}
+    for layer, w in latent_diffmean(model, saes, trajectories).items():
+        tensors[f"latent_{layer}"] = w.contiguous()
+    for layer in cfg.grid.diffmean_layers:
+        dm = diffmean(model, trajectories, layer)
+        tensors[f"residual_{layer}"] = dm.vector.contiguous()
+        meta[f"residual_norm_{layer}"] = repr(dm.residual_norm)
+    path = _bench(cfg) / "vectors.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return {name: float(t.norm()) for name, t in tensors.items()}
+
+
 def _dev_stage(cfg: SteeringBenchConfig) -> dict:
     model, tokenizer = load_model(cfg.model)
     problems = load_problems(cfg.dev)  # checked disjoint from the other splits before any work (run_bench)
@@ -187,16 +209,22 @@ STAGES = [
     Stage("attribute", _run_attribute, outputs=_attribution_files,
           fields=("attribution", "methods", "grid.ks", "attribution_dir")),
     Stage("diffmean", _diffmean_stage, outputs=lambda c: [_bench(c) / "diffmean.safetensors"]),
+    Stage("vectors", _vectors_stage, outputs=lambda c: [_bench(c) / "vectors.safetensors"],
+          fields=("grid.diffmean_layers",)),
     Stage("dev", _dev_stage, outputs=lambda c: [_bench(c) / "dev.jsonl"], fields=("dev", "dev_sampling"),
           files=lambda c: task_files(c.dev)),
     Stage("tune", lambda c: tune(c), outputs=lambda c: [_bench(c) / "tuning.json"],
           fields=("methods", "grid", "min_ess", "dev_on_policy_samples", "seed", "problems_per_batch")),
+    Stage("match", lambda c: match(c), outputs=lambda c: [_bench(c) / "matched.json"],
+          fields=("match_reference", "match_texts", "match_rtol", "match_methods", "grid.test_draws",
+                  "capability_max_tokens")),
     Stage("evaluate", lambda c: evaluate_chosen(c), outputs=lambda c: [_bench(c) / "evaluation.json"],
-          fields=("test", "transfer", "eval_sampling", "eval_seeds", "nulls", "seed"),
+          fields=("test", "transfer", "eval_sampling", "eval_seeds", "nulls", "seed", "grid.test_draws", "test_only"),
           files=lambda c: task_files(c.test, *c.transfer)),
     Stage("capability", lambda c: capability(c), outputs=lambda c: [_bench(c) / "capability.json"],
-          fields=("capability_task", "capability_levels", "capability_max_tokens"),
+          fields=("capability_task", "capability_levels", "capability_max_tokens", "offtask_texts"),
           files=lambda c: task_files(c.capability_task)),
+    Stage("recipes", lambda c: export_recipes(c), outputs=lambda c: [_bench(c) / "recipes"]),
     Stage("report", lambda c: report(c), outputs=lambda c: [_bench(c) / f for f in ("report.md", "leaderboard.json")],
           fields=("n_bootstrap",)),
 ]
@@ -236,7 +264,17 @@ class Bench:
         with safe_open(str(_bench(cfg) / "diffmean.safetensors"), "pt") as f:
             meta = f.metadata()
             vector = f.get_tensor("vector")
-        self.ing = Ingredients(results, vector, int(meta["layer"]), float(meta["residual_norm"]), self.saes)
+        latent, layer_vectors = {}, {}
+        with safe_open(str(_bench(cfg) / "vectors.safetensors"), "pt") as f:
+            meta_v = f.metadata() or {}
+            for name in f.keys():
+                kind, layer = name.rsplit("_", 1)
+                if kind == "latent":
+                    latent[int(layer)] = f.get_tensor(name)
+                else:
+                    layer_vectors[int(layer)] = (f.get_tensor(name), float(meta_v[f"residual_norm_{layer}"]))
+        self.ing = Ingredients(results, vector, int(meta["layer"]), float(meta["residual_norm"]), self.saes,
+                               latent, layer_vectors, cfg.seed)
         self.stops = eos_ids(self.model, self.tokenizer)
         self._cells: dict[str, LogprobCells] = {}
 
@@ -262,6 +300,8 @@ class Bench:
         """``recipe``'s on-policy samples of a split (cell)."""
         problems = load_problems(task)
         prompt_task = dataclasses.replace(task, system_prompt=recipe.system_prompt) if recipe.system_prompt else task
+        if recipe.few_shot is not None:
+            prompt_task = dataclasses.replace(prompt_task, few_shot=recipe.few_shot)
         prompts = build_prompts(self.tokenizer, problems, prompt_task)
         key = {"estimator": "sampling", "split": split, "task": dataclasses.asdict(task), "recipe": recipe.key(),
                "sampling": dataclasses.asdict(sampling), "reward": self.reward.identity,
@@ -306,7 +346,7 @@ def tune(cfg: SteeringBenchConfig, progress: bool = True) -> dict:
     rows = []
     plan = [(m, r) for m in cfg.methods for r in recipes(cfg, m, bench.ing)]
     for method, recipe in tqdm(plan, desc="tune on dev", unit="setting", disable=not progress):
-        row = {"method": method, "setting": recipe.setting, "label": recipe.label}
+        row = {"method": method, "name": tuned_name(recipe), "setting": recipe.setting, "label": recipe.label}
         if recipe.interventions:
             est = estimate(base, bench.logprobs(recipe, dev), rewards, groups)
             row["ess"] = float(np.mean(est.ess))
@@ -320,10 +360,10 @@ def tune(cfg: SteeringBenchConfig, progress: bool = True) -> dict:
             row.update(estimator="on-policy", value=value, effect=value - on_base)
         rows.append(row)
     chosen = {}
-    for method in cfg.methods:
-        best = max((r for r in rows if r["method"] == method), key=lambda r: r["effect"])
+    for name in dict.fromkeys(r["name"] for r in rows):  # each method, each draw of a method with draws
+        best = max((r for r in rows if r["name"] == name), key=lambda r: r["effect"])
         best["chosen"] = True
-        chosen[method] = best["setting"]
+        chosen[name] = best["setting"]
     write_json(_bench(cfg) / "tuning.json", {"rows": rows, "chosen": chosen, "dev_reward": base_value,
                                              "dev_problems": len(ids), "min_ess": cfg.min_ess})
     return {"chosen": chosen}
@@ -332,11 +372,13 @@ def tune(cfg: SteeringBenchConfig, progress: bool = True) -> dict:
 def _chosen_recipes(cfg: SteeringBenchConfig, bench: Bench) -> dict[str, Recipe]:
     tuning = read_json(_bench(cfg) / "tuning.json")
     out = {}
-    for method, setting in tuning["chosen"].items():
-        matches = [r for r in recipes(cfg, method, bench.ing) if _jsonable(r.setting) == setting]
+    for name, setting in tuning["chosen"].items():
+        if "draw" in setting and setting["draw"] >= cfg.grid.test_draws:
+            continue  # a null's dev-only draw
+        matches = [r for r in recipes(cfg, kind_of(name), bench.ing) if _jsonable(r.setting) == setting]
         if len(matches) != 1:
-            raise IPGError(f"the chosen {method} setting {setting} is not in the grid any more; rerun the tune stage")
-        out[method] = matches[0]
+            raise IPGError(f"the chosen {name} setting {setting} is not in the grid any more; rerun the tune stage")
+        out[name] = matches[0]
     return out
 
 
@@ -349,13 +391,42 @@ def _pool(cfg: SteeringBenchConfig, bench: Bench) -> LatentPool:
     return LatentPool.of(bench.saes, frequencies=bench.scorer(dev, "all").activation_frequencies())
 
 
+def match(cfg: SteeringBenchConfig) -> dict:
+    """Every chosen recipe with a push knob also at the setting whose off-task KL/token matches
+    ``match_reference``'s chosen setting's (:mod:`.push`): ``bench/matched.json``. Reads no test data."""
+    from ...capability import capability_cost, offtask_texts
+
+    if not cfg.match_reference or cfg.match_reference not in cfg.methods:  # nothing to match against
+        write_json(_bench(cfg) / "matched.json", {"reference": None, "recipes": {}})
+        return {}
+    bench = Bench(cfg)
+    docs = offtask_texts(max_texts=cfg.match_texts)
+
+    def cost(recipe: Recipe) -> float:
+        return capability_cost(bench.model, bench.tokenizer, bench.saes, recipe.interventions, docs,
+                               max_tokens=cfg.capability_max_tokens).kl
+
+    out = matched_recipes(_chosen_recipes(cfg, bench), cfg.match_reference, bench.ing, cost, cfg.match_rtol,
+                          cfg.match_methods)
+    write_json(_bench(cfg) / "matched.json", out)
+    return {name: round(r["kl"], 5) for name, r in out["recipes"].items()}
+
+
+def _evaluated(cfg: SteeringBenchConfig, bench: Bench) -> dict[str, Recipe]:
+    """What test, transfer and the capability cost run: the chosen recipes, the nulls mirroring them and the
+    recipes at matched push (``matched.json``)."""
+    chosen = _chosen_recipes(cfg, bench)
+    out = {**chosen, **{r.method: r for r in null_recipes(cfg, chosen, bench.ing, _pool(cfg, bench))}}
+    for name, m in read_json(_bench(cfg) / "matched.json")["recipes"].items():
+        out[name] = KINDS[kind_of(name)].build(m["method"], m["setting"], bench.ing)
+    return out
+
+
 def evaluate_chosen(cfg: SteeringBenchConfig) -> dict:
     """Each chosen recipe (and the nulls and the unsteered model) sampled on-policy on test and every transfer
     split, ``eval_seeds`` x ``eval_sampling.n_samples`` per problem."""
     bench = Bench(cfg)
-    chosen = _chosen_recipes(cfg, bench)
-    everything = {"unsteered": UNSTEERED, **chosen, **{r.method: r for r in null_recipes(cfg, chosen, bench.ing,
-                                                                                        _pool(cfg, bench))}}
+    everything = {"unsteered": UNSTEERED, **_evaluated(cfg, bench)}
     evaluation: dict = {"recipes": {name: {"label": r.label, "setting": r.setting} for name, r in everything.items()},
                         "splits": {}}
     for split, task in splits(cfg).items():
@@ -363,6 +434,8 @@ def evaluate_chosen(cfg: SteeringBenchConfig) -> dict:
             continue
         per_recipe = {}
         for name, recipe in everything.items():
+            if split != "test" and (kind_of(name) in cfg.test_only or ("@push" in cfg.test_only and "@" in name)):
+                continue  # a recipe run on test only (a null's draws, the recipes at matched push: compute)
             seeds = [bench.outcomes(bench.sampled(recipe, split, task, dataclasses.replace(cfg.eval_sampling, seed=s)))
                      for s in cfg.eval_seeds]
             per_recipe[name] = {"problems": seeds[0]["problems"],
@@ -375,7 +448,9 @@ def evaluate_chosen(cfg: SteeringBenchConfig) -> dict:
 
 def neutral_texts(cfg: SteeringBenchConfig, tokenizer) -> dict[str, list[str]]:
     """Held-out documents of the SAE corpus (task prompts with worked solutions, never trained on) and the
-    generic check texts (prose, code, arithmetic)."""
+    generic check texts (prose, code, arithmetic), both in-domain or near it; and the off-task English text that
+    ships with the package (:func:`ipg_sae.capability.offtask_texts`: ~26.7k tokens of BSD fortunes)."""
+    from ...capability import offtask_texts
     from ...saes import CHECK_TEXTS
     from ...tasks import load_problems
 
@@ -385,7 +460,7 @@ def neutral_texts(cfg: SteeringBenchConfig, tokenizer) -> dict[str, list[str]]:
         problems = load_problems(task)
         corpus += [p + (q.solution or f"The answer is {q.answer}.")
                    for p, q in zip(build_prompts(tokenizer, problems, task), problems)]
-    return {"corpus": corpus, "generic": list(CHECK_TEXTS)}
+    return {"corpus": corpus, "generic": list(CHECK_TEXTS), "offtask": offtask_texts(max_texts=cfg.offtask_texts or None)}
 
 
 def capability(cfg: SteeringBenchConfig) -> dict:
@@ -394,8 +469,7 @@ def capability(cfg: SteeringBenchConfig) -> dict:
     from ...capability import capability_cost
 
     bench = Bench(cfg)
-    chosen = _chosen_recipes(cfg, bench)
-    everything = {**chosen, **{r.method: r for r in null_recipes(cfg, chosen, bench.ing, _pool(cfg, bench))}}
+    everything = _evaluated(cfg, bench)
     texts = neutral_texts(cfg, bench.tokenizer)
     out = {}
     for name, recipe in everything.items():
@@ -412,11 +486,20 @@ def capability(cfg: SteeringBenchConfig) -> dict:
     return {name: v["generic"]["kl"] for name, v in out.items()}
 
 
+def export_recipes(cfg: SteeringBenchConfig) -> dict:
+    """Every evaluated recipe as a folder a reader can apply (:mod:`.apply`): ``bench/recipes/``."""
+    from .apply import write_recipes
+
+    bench = Bench(cfg)
+    dirs = {layer: spec.path for layer, spec in zip(sorted(bench.saes), sae_specs(cfg))}
+    return write_recipes(_bench(cfg) / "recipes", _evaluated(cfg, bench), cfg.model.name, dirs)
+
+
 def report(cfg: SteeringBenchConfig) -> dict:
     """``bench/report.md``, ``bench/leaderboard.json`` and the plot of accuracy gain against capability cost."""
     out = _bench(cfg)
     summary = summarize(cfg, read_json(out / "evaluation.json"), read_json(out / "capability.json"),
-                        read_json(out / "tuning.json"))
+                        read_json(out / "tuning.json"), read_json(out / "matched.json"))
     summary.answer = answer(cfg, summary)
     plot = plot_gain_vs_cost(cfg, summary, out / "gain_vs_cost.png")
     summary.save(out / "leaderboard.json")
@@ -426,7 +509,7 @@ def report(cfg: SteeringBenchConfig) -> dict:
 
 
 LEADERBOARD_COLUMNS = ["recipe", "setting", "effect", "lo", "hi", "accuracy", "length", "parse_failure", "degenerate",
-                       "kl_generic", "kl_corpus"]
+                       "kl_generic", "kl_corpus", "kl_offtask"]
 
 
 def log_to_wandb(cfg: SteeringBenchConfig, summary: BenchSummary, plot: Path) -> None:
@@ -445,7 +528,8 @@ def log_to_wandb(cfg: SteeringBenchConfig, summary: BenchSummary, plot: Path) ->
                 cost = summary.capability.get(name, {})
                 table.append([name, json.dumps(summary.recipes[name]["setting"]), *effect, row.accuracy,
                               row.length, row.parse_failure, row.degenerate,
-                              cost.get("generic", {}).get("kl", 0.0), cost.get("corpus", {}).get("kl", 0.0)])
+                              cost.get("generic", {}).get("kl", 0.0), cost.get("corpus", {}).get("kl", 0.0),
+                              cost.get("offtask", {}).get("kl", 0.0)])
                 if name != "unsteered":
                     metrics[f"steering_bench/{split}/{name}/effect"] = effect[0]
             tracker.table(f"steering_bench/{split}", LEADERBOARD_COLUMNS, table)
