@@ -26,6 +26,7 @@ def test_the_documented_config_loads_and_is_checked(tmp_path, monkeypatch):
     block = re.search(r"```yaml\n(.*?)```", doc, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)  # another test's my_rewards is not this one
     (tmp_path / "my_rewards.py").write_text("def reward(prompt, completion, reference):\n    return float(reference in completion)\n")
     rows = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(450)]
     (tmp_path / "my_task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -3,6 +3,7 @@
 documented, with only the model and the SAE path replaced by the tiny ones (and its sizes shrunk)."""
 
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -17,6 +18,7 @@ def test_the_own_task_example_runs_as_documented(tiny_llama_dir, tmp_path, monke
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(EXAMPLE.parent.parent)  # paths in the example are relative to the repository root
     monkeypatch.syspath_prepend(str(EXAMPLE))  # PYTHONPATH=examples/own_task, as the doc says
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)  # another test's my_rewards is not this one
     sae_dir = tmp_path / "sae"
     tiny.random_sae("topk", 64, layer=2, d_sae=64, k=8, seed=3).save_model(str(sae_dir))
     doc = (Path("docs") / "own-model.md").read_text()
@@ -44,6 +46,7 @@ def test_the_example_config_loads_as_shipped(monkeypatch):
 
     monkeypatch.chdir(EXAMPLE.parent.parent)
     monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)  # another test's my_rewards is not this one
     cfg = load_config(PipelineConfig, "examples/own_task/pipeline.yaml")
     assert cfg.sae.load[0].path == "runs/demo/sae/layer_15" and cfg.task.path == "examples/own_task/problems.jsonl"
     fn = get_reward(cfg.reward)
