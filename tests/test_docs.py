@@ -81,6 +81,26 @@ def steering_claims() -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("claim", study_claims() + steering_claims())
+def demo_claims() -> list[str]:
+    """The demo's last run, as docs/demo/run/ keeps it."""
+    ev = _load("docs/demo/run/eval_summary.json")
+    run = _load("docs/demo/run/run_summary.json")
+    sae = _load("docs/demo/run/sae_eval.json")["layers"]["15"]
+    vs_random = {c["gamma"]: c for c in ev["comparisons"] if c["against"] == "random" and c["metric"] == "accuracy"}
+    act2 = next(r for r in ev["rows"] if r["set"] == "act" and r["gamma"] == 2.0)
+    att = run["attribution"]
+    return [
+        f"{100 * run['sample']['accuracy']:.1f}% of the {run['sample']['n']} samples correct",
+        f"explained variance {sae['explained_variance']:.3f}, L0 {sae['l0']:.0f}, {100 * sae['dead_fraction']:.1f}% dead",
+        f"{att['mean_nodes']:.1f} node passes per prompt",
+        f"gap median {100 * att['delta_median']:.2f}%, max {100 * att['delta_max']:.2f}%",
+        f"{bare([vs_random[0.0][k] for k in ('delta', 'lo', 'hi')]).replace(' [', ' pts [')} removed",
+        f"{bare([vs_random[2.0][k] for k in ('delta', 'lo', 'hi')]).replace(' [', ' pts [')} amplified",
+        bare([act2["accuracy_delta"], act2["accuracy_delta_lo"], act2["accuracy_delta_hi"]]).replace(" [", " pts ["),
+        f"sample {run['stages']['sample']['seconds']:.0f} s, SAE {run['stages']['sae']['seconds']:.0f} s",
+    ]
+
+
+@pytest.mark.parametrize("claim", study_claims() + steering_claims() + demo_claims())
 def test_the_readme_states_the_committed_number(claim):
     assert claim in README, f"README does not state {claim!r} (the committed JSON says so)"
