@@ -33,62 +33,41 @@ def _range(level: int) -> tuple[int, int]:
     return (1, 20) if level == 4 else (10, 99)
 
 
-def _rain(level: int):
-    def make(rng: random.Random, name: str) -> _Generated:
-        lo, hi = _range(level)
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        return _Generated(f"How much rain fell in total, in millimetres, if {a} mm fell in the morning and {b} mm in "
-                          "the afternoon?", [_step(a, "+", b, a + b, "Both amounts of rain add up:")], a + b)
-    return make
+def _adding(question: str, why: str):
+    """A one-step template that adds two numbers of the level's range (``{a}``, ``{b}``, ``{name}`` in the text)."""
+    def template(level: int):
+        def make(rng: random.Random, name: str) -> _Generated:
+            lo, hi = _range(level)
+            a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+            return _Generated(question.format(a=a, b=b, name=name), [_step(a, "+", b, a + b, why)], a + b)
+        return make
+    return template
 
 
-def _train(level: int):
-    def make(rng: random.Random, name: str) -> _Generated:
-        lo, hi = _range(level)
-        a = rng.randint(lo, hi)
-        b = rng.randint(1, a)
-        return _Generated(f"A train leaves the station carrying {a} passengers. At the first stop, {b} passengers get "
-                          "off and nobody gets on. How many passengers are on the train now?",
-                          [_step(a, "-", b, a - b, "Passengers who get off leave the train:")], a - b)
-    return make
+def _taking(question: str, why: str):
+    """A one-step template that takes a smaller number (1..a) from one of the level's range."""
+    def template(level: int):
+        def make(rng: random.Random, name: str) -> _Generated:
+            lo, hi = _range(level)
+            a = rng.randint(lo, hi)
+            b = rng.randint(1, a)
+            return _Generated(question.format(a=a, b=b, name=name), [_step(a, "-", b, a - b, why)], a - b)
+        return make
+    return template
 
 
-def _score(level: int):
-    def make(rng: random.Random, name: str) -> _Generated:
-        lo, hi = _range(level)
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        return _Generated(f"Points scored: first half {a}, second half {b}. What was the team's final score?",
-                          [_step(a, "+", b, a + b, "The final score is the sum of both halves:")], a + b)
-    return make
-
-
-def _wallet(level: int):
-    def make(rng: random.Random, name: str) -> _Generated:
-        lo, hi = _range(level)
-        a = rng.randint(lo, hi)
-        b = rng.randint(1, a)
-        return _Generated(f"{name}'s wallet held ${a}. After paying ${b} for a ticket, how many dollars remain in "
-                          "the wallet?", [_step(a, "-", b, a - b, "Paying for the ticket takes money out:")], a - b)
-    return make
-
-
-def _temperature(level: int):
-    def make(rng: random.Random, name: str) -> _Generated:
-        lo, hi = _range(level)
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        return _Generated(f"At dawn the thermometer read {a} degrees; by noon it had climbed another {b} degrees. "
-                          "What did it read at noon?", [_step(a, "+", b, a + b, "The temperature rose, so")], a + b)
-    return make
-
-
-def _tank(level: int):
-    def make(rng: random.Random, name: str) -> _Generated:
-        lo, hi = _range(level)
-        a = rng.randint(lo, hi)
-        b = rng.randint(1, a)
-        return _Generated(f"Litres of water in a tank: {a}. A leak drains {b} litres overnight. "
-                          "Litres in the tank by morning?", [_step(a, "-", b, a - b, "The leak drains water:")], a - b)
-    return make
+_rain = _adding("How much rain fell in total, in millimetres, if {a} mm fell in the morning and {b} mm in the "
+                "afternoon?", "Both amounts of rain add up:")
+_train = _taking("A train leaves the station carrying {a} passengers. At the first stop, {b} passengers get off and "
+                 "nobody gets on. How many passengers are on the train now?", "Passengers who get off leave the train:")
+_score = _adding("Points scored: first half {a}, second half {b}. What was the team's final score?",
+                 "The final score is the sum of both halves:")
+_wallet = _taking("{name}'s wallet held ${a}. After paying ${b} for a ticket, how many dollars remain in the wallet?",
+                  "Paying for the ticket takes money out:")
+_temperature = _adding("At dawn the thermometer read {a} degrees; by noon it had climbed another {b} degrees. What "
+                       "did it read at noon?", "The temperature rose, so")
+_tank = _taking("Litres of water in a tank: {a}. A leak drains {b} litres overnight. Litres in the tank by morning?",
+                "The leak drains water:")
 
 
 def _parking(rng: random.Random, name: str) -> _Generated:
