@@ -257,6 +257,17 @@ class JSONFile:
     ``from_json`` and ``KIND`` (what the file is, for that line)."""
 
     KIND = "result"
+    FORMAT = ""  # the format version a file must carry (empty: not checked)
+
+    @classmethod
+    def check_format(cls, doc, where: str) -> None:
+        """Refuse a document of another format version (or no dict at all), naming it and the fix."""
+        from .errors import IPGError
+
+        found = doc.get("format") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or (cls.FORMAT and found != cls.FORMAT):
+            raise IPGError(f"{where} is not a {cls.KIND} of this version (format {found!r}, expected "
+                           f"{cls.FORMAT!r}); rerun its report stage")
 
     def save(self, path: str | Path) -> Path:
         write_json(path, self.to_json())

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import IPGError
 from ...io import JSONFile
 from ...stats import area_under_curve, bootstrap
 from .config import PathsConfig
@@ -87,6 +86,7 @@ class OriginsSummary(JSONFile):
     """Everything the report says (saved as ``paths/summary.json``): per origin and method, the agreement with
     single-latent removals on each side, and the set curves per gamma (a float here; a string key in the file)."""
     KIND = "summary of an origin comparison"
+    FORMAT = FORMAT
 
     answer: str
     per_latent: dict[str, dict[str, dict[str, Agreement]]]  # origin -> method -> side
@@ -108,10 +108,7 @@ class OriginsSummary(JSONFile):
 
     @classmethod
     def from_json(cls, doc: dict, where: str = "summary") -> "OriginsSummary":
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            found = doc.get("format") if isinstance(doc, dict) else None
-            raise IPGError(f"{where} is not an origin-comparison summary of this version (format {found!r}, "
-                           f"expected {FORMAT!r}); rerun its report stage")
+        cls.check_format(doc, where)
         fields = {k: v for k, v in doc.items() if k not in ("per_latent", "sets")}
         per_latent = {o: {m: {side: Agreement(**a) for side, a in sides.items()} for m, sides in methods.items()}
                       for o, methods in doc["per_latent"].items()}

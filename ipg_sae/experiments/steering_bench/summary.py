@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import IPGError
 from ...io import JSONFile
 from ...stats import bootstrap
 from .config import SteeringBenchConfig
@@ -57,6 +56,7 @@ class BenchSummary(JSONFile):
     IPG-based-minus-practice comparisons; the dev tuning and the capability costs as stored; each recipe's chosen
     setting; the answer."""
     KIND = "steering-benchmark summary"
+    FORMAT = FORMAT
 
     splits: dict[str, dict[str, Row]]
     dev: dict  # tuning.json
@@ -81,10 +81,7 @@ class BenchSummary(JSONFile):
 
     @classmethod
     def from_json(cls, doc: dict, where: str = "leaderboard") -> "BenchSummary":
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            found = doc.get("format") if isinstance(doc, dict) else None
-            raise IPGError(f"{where} is not a steering-benchmark summary of this version (format {found!r}, expected "
-                           f"{FORMAT!r}); rerun its report stage")
+        cls.check_format(doc, where)
         splits = {s: {n: Row(**r) for n, r in rows.items()} for s, rows in doc["splits"].items()}
         comparisons = {s: [Comparison(*label.split(" - ", 1), diff) for label, diff in cs.items()]
                        for s, cs in doc["comparisons"].items()}
