@@ -145,7 +145,7 @@ def run_stages(cfg, stages: list[Stage]) -> dict:
         marker = run_dir / "stages" / f"{stage.name}.json"
         done = _read_marker(marker)
         recorded = done.get("outputs") if done and isinstance(done.get("outputs"), dict) else {}
-        changed = _changed_outputs(stage, cfg, recorded) if done else []
+        changed = _changed_outputs(recorded) if done else []
         intact = done is not None and done.get("summary_sha256") == json_digest(done.get("summary"))
         if done and done["hash"] == key and not changed and intact:
             log.info("stage %s: already done with these settings and inputs (key %s) and its %d output files are "
@@ -175,7 +175,7 @@ def run_stages(cfg, stages: list[Stage]) -> dict:
     return results
 
 
-def _changed_outputs(stage: Stage, cfg, recorded: dict) -> list[str]:
+def _changed_outputs(recorded: dict) -> list[str]:
     """The files a finished stage wrote (its marker's ``outputs``) that are no longer as it wrote them (edited,
     removed, or present where it wrote none); files that appeared beside them since are not its business."""
     return [path for path, digest in recorded.items()
