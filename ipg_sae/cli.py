@@ -112,6 +112,10 @@ def _pipeline_run():
         for line in _attribute_lines(results["attribute"]):
             print(f"attribute: {line}")
         print(f"report: {results['evaluate']['report']}")
+        explain = results["explain"]
+        if explain.get("enabled", True):
+            print(f"explain: {explain['n_latents']} latents (the explorer's full panels) in "
+                  f"{explain['seconds']:.0f} s; the feature table with their explanations: {explain['table']}")
         print(f"explorer: {results['explore']['explorer']} (open it in a browser; no server needed)")
     return run
 

@@ -11,13 +11,17 @@ and the completion of each, as the explorer shows them), split by prompt into a 
 * ``llm_L<layer>.jsonl`` — with ``llm_enabled``, the LLM's explanation and its detection / fuzzing scores
   (:mod:`ipg_sae.llm_explain`; resumable the same way);
 * ``features.csv`` — the run's ``features.csv`` rows (and one row per other explained latent) with the
-  explanation columns (:data:`~ipg_sae.explanations.EXPLANATION_COLUMNS`) added. The run's own
-  ``features.csv`` is left as the attribute stage wrote it: it is one of that stage's recorded outputs, and
-  rewriting it would make the pipeline redo the attribution;
+  explanation columns (:data:`~ipg_sae.explanations.EXPLANATION_COLUMNS`) added: the feature table with
+  explanations. The run's own ``features.csv`` is left as the attribute stage wrote it: it is one of that
+  stage's recorded outputs, and rewriting it would make the pipeline redo the attribution;
 * ``summary.json`` — settings, counts, seconds taken, and the mean scores per group (IPG's top 16 / top 64,
   each baseline's top k).
 
 The explorer (:func:`ipg_sae.explorer.build`) shows these files when they exist; W&B gets the table.
+
+The pipeline runs this job as its ``explain`` stage (:class:`ExplainStageConfig`, the pipeline's ``explain``
+section), on the latents the explorer gives a full panel (:func:`ipg_sae.explorer.panel_latents`), before it
+builds the explorer.
 """
 
 from __future__ import annotations
@@ -61,6 +65,35 @@ class ExplainJobConfig:
         self.explain.validate()
         if self.llm_enabled:
             self.llm.validate()
+            self.llm.require_endpoint()
+
+
+@dataclass
+class ExplainStageConfig(ExplainConfig):
+    """The pipeline's ``explain`` section: the explanation settings (those of ``ipg-sae explain --explain.*``),
+    whether the stage runs, and the LLM. Which latents is not a setting here: the explorer's full panels."""
+
+    enabled: bool = True  # explain the explorer's full-panel latents before the explorer is built
+    max_sequences: int = 0  # trajectories used as the corpus (0: all)
+    llm_enabled: bool = False  # also ask an LLM (see llm): off unless an endpoint or local model is configured
+    llm: LLMConfig = field(default_factory=LLMConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_sequences < 0:
+            raise IPGError(f"explain.max_sequences is {self.max_sequences}; give 0 (all) or a positive count")
+        if self.enabled and self.llm_enabled:
+            self.llm.validate()
+            self.llm.require_endpoint()
+
+    def job(self, run_dir: Path, wandb: WandbConfig, trust_remote_code: bool) -> ExplainJobConfig:
+        """The ``ipg-sae explain`` config of a pipeline run with these settings."""
+        from dataclasses import fields
+
+        settings = ExplainConfig(**{f.name: getattr(self, f.name) for f in fields(ExplainConfig)})
+        return ExplainJobConfig(run_dir=str(run_dir), explain=settings, max_sequences=self.max_sequences,
+                                llm_enabled=self.llm_enabled, llm=self.llm, wandb=wandb,
+                                trust_remote_code=trust_remote_code)
 
 
 def chosen_latents(run_dir: Path, cfg: ExplainJobConfig) -> dict[str, list[tuple[int, int]]]:
@@ -109,8 +142,10 @@ def run_corpus(trajectories, max_sequences: int, held_out: float, seed: int):
     return split_corpus(seqs, [t.prompt_id for t in trajectories], held_out, seed, start)
 
 
-def run_explain(cfg: ExplainJobConfig, group: str | None = None, model=None, tokenizer=None, saes=None) -> dict:
-    """Explain and score the chosen latents of ``cfg.run_dir`` (see the module docstring); returns the summary."""
+def run_explain(cfg: ExplainJobConfig, group: str | None = None, model=None, tokenizer=None, saes=None,
+                groups: dict[str, list[tuple[int, int]]] | None = None) -> dict:
+    """Explain and score the latents of ``cfg.run_dir`` (see the module docstring): ``groups`` (``{group: [(layer,
+    latent), ...]}``, e.g. the explorer's panels) or, by default, :func:`chosen_latents`; returns the summary."""
     from .explorer import load_run_model
     from .io import run_lock
     from .tracking import Tracker, use_inputs
@@ -122,7 +157,7 @@ def run_explain(cfg: ExplainJobConfig, group: str | None = None, model=None, tok
         use_inputs(tracker, attribution_dirs=[run_dir])
         if model is None or tokenizer is None or saes is None:
             model, tokenizer, saes = load_run_model(run_dir, model, tokenizer, saes, cfg.trust_remote_code)
-        groups = chosen_latents(run_dir, cfg)
+        groups = chosen_latents(run_dir, cfg) if groups is None else groups
         wanted = list(dict.fromkeys(pair for pairs in groups.values() for pair in pairs))
         missing = sorted({layer for layer, _ in wanted} - set(saes))
         if missing:

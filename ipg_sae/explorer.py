@@ -17,7 +17,8 @@ as HTML, so tokens such as ``|``, ``<``, ``&`` or a newline render as themselves
   ``sign_consistency``, ``selection_frequency`` (share of bootstrap resamples of prompts whose
   top-k contains it), ``activation_frequency`` (share of scored positions where it fires),
   ``ranks`` (its rank under each baseline), ``selected``, ``neuronpedia`` (a URL or ""),
-  ``detail`` (whether it has a panel), ``explanation`` (when ``ipg-sae explain`` ran: :func:`attach_explanations`);
+  ``detail`` (whether it has a panel), ``explanation`` (when ``ipg-sae explain`` or the pipeline's explain stage
+  ran: :func:`attach_explanations`);
   Rows up to rank ``on_demand`` (and every panel latent) also carry ``ctx`` (their top contexts as
   ``[text index, position, activation]`` into ``texts``), ``logits`` (``promoted``/``suppressed``:
   ``[token, string, value]``) and ``near`` (``[layer, latent, cosine]`` of the nearest decoder
@@ -41,13 +42,14 @@ as HTML, so tokens such as ``|``, ``<``, ``&`` or a newline render as themselves
   how to get them; every other panel is complete.
 
 ``explorer/dashboard/layer_<L>.json`` exports the panel latents for other dashboards
-(:func:`export_dashboard`: SAEDashboard's Neuronpedia feature layout).
+(:func:`ipg_sae.dashboard.export_dashboard`: SAEDashboard's Neuronpedia feature layout).
 
 Statistics over prompts (mean, interval, t, sign consistency, selection frequency) count the
 attributed prompts only (``run.n_attributed`` of ``run.n_prompts``; :mod:`ipg_sae.selection`).
 
 Policy (so a 2,304-latent SAE builds in seconds and the page stays small): full detail for the top
-``detail`` latents by IPG, the selected set and each baseline's top 8; a summary row for every
+``detail`` latents by IPG, the selected set and each baseline's top 8 (:func:`panel_latents` names them
+without building the page: the pipeline's explain stage explains exactly these); a summary row for every
 other latent with a non-zero score; compact data for on-demand panels up to rank ``on_demand``;
 the page shows summary rows ``page_size`` at a time, so a 65k-latent SAE works too. Every
 attributed trajectory is encoded once (activation frequencies, histograms, the shading of the
@@ -67,6 +69,7 @@ import numpy as np
 import torch
 
 from .attribution import AttributionResult
+from .dashboard import export_dashboard
 from .errors import IPGError
 from .io import read_json, write_json, write_text
 from .latents import Encoded, encode_trajectories, logit_effect, logit_effects, nearest_latents
@@ -138,14 +141,14 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
     by_id = {t.id: t for t in trajectories}
     baselines = _baselines(run_dir)
     selection = read_json(run_dir / "selection.json") if (run_dir / "selection.json").is_file() else {}
-    selected = {(int(a), int(b)) for a, b in selection.get("selection", [])}
+    selected = [(int(a), int(b)) for a, b in selection.get("selection", [])]
     k = int(selection.get("k_requested") or len(selected) or 8)
     stats = latent_stats(result)
     pieces = _Pieces(tokenizer)
     maps = _maps(result, by_id)
     acc = _accumulator_contexts(result, by_id)
-    rows = _summary_rows(result, stats, baselines, selected, _selection_frequency(result, k, cfg.n_bootstrap))
-    detail = _detail_set(rows, cfg, selected, baselines)
+    rows = _summary_rows(result, stats, baselines, set(selected), _selection_frequency(result, k, cfg.n_bootstrap))
+    detail = {pair for group in panel_groups(rows, cfg.detail, selected, baselines).values() for pair in group}
     encoded = encode_trajectories(model, saes, result, by_id, acc, detail)
     for row in rows:
         row["detail"] = (row["layer"], row["latent"]) in detail
@@ -184,58 +187,6 @@ def build(run_dir: str | Path, model=None, tokenizer=None, saes=None, trajectori
         tracker.html("explorer", page)
         tracker.artifact(f"{run_dir.name}-explorer", "explorer", out)
     return page
-
-
-# Keys of an exported feature that SAEDashboard's NeuronpediaDashboardFeature (0.8.0) does not take.
-NOT_SAEDASHBOARD = ("maxActApprox", "topkCosSimIndices", "topkCosSimValues", "ipg", "explanations")
-
-
-def export_dashboard(data: dict, out_dir: str | Path) -> list[Path]:
-    """The panel latents in the feature layout of SAEDashboard's Neuronpedia output, one file per layer
-    (``layer_<L>.json``: ``{"layer", "model", "features": [...]}``), for dashboards that ingest it.
-
-    Each feature has ``feature_index``, ``activations`` (per context: ``tokens``, ``values``,
-    ``qualifying_token_index``, ``bin_min``/``bin_max``/``bin_contains`` set to the top bin),
-    ``pos_str``/``pos_values`` and ``neg_str``/``neg_values`` (direct logit effect),
-    ``frac_nonzero`` (activation frequency), ``freq_hist_data_bar_heights`` and
-    ``freq_hist_data_bar_values`` (counts and bin centres, parallel arrays), ``maxActApprox``,
-    ``topkCosSimIndices``/``topkCosSimValues`` (nearest latents by decoder cosine), and the
-    attribution statistics under ``ipg`` (``mean``, ``lo``, ``hi``, ``t``, ``rank``), and ``explanations``
-    (:func:`dashboard_explanations`: empty until ``ipg-sae explain`` ran). The field
-    names follow SAEDashboard's ``NeuronpediaDashboardFeature``; no importer was run against the
-    files here: the ``sae-dashboard`` package (0.8.0) does not install beside the pinned stack (it
-    needs ``datasets<4``, ``transformers<4.57``, ``safetensors<0.5``, ``transformer-lens<3``; pip
-    reports the conflict). Its data classes (``sae_dashboard/neuronpedia/neuronpedia_dashboard.py``,
-    which needs only numpy, loaded alone from its wheel) accept the features once the keys in
-    :data:`NOT_SAEDASHBOARD` are dropped (Neuronpedia's own ``maxActApprox`` and ``topkCosSim*``, and
-    this project's ``ipg`` and ``explanations``); ``NeuronpediaDashboardFeature`` refuses unknown keys.
-    """
-    rows = {(r["layer"], r["latent"]): r for r in data["latents"]}
-    per_layer: dict[int, list[dict]] = {}
-    for key, d in data["details"].items():
-        layer, latent = (int(x) for x in key.split(":"))
-        row = rows.get((layer, latent), {})
-        acts = [{"tokens": c["strings"], "values": c["activations"], "qualifying_token_index": c["max_index"],
-                 "bin_min": -1, "bin_max": -1, "bin_contains": -1} for c in d["contexts"]]
-        edges, counts = d["histogram"]["edges"], d["histogram"]["counts"]
-        logits = d.get("logits") or {"promoted": [], "suppressed": []}
-        per_layer.setdefault(layer, []).append({
-            "feature_index": latent, "activations": acts,
-            "pos_str": [s for _, s, _ in logits["promoted"]], "pos_values": [v for _, _, v in logits["promoted"]],
-            "neg_str": [s for _, s, _ in logits["suppressed"]], "neg_values": [v for _, _, v in logits["suppressed"]],
-            "frac_nonzero": row.get("activation_frequency", 0.0), "freq_hist_data_bar_heights": counts,
-            "freq_hist_data_bar_values": [round((a + b) / 2, 4) for a, b in zip(edges, edges[1:])],
-            "maxActApprox": max((c["max"] for c in d["contexts"]), default=0.0),
-            "topkCosSimIndices": [i for _, i, _ in row.get("near", [])],
-            "topkCosSimValues": [c for _, _, c in row.get("near", [])],
-            "ipg": {k: row.get(k) for k in ("mean", "lo", "hi", "t", "rank")},
-            "explanations": dashboard_explanations(row.get("explanation"))})
-    paths = []
-    for layer, features in sorted(per_layer.items()):
-        path = Path(out_dir) / f"layer_{layer}.json"
-        write_json(path, {"layer": layer, "model": data["run"].get("model"), "features": features})
-        paths.append(path)
-    return paths
 
 
 def _load_run_model(run_dir: Path, model, tokenizer, saes, trust_remote_code: bool = False):
@@ -287,7 +238,6 @@ class _Pieces:
         return out
 
 
-
 def load_run_model(run_dir: Path, model=None, tokenizer=None, saes=None, trust_remote_code: bool = False):
     """``(model, tokenizer, saes)`` of a run, those not given loaded from its ``attribute_config.yaml`` (the run's
     own ``trust_remote_code`` is never used)."""
@@ -314,26 +264,6 @@ def attach_explanations(run_dir: Path, rows: list[dict]) -> int:
                               "vocab_proj_tokens": [[t.text, t.value] for t in e.vocab_proj.promoted[:5]],
                               "token_change_tokens": [[t.text, t.value] for t in e.token_change.promoted[:5]]}
     return sum(1 for r in rows if "explanation" in r)
-
-
-def dashboard_explanations(explanation: dict | None) -> list[dict]:
-    """A latent's explanations in Neuronpedia's explanation layout (``description``, ``typeName``,
-    ``explanationModelName``, ``scores``: ``[{"method", "value"}]``)."""
-    if not explanation:
-        return []
-    out = [{"description": explanation["explanation"], "typeName": "ngram-log-odds", "explanationModelName": "ipg-sae",
-            "scores": [{"method": "detection_balanced_accuracy", "value": explanation["detection_bacc"]},
-                       {"method": "detection_auroc", "value": explanation["detection_auroc"]}]},
-           {"description": explanation["vocab_proj"], "typeName": "vocab-proj", "explanationModelName": "ipg-sae",
-            "scores": [{"method": "output_score", "value": explanation["output_score"]},
-                       {"method": "output_percentile", "value": explanation["output_percentile"]}]},
-           {"description": explanation["token_change"], "typeName": "token-change", "explanationModelName": "ipg-sae",
-            "scores": []}]
-    if explanation.get("llm_explanation"):
-        out.append({"description": explanation["llm_explanation"], "typeName": "llm", "explanationModelName": "llm",
-                    "scores": [{"method": "detection_balanced_accuracy", "value": explanation.get("llm_detection")},
-                               {"method": "fuzzing_balanced_accuracy", "value": explanation.get("llm_fuzzing")}]})
-    return out
 
 
 def _baselines(run_dir: Path) -> dict[str, AttributionResult]:
@@ -426,12 +356,33 @@ def _neuronpedia(result, layer, latent) -> str:
     return neuronpedia_url(ids.get(layer), latent)
 
 
-def _detail_set(rows, cfg: ExplorerConfig, selected, baselines) -> set[tuple[int, int]]:
-    out = {(r["layer"], r["latent"]) for r in rows[:cfg.detail]} | set(selected)
+BASELINE_PANELS = 8  # each baseline's top latents with a full panel, to compare its picks with IPG's
+
+
+def panel_groups(rows: list[dict], detail: int, selected: list[tuple[int, int]],
+                 baselines) -> dict[str, list[tuple[int, int]]]:
+    """The latents with a full panel, by group, best first: ``ipg_top`` (the first ``detail`` summary rows, ranked
+    by IPG), ``selected`` and ``<baseline>_top`` (each baseline's top :data:`BASELINE_PANELS`). The names are
+    :func:`ipg_sae.explain_run.chosen_latents`'s, so an explanation summary reads the same either way."""
+    groups = {"ipg_top": [(r["layer"], r["latent"]) for r in rows[:detail]], "selected": list(selected)}
     for name in baselines:
-        best = sorted((r for r in rows if r["ranks"].get(name)), key=lambda r: r["ranks"][name])[:8]
-        out |= {(r["layer"], r["latent"]) for r in best}
-    return out
+        best = sorted((r for r in rows if r["ranks"].get(name)), key=lambda r: r["ranks"][name])[:BASELINE_PANELS]
+        groups[f"{name}_top"] = [(r["layer"], r["latent"]) for r in best]
+    return groups
+
+
+def panel_latents(run_dir: str | Path, detail: int) -> dict[str, list[tuple[int, int]]]:
+    """:func:`panel_groups` of a run from its attribution files alone (no model, no page): the latents
+    :func:`build` with ``ExplorerConfig(detail=detail)`` gives a full panel."""
+    from .selection import latent_stats
+
+    run_dir = Path(run_dir)
+    result = AttributionResult.load(run_dir)
+    baselines = _baselines(run_dir)
+    selection = read_json(run_dir / "selection.json") if (run_dir / "selection.json").is_file() else {}
+    selected = [(int(a), int(b)) for a, b in selection.get("selection", [])]
+    rows = _summary_rows(result, latent_stats(result), baselines, set(selected), {})
+    return panel_groups(rows, detail, selected, baselines)
 
 
 def _window(ids, acts, pos, cfg: ExplorerConfig, pieces: _Pieces, source: str, value: float | None = None,
@@ -672,8 +623,9 @@ def _run_info(run_dir: Path, result: AttributionResult, selection: dict, cfg: Ex
             "page_size": cfg.page_size, "plots": plots,
             "n_prompts": result.n_prompts, "n_attributed": len(attributed_prompts(result)),
             "policy": (f"full detail for the top {cfg.detail} latents by IPG, the selected set and each baseline's "
-                       f"top 8; a panel built on demand (contexts, logit effects, nearest latents) for the next ones "
-                       f"up to rank {cfg.on_demand}; a summary row for every other latent with a non-zero score"),
+                       f"top {BASELINE_PANELS}; a panel built on demand (contexts, logit effects, nearest latents) for "
+                       f"the next ones up to rank {cfg.on_demand}; a summary row for every other latent with a non-zero "
+                       "score"),
             "notes": [] if has_maps else [
                 "This result has no token maps, so the per-token IPG views and the trajectory view are empty. "
                 "To get them, attribute with token maps: `attribution.token_maps: ['*']` in the config (as "

@@ -64,6 +64,8 @@ class LLMConfig:
     window: int = 12  # tokens before the marked token
 
     def validate(self) -> None:
+        """The settings alone: the loader checks every section it reads, with the LLM on or off (a pipeline's saved
+        config holds an ``llm`` section either way); :meth:`require_endpoint` is for the jobs that turn it on."""
         if self.backend not in ("openai", "transformers"):
             raise IPGError(f"llm.backend is {self.backend!r}; use openai (an OpenAI-compatible endpoint) or "
                            "transformers (a local model)")
@@ -72,6 +74,9 @@ class LLMConfig:
         for name in ("n_explain", "n_score", "per_prompt", "max_tokens"):
             if getattr(self, name) < 1:
                 raise IPGError(f"llm.{name} is {getattr(self, name)}; give a positive integer")
+
+    def require_endpoint(self) -> None:
+        """With the LLM on, an ``openai`` backend without an endpoint fails on load, before any work."""
         if self.backend == "openai":
             self.resolved_url()
 

@@ -160,7 +160,8 @@ SAEDASHBOARD_ACTIVATION = {"bin_min": (int, float), "bin_max": (int, float), "bi
 def test_the_dashboard_export_fits_saedashboards_schema(run_dir):
     """Every key but the documented extras is a parameter of SAEDashboard's classes, with its type; the
     explanations are Neuronpedia explanation records (description, typeName, scores)."""
-    from ipg_sae.explorer import NOT_SAEDASHBOARD, ExplorerConfig, build
+    from ipg_sae.dashboard import NOT_SAEDASHBOARD
+    from ipg_sae.explorer import ExplorerConfig, build
 
     if not (run_dir / "explorer" / "dashboard" / "layer_2.json").is_file():
         build(run_dir, cfg=ExplorerConfig(detail=4, held_out=0, page_size=25))

@@ -45,7 +45,8 @@ def test_export_then_rerun_reuses_every_stage_and_keeps_the_export(trained_pipel
     caplog.set_level(logging.INFO)
     caplog.clear()
     assert main(["pipeline", str(config)]) == 0
-    assert _reused(caplog) == ["stage sample", "stage sae", "stage attribute", "stage evaluate", "stage explore"]
+    assert _reused(caplog) == ["stage sample", "stage sae", "stage attribute", "stage evaluate", "stage explain",
+                              "stage explore"]
     assert (export / "cfg.json").is_file() and (run_dir / "sae" / "notes.txt").read_text() == "mine"
 
 

@@ -20,7 +20,7 @@ def test_pipeline_runs_and_resumes(pipeline_cfg, caplog, stage_reads_declared):
         assert (run_dir / path).is_file(), path
     report = (run_dir / "report.md").read_text()
     assert "ipg" in report and "random" in report
-    assert set(results) == {"sample", "sae", "attribute", "evaluate", "explore"}
+    assert set(results) == {"sample", "sae", "attribute", "evaluate", "explain", "explore"}
     assert (run_dir / "explorer" / "index.html").is_file()
     # the W&B runs of the stages share one group
     from ipg_sae.tracking import read_offline_run
@@ -31,7 +31,7 @@ def test_pipeline_runs_and_resumes(pipeline_cfg, caplog, stage_reads_declared):
     caplog.clear()
     run_pipeline(pipeline_cfg)
     skipped = [r.getMessage() for r in caplog.records if "already done" in r.getMessage()]
-    assert len(skipped) == 5, skipped
+    assert len(skipped) == 6, skipped
     assert any("trajectories.jsonl" in p for p in stage_reads_declared)  # the watcher saw the stages' reads
     marker = json.loads((run_dir / "stages" / "attribute.json").read_text())
     assert 0 < marker["seconds"] <= marker["total_seconds"]
@@ -156,3 +156,55 @@ def test_wandb_lineage_of_the_stages(pipeline_cfg):
     explore = next(r for r in runs.values() if any(a["type"] == "explorer" for a in r["made"]))
     assert "p-attribution" in {a["name"] for a in explore["used"]}  # attribution -> explorer
     assert any(a["type"] == "evaluation" for r in runs.values() for a in r["made"])  # report.md and eval/
+
+
+def test_the_explain_stage_explains_the_explorers_panels(pipeline_cfg, caplog, stage_reads_declared):
+    """The explain stage (between evaluate and explore) explains exactly the latents the explorer gives a full
+    panel: the page's data and `explanations/features.csv` carry every selected latent's explanations and scores,
+    and W&B gets the table. A rerun reuses it; a changed explain setting reruns explain and explore only; turned
+    off, it removes the files it wrote and the page shows none."""
+    import csv
+    import dataclasses
+    import logging
+
+    from ipg_sae.explanations import EXPLANATION_COLUMNS
+    from ipg_sae.explorer import load
+    from ipg_sae.tracking import read_offline_run
+
+    results = run_pipeline(pipeline_cfg)
+    run_dir = pipeline_cfg.run_dir
+    data = load(run_dir)
+    selected = {tuple(p) for p in data["run"]["selected"]}
+    panels = {(r["layer"], r["latent"]) for r in data["latents"] if r["detail"]}
+    explained = {(r["layer"], r["latent"]): r["explanation"] for r in data["latents"] if "explanation" in r}
+    assert selected and selected <= panels and set(explained) == panels
+    assert results["explain"]["n_latents"] == len(panels)
+    for pair in selected:
+        assert set(EXPLANATION_COLUMNS) <= set(explained[pair]) and explained[pair]["vocab_proj"].startswith("promotes")
+    with open(run_dir / "explanations" / "features.csv", encoding="utf-8") as f:
+        table = {(int(r["layer"]), int(r["latent"])): r for r in csv.DictReader(f)}
+    assert all(table[pair]["explanation"] and table[pair]["vocab_proj"] for pair in selected)
+    assert results["explain"]["table"] == str(run_dir / "explanations" / "features.csv")
+    with open(run_dir / "features.csv", encoding="utf-8") as f:  # the attribute stage's table, as it wrote it
+        assert not set(EXPLANATION_COLUMNS) & set(next(csv.reader(f)))
+    histories = [row for r in read_offline_run(run_dir)["runs"] for row in r["history"]]
+    assert any(row.get("explanations/features/nrows") == len(table) for row in histories)
+
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    run_pipeline(pipeline_cfg)
+    assert "stage explain: already done" in " ".join(r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    explain = dataclasses.replace(pipeline_cfg.explain, n_tokens=3)
+    run_pipeline(dataclasses.replace(pipeline_cfg, explain=explain))
+    msgs = " ".join(r.getMessage() for r in caplog.records)
+    assert "stage evaluate: already done" in msgs
+    assert "stage explain: settings or inputs changed" in msgs and "stage explore: running" in msgs
+    shown = [r["explanation"] for r in load(run_dir)["latents"] if "explanation" in r]
+    assert shown and all(len(e["vocab_proj_tokens"]) == 3 for e in shown)
+
+    off = dataclasses.replace(pipeline_cfg.explain, enabled=False)
+    assert run_pipeline(dataclasses.replace(pipeline_cfg, explain=off))["explain"] == {"enabled": False}
+    assert not list((run_dir / "explanations").glob("*"))
+    assert not any("explanation" in r for r in load(run_dir)["latents"])

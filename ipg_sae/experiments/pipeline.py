@@ -1,4 +1,4 @@
-"""The main job: sample -> SAE (train or load) -> attribute -> select -> evaluate -> report.
+"""The main job: sample -> SAE (train or load) -> attribute -> select -> evaluate -> report -> explain -> explore.
 
 The stages run through :func:`ipg_sae.experiments.stages.run_stages`. Every stage writes its outputs under ``runs/<name>/`` and, when it finishes, a marker
 ``stages/<stage>.json`` holding its key and the digests of the files it wrote. The key hashes
@@ -10,6 +10,10 @@ killed pipeline resumes at the first unfinished stage, changing a setting or an 
 reruns only what depends on it, and an edited output is never built upon. Inside a stage,
 SAE training, attribution and evaluation resume from their own checkpoints. Each stage is
 one W&B run; all of them share the group ``<name>``.
+
+The explain stage explains and scores the latents the explorer gives a full panel (``explanations/``, with
+``explanations/features.csv``: the feature table with the explanation columns); the explore stage comes after it,
+so the page shows them and a rerun of explain rebuilds the page.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from ..attribution import AttributionConfig, Baseline
 from ..config import StagedJobConfig
 from ..errors import IPGError
 from ..evaluation import EvalConfig
-from ..explorer import ExplorerConfig
+from ..explain_run import ExplainStageConfig, run_explain
+from ..explanations import OUT as EXPLANATIONS
+from ..explorer import ExplorerConfig, panel_latents
 from ..jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, SampleJobConfig, SelectionConfig,
                    check_baselines, method_dir, run_attribute, run_evaluate, run_explore, run_sample)
 from ..provenance import PROVENANCE_FILE, write_provenance
@@ -52,6 +58,7 @@ class PipelineConfig(StagedJobConfig):
     evaluate_baselines: list[Baseline] | None = None  # baselines whose sets are also steered (default: all but random)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)  # its task must be held out from `task`
+    explain: ExplainStageConfig = field(default_factory=ExplainStageConfig)  # explanations of the explorer's panels
     explorer: ExplorerConfig = field(default_factory=ExplorerConfig)  # the feature explorer page
 
     def validate(self) -> None:
@@ -108,6 +115,17 @@ def _attribution_outputs(c: PipelineConfig) -> list[Path]:
     return files + [c.run_dir / PROVENANCE_FILE]
 
 
+def _run_explain(cfg: PipelineConfig) -> dict:
+    """Explain exactly the latents the explore stage will give a full panel (so the cost follows
+    ``explorer.detail``); the run's own ``features.csv`` stays the attribute stage's output."""
+    if not cfg.explain.enabled:
+        return {"enabled": False}
+    job = cfg.explain.job(cfg.run_dir, cfg.wandb, cfg.model.trust_remote_code)
+    summary = run_explain(job, group=cfg.name, groups=panel_latents(cfg.run_dir, cfg.explorer.detail))
+    return {"n_latents": summary["n_latents"], "seconds": summary["seconds"], "groups_mean": summary["groups_mean"],
+            "table": str(cfg.run_dir / EXPLANATIONS / "features.csv")}
+
+
 STAGES = [
     Stage("sample", lambda c: run_sample(_sample_job(c)), outputs=lambda c: [c.run_dir / "trajectories.jsonl"],
           fields=("model", "task", "sampling", "reward"), files=lambda c: [*model_files(c), *task_files(c.task)],
@@ -117,6 +135,10 @@ STAGES = [
           fields=("attribution", "baselines", "selection")),
     Stage("evaluate", _run_evaluate, outputs=lambda c: [c.run_dir / "eval" / "summary.json", c.run_dir / "report.md"],
           fields=("evaluation", "evaluate_baselines"), files=lambda c: task_files(c.evaluation.task)),
+    # After evaluate (each stage's key holds the stages before it): changing an explain setting reruns the explain
+    # and explore stages only, never the evaluation. Its files are resumable partial work: stale once its key changes.
+    Stage("explain", _run_explain, outputs=lambda c: [c.run_dir / EXPLANATIONS], fields=("explain", "explorer.detail"),
+          stale=lambda c: [c.run_dir / EXPLANATIONS]),
     Stage("explore", lambda c: _run_explore(c),
           outputs=lambda c: [c.run_dir / "explorer" / "index.html", c.run_dir / "explorer" / "data.json"],
           fields=("explorer",)),
