@@ -95,6 +95,20 @@ def test_sampling_compiled(results_dir):
     assert sec["tokens_per_s"]["sampler_loop_compiled_amortised"] <= sec["tokens_per_s"]["sampler_loop_compiled"]
 
 
+def test_sampling_gap(results_dir):
+    """``sampling_gap.py``: the loop sampler's run split into parts that add up to its measured time."""
+    run_script("sampling_gap.py", results_dir, "--profile")
+    sec = section(results_dir, "sampling_gap")
+    parts = sec["parts_s"]
+    assert set(parts) == {"floor", "narrow_and_idle_rows", "step_beyond_linear", "prefill", "draws", "bookkeeping"}
+    assert sum(parts.values()) == pytest.approx(sec["total_s"], abs=0.01)  # the parts are the whole run
+    assert sum(sec["parts_share"].values()) == pytest.approx(1.0, abs=0.01)
+    assert sec["useful_tokens"] > 0 and sec["steps"] >= sec["full_width_steps"]
+    # the ratio is the floor's share of the run (seconds are rounded to 1 ms, the ratio to 1e-4)
+    assert sec["sampler/floor"] * sec["total_s"] == pytest.approx(parts["floor"], abs=1e-3)
+    assert sec["profile_top_ops"] and all(0 <= r["self_share"] <= 1 for r in sec["profile_top_ops"])
+
+
 def test_faithfulness(results_dir):
     run_script("bench_faithfulness.py", results_dir)
     sec = section(results_dir, "faithfulness")
