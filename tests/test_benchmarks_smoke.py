@@ -109,6 +109,17 @@ def test_sampling_gap(results_dir):
     assert sec["profile_top_ops"] and all(0 <= r["self_share"] <= 1 for r in sec["profile_top_ops"])
 
 
+def test_gpu_rows_script(tmp_path):
+    """``gpu_rows.sh``, the one prepared script for a lent GPU, runs its three benchmarks (here on the tiny CPU
+    model) and each writes its section."""
+    env = {**__import__("os").environ, "SMOKE": "1", "PY": sys.executable, "RESULTS_DIR": str(tmp_path)}
+    out = subprocess.run(["bash", str(BENCH / "gpu_rows.sh")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    doc = json.loads((tmp_path / f"{MACHINE}.json").read_text())
+    assert {"attribution", "sampling_compiled", "training"} <= set(doc), sorted(doc)
+
+
 def test_faithfulness(results_dir):
     run_script("bench_faithfulness.py", results_dir)
     sec = section(results_dir, "faithfulness")
