@@ -16,12 +16,14 @@ from typing import Callable
 
 # Commands: name -> (help, config class loader, runner). Loaders import lazily, and only the command
 # that runs has its config class loaded (its flags come from it), so that `ipg-sae --help` and a
-# mistyped command answer without importing torch.
+# mistyped command answer without importing torch. The config classes live in torch-free modules
+# (*_config.py), so a command's --help, a mistyped flag or a config file's typo answer without torch
+# too (tests/test_cli.py checks every command); torch loads with the runner.
 Command = tuple[str, Callable[[], type], Callable[[], Callable]]
 
 
 def _sample_cfg():
-    from .jobs import SampleJobConfig
+    from .jobs_config import SampleJobConfig
 
     return SampleJobConfig
 
@@ -50,7 +52,7 @@ def _train_run():
 
 
 def _attribute_cfg():
-    from .jobs import AttributeJobConfig
+    from .jobs_config import AttributeJobConfig
 
     return AttributeJobConfig
 
@@ -79,7 +81,7 @@ def _attribute_lines(summaries: dict) -> list[str]:
 
 
 def _evaluate_cfg():
-    from .jobs import EvaluateJobConfig
+    from .jobs_config import EvaluateJobConfig
 
     return EvaluateJobConfig
 
@@ -121,7 +123,7 @@ def _pipeline_run():
 
 
 def _explore_cfg():
-    from .jobs import ExploreJobConfig
+    from .jobs_config import ExploreJobConfig
 
     return ExploreJobConfig
 
@@ -151,7 +153,7 @@ def _explain_run():
 
 
 def _export_cfg():
-    from .jobs import ExportJobConfig
+    from .jobs_config import ExportJobConfig
 
     return ExportJobConfig
 
