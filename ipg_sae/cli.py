@@ -96,7 +96,7 @@ def _evaluate_run():
 
 
 def _pipeline_cfg():
-    from .experiments.pipeline import PipelineConfig
+    from .experiments.pipeline_config import PipelineConfig
 
     return PipelineConfig
 
@@ -135,7 +135,7 @@ def _explore_run():
 
 
 def _explain_cfg():
-    from .explain_run import ExplainJobConfig
+    from .explain_config import ExplainJobConfig
 
     return ExplainJobConfig
 
@@ -174,7 +174,7 @@ def _export_run():
 
 
 def _study_cfg():
-    from .experiments.study import StudyConfig
+    from .experiments.study.config import StudyConfig
 
     return StudyConfig
 
@@ -191,7 +191,7 @@ def _study_run():
 
 
 def _paths_cfg():
-    from .experiments.origins import PathsConfig
+    from .experiments.origins.config import PathsConfig
 
     return PathsConfig
 
@@ -207,7 +207,7 @@ def _paths_run():
 
 
 def _bench_cfg():
-    from .experiments.steering_bench import SteeringBenchConfig
+    from .experiments.steering_bench.config import SteeringBenchConfig
 
     return SteeringBenchConfig
 
@@ -223,7 +223,7 @@ def _bench_run():
 
 
 def _steer_cfg():
-    from .experiments.steering_bench.apply import SteerApplyConfig
+    from .experiments.steering_bench.apply_config import SteerApplyConfig
 
     return SteerApplyConfig
 

@@ -35,7 +35,7 @@ import json
 import logging
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +45,7 @@ from ..errors import IPGError
 from ..io import jsonable, read_json, remove_tree, write_json
 from ..models import source_digest
 from ..saes import SAESpec
+from .configs import SAESourceConfig  # noqa: F401  (re-exported: the `sae:` section lives torch-free)
 
 log = logging.getLogger(__name__)
 
@@ -281,19 +282,6 @@ def model_files(cfg) -> list[Path]:
 
 
 # ---- the SAE stage ------------------------------------------------------------------------------
-
-
-@dataclass
-class SAESourceConfig:
-    load: list[SAESpec] = field(default_factory=list)  # published or local SAEs; when empty, train them
-    train_config: str | None = None  # a train-sae YAML (its name, runs_dir and model are the job's)
-    train_overrides: dict = field(default_factory=dict)  # dotted overrides of that config, e.g. {training_tokens: 1e6}
-    # the trained SAE's seed (init and data order), over the train config's: a replicate's own SAE (None: the config's)
-    seed: int | None = field(default=None, metadata={"key_omits": None})
-
-    def validate(self) -> None:
-        if not self.load and not self.train_config:
-            raise IPGError("sae needs `load` (SAE entries) or `train_config` (a train-sae YAML)")
 
 
 def train_job(cfg):

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...attribution import AttributionConfig
+from ...attribution.config import AttributionConfig
 from ...config import StagedJobConfig
 from ...errors import IPGError
-from ...rewards import get_reward
-from ...sampling import SamplingConfig
+from ...sampling_config import SamplingConfig
 from ...tasks import TaskConfig
-from ..common import check_importance_sampling, check_problems_per_batch, check_sae
-from ..stages import SAESourceConfig
-from .recipes import KINDS, BenchGrid, group, methods
+from ..configs import SAESourceConfig, check_importance_sampling, check_problems_per_batch
+from .grid import SHIPPED_METHODS, SHIPPED_NULLS, BenchGrid
 
-METHODS = methods(default_only=True)  # the shipped methods (the default of `methods`); the registry may hold more
-NULL_RECIPES = group("null")
+METHODS = SHIPPED_METHODS  # the shipped methods (the default of `methods`); the registry may hold more
+NULL_RECIPES = SHIPPED_NULLS
 
 
 @dataclass
@@ -61,6 +59,11 @@ class SteeringBenchConfig(StagedJobConfig):
         return [self.reward]
 
     def validate(self) -> None:
+        # imported here, not above: they import torch, which a config's --help or typo need not load
+        from ...rewards import get_reward
+        from ..common import check_sae
+        from .recipes import KINDS, group, methods
+
         super().validate()
         check_sae("steering_bench", self)
         get_reward(self.reward)
