@@ -338,4 +338,6 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     from .command import run_job
 
-    return run_job(args, cfg_cls(), runner(), resumes=args.command not in STARTS_OVER)
+    # The runner (and torch with it) is imported only once the config has loaded: a config file's typo or a bad
+    # value is reported without it.
+    return run_job(args, cfg_cls(), lambda cfg: runner()(cfg), resumes=args.command not in STARTS_OVER)
