@@ -68,6 +68,7 @@ NESTED_TYPOS = {  # command -> (YAML text, the mistyped field, the suggestion)
     "paths": ("attribution: {n_steps: 4}\nheldout: {n_problem: 10}\n", "heldout.n_problem", "heldout.n_problems"),
     "steering-bench": ("dev: {n_problems: 10}\ngrid: {max_setings: 3}\n", "grid.max_setings", "grid.max_settings"),
 }
+TRAINS_ITS_SAE = {"pipeline", "study", "paths", "steering-bench"}  # `sae: {train_config: <train-sae YAML>}`
 _RUN_ALL = """
 import contextlib, io, json, sys
 from ipg_sae.cli import main
@@ -89,6 +90,7 @@ def test_every_command_is_covered():
 
     assert set(TYPO_FLAGS) == set(COMMANDS)
     assert set(NESTED_TYPOS) == set(COMMANDS) - set(RUN_DIR_COMMANDS)  # the others take a directory, not a YAML file
+    assert TRAINS_ITS_SAE < set(NESTED_TYPOS)
 
 
 @pytest.mark.parametrize("command", list(TYPO_FLAGS))
@@ -102,15 +104,22 @@ def test_a_commands_help_flag_and_config_typos_answer_without_torch(command, tmp
     directory = [str(tmp_path)] if command in RUN_DIR_COMMANDS else []  # their positional argument, required
     typo, closest = TYPO_FLAGS[command]
     cases = [[command, "--help"], [command, *directory, f"{typo}=1"]]
-    configs = []
+    expected = []  # the error of each config file below
     if command in NESTED_TYPOS:
         text, field, suggestion = NESTED_TYPOS[command]
         for name, body, wrong, right in [("top.yaml", "nme: x\n", "nme", "name"),
                                          ("nested.yaml", text, field, suggestion)]:
             path = tmp_path / name
             path.write_text(body, encoding="utf-8")
-            configs.append((path, wrong, right))
+            expected.append(f"error: {path}: unknown field `{wrong}` (did you mean `{right}`?)")
             cases.append([command, str(path)])
+    if command in TRAINS_ITS_SAE:  # a typo in the train-sae YAML its `sae.train_config` names: that file is named
+        train, job = tmp_path / "sae.yaml", tmp_path / "job.yaml"
+        train.write_text("layers: [1]\nexpansion_factr: 2\n", encoding="utf-8")
+        job.write_text(f"sae: {{train_config: {train}}}\n", encoding="utf-8")
+        expected.append(f"error: {train} + sae.train_overrides of {job}: unknown field `expansion_factr` (did you mean "
+                        "`expansion_factor`?)")
+        cases.append([command, str(job)])
     r = subprocess.run([sys.executable, "-c", _RUN_ALL, json.dumps(cases)], capture_output=True, text=True, cwd=REPO,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -118,9 +127,9 @@ def test_a_commands_help_flag_and_config_typos_answer_without_torch(command, tmp
     assert helped["code"] == 0 and f"usage: ipg-sae {command}" in helped["out"], helped
     assert "config overrides" in helped["out"]  # the command's own flags, built from its config class
     assert flagged["code"] == 2 and f"unrecognized arguments: {typo}=1 (did you mean {closest}?)" in flagged["err"]
-    for result, (path, wrong, right) in zip(loaded, configs):
-        assert result["code"] == 2, result
-        assert f"error: {path}: unknown field `{wrong}` (did you mean `{right}`?)" in result["err"], result["err"]
+    assert len(loaded) == len(expected)
+    for result, message in zip(loaded, expected):
+        assert result["code"] == 2 and message in result["err"], result
     assert not [(case, result) for case, result in zip(cases, [helped, flagged, *loaded]) if result["torch"]], \
         "torch was imported"
 

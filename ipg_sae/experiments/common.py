@@ -24,8 +24,8 @@ from ..tasks import TaskConfig, build_prompts, load_problems
 from ..trajectories import Trajectory, prompt_groups, save_trajectories
 # the checks a config's validate runs live torch-free in configs.py; re-exported here for the experiments
 from .configs import (cheap_to_load, check_importance_sampling, check_problems_per_batch,  # noqa: F401
-                      check_splits_disjoint)
-from .stages import Stage, model_files, model_inputs, sae_specs, task_files, train_job
+                      check_sae, check_splits_disjoint)
+from .stages import Stage, model_files, model_inputs, sae_specs, task_files
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,3 @@ def contexts(cfg) -> list:
     """The (task, max_new_tokens, field) pairs a job with attribution and held-out sampling checks first."""
     return [(cfg.task, cfg.sampling.max_new_tokens, "sampling.max_new_tokens"),
             (cfg.heldout, cfg.heldout_sampling.max_new_tokens, "heldout_sampling.max_new_tokens")]
-
-
-def check_sae(job: str, cfg) -> None:
-    """An experiment needs SAEs to load or a train-sae YAML to train them; the train-sae config it would train with
-    is built (and so checked) now, a typo in ``sae.train_overrides`` named in the job's own config file."""
-    if not cfg.sae.load and not cfg.sae.train_config:
-        raise IPGError(f"{job}.sae needs `load` (SAE entries) or `train_config` (a train-sae YAML)")
-    if not cfg.sae.load:
-        try:
-            train_job(cfg)
-        except IPGError as e:
-            raise IPGError(str(e) if "sae.train_overrides" in str(e) else f"sae.train_config: {e}") from None

@@ -19,7 +19,7 @@ from ..sampling_config import SamplingConfig
 from ..selection_config import SelectionConfig
 from ..splits import disjoint_splits
 from ..tasks import TaskConfig
-from .configs import SAESourceConfig
+from .configs import SAESourceConfig, check_sae
 
 
 @dataclass
@@ -38,16 +38,16 @@ class PipelineConfig(StagedJobConfig):
     explorer: ExplorerConfig = field(default_factory=ExplorerConfig)  # the feature explorer page
 
     def validate(self) -> None:
-        # imported here, not above: they import torch, which the config's --help and typos need not load
-        from ..rewards import get_reward
-        from .common import check_sae
-
         super().validate()
         check_sae("pipeline", self)
         unknown = set(self.evaluate_baselines or []) - set(self.baselines)
         if unknown:
             raise IPGError(f"evaluate_baselines lists {sorted(unknown)}, which are not in `baselines`; add them there")
         check_baselines(self.baselines)
+        # imported here, not above (and after the torch-free checks): it imports torch, which the config's --help
+        # and typos need not load
+        from ..rewards import get_reward
+
         get_reward(self.reward)
         # Every stage's config is built (and so checked) now, before the first stage runs (the SAE's in check_sae).
         dataclasses.replace(self.evaluation, k=self.evaluation.k or self.selection.k, reward=self.reward).validate()

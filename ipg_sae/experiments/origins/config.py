@@ -9,7 +9,8 @@ from ...config import StagedJobConfig
 from ...errors import IPGError
 from ...sampling_config import SamplingConfig
 from ...tasks import TaskConfig
-from ..configs import SAESourceConfig, check_importance_sampling, check_problems_per_batch, check_splits_disjoint
+from ..configs import (SAESourceConfig, check_importance_sampling, check_problems_per_batch, check_sae,
+                       check_splits_disjoint)
 
 ORIGINS = ("zero", "mean")
 PATH_METHODS = ("ipg", "ipg_local")
@@ -44,8 +45,6 @@ class PathsConfig(StagedJobConfig):
         return [self.reward]
 
     def validate(self) -> None:
-        from ..common import check_sae  # imports torch: here, not above, so the config's --help and typos need none
-
         super().validate()
         check_sae("paths", self)
         for origin in self.origins:

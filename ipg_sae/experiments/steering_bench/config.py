@@ -10,7 +10,7 @@ from ...config import StagedJobConfig
 from ...errors import IPGError
 from ...sampling_config import SamplingConfig
 from ...tasks import TaskConfig
-from ..configs import SAESourceConfig, check_importance_sampling, check_problems_per_batch
+from ..configs import SAESourceConfig, check_importance_sampling, check_problems_per_batch, check_sae
 from .grid import SHIPPED_METHODS, SHIPPED_NULLS, BenchGrid
 
 METHODS = SHIPPED_METHODS  # the shipped methods (the default of `methods`); the registry may hold more
@@ -59,13 +59,13 @@ class SteeringBenchConfig(StagedJobConfig):
         return [self.reward]
 
     def validate(self) -> None:
-        # imported here, not above: they import torch, which a config's --help or typo need not load
-        from ...rewards import get_reward
-        from ..common import check_sae
-        from .recipes import KINDS, group, methods
-
         super().validate()
         check_sae("steering_bench", self)
+        # imported here, not above (and after the SAE's check): they import torch, which a config's --help or typo
+        # need not load
+        from ...rewards import get_reward
+        from .recipes import KINDS, group, methods
+
         get_reward(self.reward)
         tuned, nulls = methods(), group("null")  # read now: a recipe registered after import counts
         unknown = [m for m in self.methods if m not in tuned] + [n for n in self.nulls if n not in nulls]

@@ -10,7 +10,8 @@ from ...errors import IPGError
 from ...jobs_config import check_baselines
 from ...sampling_config import SamplingConfig
 from ...tasks import TaskConfig
-from ..configs import SAESourceConfig, check_importance_sampling, check_problems_per_batch, check_splits_disjoint
+from ..configs import (SAESourceConfig, check_importance_sampling, check_problems_per_batch, check_sae,
+                       check_splits_disjoint)
 
 
 @dataclass
@@ -51,14 +52,13 @@ class StudyConfig(StagedJobConfig):
     scope: str = "all"
 
     def validate(self) -> None:
-        # imported here, not above: they import torch, which the config's --help and typos need not load (the
-        # registry of nulls is read now, so a null registered after import counts)
-        from ...rewards import get_reward
-        from ..common import check_sae
-        from .nulls import NULLS
-
         super().validate()
         check_sae("study", self)
+        # imported here, not above (and after the SAE's check): they import torch, which the config's --help and
+        # typos need not load (the registry of nulls is read now, so a null registered after import counts)
+        from ...rewards import get_reward
+        from .nulls import NULLS
+
         for r in self.rewards:
             get_reward(r)
         if "ipg" not in self.methods:
