@@ -16,12 +16,14 @@ from typing import Callable
 
 # Commands: name -> (help, config class loader, runner). Loaders import lazily, and only the command
 # that runs has its config class loaded (its flags come from it), so that `ipg-sae --help` and a
-# mistyped command answer without importing torch.
+# mistyped command answer without importing torch. The config classes live in torch-free modules
+# (*_config.py), so a command's --help, a mistyped flag or a config file's typo answer without torch
+# too (tests/test_cli.py checks every command); torch loads with the runner.
 Command = tuple[str, Callable[[], type], Callable[[], Callable]]
 
 
 def _sample_cfg():
-    from .jobs import SampleJobConfig
+    from .jobs_config import SampleJobConfig
 
     return SampleJobConfig
 
@@ -50,7 +52,7 @@ def _train_run():
 
 
 def _attribute_cfg():
-    from .jobs import AttributeJobConfig
+    from .jobs_config import AttributeJobConfig
 
     return AttributeJobConfig
 
@@ -79,7 +81,7 @@ def _attribute_lines(summaries: dict) -> list[str]:
 
 
 def _evaluate_cfg():
-    from .jobs import EvaluateJobConfig
+    from .jobs_config import EvaluateJobConfig
 
     return EvaluateJobConfig
 
@@ -94,7 +96,7 @@ def _evaluate_run():
 
 
 def _pipeline_cfg():
-    from .experiments.pipeline import PipelineConfig
+    from .experiments.pipeline_config import PipelineConfig
 
     return PipelineConfig
 
@@ -121,7 +123,7 @@ def _pipeline_run():
 
 
 def _explore_cfg():
-    from .jobs import ExploreJobConfig
+    from .jobs_config import ExploreJobConfig
 
     return ExploreJobConfig
 
@@ -133,7 +135,7 @@ def _explore_run():
 
 
 def _explain_cfg():
-    from .explain_run import ExplainJobConfig
+    from .explain_config import ExplainJobConfig
 
     return ExplainJobConfig
 
@@ -151,7 +153,7 @@ def _explain_run():
 
 
 def _export_cfg():
-    from .jobs import ExportJobConfig
+    from .jobs_config import ExportJobConfig
 
     return ExportJobConfig
 
@@ -172,7 +174,7 @@ def _export_run():
 
 
 def _study_cfg():
-    from .experiments.study import StudyConfig
+    from .experiments.study.config import StudyConfig
 
     return StudyConfig
 
@@ -189,7 +191,7 @@ def _study_run():
 
 
 def _paths_cfg():
-    from .experiments.origins import PathsConfig
+    from .experiments.origins.config import PathsConfig
 
     return PathsConfig
 
@@ -205,7 +207,7 @@ def _paths_run():
 
 
 def _bench_cfg():
-    from .experiments.steering_bench import SteeringBenchConfig
+    from .experiments.steering_bench.config import SteeringBenchConfig
 
     return SteeringBenchConfig
 
@@ -221,7 +223,7 @@ def _bench_run():
 
 
 def _steer_cfg():
-    from .experiments.steering_bench.apply import SteerApplyConfig
+    from .experiments.steering_bench.apply_config import SteerApplyConfig
 
     return SteerApplyConfig
 
@@ -336,4 +338,6 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     from .command import run_job
 
-    return run_job(args, cfg_cls(), runner(), resumes=args.command not in STARTS_OVER)
+    # The runner (and torch with it) is imported only once the config has loaded: a config file's typo or a bad
+    # value is reported without it.
+    return run_job(args, cfg_cls(), lambda cfg: runner()(cfg), resumes=args.command not in STARTS_OVER)

@@ -22,7 +22,6 @@ def run_job(args: argparse.Namespace, cfg_cls, job, resumes: bool = True) -> int
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _quiet_weight_loading()
     if getattr(args, "verify", False):
         os.environ["IPG_SAE_VERIFY"] = "1"  # digest.file_digest hashes every file afresh
     previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM stops a run the way Ctrl-C does
@@ -31,7 +30,10 @@ def run_job(args: argparse.Namespace, cfg_cls, job, resumes: bool = True) -> int
         overrides = overrides_from_args(args)
         if args.no_wandb:
             overrides["wandb.enabled"] = False
-        job(load_config(cfg_cls, args.config, overrides))
+        cfg = load_config(cfg_cls, args.config, overrides)
+        # After the config is checked: importing transformers takes ~0.5 s, which a config's typo need not wait for
+        _quiet_weight_loading()
+        job(cfg)
     except IPGError as e:
         if args.debug:
             raise

@@ -26,7 +26,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from .errors import IPGError
-from .models import ModelConfig
+from .models_config import ModelConfig
 from .tracking import WandbConfig
 
 T = TypeVar("T")

@@ -28,72 +28,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import IPGError
-from .explanations import (EXPLANATION_COLUMNS, OUT, ExplainConfig, LatentExplanation, encode_corpus,
-                           explain_latents, flat_columns, from_dict, split_corpus, to_dict, token_pieces)
-from .llm_explain import LLMConfig
-from .tracking import WandbConfig
+from .explanations import (EXPLANATION_COLUMNS, OUT, LatentExplanation, encode_corpus, explain_latents,
+                           flat_columns, from_dict, split_corpus, to_dict, token_pieces)
+# the configs live torch-free in explain_config (`ipg-sae explain --help`, a config's typo); re-exported here
+from .explain_config import ExplainJobConfig, ExplainStageConfig, LLMConfig  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExplainJobConfig:
-    run_dir: str = ""  # the attribution run (a directory with attribution.json)
-    explain: ExplainConfig = field(default_factory=ExplainConfig)
-    top: int = 64  # IPG's top latents explained (besides the selected set)
-    baseline_top: int = 0  # each baseline's top k explained too (for comparing methods)
-    latents: list[str] = field(default_factory=list)  # more latents, as "layer:latent"
-    max_sequences: int = 0  # trajectories used as the corpus (0: all)
-    save_every: int = 16  # explanations written to disk every this many latents
-    llm_enabled: bool = False  # also ask an LLM (see llm)
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    trust_remote_code: bool = False  # let the run's model run its own code (only for runs you trust)
-
-    def validate(self) -> None:
-        if not self.run_dir or not (Path(self.run_dir) / "attribution.json").is_file():
-            raise IPGError(f"{self.run_dir or '(no run_dir)'} is not an attribution run (no attribution.json); give "
-                           "the run directory of `ipg-sae attribute` or `ipg-sae pipeline`, e.g. runs/demo")
-        if self.top < 0 or self.baseline_top < 0 or self.save_every < 1:
-            raise IPGError("explain: top and baseline_top must be >= 0 and save_every >= 1; fix them")
-        self.explain.validate()
-        if self.llm_enabled:
-            self.llm.validate()
-            self.llm.require_endpoint()
-
-
-@dataclass
-class ExplainStageConfig(ExplainConfig):
-    """The pipeline's ``explain`` section: the explanation settings (those of ``ipg-sae explain --explain.*``),
-    whether the stage runs, and the LLM. Which latents is not a setting here: the explorer's full panels."""
-
-    enabled: bool = True  # explain the explorer's full-panel latents before the explorer is built
-    max_sequences: int = 0  # trajectories used as the corpus (0: all)
-    llm_enabled: bool = False  # also ask an LLM (see llm): off unless an endpoint or local model is configured
-    llm: LLMConfig = field(default_factory=LLMConfig)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.max_sequences < 0:
-            raise IPGError(f"explain.max_sequences is {self.max_sequences}; give 0 (all) or a positive count")
-        if self.enabled and self.llm_enabled:
-            self.llm.validate()
-            self.llm.require_endpoint()
-
-    def job(self, run_dir: Path, wandb: WandbConfig, trust_remote_code: bool) -> ExplainJobConfig:
-        """The ``ipg-sae explain`` config of a pipeline run with these settings."""
-        from dataclasses import fields
-
-        settings = ExplainConfig(**{f.name: getattr(self, f.name) for f in fields(ExplainConfig)})
-        return ExplainJobConfig(run_dir=str(run_dir), explain=settings, max_sequences=self.max_sequences,
-                                llm_enabled=self.llm_enabled, llm=self.llm, wandb=wandb,
-                                trust_remote_code=trust_remote_code)
 
 
 def chosen_latents(run_dir: Path, cfg: ExplainJobConfig) -> dict[str, list[tuple[int, int]]]:

@@ -62,7 +62,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +70,7 @@ import torch
 from .attribution import AttributionResult
 from .dashboard import export_dashboard
 from .errors import IPGError
+from .explorer_config import ExplorerConfig  # noqa: F401  (re-exported: the config lives torch-free)
 from .io import read_json, write_json, write_text
 from .latents import Encoded, encode_trajectories, logit_effect, logit_effects, nearest_latents
 
@@ -78,21 +78,6 @@ log = logging.getLogger(__name__)
 
 DATA_FILE = "data.json"
 PAGE_FILE = "index.html"
-
-
-@dataclass
-class ExplorerConfig:
-    detail: int = 48  # latents with a full panel (top by IPG), besides the selected set and baselines' top 8
-    n_contexts: int = 12  # top-activating contexts per latent
-    window: list[int] = field(default_factory=lambda: [10, 4])  # tokens before / after the activating token
-    held_out: int = 32  # held-out texts to encode for contexts (0: none)
-    logit_tokens: int = 10  # promoted / suppressed tokens shown
-    trajectories_per_side: int = 2  # per latent, the correct and the incorrect trajectories it matters most in
-    n_bootstrap: int = 100  # prompt resamples for the selection frequency
-    page_size: int = 200  # summary rows per page
-    n_trajectories: int = 24  # trajectories in the trajectory view
-    on_demand: int = 4096  # other latents (by IPG rank) whose panel the page builds on demand from compact data
-    nearest: int = 5  # nearest latents by decoder cosine shown in a panel
 
 
 def load(run_dir: str | Path) -> dict:

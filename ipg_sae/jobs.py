@@ -10,38 +10,23 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .attribution import AttributionConfig, Baseline
-from .config import JobConfig, dump_yaml, to_dict
+from .config import dump_yaml, to_dict
 from .errors import IPGError
-from .evaluation import EvalConfig
-from .explorer import ExplorerConfig
 from .io import read_json, run_lock, write_json, write_text
+# The job configs live torch-free in jobs_config (a command's --help and its config's typos answer without torch);
+# every name stays importable from here.
+from .jobs_config import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, ExportJobConfig,  # noqa: F401
+                          SampleJobConfig, SelectionConfig, check_baselines)
 from .models import load_model
-from .rewards import get_reward
-from .saes import SAELoad, SAESpec, load_saes, take_old_saes
-from .selection import Normalize, RankBy
-from .sampling import SamplingConfig, sample
-from .tasks import TaskConfig, build_prompts, load_problems
-from .tracking import Tracker, WandbConfig, artifact_name, attribution_files, use_inputs
+from .saes import load_saes
+from .sampling import sample
+from .tasks import build_prompts, load_problems
+from .tracking import Tracker, artifact_name, attribution_files, use_inputs
 from .trajectories import Trajectory, load_trajectories, save_trajectories
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SampleJobConfig(JobConfig):
-    name: str = "sample"
-    task: TaskConfig = field(default_factory=TaskConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    reward: str = "correctness"  # correctness | length | neg_length | module.path:function
-
-    def validate(self) -> None:
-        super().validate()
-        get_reward(self.reward)  # an unknown name or a function that cannot be imported fails here, before any work
 
 
 def trajectory_metrics(trajectories: list[Trajectory]) -> dict:
@@ -93,58 +78,6 @@ def _sample(cfg: SampleJobConfig, problems, model, tokenizer, progress: bool) ->
 
 
 # ---- attribute ----------------------------------------------------------------------------
-
-
-@dataclass
-class SelectionConfig:
-    k: int = 16  # size of the selected set
-    by: RankBy | None = None  # mean | t | mean_abs | score; None = the method's natural score
-    per_layer: bool = False  # k per layer instead of k overall
-    normalize: Normalize = "none"  # none | length | l1: per-trajectory normalization before aggregating
-    n_bootstrap: int = 100  # prompt resamples for the Jaccard stability of the top-k
-    table_size: int = 50  # rows in features.csv
-
-    def validate(self) -> None:
-        if self.k < 1:
-            raise IPGError(f"selection.k is {self.k}; select at least one latent")
-        if self.n_bootstrap < 0 or self.table_size < 1:
-            raise IPGError("selection.n_bootstrap must be >= 0 and selection.table_size >= 1")
-
-    def check_width(self, saes: dict) -> None:
-        """Refuse a ``k`` larger than the latents there are, before any attribution runs."""
-        widths = {layer: int(sae.cfg.d_sae) for layer, sae in saes.items()}
-        available = min(widths.values()) if self.per_layer else sum(widths.values())
-        if self.k > available:
-            where = "the narrowest SAE has" if self.per_layer else "the SAEs have"
-            raise IPGError(f"selection.k is {self.k} but {where} only {available} latents; lower selection.k")
-
-
-@dataclass
-class AttributeJobConfig(JobConfig):
-    name: str = "attribute"
-    sae: SAELoad = field(default_factory=SAELoad)  # sae: {load: [{path: dir} or {release, sae_id}, ...]}, one per layer
-    saes: list[SAESpec] | None = None  # deprecated spelling of sae.load (moved there, with a warning)
-    trajectories: str | None = None  # default: runs/<name>/trajectories.jsonl
-    attribution: AttributionConfig = field(default_factory=AttributionConfig)
-    baselines: list[Baseline] = field(default_factory=list)  # also run these (act, reason_words, grad_x_act, ...)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.sae.load:
-            raise IPGError("no SAE given: add an entry under `sae: {load: [...]}` (path: <sae dir>, or release + "
-                           "sae_id)")
-        check_baselines(self.baselines)
-
-    def __post_init__(self) -> None:
-        take_old_saes(self)
-
-
-def check_baselines(names: list[str]) -> None:
-    if "ipg" in names:
-        raise IPGError("`baselines` lists ipg, which always runs; list only the baselines")
-    if len(set(names)) != len(names):
-        raise IPGError(f"`baselines` {names} lists a baseline twice; list each once")
 
 
 def method_dir(run_dir: Path, method: str) -> Path:
@@ -233,20 +166,6 @@ def _write_selection(cfg: AttributeJobConfig, method: str, out: Path, result, to
 
 
 # ---- evaluate -----------------------------------------------------------------------------
-
-
-@dataclass
-class EvaluateJobConfig(JobConfig):
-    name: str = "evaluate"
-    sae: SAELoad = field(default_factory=SAELoad)  # sae: {load: [...]}, as in attribute and the pipeline
-    saes: list[SAESpec] | None = None  # deprecated spelling of sae.load (moved there, with a warning)
-    # Sets to compare: name -> a source load_selection accepts (result dir, features.csv, "layer:latent" list).
-    sets: dict[str, Any] = field(default_factory=dict)
-    attribution_dir: str | None = None  # its prompt ids are checked for overlap; its active latents seed random sets
-    evaluation: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        take_old_saes(self)
 
 
 def _set_dirs(sets: dict) -> list[Path]:
@@ -350,20 +269,6 @@ def _evaluation_metadata(result) -> dict:
 # ---- explore ------------------------------------------------------------------------------
 
 
-@dataclass
-class ExploreJobConfig:
-    run_dir: str = ""  # the attribution run to explore (a directory with attribution.safetensors)
-    explorer: ExplorerConfig = field(default_factory=ExplorerConfig)  # what the page shows
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    # let the run's model run its own code (the run's own trust_remote_code is never used: only for runs you trust)
-    trust_remote_code: bool = False
-
-    def validate(self) -> None:
-        if not self.run_dir or not (Path(self.run_dir) / "attribution.json").is_file():
-            raise IPGError(f"{self.run_dir or '(no run_dir)'} is not an attribution run (no attribution.json); give "
-                           "the run directory of `ipg-sae attribute` or `ipg-sae pipeline`, e.g. runs/demo")
-
-
 def run_explore(cfg: ExploreJobConfig, group: str | None = None) -> Path:
     """Build the explorer of ``cfg.run_dir`` and log it to W&B."""
     from .explorer import build
@@ -376,20 +281,6 @@ def run_explore(cfg: ExploreJobConfig, group: str | None = None) -> Path:
 
 
 # ---- export -------------------------------------------------------------------------------
-
-
-@dataclass
-class ExportJobConfig:
-    sae: str = ""  # the SAE directory to export (one this project trained, e.g. runs/demo/sae/layer_15)
-    out_dir: str | None = None  # where the copy goes (default: <run>/export/layer_L for <run>/sae/layer_L)
-    model: str | None = None  # the model it reads (default: the one named in the SAE's ipg_sae.json)
-    check: bool = True  # load the model and compare the bridge's residual and activations with this project's
-    force: bool = False  # replace files in out_dir that an earlier export of this SAE did not write
-
-    def validate(self) -> None:
-        if not self.sae or not (Path(self.sae) / "cfg.json").is_file():
-            raise IPGError(f"{self.sae or '(no SAE)'} is not an SAE directory (no cfg.json); give one, e.g. "
-                           "runs/demo/sae/layer_15")
 
 
 def run_export(cfg: ExportJobConfig) -> dict:

@@ -30,65 +30,19 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 
 from .errors import IPGError
+from .explain_config import LLMConfig  # noqa: F401  (re-exported: the config lives torch-free)
 from .explanations import Activations, Corpus, ExplainConfig, NGramCounts, binary_scores, detection_sample
 
 Chat = Callable[[list[dict]], str]
-
-
-@dataclass
-class LLMConfig:
-    """Where the LLM is. ``base_url`` / ``api_key`` default to ``$IPG_SAE_LLM_BASE_URL`` (else
-    ``$OPENAI_BASE_URL``) and ``$IPG_SAE_LLM_API_KEY`` (else ``$OPENAI_API_KEY``)."""
-
-    backend: Literal["openai", "transformers"] = "openai"
-    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
-    api_key: str | None = None
-    model: str = "default"  # the served model's name (openai) or a model path / hub id (transformers)
-    timeout_s: float = 10.0
-    max_tokens: int = 300
-    temperature: float = 0.0
-    n_explain: int = 10  # build windows shown to the explainer
-    n_score: int = 10  # held-out windows per class for detection and fuzzing
-    per_prompt: int = 5  # examples per scoring prompt (Delphi's batch)
-    window: int = 12  # tokens before the marked token
-
-    def validate(self) -> None:
-        """The settings alone: the loader checks every section it reads, with the LLM on or off (a pipeline's saved
-        config holds an ``llm`` section either way); :meth:`require_endpoint` is for the jobs that turn it on."""
-        if self.backend not in ("openai", "transformers"):
-            raise IPGError(f"llm.backend is {self.backend!r}; use openai (an OpenAI-compatible endpoint) or "
-                           "transformers (a local model)")
-        if self.timeout_s <= 0:
-            raise IPGError(f"llm.timeout_s is {self.timeout_s}; give a positive number of seconds")
-        for name in ("n_explain", "n_score", "per_prompt", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise IPGError(f"llm.{name} is {getattr(self, name)}; give a positive integer")
-
-    def require_endpoint(self) -> None:
-        """With the LLM on, an ``openai`` backend without an endpoint fails on load, before any work."""
-        if self.backend == "openai":
-            self.resolved_url()
-
-    def resolved_url(self) -> str:
-        url = self.base_url or os.environ.get("IPG_SAE_LLM_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
-        if not url:
-            raise IPGError("no LLM endpoint: set llm.base_url (e.g. http://127.0.0.1:8000/v1) or "
-                           "$IPG_SAE_LLM_BASE_URL / $OPENAI_BASE_URL, or use llm.backend: transformers")
-        return url.rstrip("/")
-
-    def resolved_key(self) -> str | None:
-        return self.api_key or os.environ.get("IPG_SAE_LLM_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
 def openai_chat(cfg: LLMConfig) -> Chat:

@@ -29,7 +29,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,10 +37,10 @@ from torch import nn
 from . import hub
 from .errors import IPGError
 from .io import cache_root
+from .models_config import DEFAULT_MODEL, ModelConfig  # noqa: F401  (re-exported: the config lives torch-free)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 @dataclass(frozen=True)
@@ -86,15 +86,6 @@ def weights_source(name: str) -> str | None:
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-@dataclass
-class ModelConfig:
-    name: str = DEFAULT_MODEL  # hub id, local directory, path to a .gguf file, or an offline name
-    dtype: Literal["float32", "bfloat16", "float16", "float64", "auto"] = "float32"  # auto: bfloat16 on CUDA
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    trust_remote_code: bool = False  # run a hub model's own code (only for models you trust)
-    revision: str | None = None  # hub revision (branch, tag or commit)
 
 
 def load_model(cfg: ModelConfig | str, **kwargs: Any):

@@ -27,7 +27,7 @@ import contextlib
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -35,58 +35,13 @@ import torch
 from torch import nn
 
 from .errors import IPGError
+from .saes_config import SAELoad, SAESpec, sae_entries, take_old_saes  # noqa: F401  (re-exported: torch-free)
 from .models import block_hidden, check_layer, decoder_layers, hidden_size, replace_block_hidden
 
 Scope = Literal["all", "generated"]
 
 _TL_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")  # TransformerLens names: blocks.L.hook_resid_post, ...
 _HF_BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(\..+)?$")  # HF module paths: model.layers.N, transformer.h.N
-
-
-@dataclass
-class SAESpec:
-    """Where to get one SAE: a local sae-lens directory, or a sae-lens registry release + id."""
-
-    path: str | None = None
-    release: str | None = None
-    sae_id: str | None = None
-    layer: int | None = None  # overrides the layer read from cfg.metadata.hook_name
-
-    def validate(self) -> None:
-        if bool(self.path) == bool(self.release):
-            raise IPGError("an SAE entry needs exactly one of `path` (local directory) or `release` + `sae_id`")
-        if self.release and not self.sae_id:
-            raise IPGError(f"SAE release {self.release!r} needs an `sae_id`")
-
-
-@dataclass
-class SAELoad:
-    """``sae:`` in the attribute and evaluate configs: the same spelling as the pipeline's and the experiments'
-    ``sae: {load: [...]}`` (which may train instead)."""
-
-    load: list[SAESpec] = field(default_factory=list)  # one SAE per layer: {path: dir} or {release, sae_id}
-
-
-def sae_entries(data: dict) -> list:
-    """The SAE entries of a job config read as YAML: ``sae.load``, or ``saes`` (the old spelling) in older runs."""
-    sae = data.get("sae")
-    return (sae.get("load") if isinstance(sae, dict) else None) or data.get("saes") or []
-
-
-def take_old_saes(job) -> None:
-    """A job config written with the old spelling ``saes: [...]``: its entries move to ``sae.load``, with one line
-    saying so (both at once is refused)."""
-    import logging
-
-    if not job.saes:
-        return
-    if job.sae.load:
-        raise IPGError("the config names SAEs under both `saes:` (the old spelling) and `sae.load`; keep only "
-                       "sae: {load: [...]}")
-    logging.getLogger(__name__).warning("`saes: [...]` is deprecated; write `sae: {load: [...]}` (the pipeline's "
-                                        "spelling) instead")
-    job.sae = SAELoad(load=list(job.saes))
-    job.saes = None
 
 
 def load_sae(spec: SAESpec | str, model: nn.Module | None = None, device: str | torch.device = "cpu", tokenizer=None):

@@ -37,22 +37,20 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 
 from .attribution import GRADIENT_METHODS, AttributionResult
 from .errors import IPGError
+# the names a config chooses from live torch-free (`ipg-sae CMD --help`); re-exported here
+from .selection_config import NORMALIZE, RANK_BY, Normalize, RankBy  # noqa: F401
 from .steering import Selection, as_selection
 
 log = logging.getLogger(__name__)
 
-RankBy = Literal["mean", "t", "mean_abs", "score"]
-Normalize = Literal["none", "length", "l1"]
 STAT_NAMES = ("mean", "mean_abs", "std", "se", "t", "sign_consistency", "active_frac")
-RANK_BY: tuple[str, ...] = get_args(RankBy)
-NORMALIZE: tuple[str, ...] = get_args(Normalize)
 TABLE_COLUMNS = ("layer", "latent", "rank", *STAT_NAMES, "n_prompts", "score", "method", "contexts")
 
 

@@ -12,6 +12,16 @@ or ``python -m sae_training configs/sae_smollm2.yaml [--field.x value ...] [--no
 """
 
 from .config import DataConfig, TrainSAEConfig
-from .trainer import train
+
+
+def __getattr__(name: str):
+    """``train`` loads on first use (PEP 562): importing the config (``ipg-sae train-sae --help``, a config's typo)
+    stays torch-free, and ``from sae_training import train`` works as before."""
+    if name == "train":
+        from .trainer import train
+
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["DataConfig", "TrainSAEConfig", "train"]

@@ -101,7 +101,10 @@ def evaluate(model, saes: dict, rows: TokenRows, ref: EvalReference, batch_size:
 
 
 def wandb_metrics(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
-    """One layer's metrics under sae-lens's evaluation keys."""
+    """One layer's held-out metrics under sae-lens's evaluation groups, each named ``heldout_<metric>``
+    (``reconstruction_quality/heldout_explained_variance``): the training loop logs sae-lens's metrics of each
+    training batch too (``metrics/train_batch_explained_variance``), and a run's summary must not show the two
+    explained variances under confusable names."""
     groups = {
         "ce_loss_score": "model_performance_preservation", "ce_loss_with_sae": "model_performance_preservation",
         "ce_loss_without_sae": "model_performance_preservation",
@@ -110,7 +113,7 @@ def wandb_metrics(metrics: dict[str, float], prefix: str = "") -> dict[str, floa
         "cossim": "reconstruction_quality", "l0": "sparsity", "never_fired_fraction": "sparsity",
         "dead_fraction": "sparsity",
     }
-    return {f"{prefix}{groups[k]}/{k}": v for k, v in metrics.items() if k in groups}
+    return {f"{prefix}{groups[k]}/heldout_{k}": v for k, v in metrics.items() if k in groups}
 
 
 def _encode_decode(sae, x: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:

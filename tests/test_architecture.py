@@ -151,7 +151,9 @@ EXPERIMENTS = ("ipg_sae.experiments.pipeline", "ipg_sae.experiments.study", "ipg
 
 
 def _experiment_of(module: str) -> str | None:
-    return next((e for e in EXPERIMENTS if module == e or module.startswith(e + ".")), None)
+    """The experiment a module belongs to; an experiment's torch-free settings module beside it
+    (``pipeline_config.py``, so that its --help needs no torch) is part of that experiment."""
+    return next((e for e in EXPERIMENTS if module in (e, f"{e}_config") or module.startswith(e + ".")), None)
 
 
 def test_the_experiments_are_a_layer_above_the_library():

@@ -39,6 +39,101 @@ def test_help_and_a_mistyped_command_do_not_import_torch(argv):
     assert r.stdout.strip().splitlines()[-1] == "False", r.stderr[-2000:]
 
 
+# Every command: a mistyped flag and its closest real one; and, for the commands that read a YAML file, a config with
+# a typo at the top level (`nme`) and one in a nested section (the sections before it built and checked first).
+TYPO_FLAGS = {
+    "sample": ("--sampling.temprature", "--sampling.temperature"),
+    "train-sae": ("--training_tokns", "--training_tokens"),
+    "attribute": ("--attribution.n_stpes", "--attribution.n_steps"),
+    "evaluate": ("--evaluation.gamas", "--evaluation.gammas"),
+    "pipeline": ("--explorer.detial", "--explorer.detail"),
+    "study": ("--nul_sets", "--null_sets"),
+    "paths": ("--top_latnets", "--top_latents"),
+    "steering-bench": ("--grid.max_setings", "--grid.max_settings"),
+    "steer": ("--seeeds", "--seeds"),
+    "explore": ("--explorer.neraest", "--explorer.nearest"),
+    "explain": ("--baseline_tpo", "--baseline_top"),
+    "export": ("--out_dri", "--out_dir"),
+}
+NESTED_TYPOS = {  # command -> (YAML text, the mistyped field, the suggestion)
+    "sample": ("task: {n_problems: 4}\nsampling: {temprature: 0.5}\n", "sampling.temprature", "sampling.temperature"),
+    "train-sae": ("layers: [3]\ndata: {task: {n_problem: 5}}\n", "data.task.n_problem", "data.task.n_problems"),
+    "attribute": ("selection: {k: 4}\nattribution: {n_stpes: 4}\n", "attribution.n_stpes", "attribution.n_steps"),
+    "evaluate": ("evaluation: {gammas: [0, 2], sampling: {temprature: 1}}\n", "evaluation.sampling.temprature",
+                 "evaluation.sampling.temperature"),
+    "pipeline": ("attribution: {n_steps: 4}\nevaluation: {n_random_sets: 2}\nexplain: {gama: 4}\n", "explain.gama",
+                 "explain.gamma"),
+    "study": ("heldout: {n_problems: 10}\nheldout_sampling: {n_sample: 8}\n", "heldout_sampling.n_sample",
+              "heldout_sampling.n_samples"),
+    "paths": ("attribution: {n_steps: 4}\nheldout: {n_problem: 10}\n", "heldout.n_problem", "heldout.n_problems"),
+    "steering-bench": ("dev: {n_problems: 10}\ngrid: {max_setings: 3}\n", "grid.max_setings", "grid.max_settings"),
+}
+TRAINS_ITS_SAE = {"pipeline", "study", "paths", "steering-bench"}  # `sae: {train_config: <train-sae YAML>}`
+_RUN_ALL = """
+import contextlib, io, json, sys
+from ipg_sae.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    results.append({"code": code, "out": out.getvalue(), "err": err.getvalue(), "torch": "torch" in sys.modules})
+print(json.dumps(results))
+"""
+
+
+def test_every_command_is_covered():
+    from ipg_sae.cli import COMMANDS, RUN_DIR_COMMANDS
+
+    assert set(TYPO_FLAGS) == set(COMMANDS)
+    assert set(NESTED_TYPOS) == set(COMMANDS) - set(RUN_DIR_COMMANDS)  # the others take a directory, not a YAML file
+    assert TRAINS_ITS_SAE < set(NESTED_TYPOS)
+
+
+@pytest.mark.parametrize("command", list(TYPO_FLAGS))
+def test_a_commands_help_flag_and_config_typos_answer_without_torch(command, tmp_path):
+    """`ipg-sae CMD --help`, a mistyped flag and a config file's typo answer at once: building a command's flags and
+    checking its config never imports torch (seconds to import); only the command that runs does."""
+    import json
+
+    from ipg_sae.cli import RUN_DIR_COMMANDS
+
+    directory = [str(tmp_path)] if command in RUN_DIR_COMMANDS else []  # their positional argument, required
+    typo, closest = TYPO_FLAGS[command]
+    cases = [[command, "--help"], [command, *directory, f"{typo}=1"]]
+    expected = []  # the error of each config file below
+    if command in NESTED_TYPOS:
+        text, field, suggestion = NESTED_TYPOS[command]
+        for name, body, wrong, right in [("top.yaml", "nme: x\n", "nme", "name"),
+                                         ("nested.yaml", text, field, suggestion)]:
+            path = tmp_path / name
+            path.write_text(body, encoding="utf-8")
+            expected.append(f"error: {path}: unknown field `{wrong}` (did you mean `{right}`?)")
+            cases.append([command, str(path)])
+    if command in TRAINS_ITS_SAE:  # a typo in the train-sae YAML its `sae.train_config` names: that file is named
+        train, job = tmp_path / "sae.yaml", tmp_path / "job.yaml"
+        train.write_text("layers: [1]\nexpansion_factr: 2\n", encoding="utf-8")
+        job.write_text(f"sae: {{train_config: {train}}}\n", encoding="utf-8")
+        expected.append(f"error: {train} + sae.train_overrides of {job}: unknown field `expansion_factr` (did you mean "
+                        "`expansion_factor`?)")
+        cases.append([command, str(job)])
+    r = subprocess.run([sys.executable, "-c", _RUN_ALL, json.dumps(cases)], capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    helped, flagged, *loaded = json.loads(r.stdout.strip().splitlines()[-1])
+    assert helped["code"] == 0 and f"usage: ipg-sae {command}" in helped["out"], helped
+    assert "config overrides" in helped["out"]  # the command's own flags, built from its config class
+    assert flagged["code"] == 2 and f"unrecognized arguments: {typo}=1 (did you mean {closest}?)" in flagged["err"]
+    assert len(loaded) == len(expected)
+    for result, message in zip(loaded, expected):
+        assert result["code"] == 2 and message in result["err"], result
+    assert not [(case, result) for case, result in zip(cases, [helped, flagged, *loaded]) if result["torch"]], \
+        "torch was imported"
+
+
 def test_mistyped_command_names_the_closest(capsys):
     with pytest.raises(SystemExit) as e:
         main(["pipline", "configs/demo.yaml"])

@@ -118,11 +118,19 @@ def test_trains_two_layers_and_writes_loadable_saes(tmp_path, tiny_llama_dir, te
     assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
     keys = set().union(*run["history"])
     for key in ("layer_2/losses/mse_loss", "layer_2/losses/auxiliary_reconstruction_loss",
-                "layer_2/metrics/explained_variance", "layer_2/metrics/l0", "layer_2/sparsity/dead_features",
-                "layer_1/model_performance_preservation/ce_loss_score",
-                "layer_1/reconstruction_quality/explained_variance", "layer_1/sparsity/l0"):
+                "layer_2/metrics/train_batch_explained_variance", "layer_2/metrics/train_batch_l0",
+                "layer_2/sparsity/dead_features", "layer_1/model_performance_preservation/heldout_ce_loss_score",
+                "layer_1/reconstruction_quality/heldout_explained_variance", "layer_1/sparsity/heldout_l0",
+                "layer_1/sparsity/heldout_dead_fraction"):
         assert key in keys, key
-    ce_steps = [row["_step"] for row in run["history"] if "layer_1/model_performance_preservation/ce_loss_score" in row]
+    # The two explained variances have names that say which is which: sae-lens's of each training batch, and the
+    # held-out evaluation's (the summary's value is sae_eval.json's); neither under the old, confusable names.
+    assert not {k for k in keys if k.endswith(("metrics/explained_variance", "quality/explained_variance"))}
+    assert run["summary"]["layer_2/reconstruction_quality/heldout_explained_variance"] == \
+        ev["layers"]["2"]["explained_variance"]
+    assert "layer_2/metrics/train_batch_explained_variance" in run["summary"]
+    ce_steps = [row["_step"] for row in run["history"]
+                if "layer_1/model_performance_preservation/heldout_ce_loss_score" in row]
     assert ce_steps == [150, 300]  # during training (eval_every) and at the end
     # named after where they lie (runs/tiny/sae/layer_<L>), as the jobs that use them name them too
     assert sorted((n, t) for n, t, _ in artifacts) == [("tiny-sae-layer_1", "model"), ("tiny-sae-layer_2", "model")]

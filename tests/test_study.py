@@ -136,9 +136,9 @@ def test_shipped_study_config_loads_with_disjoint_splits():
 
 def test_splits_too_dear_to_load_on_load_are_checked_before_the_first_stage(study_overrides, monkeypatch):
     """A hub dataset is not loaded to validate a config: its splits' overlap is refused by the run, before any work."""
-    from ipg_sae.experiments import common
+    from ipg_sae.experiments import configs  # where check_splits_disjoint looks cheap_to_load up
 
-    monkeypatch.setattr(common, "cheap_to_load", lambda task: False)
+    monkeypatch.setattr(configs, "cheap_to_load", lambda task: False)
     cfg = load_config(StudyConfig, None, {**study_overrides, "heldout.offset": 1})  # overlaps, yet loads
     with pytest.raises(IPGError, match="heldout split is also in the attribution split"):
         run_study(cfg)

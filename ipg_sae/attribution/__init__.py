@@ -19,10 +19,29 @@ Typical use::
 """
 
 from .config import GRADIENT_METHODS, METHOD_NAMES, REASON_WORDS, AttributionConfig, Baseline
-from .engine import CleanPass, GroupAttribution, IPGEngine, NodeGrads
-from .path import ADVANTAGES, METHODS, Advantage, Method, advantages, quadrature
-from .result import RESULT_FILE, SIDECAR_FILE, AttributionResult
-from .run import IPGWarning, attribute, run_attribution
+from .rules import ADVANTAGES, METHODS, Advantage, Method, quadrature
+
+# The torch modules load on first use (PEP 562), so that importing the config above, e.g. to build a
+# command's flags for `ipg-sae CMD --help`, does not import torch; `from ipg_sae.attribution import X`
+# works for every name as before.
+_LAZY = {"CleanPass": "engine", "GroupAttribution": "engine", "IPGEngine": "engine", "NodeGrads": "engine",
+         "advantages": "path", "RESULT_FILE": "result", "SIDECAR_FILE": "result", "AttributionResult": "result",
+         "IPGWarning": "run", "attribute": "run", "run_attribution": "run"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # once loaded, a plain attribute
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ADVANTAGES", "METHODS", "METHOD_NAMES", "GRADIENT_METHODS", "REASON_WORDS", "RESULT_FILE", "SIDECAR_FILE",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from ..errors import IPGError
-from .path import ADVANTAGES, Advantage, Method, quadrature
+from .rules import ADVANTAGES, Advantage, Method, quadrature
 
 Baseline = Literal["ipg", "act", "reason_words", "grad_x_act", "ig_likelihood", "random", "ipg_local"]
 Importance = Literal["none", "self_normalized"]

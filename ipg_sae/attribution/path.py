@@ -5,9 +5,9 @@ straight gate path ``c = alpha * 1``, ``alpha: 0 -> 1``:
 
     IPG_i(x) = (1/G) * sum_k w_k * dF/dc_i |_{c = alpha_k * 1}
 
-* :func:`quadrature` gives the nodes ``alpha_k`` and weights ``w_k`` (summing to 1) under
-  captum's method names: ``gausslegendre`` (default; exact for polynomials of degree
-  ``2 n - 1``) and ``riemann_left|right|middle|trapezoid``.
+* :func:`quadrature` (defined in :mod:`~ipg_sae.attribution.rules`, numpy only) gives the nodes
+  ``alpha_k`` and weights ``w_k`` (summing to 1) under captum's method names: ``gausslegendre``
+  (default; exact for polynomials of degree ``2 n - 1``) and ``riemann_left|right|middle|trapezoid``.
 * :func:`simpson_weights` gives the composite Simpson rule of a set of panels: the rules of
   adaptive attribution, which bisects the panel with the largest error (see
   :meth:`~ipg_sae.attribution.engine.IPGEngine.attribute_group_adaptive`).
@@ -21,48 +21,12 @@ Pure functions of numbers: nothing here touches a model.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import numpy as np
 import torch
 
 from ..errors import IPGError
-
-Method = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
-Advantage = Literal["rloo", "mean", "grpo", "none", "correct"]
-
-METHODS: tuple[str, ...] = get_args(Method)
-ADVANTAGES: tuple[str, ...] = get_args(Advantage)
-
-
-def quadrature(n_steps: int, method: Method = "gausslegendre") -> tuple[np.ndarray, np.ndarray]:
-    """Quadrature nodes and weights on [0, 1].
-
-    Args:
-        n_steps: number of nodes (at least 1; at least 2 for ``riemann_trapezoid``).
-        method: one of :data:`METHODS`.
-
-    Returns:
-        ``(nodes, weights)``: float64 arrays of length ``n_steps``, nodes in [0, 1], weights
-        summing to 1.
-    """
-    k = np.arange(n_steps, dtype=np.float64)
-    if method == "gausslegendre":
-        x, w = np.polynomial.legendre.leggauss(n_steps)
-        return (x + 1) / 2, w / 2
-    if method == "riemann_left":
-        return k / n_steps, np.full(n_steps, 1 / n_steps)
-    if method == "riemann_right":
-        return (k + 1) / n_steps, np.full(n_steps, 1 / n_steps)
-    if method == "riemann_middle":
-        return (k + 0.5) / n_steps, np.full(n_steps, 1 / n_steps)
-    if method == "riemann_trapezoid":
-        if n_steps < 2:
-            raise IPGError("riemann_trapezoid needs n_steps >= 2")
-        w = np.full(n_steps, 1 / (n_steps - 1))
-        w[0] = w[-1] = 0.5 / (n_steps - 1)
-        return k / (n_steps - 1), w
-    raise IPGError(f"unknown quadrature method {method!r}; use one of {', '.join(METHODS)}")
+# The rules and names live in a numpy-only module (configs check them without torch); re-exported here.
+from .rules import ADVANTAGES, METHODS, Advantage, Method, quadrature  # noqa: F401
 
 
 VARIANCE_RTOL = 1e-9  # rewards closer than this, relative to their scale, are equal (float noise is no signal)

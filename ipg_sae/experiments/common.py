@@ -19,11 +19,13 @@ from ..jobs import AttributeJobConfig, SelectionConfig, run_attribute
 from ..models import load_model
 from ..rewards import get_reward
 from ..saes import SAELoad
-from ..splits import disjoint_splits
 from ..sampling import SamplingConfig, sample
 from ..tasks import TaskConfig, build_prompts, load_problems
 from ..trajectories import Trajectory, prompt_groups, save_trajectories
-from .stages import Stage, model_files, model_inputs, sae_specs, task_files, train_job
+# the checks a config's validate runs live torch-free in configs.py; re-exported here for the experiments
+from .configs import (cheap_to_load, check_importance_sampling, check_problems_per_batch,  # noqa: F401
+                      check_sae, check_splits_disjoint)
+from .stages import Stage, model_files, model_inputs, sae_specs, task_files
 
 log = logging.getLogger(__name__)
 
@@ -115,41 +117,3 @@ def contexts(cfg) -> list:
     """The (task, max_new_tokens, field) pairs a job with attribution and held-out sampling checks first."""
     return [(cfg.task, cfg.sampling.max_new_tokens, "sampling.max_new_tokens"),
             (cfg.heldout, cfg.heldout_sampling.max_new_tokens, "heldout_sampling.max_new_tokens")]
-
-
-def check_sae(job: str, cfg) -> None:
-    """An experiment needs SAEs to load or a train-sae YAML to train them; the train-sae config it would train with
-    is built (and so checked) now, a typo in ``sae.train_overrides`` named in the job's own config file."""
-    if not cfg.sae.load and not cfg.sae.train_config:
-        raise IPGError(f"{job}.sae needs `load` (SAE entries) or `train_config` (a train-sae YAML)")
-    if not cfg.sae.load:
-        try:
-            train_job(cfg)
-        except IPGError as e:
-            raise IPGError(str(e) if "sae.train_overrides" in str(e) else f"sae.train_config: {e}") from None
-
-
-def check_importance_sampling(field: str, sampling: SamplingConfig) -> None:
-    """Samples that stand in for steered policies (importance weights) need a sampler with full support."""
-    if sampling.temperature <= 0 or sampling.top_p != 1:
-        raise IPGError(f"{field} needs temperature > 0 and top_p 1 (importance weights need a sampler with full "
-                       "support)")
-
-
-def check_problems_per_batch(field: str, n: int) -> None:
-    """The off-policy scorer's problems per pass, checked on load rather than when scoring starts."""
-    if n < 1:
-        raise IPGError(f"{field} is {n}; give at least 1 (problems scored together off-policy; memory grows with it)")
-
-
-def cheap_to_load(task: TaskConfig) -> bool:
-    """A task whose problems are generated or read from a local file: loaded at validation at no real cost."""
-    return task.name == "arithmetic" or bool(task.path)
-
-
-def check_splits_disjoint(tasks: dict[str, TaskConfig], on_load: bool) -> None:
-    """No problem in two of ``tasks`` (by id or question text: :func:`ipg_sae.splits.disjoint_splits`). On load
-    (``on_load``) only when every split is cheap to load; otherwise (before the first stage) only when one is not,
-    so that each run checks once, before any work."""
-    if on_load == all(cheap_to_load(t) for t in tasks.values()):
-        disjoint_splits(tasks)

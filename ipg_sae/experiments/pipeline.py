@@ -20,60 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..attribution import AttributionConfig, Baseline
-from ..config import StagedJobConfig
-from ..errors import IPGError
-from ..evaluation import EvalConfig
-from ..explain_run import ExplainStageConfig, run_explain
+from ..explain_run import run_explain
 from ..explanations import OUT as EXPLANATIONS
-from ..explorer import ExplorerConfig, panel_latents
-from ..jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, SampleJobConfig, SelectionConfig,
-                   check_baselines, method_dir, run_attribute, run_evaluate, run_explore, run_sample)
+from ..explorer import panel_latents
+from ..jobs import (AttributeJobConfig, EvaluateJobConfig, ExploreJobConfig, SampleJobConfig, method_dir,
+                    run_attribute, run_evaluate, run_explore, run_sample)
 from ..provenance import PROVENANCE_FILE, write_provenance
 from ..rewards import get_reward
 from ..saes import SAELoad
-from ..sampling import SamplingConfig
-from ..splits import disjoint_splits
-from ..tasks import TaskConfig
 from ..tracking import attribution_files
-from .common import check_sae
-from .stages import (SAE_STAGE, SAESourceConfig, Stage, model_files, model_inputs, run_job_stages, sae_specs,
-                     task_files)
+# the settings live torch-free in pipeline_config (`ipg-sae pipeline --help`, a config's typo); re-exported here
+from .pipeline_config import PipelineConfig
+from .stages import SAE_STAGE, Stage, model_files, model_inputs, run_job_stages, sae_specs, task_files
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PipelineConfig(StagedJobConfig):
-    name: str = "pipeline"
-    task: TaskConfig = field(default_factory=TaskConfig)  # the problems attributed on
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    reward: str = "correctness"  # correctness | length | neg_length | module.path:function
-    sae: SAESourceConfig = field(default_factory=SAESourceConfig)
-    attribution: AttributionConfig = field(default_factory=AttributionConfig)
-    baselines: list[Baseline] = field(default_factory=lambda: ["act", "grad_x_act"])  # attributed beside IPG
-    evaluate_baselines: list[Baseline] | None = None  # baselines whose sets are also steered (default: all but random)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    evaluation: EvalConfig = field(default_factory=EvalConfig)  # its task must be held out from `task`
-    explain: ExplainStageConfig = field(default_factory=ExplainStageConfig)  # explanations of the explorer's panels
-    explorer: ExplorerConfig = field(default_factory=ExplorerConfig)  # the feature explorer page
-
-    def validate(self) -> None:
-        super().validate()
-        check_sae("pipeline", self)
-        unknown = set(self.evaluate_baselines or []) - set(self.baselines)
-        if unknown:
-            raise IPGError(f"evaluate_baselines lists {sorted(unknown)}, which are not in `baselines`; add them there")
-        check_baselines(self.baselines)
-        get_reward(self.reward)
-        # Every stage's config is built (and so checked) now, before the first stage runs (the SAE's in check_sae).
-        dataclasses.replace(self.evaluation, k=self.evaluation.k or self.selection.k, reward=self.reward).validate()
-        if all(t.name == "arithmetic" or t.path for t in (self.task, self.evaluation.task)):  # cheap to load here
-            # by id and by question text: generated level-1 problems repeat questions across windows
-            disjoint_splits({"attribution": self.task, "evaluation": self.evaluation.task})
 
 
 # ---- stages ---------------------------------------------------------------------------

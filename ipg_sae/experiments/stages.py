@@ -35,16 +35,16 @@ import json
 import logging
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import check_dotted, load_config, loading_file
 from ..digest import FORMAT_VERSION, file_digest, json_digest, key_dict, tree_digest
 from ..errors import IPGError
 from ..io import jsonable, read_json, remove_tree, write_json
 from ..models import source_digest
 from ..saes import SAESpec
+from .configs import SAESourceConfig, train_config  # noqa: F401  (SAESourceConfig re-exported: torch-free)
 
 log = logging.getLogger(__name__)
 
@@ -283,39 +283,10 @@ def model_files(cfg) -> list[Path]:
 # ---- the SAE stage ------------------------------------------------------------------------------
 
 
-@dataclass
-class SAESourceConfig:
-    load: list[SAESpec] = field(default_factory=list)  # published or local SAEs; when empty, train them
-    train_config: str | None = None  # a train-sae YAML (its name, runs_dir and model are the job's)
-    train_overrides: dict = field(default_factory=dict)  # dotted overrides of that config, e.g. {training_tokens: 1e6}
-    # the trained SAE's seed (init and data order), over the train config's: a replicate's own SAE (None: the config's)
-    seed: int | None = field(default=None, metadata={"key_omits": None})
-
-    def validate(self) -> None:
-        if not self.load and not self.train_config:
-            raise IPGError("sae needs `load` (SAE entries) or `train_config` (a train-sae YAML)")
-
-
 def train_job(cfg):
-    """The train-sae config of a job whose ``sae`` trains its SAEs (its name, runs_dir, model and W&B)."""
-    from sae_training.config import TrainSAEConfig
-
-    from ..splits import problem_sets
-
-    source = loading_file()  # the job's own config file, while it is being loaded and checked
-    where = f"{source + ': ' if source else ''}sae.train_overrides (fields of {cfg.sae.train_config})"
-    check_dotted(TrainSAEConfig, cfg.sae.train_overrides, where)
-    overrides = {**cfg.sae.train_overrides, "name": cfg.name, "runs_dir": cfg.runs_dir}
-    if cfg.sae.seed is not None:
-        overrides["seed"] = cfg.sae.seed
-    train = load_config(TrainSAEConfig, cfg.sae.train_config, overrides,
-                        overrides_from=f"sae.train_overrides{' of ' + source if source else ''}")
-    # The SAE never trains on a question the job attributes or evaluates on (every split it names). The splits are
-    # read from the whole config: they are in the SAE stage's key through its identity, this very train config.
-    exclude = [*train.data.exclude_tasks,
-               *(t for t in problem_sets(whole_config(cfg)) if t not in train.data.exclude_tasks)]
-    return dataclasses.replace(train, model=cfg.model, wandb=dataclasses.replace(train.wandb, enabled=cfg.wandb.enabled),
-                               data=dataclasses.replace(train.data, exclude_tasks=exclude))
+    """The train-sae config of a job whose ``sae`` trains its SAEs (its name, runs_dir, model and W&B); ``cfg`` may
+    be a stage's :class:`ConfigView` (its splits are read from the whole config: see :func:`.configs.train_config`)."""
+    return train_config(cfg, whole_config(cfg))
 
 
 def whole_config(cfg):

@@ -59,15 +59,31 @@ Modules: ``results`` (the typed results and :class:`ExplainConfig`, JSON round t
 """
 
 
-from .corpus import Activations, Corpus, encode_corpus, split_corpus
-from .explain import explain_latents
-from .input_side import (NGramCounts, auroc, binary_scores, detection_sample, detection_score,
-                         input_explanation)
-from .output_side import (cut_contexts, final_norm, firing_contexts, norm_linear, null_pool, probability_change,
-                          rank_in_null, raw_output_score, token_change, vocab_proj)
 from .results import (EXPLANATION_COLUMNS, OUT, DetectionScore, Example, ExplainConfig, InputExplanation,
                       LatentExplanation, NGram, OutputExplanation, OutputScore, TokenEffect, flat_columns, from_dict,
                       json_quote, load_explanations, to_dict, token_pieces)
+
+# The modules that compute (corpus, input_side, output_side, explain) import torch and load on first use
+# (PEP 562): the settings and results above are read without it (`ipg-sae explain --help`, a config's typo), and
+# `from ipg_sae.explanations import X` works for every name as before.
+_LAZY = {**dict.fromkeys(("Activations", "Corpus", "encode_corpus", "split_corpus"), "corpus"),
+         "explain_latents": "explain",
+         **dict.fromkeys(("NGramCounts", "auroc", "binary_scores", "detection_sample", "detection_score",
+                          "input_explanation"), "input_side"),
+         **dict.fromkeys(("cut_contexts", "final_norm", "firing_contexts", "norm_linear", "null_pool",
+                          "probability_change", "rank_in_null", "raw_output_score", "token_change", "vocab_proj"),
+                         "output_side")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # once loaded, a plain attribute
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Activations", "Corpus", "encode_corpus", "split_corpus", "explain_latents", "NGramCounts", "auroc",
            "binary_scores", "detection_sample", "detection_score", "input_explanation", "cut_contexts", "final_norm",

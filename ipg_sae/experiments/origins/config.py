@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...attribution import AttributionConfig
+from ...attribution.config import AttributionConfig
 from ...config import StagedJobConfig
 from ...errors import IPGError
-from ...sampling import SamplingConfig
+from ...sampling_config import SamplingConfig
 from ...tasks import TaskConfig
-from ..common import check_importance_sampling, check_problems_per_batch, check_sae, check_splits_disjoint
-from ..stages import SAESourceConfig
+from ..configs import (SAESourceConfig, check_importance_sampling, check_problems_per_batch, check_sae,
+                       check_splits_disjoint)
 
 ORIGINS = ("zero", "mean")
 PATH_METHODS = ("ipg", "ipg_local")

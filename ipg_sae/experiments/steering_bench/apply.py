@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ...config import JobConfig
 from ...errors import IPGError
 from ...io import read_json, write_json
-from ...sampling import SamplingConfig
 from ...steering import Intervention, VectorIntervention, add_vector
-from ...tasks import TaskConfig
+from .apply_config import SteerApplyConfig  # noqa: F401  (re-exported: the config lives torch-free)
 from .recipes import Recipe
 
 FORMAT = "ipg-sae-steering-recipe/1"
@@ -81,26 +78,6 @@ def load_recipe(folder: str | Path) -> tuple[Recipe, dict]:
         interventions += [add_vector(v["layer"], tensors[v["tensor"]], v["coef"], v["start"]) for v in doc["vectors"]]
     recipe = Recipe(doc["method"], doc["setting"], interventions, doc["system_prompt"], doc["scope"], doc["few_shot"])
     return recipe, doc
-
-
-@dataclass
-class SteerApplyConfig(JobConfig):
-    name: str = "steer"
-    recipe: str = ""  # a recipe folder the steering benchmark wrote (<run>/bench/recipes/<name>)
-    task: TaskConfig = field(default_factory=lambda: TaskConfig(n_problems=100))
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_samples=4, temperature=0.5,
-                                                                            max_new_tokens=96, batch_size=32))
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # x sampling.n_samples per problem
-    reward: str = "correctness"
-    n_bootstrap: int = 2000
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.recipe or not (Path(self.recipe) / "recipe.json").is_file():
-            raise IPGError(f"{self.recipe or '(no recipe)'} is not a steering recipe folder (no recipe.json); give "
-                           "one the steering benchmark wrote, e.g. runs/steering_bench/bench/recipes/ipg_step")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise IPGError("steer.seeds must list at least one seed, each once")
 
 
 def run_apply(cfg: SteerApplyConfig) -> dict:

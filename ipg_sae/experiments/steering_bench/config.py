@@ -5,18 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...attribution import AttributionConfig
+from ...attribution.config import AttributionConfig
 from ...config import StagedJobConfig
 from ...errors import IPGError
-from ...rewards import get_reward
-from ...sampling import SamplingConfig
+from ...sampling_config import SamplingConfig
 from ...tasks import TaskConfig
-from ..common import check_importance_sampling, check_problems_per_batch, check_sae
-from ..stages import SAESourceConfig
-from .recipes import KINDS, BenchGrid, group, methods
+from ..configs import SAESourceConfig, check_importance_sampling, check_problems_per_batch, check_sae
+from .grid import SHIPPED_METHODS, SHIPPED_NULLS, BenchGrid
 
-METHODS = methods(default_only=True)  # the shipped methods (the default of `methods`); the registry may hold more
-NULL_RECIPES = group("null")
+METHODS = SHIPPED_METHODS  # the shipped methods (the default of `methods`); the registry may hold more
+NULL_RECIPES = SHIPPED_NULLS
 
 
 @dataclass
@@ -63,6 +61,11 @@ class SteeringBenchConfig(StagedJobConfig):
     def validate(self) -> None:
         super().validate()
         check_sae("steering_bench", self)
+        # imported here, not above (and after the SAE's check): they import torch, which a config's --help or typo
+        # need not load
+        from ...rewards import get_reward
+        from .recipes import KINDS, group, methods
+
         get_reward(self.reward)
         tuned, nulls = methods(), group("null")  # read now: a recipe registered after import counts
         unknown = [m for m in self.methods if m not in tuned] + [n for n in self.nulls if n not in nulls]

@@ -28,33 +28,10 @@ from ...selection import reward_permutations, select
 from ...steering import VectorIntervention, add_vector, scale
 from ...vectors import (ipg_weighted_step, permuted_step_scores, project_on_latents, shuffled_scores, step_scores,
                         weighted_step)
+# the grid and the shipped recipes' names live torch-free (the config's --help and typos answer without torch)
+from .grid import SHIPPED_METHODS, SHIPPED_NULLS, BenchGrid
 
 Group = Literal["ipg", "practice", "baseline", "control", "null"]
-
-
-@dataclass
-class BenchGrid:
-    """The settings each method may try (at most ``max_settings`` each)."""
-
-    ks: list[int] = field(default_factory=lambda: [4, 16, 64])
-    gammas: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0, 4.0])
-    etas: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0])
-    alphas: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32,
-                                                         0.48, 0.64, 0.96])
-    projected_ks: list[int] = field(default_factory=lambda: [16, 64])
-    projected_alphas: list[float] = field(default_factory=lambda: [0.04, 0.08, 0.16, 0.32, 0.64, 1.28])
-    instructions: list[str] = field(default_factory=lambda: [
-        "Solve the problem step by step, then give the final answer as a number.",
-        "Think carefully. Check your arithmetic before you give the final answer.",
-        "Read the question, write the one calculation it needs, and state the result.",
-        "You are a careful math tutor. Show the calculation and end with 'The answer is N.'"])
-    shots: list[int] = field(default_factory=lambda: [0, 1, 2, 4])  # worked examples (prompting_shots)
-    shot_instructions: int = 3  # prompting_shots: the first this many instructions x every shots entry
-    diffmean_layers: list[int] = field(default_factory=list)  # diffmean_layer: other layers than the SAE's
-    layer_alphas: list[float] = field(default_factory=lambda: [0.04, 0.12, 0.32, 0.64])
-    dev_draws: int = 10  # the step's nulls: draws tuned on dev (permutations / shuffles)
-    test_draws: int = 5  # ... of which the first this many run on test and transfer (>= 5 for a rank p <= 1/6)
-    max_settings: int = 12
 
 
 @dataclass
@@ -301,3 +278,10 @@ register(RecipeKind("prompting_shots", "practice", lambda g: [{"instruction": t,
                                                               for n in g.shots], _prompting_shots))
 register(RecipeKind("random_direction", "null", mirrors="diffmean", mirror=_random_direction))
 register(RecipeKind("random_latents", "null", mirrors="ipg_topk", mirror=_random_latents))
+
+
+# The shipped recipes' names are listed torch-free in grid.py (the config's defaults); they must be the ones
+# registered above, so that the two lists cannot drift apart.
+if methods(default_only=True) != SHIPPED_METHODS or group("null") != SHIPPED_NULLS:
+    raise ImportError(f"the registered recipes (methods {methods(default_only=True)}, nulls {group('null')}) differ "
+                      f"from grid.py's SHIPPED_METHODS / SHIPPED_NULLS; list the same names, in the same order")

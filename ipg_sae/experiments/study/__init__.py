@@ -2,6 +2,21 @@
 its statistics (:mod:`.summary`) and its rendering (:mod:`.report`)."""
 
 from .config import StudyConfig
-from .run import STAGES, run_study
+
+
+# The stages and work import torch: they load on first use (PEP 562), so that the config (``ipg-sae CMD --help``,
+# a config file's typo) does not; ``from ipg_sae.experiments.study import X`` works for every name as before.
+_LAZY = {"STAGES": "run", "run_study": "run"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # once loaded, a plain attribute
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["STAGES", "StudyConfig", "run_study"]

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...attribution import AttributionConfig, Baseline
+from ...attribution.config import AttributionConfig, Baseline
 from ...config import StagedJobConfig
 from ...errors import IPGError
-from ...jobs import check_baselines
-from ...rewards import get_reward
-from ...sampling import SamplingConfig
+from ...jobs_config import check_baselines
+from ...sampling_config import SamplingConfig
 from ...tasks import TaskConfig
-from ..common import check_importance_sampling, check_problems_per_batch, check_sae, check_splits_disjoint
-from ..stages import SAESourceConfig
-from .nulls import NULLS
+from ..configs import (SAESourceConfig, check_importance_sampling, check_problems_per_batch, check_sae,
+                       check_splits_disjoint)
 
 
 @dataclass
@@ -56,6 +54,11 @@ class StudyConfig(StagedJobConfig):
     def validate(self) -> None:
         super().validate()
         check_sae("study", self)
+        # imported here, not above (and after the SAE's check): they import torch, which the config's --help and
+        # typos need not load (the registry of nulls is read now, so a null registered after import counts)
+        from ...rewards import get_reward
+        from .nulls import NULLS
+
         for r in self.rewards:
             get_reward(r)
         if "ipg" not in self.methods:
