@@ -184,7 +184,8 @@ def arad_filter(run_dir: Path, found, ipg_top, args) -> dict:
     cfg = {"name": f"{run_dir.name}-arad", "runs_dir": str(run_dir.parent), "model": run_cfg["model"],
            "sae": {"load": (run_cfg.get("sae") or {}).get("load") or run_cfg["saes"]}, "attribution_dir": str(run_dir),
            "sets": {"ipg": str(out / "ipg_top.json"), "ipg_output_filtered": str(out / "ipg_output_filtered.json")},
-           "evaluation": {"k": len(top)}}
+           # each set file is the whole set: no k (a k of the unfiltered size is refused for the smaller filtered set)
+           "evaluation": {"k": None}}
     write_text(out / "evaluate_filtered.yaml", yaml.safe_dump(cfg, sort_keys=False))
     return {"k": len(top), "kept": len(kept), "threshold": args.filter_percentile, "set": [list(p) for p in kept],
             "evaluate": f"ipg-sae evaluate {out / 'evaluate_filtered.yaml'} (set evaluation.task to the study's dev "
@@ -251,8 +252,9 @@ def main(argv=None) -> int:
         from ipg_sae.selection import load_selection
 
         evaluate = load_config(EvaluateJobConfig, run_dir / "explanations" / "evaluate_filtered.yaml")
-        assert [len(load_selection(v)) for v in evaluate.sets.values()] == [result["arad_filter"]["k"],
-                                                                             result["arad_filter"]["kept"]]
+        k = evaluate.evaluation.k  # how run_evaluate loads each set
+        assert [len(load_selection(v, k=k)) for v in evaluate.sets.values()] == [result["arad_filter"]["k"],
+                                                                                 result["arad_filter"]["kept"]]
         print(json.dumps({"smoke": True, "groups": sorted(result["groups"]), "cost": result["cost"],
                           "ipg_minus_random": sorted(result["ipg_minus_random"]),
                           "arad_kept": result["arad_filter"]["kept"]}))
