@@ -101,6 +101,18 @@ def demo_claims() -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("claim", study_claims() + steering_claims() + demo_claims())
+def explanation_claims() -> list[str]:
+    """Issue 38's measured answer, as docs/explanations/measured.json keeps it."""
+    m = _load("docs/explanations/measured.json")
+    d = m["ipg_minus_random"]
+    return [
+        f"balanced accuracy {d['detection_bacc'][0]:+.3f} [{d['detection_bacc'][1]:.3f}, {d['detection_bacc'][2]:.3f}]",
+        f"({d['output_percentile'][0]:+.3f} [{d['output_percentile'][1]:.3f}, {d['output_percentile'][2]:+.3f}] in percentile)",
+        f"keeps {m['arad_filter']['kept']} of IPG's top {m['arad_filter']['k']}",
+        f"costs {m['cost']['per_latent_s']:.2f} s here",
+    ]
+
+
+@pytest.mark.parametrize("claim", study_claims() + steering_claims() + demo_claims() + explanation_claims())
 def test_the_readme_states_the_committed_number(claim):
     assert claim in README, f"README does not state {claim!r} (the committed JSON says so)"
