@@ -11,17 +11,13 @@ checkpoints and data-parallel under ``torchrun``. The saved SAEs are sae-lens SA
 or ``python -m sae_training configs/sae_smollm2.yaml [--field.x value ...] [--no-wandb]``.
 """
 
+from ipg_sae.lazy import lazy_exports
+
 from .config import DataConfig, TrainSAEConfig
 
-
-def __getattr__(name: str):
-    """``train`` loads on first use (PEP 562): importing the config (``ipg-sae train-sae --help``, a config's typo)
-    stays torch-free, and ``from sae_training import train`` works as before."""
-    if name == "train":
-        from .trainer import train
-
-        return train
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ``train`` loads on first use: importing the config (``ipg-sae train-sae --help``, a config's typo) stays
+# torch-free, and ``from sae_training import train`` works as before.
+__getattr__, __dir__ = lazy_exports(__name__, {"train": "trainer"})
 
 
 __all__ = ["DataConfig", "TrainSAEConfig", "train"]

@@ -18,6 +18,7 @@ Typical use::
     result.delta             # per-trajectory relative completeness gap
 """
 
+from ..lazy import lazy_exports
 from .config import GRADIENT_METHODS, METHOD_NAMES, REASON_WORDS, AttributionConfig, Baseline
 from .rules import ADVANTAGES, METHODS, Advantage, Method, quadrature
 
@@ -28,20 +29,7 @@ _LAZY = {"CleanPass": "engine", "GroupAttribution": "engine", "IPGEngine": "engi
          "advantages": "path", "RESULT_FILE": "result", "SIDECAR_FILE": "result", "AttributionResult": "result",
          "IPGWarning": "run", "attribute": "run", "run_attribution": "run"}
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value  # once loaded, a plain attribute
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "ADVANTAGES", "METHODS", "METHOD_NAMES", "GRADIENT_METHODS", "REASON_WORDS", "RESULT_FILE", "SIDECAR_FILE",

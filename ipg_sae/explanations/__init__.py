@@ -59,6 +59,7 @@ Modules: ``results`` (the typed results and :class:`ExplainConfig`, JSON round t
 """
 
 
+from ..lazy import lazy_exports
 from .results import (EXPLANATION_COLUMNS, OUT, DetectionScore, Example, ExplainConfig, InputExplanation,
                       LatentExplanation, NGram, OutputExplanation, OutputScore, TokenEffect, flat_columns, from_dict,
                       json_quote, load_explanations, to_dict, token_pieces)
@@ -74,16 +75,7 @@ _LAZY = {**dict.fromkeys(("Activations", "Corpus", "encode_corpus", "split_corpu
                           "probability_change", "rank_in_null", "raw_output_score", "token_change", "vocab_proj"),
                          "output_side")}
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value  # once loaded, a plain attribute
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = ["Activations", "Corpus", "encode_corpus", "split_corpus", "explain_latents", "NGramCounts", "auroc",
            "binary_scores", "detection_sample", "detection_score", "input_explanation", "cut_contexts", "final_norm",

@@ -1,6 +1,7 @@
 """The faithfulness study (``ipg-sae study``): its settings (:mod:`.config`), its stages and work (:mod:`.run`),
 its statistics (:mod:`.summary`) and its rendering (:mod:`.report`)."""
 
+from ...lazy import lazy_exports
 from .config import StudyConfig
 
 
@@ -8,15 +9,6 @@ from .config import StudyConfig
 # a config file's typo) does not; ``from ipg_sae.experiments.study import X`` works for every name as before.
 _LAZY = {"STAGES": "run", "run_study": "run"}
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value  # once loaded, a plain attribute
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = ["STAGES", "StudyConfig", "run_study"]
