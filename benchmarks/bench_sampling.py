@@ -141,23 +141,31 @@ def real_setup(args):
     return model, tok, problems, build_prompts(tok, problems, task), sae
 
 
+def synthetic_setup(args, prompt_tokens: int):
+    """A random-weight model of ``args``'s shape, its word-level tokenizer, and ``args.prompts`` random prompts of
+    ``prompt_tokens`` words as problems (answer "0")."""
+    from ipg_sae.tasks import Problem
+
+    shape = args.shape_obj
+    model = common.build_model(shape, args.device, args.torch_dtype)
+    tok = common.build_tokenizer(shape.vocab)
+    rng = random.Random(0)
+    prompts = [common.random_prompt(prompt_tokens, shape.vocab, rng) for _ in range(args.prompts)]
+    return model, tok, [Problem(id=f"p{i}", question=p, answer="0") for i, p in enumerate(prompts)], prompts
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     if args.real:
         return main_real(args)
     from ipg_sae.sampling import SamplingConfig, eos_ids, sample
     from ipg_sae.steering import scale, steering
-    from ipg_sae.tasks import Problem
 
     shape, device = args.shape_obj, args.device
     print(f"sampling: {shape.name} on {device} ({args.dtype}, {torch.get_num_threads()} threads), "
           f"{args.prompts} prompts x G={args.group_size}, {args.new_tokens} new tokens", flush=True)
-    model = common.build_model(shape, device, args.torch_dtype)
-    tok = common.build_tokenizer(shape.vocab)
+    model, tok, problems, prompts = synthetic_setup(args, args.prompt_tokens)
     sae = common.random_topk_sae(shape, device, args.torch_dtype)
-    rng = random.Random(0)
-    prompts = [common.random_prompt(args.prompt_tokens, shape.vocab, rng) for _ in range(args.prompts)]
-    problems = [Problem(id=f"p{i}", question=p, answer="0") for i, p in enumerate(prompts)]
     cfg = SamplingConfig(n_samples=args.group_size, temperature=0.7, max_new_tokens=args.new_tokens,
                          batch_size=args.prompts * args.group_size, seed=0)
     stops = eos_ids(model, tok)

@@ -37,10 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-import random  # noqa: E402
-
 import torch  # noqa: E402
-from bench_sampling import linear_floor, real_setup  # noqa: E402
+from bench_sampling import linear_floor, real_setup, synthetic_setup  # noqa: E402
 
 
 class Clock:
@@ -118,19 +116,6 @@ def profile_ops(model, tok, problems, prompts, cfg, top: int = 14) -> list[dict]
              "us_per_call": round(e.self_cpu_time_total / max(e.count, 1), 1)} for e in rows]
 
 
-def smoke_setup(args):
-    """A tiny random model and random prompts in place of the default model (``--smoke``)."""
-    from ipg_sae.tasks import Problem
-
-    shape = args.shape_obj
-    model = common.build_model(shape, args.device, args.torch_dtype)
-    tok = common.build_tokenizer(shape.vocab)
-    rng = random.Random(0)
-    prompts = [common.random_prompt(16, shape.vocab, rng) for _ in range(args.prompts)]
-    problems = [Problem(id=f"p{i}", question=p, answer="0") for i, p in enumerate(prompts)]
-    return model, tok, problems, prompts
-
-
 def main(argv=None) -> dict:
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--prompts", type=int, default=96)
@@ -142,7 +127,7 @@ def main(argv=None) -> dict:
 
     if args.smoke:
         args.prompts, args.rows = min(args.prompts, 4), min(args.rows, 8)
-        model, tok, problems, prompts = smoke_setup(args)
+        model, tok, problems, prompts = synthetic_setup(args, prompt_tokens=16)
     else:
         args.real = True
         model, tok, problems, prompts, _ = real_setup(args)
