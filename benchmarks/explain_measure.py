@@ -19,7 +19,7 @@ reused). ``--smoke`` builds a tiny run first and runs everything on it (seconds;
 
 The default model, later, on an idle machine (about as long as the explorer per 4,096 latents; see the cost):
 
-    python benchmarks/explain_measure.py --run-dir runs/study --top 64 --baseline-top 64 --n-random 8 \\
+    python benchmarks/explain_measure.py --run-dir runs/study/correctness --top 64 --baseline-top 64 --n-random 8 \\
         --cost-latents 64 --time-explorer
 """
 
@@ -155,10 +155,11 @@ def cost(run_dir: Path, args, model, tokenizer, saes, corpus, encode_s: float) -
     explain_latents(model, sae, layer, [], corpus, pieces, cfg, acts=acts, null_scores=nulls)
     null_s = time.monotonic() - start
     start = time.monotonic()
-    explain_latents(model, sae, layer, latents, corpus, pieces, cfg, acts=acts, null_scores=nulls)
+    timed = explain_latents(model, sae, layer, latents, corpus, pieces, cfg, acts=acts, null_scores=nulls)
     per_latent = (time.monotonic() - start) / max(1, len(latents))
     out = {"encode_s": round(encode_s, 2), "null_pool_s": round(null_s, 2), "per_latent_s": round(per_latent, 4),
-           "n_latents_timed": len(latents), "estimate_4096_s": round(encode_s + null_s + 4096 * per_latent, 1)}
+           "n_latents_timed": len(latents), "estimate_4096_s": round(encode_s + null_s + 4096 * per_latent, 1),
+           **full_head_reference(model, sae, layer, timed[:16], corpus, pieces, cfg, acts, nulls, per_latent)}
     if args.time_explorer:
         from ipg_sae.explorer import build
 
@@ -166,6 +167,29 @@ def cost(run_dir: Path, args, model, tokenizer, saes, corpus, encode_s: float) -
         build(run_dir, model=model, tokenizer=tokenizer, saes=saes)
         out["explorer_s"] = round(time.monotonic() - start, 1)
     return out
+
+
+def full_head_reference(model, sae, layer, timed, corpus, pieces, cfg, acts, nulls, per_latent: float) -> dict:
+    """The first of the timed latents (``timed``: their explanations) again with the LM head on every position (the reference TokenChange ran before it read
+    only the firing positions' logits): its seconds per latent, the ratio, and whether the tokens agree."""
+    from ipg_sae.explanations import explain_latents
+    from ipg_sae.explanations.output_side import _PLAIN_HEAD
+
+    fast = {e.latent: e for e in timed}
+    latents = list(fast)
+    before = _PLAIN_HEAD.get(model)
+    _PLAIN_HEAD[model] = False
+    try:
+        start = time.monotonic()
+        full = explain_latents(model, sae, layer, latents, corpus, pieces, cfg, acts=acts, null_scores=nulls)
+        seconds = (time.monotonic() - start) / max(1, len(latents))
+    finally:
+        _PLAIN_HEAD[model] = before
+    same = all([t.token for t in e.token_change.promoted] == [t.token for t in fast[e.latent].token_change.promoted]
+               for e in full)
+    return {"per_latent_full_head_s": round(seconds, 4), "n_latents_full_head": len(latents),
+            "full_head_over_head_at_firing": round(seconds / per_latent, 3) if per_latent else None,
+            "same_token_change": same}
 
 
 def arad_filter(run_dir: Path, found, ipg_top, args) -> dict:
@@ -208,6 +232,9 @@ def markdown(result: dict) -> str:
               f"{a['threshold']}); steering effect on dev: `{a['evaluate']}`.", "",
               f"Cost: encode {c['encode_s']} s, null pool {c['null_pool_s']} s, {c['per_latent_s']} s per latent "
               f"({c['n_latents_timed']} timed) -> about {c['estimate_4096_s']} s for 4,096 latents"
+              + (f"; the LM head on every position instead of the firing ones: {c['per_latent_full_head_s']} s per "
+                 f"latent ({c['full_head_over_head_at_firing']}x, same TokenChange tokens: {c['same_token_change']})"
+                 if "per_latent_full_head_s" in c else "")
               + (f"; the explorer took {c['explorer_s']} s" if "explorer_s" in c else "") + "."]
     return "\n".join(lines) + "\n"
 

@@ -27,4 +27,6 @@ def test_the_measurement_script_runs_on_a_tiny_run():
     at_least = 4096 * (cost["per_latent_s"] - 5e-5) + cost["encode_s"] + cost["null_pool_s"] - 0.05 - 0.01
     assert cost["per_latent_s"] > 0 and cost["estimate_4096_s"] >= at_least
     assert cost["explorer_s"] > 0
+    # the reference (LM head on every position) reads the same TokenChange tokens as the firing-positions head
+    assert cost["same_token_change"] is True and cost["per_latent_full_head_s"] > 0 and cost["n_latents_full_head"] > 0
     assert "| IPG top 8 minus random (paired) |" in out.stdout and "Arad et al.'s filter" in out.stdout

@@ -149,3 +149,56 @@ def test_contexts_are_cut_to_the_tokens_before_the_last_firing_position():
     assert tokens == list(range(110, 116)) and kept == [2, 5]  # 15 -> 5, 12 -> 2; 3 is before the cut
     assert ex.cut_contexts(corpus, [(0, [10])], context_tokens=1) == []  # only the window's first token
     assert ex.cut_contexts(corpus, [(0, [3])], context_tokens=0) == [(list(range(100, 104)), [3])]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logits_at_firing_positions_equal_the_models_own(tmp_path, tiny_tokenizer, arch):
+    """TokenChange runs the LM head only where the latent fires; that is the model's own logits there."""
+    from ipg_sae.explanations.output_side import _PLAIN_HEAD, logits_at
+    from ipg_sae.models import load_model
+    from tests import tiny
+
+    tiny.build_model(arch, tmp_path, vocab_size=len(tiny_tokenizer))
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path))
+    ids = torch.randint(3, len(tiny_tokenizer), (3, 9))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    at = torch.zeros_like(ids, dtype=torch.bool)
+    at[0, [2, 8]] = at[1, 5] = at[2, [0, 5]] = True
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits[at]
+        got = logits_at(model, ids, mask, at)
+        again = logits_at(model, ids, mask, at)
+    assert _PLAIN_HEAD[model] is True and got.shape == (5, full.shape[-1])
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, full, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_at_falls_back_to_the_full_forward_for_a_head_that_does_more(tiny_llama_dir):
+    """A model whose logits are not the output embedding of the last hidden state (here scaled by 0.5, as some
+    architectures scale them) is answered by its own forward, and remembered as such."""
+    import types
+
+    from ipg_sae.explanations.output_side import _PLAIN_HEAD, logits_at
+    from ipg_sae.models import load_model
+
+    model, _ = load_model(str(tiny_llama_dir))
+    plain_forward = model.forward
+
+    def scaled(self, *args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = types.MethodType(scaled, model)
+    ids = torch.randint(3, 50, (2, 7))
+    mask = torch.ones_like(ids)
+    at = torch.zeros_like(ids, dtype=torch.bool)
+    at[:, -1] = True
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits[at]
+        first, second = logits_at(model, ids, mask, at), logits_at(model, ids, mask, at)
+    assert _PLAIN_HEAD[model] is False
+    torch.testing.assert_close(first, want)
+    torch.testing.assert_close(second, want)
