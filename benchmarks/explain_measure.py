@@ -170,8 +170,9 @@ def cost(run_dir: Path, args, model, tokenizer, saes, corpus, encode_s: float) -
 
 
 def full_head_reference(model, sae, layer, timed, corpus, pieces, cfg, acts, nulls, per_latent: float) -> dict:
-    """The first of the timed latents (``timed``: their explanations) again with the LM head on every position (the reference TokenChange ran before it read
-    only the firing positions' logits): its seconds per latent, the ratio, and whether the tokens agree."""
+    """The latents of ``timed`` (their explanations) again, with the LM head on every position: the reference
+    (TokenChange before it read only the firing positions' logits). Its seconds per latent, the ratio to
+    ``per_latent``, and whether the TokenChange tokens agree."""
     from ipg_sae.explanations import explain_latents
     from ipg_sae.explanations.output_side import _PLAIN_HEAD
 

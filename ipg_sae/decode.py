@@ -427,11 +427,11 @@ def _step(model, cache, slots: _Slots, control, longest: int, capacity: int, att
     finally:
         if attention is not None:
             attention.on = False
-    _head_into(model, hidden, slots.logits)
+    head_into(model, hidden, slots.logits)
     slots.next_pos += 1
 
 
-def _head_into(model, hidden: torch.Tensor, out: torch.Tensor) -> None:
+def head_into(model, hidden: torch.Tensor, out: torch.Tensor) -> None:
     """The model's next-token logits for ``hidden``, written into ``out`` (float32, reused every step: a fresh
     ``[rows, vocab]`` buffer per step costs page faults comparable to the head's own work, profiled)."""
     head = model.get_output_embeddings()

@@ -106,8 +106,8 @@ def explanation_claims() -> list[str]:
     m = _load("docs/explanations/measured.json")
     d = m["ipg_minus_random"]
     return [
-        f"balanced accuracy {d['detection_bacc'][0]:+.3f} [{d['detection_bacc'][1]:+.3f}, {d['detection_bacc'][2]:+.3f}]",
-        f"({d['output_percentile'][0]:+.3f} [{d['output_percentile'][1]:+.3f}, {d['output_percentile'][2]:+.3f}] in percentile)",
+        "balanced accuracy {:+.3f} [{:+.3f}, {:+.3f}]".format(*d["detection_bacc"]),
+        "({:+.3f} [{:+.3f}, {:+.3f}] in percentile)".format(*d["output_percentile"]),
         f"keeps {m['arad_filter']['kept']} of IPG's top {m['arad_filter']['k']}",
         f"costs {m['cost']['per_latent_s']:.2f} s here",
         f"({m['cost']['estimate_4096_s'] / 3600:.1f} h for 4,096)",
@@ -118,7 +118,8 @@ def arad_claims() -> list[str]:
     """The filter's on-policy dev effect, as docs/explanations/arad_dev/rows.csv keeps it."""
     import csv
 
-    rows = {(r["set"], r["gamma"]): r for r in csv.DictReader(open(REPO / "docs/explanations/arad_dev/rows.csv"))}
+    lines = (REPO / "docs/explanations/arad_dev/rows.csv").read_text(encoding="utf-8").splitlines()
+    rows = {(r["set"], r["gamma"]): r for r in csv.DictReader(lines)}
     return [f"(removal {100 * float(rows[('ipg_output_filtered', '0.0')]['accuracy_delta']):+.1f} pts against "
             f"{100 * float(rows[('ipg', '0.0')]['accuracy_delta']):.1f})"]
 

@@ -8,6 +8,7 @@ import weakref
 import numpy as np
 import torch
 
+from ..decode import head_into
 from .corpus import Activations, Corpus
 from .results import ExplainConfig, OutputExplanation, TokenEffect
 
@@ -128,16 +129,14 @@ def logits_at(model, ids: torch.Tensor, mask: torch.Tensor, at: torch.Tensor) ->
     model the head is a fifth of a forward pass (SmolLM2-135M: 57 of 269 MFLOP per token) and the softmax over
     the vocabulary at every position costs as much again, while TokenChange reads only the firing positions. On
     first use per model the result is compared with the model's own logits there; a model whose head does more
-    than the output embedding (a logit scale, say) is answered by its full forward from then on. Gemma-2's final
-    soft-capping is applied as its forward applies it."""
+    than the output embedding (a logit scale, say) is answered by its full forward from then on."""
     plain = _PLAIN_HEAD.get(model)
     if plain is False:
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[at]
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[at])
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[at]
+    logits = torch.empty(len(hidden), model.get_output_embeddings().weight.shape[0], dtype=torch.float32,
+                         device=hidden.device)
+    head_into(model, hidden, logits)  # the sampler's head (soft-capping included), so both read the same logits
     if plain is None:
         full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[at]
         tol = 1e-4 if full.dtype == torch.float32 else 2e-2
